@@ -1,0 +1,201 @@
+"""The virtio device API: what a virtio device plugin implements.
+
+A device declares its virtio device ID, feature bits, config space and number
+of queues, and handles requests. A request is one descriptor chain, already
+translated into ``memoryview`` slices of guest memory: the buffers the driver
+filled (``readable``) and the buffers the device fills (``writable``). The
+device never sees sockets, rings or addresses; the same object is served
+over vhost-user and, through the virtio-pci transport, over vfio-user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+from collections.abc import Iterable
+from typing import ClassVar, Self
+
+
+class DeviceId(enum.IntEnum):
+    NET = 1
+    BLOCK = 2
+    CONSOLE = 3
+    ENTROPY = 4
+
+
+class Feature(enum.IntEnum):
+    """Device-independent feature bits (virtio 1.2, section 6)."""
+
+    NOTIFY_ON_EMPTY = 24
+    ANY_LAYOUT = 27
+    RING_INDIRECT_DESC = 28
+    RING_EVENT_IDX = 29
+    VERSION_1 = 32
+    ACCESS_PLATFORM = 33
+    RING_PACKED = 34
+    IN_ORDER = 35
+    ORDER_PLATFORM = 36
+    SR_IOV = 37
+    NOTIFICATION_DATA = 38
+
+
+class Status(enum.IntFlag):
+    ACKNOWLEDGE = 1
+    DRIVER = 2
+    DRIVER_OK = 4
+    FEATURES_OK = 8
+    DEVICE_NEEDS_RESET = 64
+    FAILED = 128
+
+
+def bit(n: int) -> int:
+    return 1 << n
+
+
+# Ring features the shared virtqueue implementation provides to every device.
+TRANSPORT_FEATURES = (
+    bit(Feature.VERSION_1)
+    | bit(Feature.RING_INDIRECT_DESC)
+    | bit(Feature.RING_EVENT_IDX)
+    | bit(Feature.RING_PACKED)
+)
+
+
+class ConfigWriteError(ValueError):
+    """A config-space write touched a field the driver may not change."""
+
+
+class Request:
+    """One descriptor chain: device-readable buffers, then device-writable ones."""
+
+    __slots__ = ("head", "ndescs", "readable", "writable")
+
+    def __init__(
+        self, readable: list[memoryview], writable: list[memoryview], head: int = 0, ndescs: int = 1
+    ) -> None:
+        self.readable = readable
+        self.writable = writable
+        self.head = head  # the ring's handle for this chain
+        self.ndescs = ndescs  # ring slots the chain used (packed rings)
+
+    @property
+    def readable_size(self) -> int:
+        return sum(len(b) for b in self.readable)
+
+    @property
+    def writable_size(self) -> int:
+        return sum(len(b) for b in self.writable)
+
+    def read(self, size: int, offset: int = 0) -> bytes:
+        """Copy up to ``size`` readable bytes starting at ``offset``."""
+        return b"".join(bytes(b) for b in split_buffers(self.readable, offset, size)[1])
+
+    def write(self, data: bytes, offset: int = 0) -> int:
+        """Copy ``data`` into the writable buffers at ``offset``; returns bytes written."""
+        done = 0
+        for view in split_buffers(self.writable, offset, len(data))[1]:
+            view[:] = data[done : done + len(view)]
+            done += len(view)
+        return done
+
+
+def split_buffers(
+    buffers: Iterable[memoryview], offset: int, size: int | None = None
+) -> tuple[list[memoryview], list[memoryview], list[memoryview]]:
+    """Cut a scatter list at ``offset`` and ``offset + size`` without copying.
+
+    Returns (before, middle, after); ``size=None`` means "to the end".
+    """
+    before: list[memoryview] = []
+    middle: list[memoryview] = []
+    after: list[memoryview] = []
+    start = offset
+    end = None if size is None else offset + size
+    position = 0
+    for view in buffers:
+        lo, hi = position, position + len(view)
+        position = hi
+        cut_a = min(max(start - lo, 0), len(view))
+        cut_b = len(view) if end is None else min(max(end - lo, 0), len(view))
+        cut_b = max(cut_b, cut_a)
+        if cut_a:
+            before.append(view[:cut_a])
+        if cut_b > cut_a:
+            middle.append(view[cut_a:cut_b])
+        if cut_b < len(view):
+            after.append(view[cut_b:])
+    return before, middle, after
+
+
+class VirtioDevice:
+    """Base class of virtio device plugins.
+
+    Subclasses set the class attributes, implement ``handle`` and, where the
+    device has one, ``config``. Everything else has a working default.
+    """
+
+    name: ClassVar[str]  # plugin name, e.g. "blk"
+    description: ClassVar[str]
+    device_id: ClassVar[DeviceId]
+    vhost_user_type: ClassVar[str]  # VHostUserBackendType in QEMU's vhost-user.json
+    feature_names: ClassVar[dict[int, str]] = {}  # device-specific bits, for listings
+    max_queues: ClassVar[int] = 1
+    max_queue_size: ClassVar[int] = 32768
+
+    def __init__(self, *, features: int = 0, num_queues: int = 1) -> None:
+        self.device_features = features  # device-specific bits offered
+        self.num_queues = num_queues
+        self.driver_features = 0
+
+    # -- plugin wiring ------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add the device's own command-line options."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Self:
+        return cls()
+
+    @classmethod
+    def capabilities(cls) -> list[str]:
+        """Feature names for ``--print-capabilities`` (vhost-user.json)."""
+        return []
+
+    # -- virtio device --------------------------------------------------------
+
+    @property
+    def features(self) -> int:
+        """Everything offered to the driver: device bits plus ring features."""
+        return self.device_features | TRANSPORT_FEATURES
+
+    def config(self) -> bytes:
+        """The current device config space (little-endian fields)."""
+        return b""
+
+    def write_config(self, offset: int, data: bytes, *, migration: bool = False) -> None:
+        """Driver write to the config space. By default every field is
+        read-only; with ``migration`` a write that changes nothing is accepted
+        (the destination of a migration replaying the source's config)."""
+        current = self.config()
+        if migration and current[offset : offset + len(data)] == data:
+            return
+        raise ConfigWriteError(f"config bytes {offset}..{offset + len(data)} are read-only")
+
+    def set_driver_features(self, features: int) -> None:
+        self.driver_features = features
+
+    def has_feature(self, feature: int) -> bool:
+        return bool(self.driver_features & bit(feature))
+
+    def handle(self, queue: int, request: Request) -> int:
+        """Serve one request; return how many bytes were written to
+        ``request.writable``."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Device reset: forget driver-negotiated state."""
+        self.driver_features = 0
+
+    def close(self) -> None:
+        """Release host resources at exit."""

@@ -1,0 +1,5 @@
+import sys
+
+from vfiouserd.cli import main
+
+sys.exit(main())

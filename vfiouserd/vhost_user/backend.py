@@ -1,0 +1,474 @@
+"""A vhost-user back-end session: one front-end connection serving one device.
+
+The session checks every message against the wire rules (size, fds, feature
+gating), applies it to the device's queues and guest memory, and answers:
+the request's own reply, a REPLY_ACK when NEED_REPLY asks for one, or, for
+a fatal protocol violation, a closed connection. Extra fds are always closed.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Callable
+
+import trio
+from construct import ConstructError
+
+from vfiouserd.devices.virtio import ConfigWriteError, VirtioDevice, bit
+from vfiouserd.log import get_logger
+from vfiouserd.memory import GuestMemory, GuestMemoryError
+from vfiouserd.protocol import vhost_user as vu
+from vfiouserd.protocol.framing import ConnectionClosed, FramingError, close_fds
+from vfiouserd.protocol.vhost_user import FrontendRequest as R
+from vfiouserd.protocol.vhost_user import Message, ProtocolFeature
+from vfiouserd.virtqueue import (
+    MAX_QUEUE_SIZE,
+    AddressSpace,
+    QueueSet,
+    RingError,
+    Virtqueue,
+)
+
+log = get_logger("vhost_user")
+
+MAX_MEM_SLOTS = 509  # what libvhost-user and rust-vmm advertise; QEMU allows 512
+
+
+class RequestFailed(Exception):
+    """The request is refused; the front end gets an error reply if it asked."""
+
+
+class ProtocolViolation(Exception):
+    """The front end broke the protocol in a way no reply can express."""
+
+
+def _pf(*features: ProtocolFeature) -> int:
+    return sum(bit(f) for f in features)
+
+
+class VhostUserBackend:
+    """Serves one connection; device state outside the queues survives it."""
+
+    def __init__(self, device: VirtioDevice, sock: trio.socket.SocketType) -> None:
+        self.device = device
+        self.sock = sock
+        self.memory = GuestMemory(max_regions=MAX_MEM_SLOTS)
+        self.queue_set = QueueSet(device, self.memory, AddressSpace.USER)
+        self.acked_features = 0
+        self.protocol_features = 0
+        self.status = 0
+        self.backend_channel: trio.socket.SocketType | None = None
+        self.offered_protocol_features = _pf(
+            ProtocolFeature.MQ,
+            ProtocolFeature.REPLY_ACK,
+            ProtocolFeature.CONFIG,
+            ProtocolFeature.CONFIGURE_MEM_SLOTS,
+            ProtocolFeature.RESET_DEVICE,
+            ProtocolFeature.STATUS,
+        )
+        self._handlers: dict[R, Callable[[Message], bytes | None]] = {
+            R.GET_FEATURES: self._get_features,
+            R.SET_FEATURES: self._set_features,
+            R.SET_OWNER: self._set_owner,
+            R.RESET_OWNER: self._reset_owner,
+            R.SET_MEM_TABLE: self._set_mem_table,
+            R.SET_VRING_NUM: self._set_vring_num,
+            R.SET_VRING_ADDR: self._set_vring_addr,
+            R.SET_VRING_BASE: self._set_vring_base,
+            R.GET_VRING_BASE: self._get_vring_base,
+            R.SET_VRING_KICK: self._set_vring_kick,
+            R.SET_VRING_CALL: self._set_vring_call,
+            R.SET_VRING_ERR: self._set_vring_err,
+            R.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            R.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            R.GET_QUEUE_NUM: self._get_queue_num,
+            R.SET_VRING_ENABLE: self._set_vring_enable,
+            R.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            R.GET_CONFIG: self._get_config,
+            R.SET_CONFIG: self._set_config,
+            R.RESET_DEVICE: self._reset_device,
+            R.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            R.ADD_MEM_REG: self._add_mem_reg,
+            R.REM_MEM_REG: self._rem_mem_reg,
+            R.SET_STATUS: self._set_status,
+            R.GET_STATUS: self._get_status,
+        }
+        # Requests legal only once a protocol feature is negotiated.
+        self._gates: dict[R, ProtocolFeature] = {
+            R.GET_QUEUE_NUM: ProtocolFeature.MQ,
+            R.GET_CONFIG: ProtocolFeature.CONFIG,
+            R.SET_CONFIG: ProtocolFeature.CONFIG,
+            R.RESET_DEVICE: ProtocolFeature.RESET_DEVICE,
+            R.GET_MAX_MEM_SLOTS: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+            R.ADD_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+            R.REM_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+            R.SET_STATUS: ProtocolFeature.STATUS,
+            R.GET_STATUS: ProtocolFeature.STATUS,
+            R.SET_BACKEND_REQ_FD: ProtocolFeature.BACKEND_REQ,
+        }
+
+    @property
+    def offered_features(self) -> int:
+        return self.device.features | bit(vu.VHOST_USER_F_PROTOCOL_FEATURES)
+
+    # -- connection loop ------------------------------------------------------
+
+    async def serve(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self.queue_set.bind(nursery)
+                try:
+                    while True:
+                        message = await vu.read_message(self.sock)
+                        await self._dispatch(message)
+                except ConnectionClosed as exc:
+                    log.info("session.closed", reason=str(exc) or "end of stream")
+                except (FramingError, ProtocolViolation) as exc:
+                    log.error("session.fatal", reason=str(exc))
+                nursery.cancel_scope.cancel()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the rings, close every fd, unmap memory; the device stays."""
+        self.queue_set.reset()
+        self.memory.clear()
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
+
+    async def _dispatch(self, message: Message) -> None:
+        try:
+            name = R(message.request).name
+        except ValueError:
+            name = f"unknown({message.request})"
+        log.debug(
+            "request",
+            request=name,
+            size=len(message.payload),
+            fds=len(message.fds),
+            need_reply=message.need_reply,
+        )
+        try:
+            reply = self._handle(message)
+        except RequestFailed as exc:
+            message.close_fds()
+            log.warning("request.failed", request=name, reason=str(exc))
+            await self._reply_for_failure(message)
+            return
+        except BaseException:
+            message.close_fds()
+            raise
+        if reply is not None:
+            await self._send_reply(message.request, reply)
+        elif message.need_reply:
+            await self._send_reply(message.request, vu.U64.build({"value": 0}))
+
+    async def _reply_for_failure(self, message: Message) -> None:
+        """Express a failure in the request's own reply where it has a way to."""
+        try:
+            rule = vu.FRONTEND_RULES[R(message.request)]
+        except ValueError:
+            rule = None
+        if rule is None or rule.reply is None:
+            if message.need_reply:
+                await self._send_reply(message.request, vu.U64.build({"value": 1}))
+        elif rule.reply is vu.U64:
+            await self._send_reply(message.request, vu.U64.build({"value": 1}))
+        elif rule.reply is vu.Payload.CONFIG:
+            await self._send_reply(message.request, b"")  # empty payload: error
+        else:
+            raise ProtocolViolation(f"{R(message.request).name} failed and has no error reply")
+
+    async def _send_reply(self, request: int, payload: bytes) -> None:
+        await vu.write_message(self.sock, vu.encode(request, payload, reply=True))
+
+    def _handle(self, message: Message) -> bytes | None:
+        if message.is_reply:
+            raise RequestFailed("front end sent a message with the REPLY flag")
+        try:
+            request = R(message.request)
+        except ValueError:
+            raise RequestFailed(f"unknown request {message.request}") from None
+        rule = vu.FRONTEND_RULES[request]
+        if message.fds_truncated:
+            raise RequestFailed("more fds than the back end accepts in one message")
+        if not rule.min_fds <= len(message.fds) <= rule.max_fds:
+            raise RequestFailed(f"{len(message.fds)} fds, expected {rule.min_fds}-{rule.max_fds}")
+        if not rule.payload_size_ok(len(message.payload)):
+            raise RequestFailed(f"payload of {len(message.payload)} bytes")
+        gate = self._gates.get(request)
+        if gate is not None and not self.protocol_features & bit(gate):
+            raise RequestFailed(f"needs protocol feature {gate.name}, not negotiated")
+        handler = self._handlers.get(request)
+        if handler is None:
+            raise RequestFailed("not supported by this back end")
+        try:
+            return handler(message)
+        except ConstructError as exc:
+            raise RequestFailed(f"malformed payload: {exc}") from exc
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _queue(self, index: int) -> Virtqueue:
+        if index >= len(self.queue_set.queues):
+            raise RequestFailed(
+                f"vring index {index} out of range (device has {len(self.queue_set.queues)})"
+            )
+        return self.queue_set.queues[index]
+
+    def _u64(self, message: Message) -> int:
+        return int(message.parse(vu.U64).value)
+
+    @staticmethod
+    def _u64_reply(value: int) -> bytes:
+        return vu.U64.build({"value": value})
+
+    # -- features and ownership ----------------------------------------------
+
+    def _get_features(self, message: Message) -> bytes:
+        return self._u64_reply(self.offered_features)
+
+    def _set_features(self, message: Message) -> None:
+        features = self._u64(message)
+        unknown = features & ~self.offered_features
+        if unknown:
+            raise RequestFailed(f"features {unknown:#x} were never offered")
+        self.acked_features = features
+        self.queue_set.set_features(features & ~bit(vu.VHOST_USER_F_PROTOCOL_FEATURES))
+        if not features & bit(vu.VHOST_USER_F_PROTOCOL_FEATURES):
+            for queue in self.queue_set.queues:  # no SET_VRING_ENABLE will come
+                queue.enabled = True
+                queue.wake()
+        log.info("features.set", features=f"{features:#x}")
+
+    def _get_protocol_features(self, message: Message) -> bytes:
+        return self._u64_reply(self.offered_protocol_features)
+
+    def _set_protocol_features(self, message: Message) -> None:
+        features = self._u64(message)
+        unknown = features & ~self.offered_protocol_features
+        if unknown:
+            raise RequestFailed(f"protocol features {unknown:#x} were never offered")
+        self.protocol_features = features
+        log.info("protocol_features.set", features=f"{features:#x}")
+
+    def _set_owner(self, message: Message) -> None:
+        return None
+
+    def _reset_owner(self, message: Message) -> None:
+        # Deprecated; the spec suggests treating it as "disable all rings".
+        for queue in self.queue_set.queues:
+            queue.enabled = False
+
+    def _get_queue_num(self, message: Message) -> bytes:
+        return self._u64_reply(len(self.queue_set.queues))
+
+    def _reset_device(self, message: Message) -> None:
+        self.queue_set.reset()
+        self.acked_features = 0
+        self.status = 0
+        log.info("device.reset")
+
+    def _set_status(self, message: Message) -> None:
+        status = self._u64(message)
+        if status > 0xFF:
+            raise RequestFailed(f"device status {status:#x} does not fit in 8 bits")
+        # Recorded only: QEMU sends 0 before it stops the rings, and the rings
+        # must keep their state for GET_VRING_BASE.
+        self.status = status
+
+    def _get_status(self, message: Message) -> bytes:
+        return self._u64_reply(self.status)
+
+    # -- memory -----------------------------------------------------------------
+
+    def _set_mem_table(self, message: Message) -> None:
+        (count,) = struct.unpack_from("=I", message.payload)
+        if count > vu.MAX_TABLE_REGIONS:
+            raise RequestFailed(f"{count} regions exceed {vu.MAX_TABLE_REGIONS}")
+        exact = 8 + vu.MemoryRegion.sizeof() * count
+        full = 8 + vu.MemoryRegion.sizeof() * vu.MAX_TABLE_REGIONS
+        if len(message.payload) not in (exact, full):
+            raise RequestFailed(f"memory table of {len(message.payload)} bytes for {count} regions")
+        if len(message.fds) != count:
+            raise RequestFailed(f"{len(message.fds)} fds for {count} regions")
+        table = vu.MemoryTable.parse(message.payload[:exact])
+        entries = [
+            (r.guest_address, r.size, r.user_address, r.mmap_offset, fd)
+            for r, fd in zip(table.regions, message.fds, strict=True)
+        ]
+        try:
+            self.memory.replace(entries)
+        except (GuestMemoryError, OSError) as exc:
+            raise RequestFailed(f"memory table refused: {exc}") from exc
+        message.fds.clear()  # now owned by the mappings
+        for region in self.memory.regions:
+            log.info(
+                "memory.region",
+                guest=f"{region.guest_address:#x}",
+                size=region.size,
+                user=f"{region.user_address:#x}",
+                offset=region.mmap_offset,
+            )
+        self.queue_set.memory_changed()
+
+    def _get_max_mem_slots(self, message: Message) -> bytes:
+        return self._u64_reply(MAX_MEM_SLOTS)
+
+    def _add_mem_reg(self, message: Message) -> None:
+        region = message.parse(vu.SingleMemoryRegion).region
+        try:
+            self.memory.add_region(
+                region.guest_address,
+                region.size,
+                region.user_address,
+                region.mmap_offset,
+                message.fds[0],
+            )
+        except (GuestMemoryError, OSError) as exc:
+            raise RequestFailed(f"region refused: {exc}") from exc
+        message.fds.clear()
+        log.info(
+            "memory.add",
+            guest=f"{region.guest_address:#x}",
+            size=region.size,
+            user=f"{region.user_address:#x}",
+            offset=region.mmap_offset,
+        )
+        self.queue_set.memory_changed()
+
+    def _rem_mem_reg(self, message: Message) -> None:
+        close_fds(message.fds)  # tolerated for old front ends, never used
+        region = message.parse(vu.SingleMemoryRegion).region
+        try:
+            self.memory.remove_region(region.guest_address, region.user_address, region.size)
+        except GuestMemoryError as exc:
+            raise RequestFailed(str(exc)) from exc
+        log.info("memory.remove", guest=f"{region.guest_address:#x}", size=region.size)
+        self.queue_set.memory_changed()
+
+    # -- rings ------------------------------------------------------------------
+
+    def _set_vring_num(self, message: Message) -> None:
+        state = message.parse(vu.VringState)
+        queue = self._queue(state.index)
+        if queue.started:
+            raise RequestFailed(f"vring {state.index} is running")
+        limit = min(MAX_QUEUE_SIZE, self.device.max_queue_size)
+        if not 1 <= state.num <= limit:
+            raise RequestFailed(f"vring size {state.num} not in 1..{limit}")
+        queue.size = state.num
+
+    def _set_vring_addr(self, message: Message) -> None:
+        addr = message.parse(vu.VringAddr)
+        queue = self._queue(addr.index)
+        if addr.flags & ~vu.VRING_FLAG_LOG:
+            raise RequestFailed(f"unknown vring flags {addr.flags:#x}")
+        if addr.flags & vu.VRING_FLAG_LOG:
+            raise RequestFailed("used-ring logging needs LOG_SHMFD, not offered")
+        queue.desc_address = addr.descriptor
+        queue.used_address = addr.used
+        queue.avail_address = addr.available
+        queue.log_address = addr.log
+        queue.flags = addr.flags
+        queue.addresses_set = True
+        if queue.started:
+            queue.invalidate()
+            queue.wake()
+
+    def _set_vring_base(self, message: Message) -> None:
+        state = message.parse(vu.VringState)
+        queue = self._queue(state.index)
+        if queue.started:
+            raise RequestFailed(f"vring {state.index} is running")
+        queue.base = state.num
+        queue.ring = None
+
+    def _get_vring_base(self, message: Message) -> bytes:
+        state = message.parse(vu.VringState)
+        if state.index >= len(self.queue_set.queues):
+            raise ProtocolViolation(f"GET_VRING_BASE for vring {state.index}, which does not exist")
+        queue = self.queue_set.queues[state.index]
+        base = self.queue_set.stop(queue)
+        queue.set_kick(None)
+        return vu.VringState.build({"index": state.index, "num": base})
+
+    def _vring_fd(self, message: Message) -> tuple[Virtqueue, int | None]:
+        value = self._u64(message)
+        if value & ~(vu.VRING_INDEX_MASK | vu.VRING_NOFD_FLAG):
+            raise RequestFailed(f"reserved bits set in {value:#x}")
+        queue = self._queue(value & vu.VRING_INDEX_MASK)
+        nofd = bool(value & vu.VRING_NOFD_FLAG)
+        if nofd != (not message.fds):
+            raise RequestFailed("the invalid-fd flag disagrees with the fds sent")
+        fd = None if nofd else message.fds.pop()
+        return queue, fd
+
+    def _set_vring_kick(self, message: Message) -> None:
+        queue, fd = self._vring_fd(message)
+        queue.set_kick(fd)
+        try:
+            self.queue_set.start(queue)  # also serves what is already available
+        except RingError as exc:
+            raise RequestFailed(f"vring {queue.index} cannot start: {exc}") from exc
+
+    def _set_vring_call(self, message: Message) -> None:
+        queue, fd = self._vring_fd(message)
+        queue.set_call(fd)
+        if queue.started and queue.enabled:
+            queue.signal_call()  # harmless, and un-sticks a driver after reconnection
+
+    def _set_vring_err(self, message: Message) -> None:
+        queue, fd = self._vring_fd(message)
+        queue.set_err(fd)
+
+    def _set_vring_enable(self, message: Message) -> None:
+        state = message.parse(vu.VringState)
+        queue = self._queue(state.index)
+        # Legal whenever VHOST_USER_F_PROTOCOL_FEATURES is offered (always here);
+        # QEMU may send it before SET_FEATURES.
+        if state.num not in (0, 1):
+            raise RequestFailed(f"enable value {state.num}")
+        queue.enabled = bool(state.num)
+        log.info("ring.enable", queue=state.index, enabled=queue.enabled)
+        if queue.enabled and queue.started:
+            queue.wake()
+
+    # -- config space and back-end channel -------------------------------------
+
+    @staticmethod
+    def _config_header(message: Message) -> tuple[int, int, int]:
+        header = vu.ConfigHeader.parse(message.payload)
+        if len(message.payload) != vu.ConfigHeader.sizeof() + header.size:
+            raise RequestFailed("config size field disagrees with the payload")
+        if header.offset + header.size > vu.MAX_CONFIG_SIZE:
+            raise RequestFailed(
+                f"config access {header.offset}+{header.size} beyond {vu.MAX_CONFIG_SIZE} bytes"
+            )
+        if header.flags & ~vu.CONFIG_FLAG_MIGRATION:
+            raise RequestFailed(f"unknown config flags {header.flags:#x}")
+        return header.offset, header.size, header.flags
+
+    def _get_config(self, message: Message) -> bytes:
+        offset, size, _ = self._config_header(message)
+        space = self.device.config().ljust(vu.MAX_CONFIG_SIZE, b"\0")
+        return message.payload[: vu.ConfigHeader.sizeof()] + space[offset : offset + size]
+
+    def _set_config(self, message: Message) -> None:
+        offset, _, flags = self._config_header(message)
+        try:
+            self.device.write_config(
+                offset,
+                message.payload[vu.ConfigHeader.sizeof() :],
+                migration=bool(flags & vu.CONFIG_FLAG_MIGRATION),
+            )
+        except ConfigWriteError as exc:
+            raise RequestFailed(str(exc)) from exc
+
+    def _set_backend_req_fd(self, message: Message) -> None:
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+        fd = message.fds.pop()
+        self.backend_channel = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))

@@ -1,0 +1,638 @@
+"""The device side of a virtqueue: split and packed rings (virtio 1.2 2.7/2.8).
+
+One implementation serves every device and both protocols. A ``Virtqueue``
+holds what the transport configured (size, ring addresses, indexes, kick/call/
+err fds, negotiated ring features); once started it translates the ring
+areas through ``GuestMemory`` and pops descriptor chains as ``Request``
+objects, pushes completions and decides, honouring EVENT_IDX, whether the
+driver must be notified.
+
+Anything a driver can get wrong (an index past the ring, a chain that loops
+or outgrows the queue, a buffer outside shared memory, a malformed indirect
+table) raises ``RingError``: the queue stops, the error fd is signalled, and
+the daemon carries on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+import struct
+import sys
+from collections.abc import Callable
+
+import trio
+
+from vfiouserd._native import lib
+from vfiouserd.devices.virtio import Feature, Request, VirtioDevice, bit
+from vfiouserd.log import get_logger
+from vfiouserd.memory import GuestMemory, GuestMemoryError
+
+if sys.byteorder != "little":  # ring fields are read through native-order casts
+    raise ImportError("vfiouserd's virtqueues assume a little-endian host")
+
+log = get_logger("virtqueue")
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+PACKED_DESC_F_AVAIL = 1 << 7
+PACKED_DESC_F_USED = 1 << 15
+AVAIL_F_NO_INTERRUPT = 1
+PACKED_EVENT_ENABLE = 0
+PACKED_EVENT_DISABLE = 1
+PACKED_EVENT_DESC = 2
+MAX_QUEUE_SIZE = 32768
+DESCRIPTOR = struct.Struct("<QIHH")  # split: addr, len, flags, next
+PACKED_DESCRIPTOR = struct.Struct("<QIHH")  # packed: addr, len, id, flags
+POLL_INTERVAL = 0.001  # seconds, when the front end asked for polling (no kick fd)
+_ONE = (1).to_bytes(8, "little")
+
+
+class RingError(Exception):
+    """The driver broke the ring protocol; this queue cannot go on."""
+
+
+class RingUnmapped(RingError):
+    """The ring areas are not (or no longer) in shared memory. Not fatal by
+    itself: the queue waits for the next memory layout change."""
+
+
+class AddressSpace(enum.Enum):
+    GUEST = "guest-physical"  # virtio-pci: the driver writes guest-physical addresses
+    USER = "front-end virtual"  # vhost-user: ring addresses are the VMM's addresses
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    """virtio's vring_need_event on free-running 16-bit indexes."""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+def _eventfd_signal(fd: int | None) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, _ONE)
+    except BlockingIOError:
+        pass  # counter saturated: the peer has plenty of wake-ups pending
+    except OSError as exc:
+        log.warning("eventfd.write_failed", fd=fd, error=os.strerror(exc.errno or 0))
+
+
+def _eventfd_drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        os.read(fd, 8)
+
+
+class _Chains:
+    """Descriptor-chain walking common to both layouts."""
+
+    def __init__(self, memory: GuestMemory, size: int, indirect: bool) -> None:
+        self.memory = memory
+        self.size = size
+        self.indirect = indirect
+
+    def buffers(self, request: Request, address: int, length: int, flags: int) -> None:
+        writable = bool(flags & DESC_F_WRITE)
+        if not writable and request.writable:
+            raise RingError("device-readable descriptor after a device-writable one")
+        try:
+            views = self.memory.guest_buffers(address, length, writable=writable)
+        except GuestMemoryError as exc:
+            raise RingError(f"descriptor buffer {address:#x}+{length:#x}: {exc}") from exc
+        (request.writable if writable else request.readable).extend(views)
+
+    def indirect_table(self, address: int, length: int, flags: int) -> memoryview:
+        if not self.indirect:
+            raise RingError("indirect descriptor but VIRTIO_F_INDIRECT_DESC was not negotiated")
+        if flags & DESC_F_NEXT:
+            raise RingError("indirect descriptor with the NEXT flag")
+        if length == 0 or length % DESCRIPTOR.size:
+            raise RingError(f"indirect table length {length} is not a multiple of 16")
+        try:
+            return self.memory.guest_view(address, length)
+        except GuestMemoryError as exc:
+            raise RingError(f"indirect table: {exc}") from exc
+
+
+class SplitRing(_Chains):
+    """Split virtqueue: descriptor table, available ring, used ring."""
+
+    packed = False
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc: int,
+        avail: int,
+        used: int,
+        *,
+        indirect: bool,
+        event_idx: bool,
+        last_avail_idx: int,
+    ) -> None:
+        super().__init__(memory, size, indirect)
+        if size & (size - 1):
+            raise RingError(f"split queue size {size} is not a power of 2")
+        if desc % 16 or avail % 2 or used % 4:
+            raise RingError("split ring areas are misaligned")
+        try:
+            self.desc = memory.guest_view(desc, 16 * size)
+            # avail: flags, idx, ring[size], used_event
+            self.avail = memory.guest_view(avail, 6 + 2 * size).cast("H")
+            used_view = memory.guest_view(used, 6 + 8 * size)
+        except GuestMemoryError as exc:
+            raise RingUnmapped(f"ring area: {exc}") from exc
+        # used: flags, idx, {id, len}[size], avail_event
+        self.used16 = used_view.cast("H")
+        self.used32 = used_view[4 : 4 + 8 * size].cast("I")
+        self.event_idx = event_idx
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self.used_idx = self.used16[1]  # the driver-visible value is authoritative
+
+    def has_available(self) -> bool:
+        return self.avail[1] != self.last_avail_idx
+
+    def pop(self) -> Request | None:
+        avail_idx = self.avail[1]
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise RingError(
+                f"available index {avail_idx} is {pending} ahead of {self.last_avail_idx}"
+            )
+        lib.vfu_fence_acquire()  # read the ring entry only after the index
+        head = self.avail[2 + self.last_avail_idx % self.size]
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return self._walk(head)
+
+    def _walk(self, head: int) -> Request:
+        if head >= self.size:
+            raise RingError(f"head descriptor {head} is outside a queue of {self.size}")
+        request = Request([], [], head=head)
+        table, table_size, index, seen = self.desc, self.size, head, 0
+        while True:
+            seen += 1
+            if seen > table_size:
+                raise RingError("descriptor chain loops or is longer than its table")
+            address, length, flags, next_index = DESCRIPTOR.unpack_from(table, index * 16)
+            if flags & DESC_F_INDIRECT:
+                if table is not self.desc:
+                    raise RingError("indirect descriptor inside an indirect table")
+                table = self.indirect_table(address, length, flags)
+                table_size, index, seen = length // 16, 0, 0
+                continue
+            self.buffers(request, address, length, flags)
+            if not flags & DESC_F_NEXT:
+                return request
+            if next_index >= table_size:
+                raise RingError(f"next descriptor {next_index} is outside its table")
+            index = next_index
+
+    def push(self, request: Request, written: int) -> None:
+        slot = self.used_idx % self.size
+        self.used32[2 * slot] = request.head
+        self.used32[2 * slot + 1] = written
+        lib.vfu_fence_release()  # the element before the index that publishes it
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self.used16[1] = self.used_idx
+
+    def used_mark(self) -> int:
+        return self.used_idx
+
+    def should_notify(self, mark: int) -> bool:
+        if self.used_idx == mark:
+            return False
+        lib.vfu_fence_full()  # our used-index store before the driver's flags/event
+        if self.event_idx:
+            return need_event(self.avail[2 + self.size], self.used_idx, mark)
+        return not self.avail[0] & AVAIL_F_NO_INTERRUPT
+
+    def arm(self) -> bool:
+        """Ask for a kick on the next buffer; True if one is already there."""
+        if self.event_idx:
+            self.used16[2 + 4 * self.size] = self.last_avail_idx
+            lib.vfu_fence_full()  # publish avail_event before re-reading avail idx
+        return self.has_available()
+
+    def base(self) -> int:
+        return self.last_avail_idx
+
+
+class PackedRing(_Chains):
+    """Packed virtqueue: one descriptor ring plus two event-suppression areas."""
+
+    packed = True
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc: int,
+        driver: int,
+        device: int,
+        *,
+        indirect: bool,
+        event_idx: bool,
+        base: int,
+    ) -> None:
+        super().__init__(memory, size, indirect)
+        if desc % 16 or driver % 4 or device % 4:
+            raise RingError("packed ring areas are misaligned")
+        try:
+            self.desc = memory.guest_view(desc, 16 * size)
+            self.driver_event = memory.guest_view(driver, 4).cast("H")  # off_wrap, flags
+            self.device_event = memory.guest_view(device, 4).cast("H")
+        except GuestMemoryError as exc:
+            raise RingUnmapped(f"ring area: {exc}") from exc
+        self.event_idx = event_idx
+        self.last_avail_idx = base & 0x7FFF
+        self.avail_wrap = bool(base >> 15 & 1)
+        self.used_idx = base >> 16 & 0x7FFF
+        self.used_wrap = bool(base >> 31 & 1)
+        if self.last_avail_idx >= size or self.used_idx >= size:
+            raise RingError(f"ring base {base:#x} is outside a queue of {size}")
+        self.used_counter = 0  # free-running count of used slots, for EVENT_IDX
+        self.device_event[1] = PACKED_EVENT_ENABLE
+
+    def _is_available(self, flags: int) -> bool:
+        return (
+            bool(flags & PACKED_DESC_F_AVAIL) == self.avail_wrap
+            and bool(flags & PACKED_DESC_F_USED) != self.avail_wrap
+        )
+
+    def has_available(self) -> bool:
+        flags = PACKED_DESCRIPTOR.unpack_from(self.desc, self.last_avail_idx * 16)[3]
+        return self._is_available(flags)
+
+    def pop(self) -> Request | None:
+        if not self.has_available():
+            return None
+        lib.vfu_fence_acquire()  # the descriptor body only after its flags
+        request = Request([], [])
+        index, count = self.last_avail_idx, 0
+        while True:
+            count += 1
+            if count > self.size:
+                raise RingError("descriptor chain is longer than the queue")
+            address, length, buffer_id, flags = PACKED_DESCRIPTOR.unpack_from(self.desc, index * 16)
+            index += 1
+            if index == self.size:
+                index = 0
+            if flags & DESC_F_INDIRECT:
+                if count != 1:
+                    raise RingError("indirect descriptor inside a chain")
+                self._walk_indirect(request, self.indirect_table(address, length, flags))
+            else:
+                self.buffers(request, address, length, flags)
+            if not flags & DESC_F_NEXT:
+                break
+        request.head = buffer_id  # the buffer ID travels in the last descriptor
+        request.ndescs = count
+        self.last_avail_idx += count
+        if self.last_avail_idx >= self.size:
+            self.last_avail_idx -= self.size
+            self.avail_wrap = not self.avail_wrap
+        return request
+
+    def _walk_indirect(self, request: Request, table: memoryview) -> None:
+        for offset in range(0, len(table), 16):
+            address, length, _, flags = PACKED_DESCRIPTOR.unpack_from(table, offset)
+            if flags & (DESC_F_INDIRECT | DESC_F_NEXT):
+                raise RingError("indirect table entry with INDIRECT or NEXT flag")
+            self.buffers(request, address, length, flags)
+
+    def push(self, request: Request, written: int) -> None:
+        offset = self.used_idx * 16
+        struct.pack_into("<IH", self.desc, offset + 8, written, request.head)
+        flags = PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED if self.used_wrap else 0
+        if request.writable:
+            flags |= DESC_F_WRITE
+        lib.vfu_fence_release()  # id and len before the flags that publish them
+        struct.pack_into("<H", self.desc, offset + 14, flags)
+        self.used_idx += request.ndescs
+        self.used_counter = (self.used_counter + request.ndescs) & 0xFFFF
+        if self.used_idx >= self.size:
+            self.used_idx -= self.size
+            self.used_wrap = not self.used_wrap
+
+    def used_mark(self) -> int:
+        return self.used_counter
+
+    def should_notify(self, mark: int) -> bool:
+        if self.used_counter == mark:
+            return False
+        lib.vfu_fence_full()
+        off_wrap, flags = self.driver_event[0], self.driver_event[1]
+        if flags == PACKED_EVENT_DISABLE:
+            return False
+        if flags != PACKED_EVENT_DESC or not self.event_idx:
+            return True
+        # Place the driver's (offset, wrap) event on our free-running counter.
+        event = self.used_counter - self.used_idx + (off_wrap & 0x7FFF)
+        if bool(off_wrap >> 15) != self.used_wrap:
+            event -= self.size
+        return need_event(event & 0xFFFF, self.used_counter, mark)
+
+    def arm(self) -> bool:
+        # The device event area stays ENABLE: the driver kicks on every batch.
+        lib.vfu_fence_full()
+        return self.has_available()
+
+    def base(self) -> int:
+        return (
+            self.last_avail_idx | self.avail_wrap << 15 | self.used_idx << 16 | self.used_wrap << 31
+        )
+
+
+Handler = Callable[[Request], int]
+
+
+class Virtqueue:
+    """One queue's configuration and life cycle (stopped/started, enabled)."""
+
+    def __init__(self, index: int, memory: GuestMemory, address_space: AddressSpace) -> None:
+        self.index = index
+        self.memory = memory
+        self.address_space = address_space
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = 0
+        self.desc_address = self.avail_address = self.used_address = 0
+        self.addresses_set = False
+        self.log_address = 0
+        self.flags = 0
+        self.base = 0  # SET_VRING_BASE value, layout-specific
+        self.features = 0
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.enabled = False
+        self.started = False
+        self.broken = False
+        self.ring: SplitRing | PackedRing | None = None
+        self._generation = -1
+        self._scope: trio.CancelScope | None = None
+        self._wait_scope: trio.CancelScope | None = None
+        self._woken = False
+
+    # -- configuration -------------------------------------------------------
+
+    @property
+    def packed(self) -> bool:
+        return bool(self.features & bit(Feature.RING_PACKED))
+
+    def _gpa(self, address: int, length: int) -> int:
+        if self.address_space is AddressSpace.USER:
+            return self.memory.user_to_guest(address, length)
+        return address
+
+    def attach(self) -> None:
+        """Translate the ring areas; RingError if the driver's setup is bad."""
+        if not self.addresses_set or self.size == 0:
+            raise RingError("ring started before its size and addresses were set")
+        if self.size > MAX_QUEUE_SIZE:
+            raise RingError(f"queue size {self.size} exceeds {MAX_QUEUE_SIZE}")
+        indirect = bool(self.features & bit(Feature.RING_INDIRECT_DESC))
+        event_idx = bool(self.features & bit(Feature.RING_EVENT_IDX))
+        # Keep the indexes a running ring has reached when re-attaching.
+        base = self.ring.base() if self.ring is not None else self.base
+        try:
+            if self.packed:
+                self.ring = PackedRing(
+                    self.memory,
+                    self.size,
+                    self._gpa(self.desc_address, 16 * self.size),
+                    self._gpa(self.avail_address, 4),
+                    self._gpa(self.used_address, 4),
+                    indirect=indirect,
+                    event_idx=event_idx,
+                    base=base,
+                )
+            else:
+                self.ring = SplitRing(
+                    self.memory,
+                    self.size,
+                    self._gpa(self.desc_address, 16 * self.size),
+                    self._gpa(self.avail_address, 6 + 2 * self.size),
+                    self._gpa(self.used_address, 6 + 8 * self.size),
+                    indirect=indirect,
+                    event_idx=event_idx,
+                    last_avail_idx=base,
+                )
+        except GuestMemoryError as exc:
+            raise RingUnmapped(f"ring area: {exc}") from exc
+        self._generation = self.memory.generation
+
+    def invalidate(self) -> None:
+        """Re-translate the ring before the next batch (features or addresses changed)."""
+        self._generation = -1
+
+    def current_base(self) -> int:
+        return self.ring.base() if self.ring is not None else self.base
+
+    # -- running ---------------------------------------------------------------
+
+    def fail(self, reason: str) -> None:
+        self.broken = True
+        log.error("ring.broken", queue=self.index, reason=reason)
+        _eventfd_signal(self.err_fd)
+
+    def wake(self) -> None:
+        """Re-check the ring without a kick (enable, memory change, start)."""
+        self._woken = True
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
+    def process(self, handle: Handler) -> None:
+        """Serve what the driver made available, then notify it once."""
+        if self.broken or not self.enabled:
+            return
+        try:
+            if self._generation != self.memory.generation or self.ring is None:
+                if self.ring is None and self._generation == self.memory.generation:
+                    return  # unmapped ring, memory unchanged: keep waiting
+                self.attach()
+            ring = self.ring
+            assert ring is not None
+            mark = ring.used_mark()
+            for _ in range(ring.size):  # bounded so other queues get their turn
+                request = ring.pop()
+                if request is None:
+                    if ring.arm():
+                        continue
+                    break
+                if log.is_tracing():
+                    log.trace(
+                        "request",
+                        queue=self.index,
+                        head=request.head,
+                        readable=request.readable_size,
+                        writable=request.writable_size,
+                    )
+                written = handle(request)
+                ring.push(request, min(written, request.writable_size))
+            else:
+                self.wake()
+            if ring.should_notify(mark):
+                _eventfd_signal(self.call_fd)
+        except RingUnmapped as exc:
+            if self.ring is not None:
+                self.base = self.ring.base()
+                self.ring = None
+            self._generation = self.memory.generation  # retry on the next layout change
+            log.warning("ring.unmapped", queue=self.index, reason=str(exc))
+        except RingError as exc:
+            self.fail(str(exc))
+
+    def start(self, handle: Handler, nursery: trio.Nursery) -> None:
+        """Serve the queue from a task of ``nursery`` until ``stop``.
+
+        The cancel scope exists before the task runs, so a stop that comes
+        first still wins.
+        """
+        self._scope = trio.CancelScope()
+        self.started = True
+        nursery.start_soon(self._run, handle, self._scope)
+
+    async def _run(self, handle: Handler, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                self.process(handle)
+                await self._wait()
+
+    async def _wait(self) -> None:
+        if not self._woken:
+            with trio.CancelScope() as self._wait_scope:
+                if self.kick_fd is None:
+                    await trio.sleep(POLL_INTERVAL)
+                else:
+                    try:
+                        await trio.lowlevel.wait_readable(self.kick_fd)
+                    except trio.ClosedResourceError:
+                        pass  # the kick fd was replaced: wait on the new one
+                    else:
+                        _eventfd_drain(self.kick_fd)
+            self._wait_scope = None
+        else:
+            await trio.lowlevel.checkpoint()
+        self._woken = False
+
+    def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+            self._scope = None
+        self.started = False
+
+    # -- fds ---------------------------------------------------------------------
+
+    @staticmethod
+    def _close(fd: int | None) -> None:
+        if fd is not None:
+            trio.lowlevel.notify_closing(fd)
+            try:
+                os.close(fd)
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
+
+    def set_kick(self, fd: int | None) -> None:
+        if fd is not None:
+            os.set_blocking(fd, False)
+        self._close(self.kick_fd)
+        self.kick_fd = fd
+
+    def set_call(self, fd: int | None) -> None:
+        if fd is not None:
+            os.set_blocking(fd, False)
+        self._close(self.call_fd)
+        self.call_fd = fd
+
+    def set_err(self, fd: int | None) -> None:
+        if fd is not None:
+            os.set_blocking(fd, False)
+        self._close(self.err_fd)
+        self.err_fd = fd
+
+    def signal_call(self) -> None:
+        _eventfd_signal(self.call_fd)
+
+    def close_fds(self) -> None:
+        self.set_kick(None)
+        self.set_call(None)
+        self.set_err(None)
+
+
+class QueueSet:
+    """A device's virtqueues and the tasks serving them.
+
+    Shared by the vhost-user session and the virtio-pci transport: both set
+    ring parameters on ``queues``, then ``start`` and ``stop`` them.
+    """
+
+    def __init__(
+        self, device: VirtioDevice, memory: GuestMemory, address_space: AddressSpace
+    ) -> None:
+        self.device = device
+        self.memory = memory
+        self.queues = [Virtqueue(i, memory, address_space) for i in range(device.num_queues)]
+        self._nursery: trio.Nursery | None = None
+
+    def bind(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    def set_features(self, features: int) -> None:
+        self.device.set_driver_features(features)
+        for queue in self.queues:
+            queue.features = features
+            queue.invalidate()
+            if queue.started:
+                queue.wake()
+
+    def start(self, queue: Virtqueue) -> None:
+        """Start serving ``queue``; RingError if its setup is unusable."""
+        if queue.started:
+            queue.wake()
+            return
+        assert self._nursery is not None, "QueueSet.bind() first"
+        queue.attach()
+        index = queue.index
+
+        def handle(request: Request) -> int:
+            return self.device.handle(index, request)
+
+        queue.start(handle, self._nursery)
+        log.info(
+            "ring.start",
+            queue=index,
+            size=queue.size,
+            layout="packed" if queue.packed else "split",
+            base=queue.current_base(),
+        )
+
+    def stop(self, queue: Virtqueue) -> int:
+        """Stop serving; returns the ring base to resume from."""
+        base = queue.current_base()
+        if queue.started:
+            queue.stop()
+            log.info("ring.stop", queue=queue.index, base=base)
+        queue.base = base
+        queue.ring = None
+        return base
+
+    def reset(self) -> None:
+        for queue in self.queues:
+            self.stop(queue)
+            queue.close_fds()
+            queue.reset()
+        self.device.reset()
+
+    def memory_changed(self) -> None:
+        for queue in self.queues:
+            if queue.started:
+                queue.wake()
