@@ -23,7 +23,6 @@ from vfiouserd.devices.virtio import (
     bit,
     split_buffers,
 )
-
 from vfiouserd.log import get_logger
 
 log = get_logger("blk")
@@ -102,7 +101,7 @@ class VirtioBlk(VirtioDevice):
         read_only: bool = False,
         num_queues: int = 1,
         serial: str = "vfiouserd",
-        queue_size: int = 256,
+        queue_size: int = 128,
     ) -> None:
         features = (
             bit(BlkFeature.SIZE_MAX)
@@ -122,6 +121,8 @@ class VirtioBlk(VirtioDevice):
         self.fd = fd
         self.read_only = read_only
         self.serial = serial.encode()[:ID_BYTES]
+        # The config is read before any ring exists; seg_max assumes QEMU's
+        # default vhost-user-blk queue size (bigger rings only waste a little).
         self.queue_size = queue_size
         self.writeback = True
 

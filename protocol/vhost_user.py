@@ -27,6 +27,7 @@ from construct import (
     Struct,
     this,
 )
+
 from vfiouserd.protocol.framing import FramingError, Received, close_fds, receive_exactly, send_all
 
 VERSION = 0x1

@@ -9,6 +9,7 @@ no daemonizing, prompt exit on SIGTERM).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,21 +36,28 @@ def _feature_list(device: type[VirtioDevice]) -> list[str]:
 def _list_devices(args: argparse.Namespace) -> int:
     plugins = device_plugins()
     if args.json:
-        print(json.dumps({
-            name: {
-                "description": device.description,
-                "virtio_device_id": int(device.device_id),
-                "vhost_user_type": device.vhost_user_type,
-                "features": _feature_list(device),
-                "protocols": ["vhost-user"],
-            }
-            for name, device in plugins.items()
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    name: {
+                        "description": device.description,
+                        "virtio_device_id": int(device.device_id),
+                        "vhost_user_type": device.vhost_user_type,
+                        "features": _feature_list(device),
+                        "protocols": ["vhost-user"],
+                    }
+                    for name, device in plugins.items()
+                },
+                indent=2,
+            )
+        )
         return 0
     for name, device in plugins.items():
         print(f"{name}: {device.description}")
-        print(f"  virtio device id {int(device.device_id)}, vhost-user type "
-              f"{device.vhost_user_type!r}, up to {device.max_queues} queue(s)")
+        print(
+            f"  virtio device id {int(device.device_id)}, vhost-user type "
+            f"{device.vhost_user_type!r}, up to {device.max_queues} queue(s)"
+        )
         print(f"  subcommands: vhost-user-{name}")
         print(f"  features: {' '.join(_feature_list(device))}")
     return 0
@@ -58,13 +66,20 @@ def _list_devices(args: argparse.Namespace) -> int:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--socket-path", metavar="PATH", help="listen on this UNIX socket")
-    where.add_argument("--fd", type=int, metavar="FDNUM",
-                       help="serve an inherited socket (listening or connected)")
-    parser.add_argument("--print-capabilities", action="store_true",
-                        help="print the back end's capabilities as JSON and exit")
-    parser.add_argument("--log-level", default="info",
-                        choices=["trace", "debug", "info", "warning", "error"],
-                        help="'trace' logs every guest request")
+    where.add_argument(
+        "--fd", type=int, metavar="FDNUM", help="serve an inherited socket (listening or connected)"
+    )
+    parser.add_argument(
+        "--print-capabilities",
+        action="store_true",
+        help="print the back end's capabilities as JSON and exit",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["trace", "debug", "info", "warning", "error"],
+        help="'trace' logs every guest request",
+    )
 
 
 def _print_capabilities(device: type[VirtioDevice]) -> int:
@@ -83,8 +98,14 @@ def _serve_vhost_user(device_class: type[VirtioDevice], args: argparse.Namespace
     except (OSError, ValueError) as exc:
         log.error("startup.failed", device=device_class.name, error=str(exc))
         return 1
-    log.info("startup", device=device_class.name, protocol="vhost-user", pid=os.getpid(),
-             queues=device.num_queues, version=__version__)
+    log.info(
+        "startup",
+        device=device_class.name,
+        protocol="vhost-user",
+        pid=os.getpid(),
+        queues=device.num_queues,
+        version=__version__,
+    )
 
     async def session(conn: trio.socket.SocketType) -> None:
         await VhostUserBackend(device, conn).serve()
@@ -94,10 +115,8 @@ def _serve_vhost_user(device_class: type[VirtioDevice], args: argparse.Namespace
     finally:
         sock.close()
         if args.socket_path is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(args.socket_path)
-            except FileNotFoundError:
-                pass
         device.close()
         log.info("exit")
     return 0
@@ -119,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_common(sub)
         device.add_arguments(sub)
-        sub.set_defaults(run=lambda args, device=device: _serve_vhost_user(device, args),
-                         device=device)
+        sub.set_defaults(
+            run=lambda args, device=device: _serve_vhost_user(device, args), device=device
+        )
     return parser
 
 

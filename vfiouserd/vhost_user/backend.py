@@ -131,7 +131,9 @@ class VhostUserBackend:
             self.close()
 
     def close(self) -> None:
-        """Stop the rings, close every fd, unmap memory; the device stays."""
+        """Stop the rings, close every fd and the connection, unmap memory;
+        the device stays."""
+        self.sock.close()
         self.queue_set.reset()
         self.memory.clear()
         if self.backend_channel is not None:

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from vfiouserd import log
+from vfiouserd.client.blk import BlkClient, RngClient
+from vfiouserd.client.guest import GuestRam
+from vfiouserd.client.vhost_user import VhostUserFrontend
+from vfiouserd.devices.blk import VirtioBlk, open_image
+from vfiouserd.devices.rng import VirtioRng
+from vfiouserd.devices.virtio import Feature, VirtioDevice, bit
+from vfiouserd.vhost_user.backend import VhostUserBackend
+
+MiB = 1 << 20
+
+# Two regions with a hole between them, and user addresses that differ from
+# guest-physical ones, so address-space mix-ups show.
+DEFAULT_LAYOUT = [(0x0, 32 * MiB), (0x1_0000_0000, 16 * MiB)]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    log.configure(os.environ.get("VFIOUSERD_TEST_LOG", "warning"))
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture
+def ram() -> Iterator[GuestRam]:
+    guest = GuestRam(DEFAULT_LAYOUT)
+    yield guest
+    guest.close()
+
+
+@pytest.fixture
+def image(tmp_path) -> str:
+    return str(tmp_path / "disk.img")
+
+
+def make_blk(path: str, size: int = 16 * MiB, **kwargs: object) -> VirtioBlk:
+    read_only = bool(kwargs.get("read_only", False))
+    if read_only and not os.path.exists(path):
+        os.close(open_image(path, size, False))
+    return VirtioBlk(open_image(path, size, read_only), **kwargs)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def served(device: VirtioDevice) -> AsyncIterator[VhostUserFrontend]:
+    """An in-process back end on one end of a socketpair, a front end on the other."""
+    ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    async with trio.open_nursery() as nursery:
+        backend = VhostUserBackend(device, theirs)
+        nursery.start_soon(backend.serve)
+        frontend = VhostUserFrontend(ours)
+        try:
+            yield frontend
+        finally:
+            await frontend.aclose()
+    theirs.close()
+
+
+@dataclass
+class Setup:
+    frontend: VhostUserFrontend
+    queues: list
+
+
+async def start_device(
+    frontend: VhostUserFrontend,
+    ram: GuestRam,
+    *,
+    client: type = BlkClient,
+    queues: int = 1,
+    size: int = 64,
+    packed: bool = False,
+    event_idx: bool = True,
+    indirect: bool = True,
+    ring_region: int = 0,
+) -> list:
+    """Negotiate like QEMU and start ``queues`` rings; returns request clients."""
+    drop = 0
+    if not packed:
+        drop |= bit(Feature.RING_PACKED)
+    if not event_idx:
+        drop |= bit(Feature.RING_EVENT_IDX)
+    if not indirect:
+        drop |= bit(Feature.RING_INDIRECT_DESC)
+    await frontend.negotiate(want_features=~drop)
+    await frontend.set_features()
+    await frontend.share_memory(ram)
+    clients = []
+    for index in range(queues):
+        ring = frontend.make_ring(ram, size, region=ring_region)
+        handle = await frontend.start_queue(index, ring)
+        clients.append(client(ram, handle, arena=2 * MiB))
+    return clients
+
+
+__all__ = [
+    "MiB",
+    "RngClient",
+    "Setup",
+    "VirtioRng",
+    "make_blk",
+    "open_fds",
+    "served",
+    "start_device",
+]
