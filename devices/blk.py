@@ -232,6 +232,15 @@ class VirtioBlk(VirtioDevice):
             if len(header) < REQUEST_HEADER.size:
                 raise BlkError(BlkStatus.IOERR, f"request header of {len(header)} bytes")
             kind, _, sector = REQUEST_HEADER.unpack(header)
+            if log.is_tracing():
+                name = RequestType(kind).name if kind in RequestType._value2member_map_ else kind
+                log.trace(
+                    "blk.request",
+                    queue=queue,
+                    type=name,
+                    sector=sector,
+                    bytes=request.readable_size + request.writable_size,
+                )
             _, data_out, _ = split_buffers(request.readable, REQUEST_HEADER.size)
             status, used = self._serve(kind, sector, data_out, data_in, used)
         except BlkError as exc:

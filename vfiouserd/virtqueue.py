@@ -375,6 +375,7 @@ class Virtqueue:
         self.enabled = False
         self.started = False
         self.broken = False
+        self.requests = 0  # served since the ring started, for logs and tests
         self.ring: SplitRing | PackedRing | None = None
         self._generation = -1
         self._scope: trio.CancelScope | None = None
@@ -476,6 +477,7 @@ class Virtqueue:
                         writable=request.writable_size,
                     )
                 written = handle(request)
+                self.requests += 1
                 ring.push(request, min(written, request.writable_size))
             else:
                 self.wake()
@@ -498,6 +500,7 @@ class Virtqueue:
         """
         self._scope = trio.CancelScope()
         self.started = True
+        self.requests = 0
         nursery.start_soon(self._run, handle, self._scope)
 
     async def _run(self, handle: Handler, scope: trio.CancelScope) -> None:
@@ -620,7 +623,7 @@ class QueueSet:
         base = queue.current_base()
         if queue.started:
             queue.stop()
-            log.info("ring.stop", queue=queue.index, base=base)
+            log.info("ring.stop", queue=queue.index, base=base, requests=queue.requests)
         queue.base = base
         queue.ring = None
         return base

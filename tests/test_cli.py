@@ -1,0 +1,169 @@
+"""The daemon as a program: conventions of QEMU's vhost-user back ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+from daemon import Daemon
+
+from conftest import MiB, start_device
+from vfiouserd.client.guest import GuestRam
+from vfiouserd.client.vhost_user import VhostUserFrontend
+from vfiouserd.protocol import vhost_user as vu
+from vfiouserd.protocol.framing import ConnectionClosed
+
+VFIOUSERD = [sys.executable, "-m", "vfiouserd"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*VFIOUSERD, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_print_capabilities_ignores_other_arguments():
+    done = run_cli("vhost-user-blk", "--print-capabilities", "--no-such-option", "x")
+    assert done.returncode == 0
+    assert json.loads(done.stdout) == {"type": "block", "features": ["read-only", "blk-file"]}
+    done = run_cli("vhost-user-rng", "--print-capabilities")
+    assert json.loads(done.stdout) == {"type": "rng", "features": []}
+
+
+def test_devices_lists_plugins_with_features():
+    done = run_cli("devices", "--json")
+    listing = json.loads(done.stdout)
+    assert listing["blk"]["virtio_device_id"] == 2
+    assert "DISCARD" in listing["blk"]["features"]
+    assert "RING_PACKED" in listing["rng"]["features"]
+    assert "vhost-user-blk" in run_cli("devices").stdout
+
+
+def test_startup_errors_are_clear(tmp_path):
+    done = run_cli(
+        "vhost-user-blk",
+        "--socket-path",
+        str(tmp_path / "s"),
+        "--blk-file",
+        str(tmp_path / "missing.img"),
+    )
+    assert done.returncode == 1
+    assert "give --size to create it" in done.stderr
+    done = run_cli("vhost-user-blk", "--blk-file", "x")
+    assert done.returncode == 2 and "--socket-path or --fd" in done.stderr
+    (tmp_path / "file").write_text("not a socket")
+    done = run_cli("vhost-user-rng", "--socket-path", str(tmp_path / "file"))
+    assert done.returncode == 1 and "not a socket" in done.stderr
+
+
+def test_sparse_image_is_created_with_size(tmp_path):
+    image = tmp_path / "new.img"
+    with Daemon(
+        "vhost-user-blk", "--blk-file", str(image), "--size", "1G", workdir=tmp_path
+    ) as daemon:
+        assert image.stat().st_size == 1 << 30
+        assert image.stat().st_blocks == 0
+        assert daemon.stop() == 0
+
+
+def test_sigterm_exits_promptly_and_removes_the_socket(tmp_path):
+    daemon = Daemon("vhost-user-rng", workdir=tmp_path).start()
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(daemon.socket_path)  # even with a session open
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 2
+    assert not os.path.exists(daemon.socket_path)
+    assert "event=signal signal=SIGTERM" in daemon.log()
+    client.close()
+
+
+async def do_io(path: str) -> None:
+    ram = GuestRam([(0, 8 * MiB)])
+    frontend = await VhostUserFrontend.connect(path)
+    try:
+        (blk,) = await start_device(frontend, ram)
+        data = os.urandom(4096)
+        await blk.write(10, data)
+        assert await blk.read(10, 4096) == data
+    finally:
+        await frontend.aclose()
+        ram.close()
+
+
+async def test_sessions_follow_one_another(tmp_path):
+    image = str(tmp_path / "disk.img")
+    with Daemon("vhost-user-blk", "--blk-file", image, "--size", "16M", workdir=tmp_path) as daemon:
+        for _ in range(3):
+            await do_io(daemon.socket_path)
+        assert daemon.log().count("event=session.end") == 3
+
+
+async def test_fatal_violation_closes_only_that_connection(tmp_path):
+    image = str(tmp_path / "disk.img")
+    with Daemon("vhost-user-blk", "--blk-file", image, "--size", "16M", workdir=tmp_path) as daemon:
+        bad = await VhostUserFrontend.connect(daemon.socket_path)
+        await bad.sock.send(vu.Header.build({"request": 1, "flags": 0x3, "size": 0}))
+        with pytest.raises(ConnectionClosed), trio.fail_after(5):
+            await vu.read_message(bad.sock)
+        await bad.aclose()
+        await do_io(daemon.socket_path)
+        assert "event=session.fatal" in daemon.log()
+        assert daemon.process.poll() is None
+
+
+def inherit_fd_and_run(tmp_path, sock: socket.socket, *args: str) -> subprocess.Popen:
+    fd = sock.fileno()
+    os.set_inheritable(fd, True)
+    log = open(tmp_path / "fd.log", "wb")  # noqa: SIM115
+    return subprocess.Popen(
+        [
+            *VFIOUSERD,
+            "vhost-user-blk",
+            f"--fd={fd}",
+            "--blk-file",
+            str(tmp_path / "disk.img"),
+            "--size",
+            "16M",
+            *args,
+        ],
+        pass_fds=[fd],
+        stdout=log,
+        stderr=log,
+    )
+
+
+async def test_fd_with_a_listening_socket(tmp_path):
+    path = str(tmp_path / "listen.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    process = inherit_fd_and_run(tmp_path, listener)
+    listener.close()
+    try:
+        await do_io(path)
+        await do_io(path)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    assert os.path.exists(path)  # not ours to remove
+
+
+async def test_fd_with_a_connected_socket(tmp_path):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    process = inherit_fd_and_run(tmp_path, theirs)
+    theirs.close()
+    ram = GuestRam([(0, 8 * MiB)])
+    frontend = VhostUserFrontend(trio.socket.from_stdlib_socket(ours))
+    (blk,) = await start_device(frontend, ram)
+    await blk.write(0, b"z" * 512)
+    assert await blk.read(0, 512) == b"z" * 512
+    await frontend.aclose()
+    ram.close()
+    assert process.wait(10) == 0  # one connection, then done
