@@ -125,6 +125,9 @@ class VirtioBlk(VirtioDevice):
         # default vhost-user-blk queue size (bigger rings only waste a little).
         self.queue_size = queue_size
         self.writeback = True
+        # Size in 512-byte sectors (a partial last sector is not exposed);
+        # read again only on reload, not per request.
+        self.capacity = image_size(fd) // SECTOR
 
     # -- plugin wiring ------------------------------------------------------
 
@@ -170,10 +173,7 @@ class VirtioBlk(VirtioDevice):
 
     # -- config space ---------------------------------------------------------
 
-    @property
-    def capacity(self) -> int:
-        """Size in 512-byte sectors (a partial last sector is not exposed)."""
-        return image_size(self.fd) // SECTOR
+    config_can_change = True  # the image may grow: SIGHUP re-reads its size
 
     def config(self) -> bytes:
         return CONFIG.pack(
@@ -218,6 +218,13 @@ class VirtioBlk(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self.writeback = True
+
+    def reload(self) -> None:
+        capacity = image_size(self.fd) // SECTOR
+        if capacity != self.capacity:
+            log.info("capacity.changed", old=self.capacity, new=capacity)
+            self.capacity = capacity
+            self.config_changed()
 
     # -- requests -----------------------------------------------------------------
 

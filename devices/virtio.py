@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import ClassVar, Self
 
 
@@ -146,6 +146,7 @@ class VirtioDevice:
         self.device_features = features  # device-specific bits offered
         self.num_queues = num_queues
         self.driver_features = 0
+        self._config_listeners: list[Callable[[], None]] = []
 
     # -- plugin wiring ------------------------------------------------------
 
@@ -196,6 +197,27 @@ class VirtioDevice:
     def reset(self) -> None:
         """Device reset: forget driver-negotiated state."""
         self.driver_features = 0
+
+    # -- host-side changes -------------------------------------------------
+
+    # Whether the config space can change under a running driver (the
+    # transport then sets up a way to tell it: BACKEND_REQ, a config IRQ).
+    config_can_change: ClassVar[bool] = False
+
+    def reload(self) -> None:
+        """Re-read host-side state (the daemon got SIGHUP); call
+        ``config_changed`` if the driver must look at the config again."""
+
+    def config_changed(self) -> None:
+        for listener in list(self._config_listeners):
+            listener()
+
+    def add_config_listener(self, listener: Callable[[], None]) -> None:
+        self._config_listeners.append(listener)
+
+    def remove_config_listener(self, listener: Callable[[], None]) -> None:
+        if listener in self._config_listeners:
+            self._config_listeners.remove(listener)
 
     def close(self) -> None:
         """Release host resources at exit."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -277,3 +278,37 @@ def test_reconnecting_qemu_gets_a_fresh_session(tmp_path, blk_image):
     assert run.result("again") == run.result("written")
     log = second.log()
     assert "event=session.start" in log and "event=ring.start" in log
+
+
+def test_disk_grows_online_after_sighup(tmp_path, blk_image):
+    """BACKEND_REQ: the daemon tells QEMU the config changed; the guest sees it."""
+    script = """
+    echo "RESULT before $(cat /sys/block/vda/size)"
+    for i in $(seq 100); do
+        [ "$(cat /sys/block/vda/size)" != "131072" ] && break
+        sleep 0.2
+    done
+    echo "RESULT after $(cat /sys/block/vda/size)"
+    dd if=/dev/urandom of=/tmp/p bs=1M count=1 2>/dev/null
+    dd if=/tmp/p of=/dev/vda bs=1M seek=100 oflag=direct 2>/dev/null || exit 10
+    dd if=/dev/vda of=/tmp/b bs=1M skip=100 count=1 iflag=direct 2>/dev/null || exit 11
+    cmp /tmp/p /tmp/b || exit 12
+    """
+    with blk_daemon(tmp_path, blk_image, size="64M") as daemon:
+
+        def on_line(line: str) -> None:
+            if line.startswith("RESULT before"):
+                os.truncate(blk_image, 128 * MiB)
+                daemon.process.send_signal(signal.SIGHUP)
+
+        run = vm.boot(
+            script,
+            on_line=on_line,
+            devices=vm.vhost_user_device("vhost-user-blk-pci", daemon.socket_path, "b"),
+        )
+        assert daemon.stop() == 0
+        log = daemon.log()
+    assert run.exit_statuses == [0], run.output[-3000:]
+    assert run.result("before") == str(64 * MiB // 512)
+    assert run.result("after") == str(128 * MiB // 512)
+    assert "event=config.change_announced" in log

@@ -242,3 +242,36 @@ async def test_rng_from_file(ram, tmp_path):
         (rng,) = await start_device(frontend, ram, client=RngClient, packed=True)
         assert await rng.read(15) == b"012345678901234"
         assert await rng.read(10) == b"5678901234"
+
+
+async def test_growing_the_image_is_announced_on_the_backend_channel(ram, image):
+    device = make_blk(image, size=MiB)
+    async with served(device) as frontend:
+        (blk,) = await start_device(frontend, ram)
+        assert frontend.protocol_features & bit(vu.ProtocolFeature.BACKEND_REQ)
+        channel = await frontend.open_backend_channel()
+        os.truncate(image, 3 * MiB)
+        # Until the reload the new space is beyond the disk.
+        result = await blk.request(RequestType.IN, 2048, in_size=512)
+        assert result.status == BlkStatus.IOERR
+        device.reload()
+        with trio.fail_after(5):
+            message = await frontend.answer_backend_request(channel)
+        assert message.request == vu.BackendRequest.CONFIG_CHANGE_MSG and message.need_reply
+        assert CONFIG.unpack(await frontend.get_config(CONFIG.size))[0] == 3 * MiB // 512
+        assert await blk.read(2048, 512) == bytes(512)  # the new space is usable
+        device.reload()  # unchanged: nothing is announced
+        with trio.move_on_after(0.2) as quiet:
+            await frontend.answer_backend_request(channel)
+        assert quiet.cancelled_caught
+        channel.close()
+
+
+async def test_config_change_without_a_backend_channel_is_only_logged(ram, image):
+    device = make_blk(image, size=MiB)
+    async with served(device) as frontend:
+        (blk,) = await start_device(frontend, ram)
+        os.truncate(image, 2 * MiB)
+        device.reload()
+        await trio.sleep(0.05)
+        assert await blk.read(3000, 512) == bytes(512)

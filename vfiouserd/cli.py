@@ -111,7 +111,7 @@ def _serve_vhost_user(device_class: type[VirtioDevice], args: argparse.Namespace
         await VhostUserBackend(device, conn).serve()
 
     try:
-        trio.run(run_until_signalled, lambda: serve(sock, session))
+        trio.run(run_until_signalled, lambda: serve(sock, session), device.reload)
     finally:
         sock.close()
         if args.socket_path is not None:

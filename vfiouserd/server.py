@@ -73,14 +73,21 @@ async def serve(sock: socket.socket, session: Session) -> None:
         log.info("session.end")
 
 
-async def run_until_signalled(main: Callable[[], Awaitable[None]]) -> None:
-    """Run ``main``; SIGTERM or SIGINT cancels it promptly and cleanly."""
+async def run_until_signalled(
+    main: Callable[[], Awaitable[None]], on_reload: Callable[[], None] | None = None
+) -> None:
+    """Run ``main``; SIGTERM or SIGINT cancels it promptly and cleanly, SIGHUP
+    calls ``on_reload``."""
     async with trio.open_nursery() as nursery:
 
         async def watch_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:
                     log.info("signal", signal=signal.Signals(signum).name)
+                    if signum == signal.SIGHUP:
+                        if on_reload is not None:
+                            on_reload()
+                        continue
                     nursery.cancel_scope.cancel()
                     return
 

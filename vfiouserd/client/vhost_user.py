@@ -160,6 +160,25 @@ class VhostUserFrontend:
         header = vu.ConfigHeader.build({"offset": offset, "size": len(data), "flags": flags})
         await self.call(R.SET_CONFIG, header + data)
 
+    async def open_backend_channel(self) -> trio.socket.SocketType:
+        """SET_BACKEND_REQ_FD: a socketpair whose other end the back end writes to."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await self.call(R.SET_BACKEND_REQ_FD, b"", [theirs.fileno()])
+        finally:
+            theirs.close()
+        return trio.socket.from_stdlib_socket(ours)
+
+    async def answer_backend_request(
+        self, channel: trio.socket.SocketType, status: int = 0
+    ) -> Message:
+        """Read one back-end request and acknowledge it if it asks to be."""
+        message = await vu.read_message(channel)
+        message.close_fds()
+        if message.need_reply:
+            await vu.write_message(channel, vu.encode_u64(message.request, status, reply=True))
+        return message
+
     async def set_features(self, features: int | None = None) -> None:
         if features is not None:
             self.features = features

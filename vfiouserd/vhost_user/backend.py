@@ -67,6 +67,9 @@ class VhostUserBackend:
             ProtocolFeature.RESET_DEVICE,
             ProtocolFeature.STATUS,
         )
+        if device.config_can_change:
+            self.offered_protocol_features |= bit(ProtocolFeature.BACKEND_REQ)
+        self._config_wakeup = trio.Event()
         self._handlers: dict[R, Callable[[Message], bytes | None]] = {
             R.GET_FEATURES: self._get_features,
             R.SET_FEATURES: self._set_features,
@@ -115,9 +118,11 @@ class VhostUserBackend:
     # -- connection loop ------------------------------------------------------
 
     async def serve(self) -> None:
+        self.device.add_config_listener(self._config_wakeup.set)
         try:
             async with trio.open_nursery() as nursery:
                 self.queue_set.bind(nursery)
+                nursery.start_soon(self._announce_config_changes)
                 try:
                     while True:
                         message = await vu.read_message(self.sock)
@@ -133,6 +138,7 @@ class VhostUserBackend:
     def close(self) -> None:
         """Stop the rings, close every fd and the connection, unmap memory;
         the device stays."""
+        self.device.remove_config_listener(self._config_wakeup.set)
         self.sock.close()
         self.queue_set.reset()
         self.memory.clear()
@@ -468,6 +474,39 @@ class VhostUserBackend:
             )
         except ConfigWriteError as exc:
             raise RequestFailed(str(exc)) from exc
+
+    async def _announce_config_changes(self) -> None:
+        """Tell the front end when the device's config changed (e.g. a disk grew)."""
+        while True:
+            await self._config_wakeup.wait()
+            self.device.remove_config_listener(self._config_wakeup.set)
+            self._config_wakeup = trio.Event()
+            self.device.add_config_listener(self._config_wakeup.set)
+            await self._send_config_change()
+
+    async def _send_config_change(self) -> None:
+        channel = self.backend_channel
+        if channel is None:
+            log.warning("config.change_not_announced", reason="no back-end channel")
+            return
+        need_reply = bool(self.protocol_features & bit(ProtocolFeature.REPLY_ACK))
+        request = vu.BackendRequest.CONFIG_CHANGE_MSG
+        try:
+            await vu.write_message(channel, vu.encode(request, need_reply=need_reply))
+            if need_reply:
+                with trio.fail_after(5):
+                    reply = await vu.read_message(channel)
+                reply.close_fds()
+                status = vu.U64.parse(reply.payload).value if len(reply.payload) == 8 else -1
+                if reply.request != request or not reply.is_reply or status != 0:
+                    log.warning("config.change_refused", request=reply.request, status=status)
+                    return
+        except (ConnectionClosed, FramingError, OSError, trio.TooSlowError) as exc:
+            log.warning("backend_channel.failed", reason=str(exc) or type(exc).__name__)
+            channel.close()
+            self.backend_channel = None
+            return
+        log.info("config.change_announced")
 
     def _set_backend_req_fd(self, message: Message) -> None:
         if self.backend_channel is not None:
