@@ -331,12 +331,13 @@ class VirtioBlk(VirtioDevice):
     def _discard_or_zero(self, kind: int, data_out: list[memoryview]) -> None:
         if self.read_only:
             raise BlkError(BlkStatus.IOERR, "discard or write-zeroes on a read-only disk")
-        raw = b"".join(bytes(v) for v in data_out)
-        if not raw or len(raw) % SEGMENT.size:
-            raise BlkError(BlkStatus.IOERR, f"segment list of {len(raw)} bytes")
-        count = len(raw) // SEGMENT.size
-        if count > self.max_discard_segments:
+        size = sum(len(v) for v in data_out)
+        if not size or size % SEGMENT.size:
+            raise BlkError(BlkStatus.IOERR, f"segment list of {size} bytes")
+        count = size // SEGMENT.size
+        if count > self.max_discard_segments:  # checked before copying anything
             raise BlkError(BlkStatus.IOERR, f"{count} segments exceed {self.max_discard_segments}")
+        raw = b"".join(bytes(v) for v in data_out)
         segments = [SEGMENT.unpack_from(raw, i * SEGMENT.size) for i in range(count)]
         for sector, sectors, flags in segments:  # validate all before changing anything
             allowed = WRITE_ZEROES_FLAG_UNMAP if kind == RequestType.WRITE_ZEROES else 0

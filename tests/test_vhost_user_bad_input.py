@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import struct
+import tracemalloc
 
 import pytest
 import trio
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import MiB, make_blk, open_fds, served, start_device
+from vfiouserd.client.blk import RngClient
 from vfiouserd.client.guest import GuestRam
 from vfiouserd.client.vhost_user import BackendError
 from vfiouserd.devices.blk import BlkStatus
@@ -538,3 +540,50 @@ def test_rings_full_of_garbage_never_crash(image, garbage, packed, offset):
         ram.close()
 
     trio.run(scenario)
+
+
+async def test_kick_fd_that_cannot_be_polled_breaks_only_its_queue(image, ram, tmp_path):
+    device = make_blk(image, num_queues=2)
+    async with served(device) as frontend:
+        good, bad = await start_device(frontend, ram, queues=2)
+        regular = os.open(tmp_path / "not-an-eventfd", os.O_RDWR | os.O_CREAT)
+        await frontend.call(R.SET_VRING_KICK, vu.U64.build({"value": 1}), [regular], ack=True)
+        os.close(regular)
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(bad.queue.err)
+        await good.write(0, b"g" * 512)
+        assert await good.read(0, 512) == b"g" * 512
+        await still_alive(frontend)
+
+
+async def test_a_failing_device_breaks_the_queue_not_the_daemon(ram):
+    class Faulty(VirtioRng):
+        def handle(self, queue, request):
+            raise ZeroDivisionError("device bug")
+
+    async with served(Faulty()) as frontend:
+        (rng,) = await start_device(frontend, ram, client=RngClient)
+        buffer = rng.scratch(16)
+        rng.queue.ring.add([], [(buffer, 16)], "never")
+        rng.queue.kick_now()
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(rng.queue.err)
+        await still_alive(frontend)
+
+
+async def test_huge_discard_segment_list_is_refused_without_copying(image, ram):
+    device = make_blk(image)
+    async with served(device) as frontend:
+        (blk,) = await start_device(frontend, ram)
+        header = blk.scratch(16)
+        ram.write(header, struct.pack("<IIQ", 11, 0, 0))  # DISCARD
+        status = blk.scratch(1)
+        # 24 MiB of "segments": far beyond max_discard_seg * 16 bytes.
+        tracemalloc.start()
+        try:
+            written = await blk.run([(header, 16), (0x10_0000, 24 * MiB)], [(status, 1)])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert (written, ram.read(status, 1)[0]) == (1, BlkStatus.IOERR)
+        assert peak < 4 * MiB  # the guest's buffer was never copied

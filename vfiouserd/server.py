@@ -69,7 +69,10 @@ async def serve(sock: socket.socket, session: Session) -> None:
         conn, _ = await tsock.accept()
         log.info("session.start")
         with conn:
-            await session(conn)
+            try:
+                await session(conn)
+            except Exception:  # a bug in one session must not end the service
+                log.exception("session.crashed")
         log.info("session.end")
 
 

@@ -476,7 +476,11 @@ class Virtqueue:
                         readable=request.readable_size,
                         writable=request.writable_size,
                     )
-                written = handle(request)
+                try:
+                    written = handle(request)
+                except Exception as exc:  # a device bug must not take the daemon down
+                    log.exception("device.failed", queue=self.index)
+                    raise RingError(f"device handler failed: {exc!r}") from exc
                 self.requests += 1
                 ring.push(request, min(written, request.writable_size))
             else:
@@ -505,9 +509,10 @@ class Virtqueue:
 
     async def _run(self, handle: Handler, scope: trio.CancelScope) -> None:
         with scope:
-            while True:
+            while not self.broken:
                 self.process(handle)
                 await self._wait()
+            await trio.sleep_forever()  # a broken queue waits for stop or reset
 
     async def _wait(self) -> None:
         if not self._woken:
@@ -515,12 +520,15 @@ class Virtqueue:
                 if self.kick_fd is None:
                     await trio.sleep(POLL_INTERVAL)
                 else:
+                    kick_fd = self.kick_fd
                     try:
-                        await trio.lowlevel.wait_readable(self.kick_fd)
+                        await trio.lowlevel.wait_readable(kick_fd)
                     except trio.ClosedResourceError:
                         pass  # the kick fd was replaced: wait on the new one
+                    except OSError as exc:  # e.g. a regular file: epoll refuses it
+                        self.fail(f"kick fd {kick_fd} cannot be waited on: {exc.strerror}")
                     else:
-                        _eventfd_drain(self.kick_fd)
+                        _eventfd_drain(kick_fd)
             self._wait_scope = None
         else:
             await trio.lowlevel.checkpoint()
