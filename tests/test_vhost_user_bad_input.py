@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import MiB, make_blk, open_fds, served, start_device
-from vfiouserd.client.blk import RngClient
+from vfiouserd.client.blk import BlkClient, RngClient
 from vfiouserd.client.guest import GuestRam
 from vfiouserd.client.vhost_user import BackendError
 from vfiouserd.devices.blk import BlkStatus
@@ -587,3 +587,20 @@ async def test_huge_discard_segment_list_is_refused_without_copying(image, ram):
             tracemalloc.stop()
         assert (written, ram.read(status, 1)[0]) == (1, BlkStatus.IOERR)
         assert peak < 4 * MiB  # the guest's buffer was never copied
+
+
+async def test_a_broken_queue_works_again_after_the_ring_is_restarted(image, ram):
+    """QEMU re-initialises the rings after a guest reset (no RESET_DEVICE)."""
+    device = make_blk(image)
+    async with served(device) as frontend:
+        (blk,) = await start_device(frontend, ram)
+        blk.queue.ring.add([(0x8000_0000, 16)], [(0x8000_0010, 1)], "hostile")
+        blk.queue.kick_now()
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(blk.queue.err)
+        await frontend.stop_queue(0)
+        frontend.queues.remove(blk.queue)
+        blk.queue.close()
+        fresh = BlkClient(ram, await frontend.start_queue(0, frontend.make_ring(ram, 64)))
+        await fresh.write(0, b"again" * 100 + bytes(12))
+        assert (await fresh.read(0, 512))[:5] == b"again"

@@ -504,6 +504,7 @@ class Virtqueue:
         """
         self._scope = trio.CancelScope()
         self.started = True
+        self.broken = False  # a restart follows a device reset: the driver starts over
         self.requests = 0
         nursery.start_soon(self._run, handle, self._scope)
 
