@@ -275,3 +275,40 @@ async def test_config_change_without_a_backend_channel_is_only_logged(ram, image
         device.reload()
         await trio.sleep(0.05)
         assert await blk.read(3000, 512) == bytes(512)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+async def test_stop_returns_the_base_and_the_ring_resumes_from_it(ram, image, packed):
+    device = make_blk(image)
+    async with served(device) as frontend:
+        (blk,) = await start_device(frontend, ram, size=8, packed=packed)
+        for i in range(10):  # 30 descriptors: an 8-entry ring wraps 3 times
+            await blk.write(i, bytes([i]) * 512)
+        base = await frontend.stop_queue(0)
+        ring = blk.queue.ring
+        if packed:
+            assert base == (
+                ring.next_avail
+                | ring.avail_wrap << 15
+                | ring.next_used << 16
+                | ring.used_wrap << 31
+            )
+            assert not ring.avail_wrap  # the wrap counters really moved
+        else:
+            assert base == ring.avail_idx == 10
+        # A stopped ring is not served: the request waits...
+        buffer = blk.scratch(16)
+        ring.add([], [(buffer, 1)], "waiting")
+        blk.queue.kick_now()
+        await trio.sleep(0.05)
+        assert ring.collect() == []
+        # ...until the front end starts it again from the base it was given.
+        frontend.queues.remove(blk.queue)
+        blk.queue.close()
+        handle = await frontend.start_queue(0, ring, base=base)
+        with trio.fail_after(5):
+            while not (done := ring.collect()):
+                await handle.wait_call()
+        assert done[0].token == "waiting"
+        resumed = BlkClient(ram, handle)
+        assert await resumed.read(9, 512) == bytes([9]) * 512

@@ -70,6 +70,19 @@ def need_event(event: int, new: int, old: int) -> bool:
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
+def packed_need_event(
+    off_wrap: int, counter: int, position: int, wrap: bool, size: int, old: int
+) -> bool:
+    """EVENT_IDX for packed rings: was the other side's event (``off_wrap``:
+    offset plus wrap bit) passed while our free-running ``counter`` went
+    from ``old`` to its value? ``position``/``wrap`` are where ``counter``
+    points in the ring now."""
+    event = counter - position + (off_wrap & 0x7FFF)
+    if bool(off_wrap >> 15) != wrap:
+        event -= size
+    return need_event(event & 0xFFFF, counter, old)
+
+
 def _eventfd_signal(fd: int | None) -> None:
     if fd is None:
         return
@@ -332,11 +345,9 @@ class PackedRing(_Chains):
             return False
         if flags != PACKED_EVENT_DESC or not self.event_idx:
             return True
-        # Place the driver's (offset, wrap) event on our free-running counter.
-        event = self.used_counter - self.used_idx + (off_wrap & 0x7FFF)
-        if bool(off_wrap >> 15) != self.used_wrap:
-            event -= self.size
-        return need_event(event & 0xFFFF, self.used_counter, mark)
+        return packed_need_event(
+            off_wrap, self.used_counter, self.used_idx, self.used_wrap, self.size, mark
+        )
 
     def arm(self) -> bool:
         # The device event area stays ENABLE: the driver kicks on every batch.

@@ -27,6 +27,7 @@ from vfiouserd.virtqueue import (
     PACKED_EVENT_DISABLE,
     PACKED_EVENT_ENABLE,
     need_event,
+    packed_need_event,
 )
 
 USER_ADDRESS_OFFSET = 0x7E00_0000_0000  # front-end "virtual" = guest-physical + this
@@ -278,10 +279,9 @@ class DriverPackedRing:
             return False
         if flags != PACKED_EVENT_DESC or not self.event_idx:
             return True
-        event = self.added - self.next_avail + (off_wrap & 0x7FFF)
-        if bool(off_wrap >> 15) != self.avail_wrap:
-            event -= self.size
-        return need_event(event & 0xFFFF, self.added, old)
+        return packed_need_event(
+            off_wrap, self.added, self.next_avail, self.avail_wrap, self.size, old
+        )
 
     def collect(self) -> list[Completion]:
         done = []

@@ -1,1 +1,1 @@
-"""TODO"""
+"""The vhost-user back end: one session per front-end connection."""

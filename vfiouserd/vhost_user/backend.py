@@ -13,11 +13,11 @@ import struct
 from collections.abc import Callable
 
 import trio
-from construct import ConstructError
+from construct import ConstructError, Container
 
 from vfiouserd.devices.virtio import ConfigWriteError, VirtioDevice, bit
 from vfiouserd.log import get_logger
-from vfiouserd.memory import GuestMemory, GuestMemoryError
+from vfiouserd.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from vfiouserd.protocol import vhost_user as vu
 from vfiouserd.protocol.framing import ConnectionClosed, FramingError, close_fds
 from vfiouserd.protocol.vhost_user import FrontendRequest as R
@@ -313,14 +313,18 @@ class VhostUserBackend:
             raise RequestFailed(f"memory table refused: {exc}") from exc
         message.fds.clear()  # now owned by the mappings
         for region in self.memory.regions:
-            log.info(
-                "memory.region",
-                guest=f"{region.guest_address:#x}",
-                size=region.size,
-                user=f"{region.user_address:#x}",
-                offset=region.mmap_offset,
-            )
+            self._log_region("memory.region", region)
         self.queue_set.memory_changed()
+
+    @staticmethod
+    def _log_region(event: str, region: MemoryRegion | Container) -> None:
+        log.info(
+            event,
+            guest=f"{region.guest_address:#x}",
+            size=region.size,
+            user=f"{region.user_address:#x}",
+            offset=region.mmap_offset,
+        )
 
     def _get_max_mem_slots(self, message: Message) -> bytes:
         return self._u64_reply(MAX_MEM_SLOTS)
@@ -338,13 +342,7 @@ class VhostUserBackend:
         except (GuestMemoryError, OSError) as exc:
             raise RequestFailed(f"region refused: {exc}") from exc
         message.fds.clear()
-        log.info(
-            "memory.add",
-            guest=f"{region.guest_address:#x}",
-            size=region.size,
-            user=f"{region.user_address:#x}",
-            offset=region.mmap_offset,
-        )
+        self._log_region("memory.add", region)
         self.queue_set.memory_changed()
 
     def _rem_mem_reg(self, message: Message) -> None:
