@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import open_fds
-from vfiouserd.memory import GuestMemory, GuestMemoryError
+from vfiouserd.memory import GuestMemory, GuestMemoryError, RegionSpec
 
 KiB = 1 << 10
 
@@ -27,11 +27,23 @@ def memory():
     mem = GuestMemory(max_regions=4)
     # Two regions adjacent in guest-physical space, one further up; the
     # second is mapped with an mmap offset as QEMU does for split RAM blocks.
-    mem.add_region(0x0, 64 * KiB, 0x7000_0000, 0, memfd(64 * KiB, b"A" * 64 * KiB))
     mem.add_region(
-        0x10000, 64 * KiB, 0x9000_0000, 4096, memfd(68 * KiB, b"x" * 4096 + b"B" * 64 * KiB)
+        RegionSpec(
+            0x0, 64 * KiB, memfd(64 * KiB, b"A" * 64 * KiB), user_address=0x7000_0000, mmap_offset=0
+        )
     )
-    mem.add_region(0x100000, 4 * KiB, 0x8000_0000, 0, memfd(4 * KiB))
+    mem.add_region(
+        RegionSpec(
+            0x10000,
+            64 * KiB,
+            memfd(68 * KiB, b"x" * 4096 + b"B" * 64 * KiB),
+            user_address=0x9000_0000,
+            mmap_offset=4096,
+        )
+    )
+    mem.add_region(
+        RegionSpec(0x100000, 4 * KiB, memfd(4 * KiB), user_address=0x8000_0000, mmap_offset=0)
+    )
     yield mem
     mem.clear()
 
@@ -78,19 +90,29 @@ def test_region_checks(memory):
     before = open_fds()
     small = memfd(4 * KiB)
     with pytest.raises(GuestMemoryError, match="overlaps"):
-        memory.add_region(0x100800, 4 * KiB, 0x1_0000_0000, 0, small)
+        memory.add_region(
+            RegionSpec(0x100800, 4 * KiB, small, user_address=0x1_0000_0000, mmap_offset=0)
+        )
     with pytest.raises(GuestMemoryError, match="overlaps"):
-        memory.add_region(0x800000, 4 * KiB, 0x8000_0800, 0, small)
+        memory.add_region(
+            RegionSpec(0x800000, 4 * KiB, small, user_address=0x8000_0800, mmap_offset=0)
+        )
     with pytest.raises(GuestMemoryError, match="holds"):
-        memory.add_region(0x800000, 8 * KiB, 0x1_0000_0000, 0, small)
+        memory.add_region(
+            RegionSpec(0x800000, 8 * KiB, small, user_address=0x1_0000_0000, mmap_offset=0)
+        )
     with pytest.raises(GuestMemoryError, match="size 0"):
-        memory.add_region(0x800000, 0, 0x1_0000_0000, 0, small)
-    memory.add_region(0x800000, 4 * KiB, 0x1_0000_0000, 0, small)
+        memory.add_region(RegionSpec(0x800000, 0, small, user_address=0x1_0000_0000, mmap_offset=0))
+    memory.add_region(
+        RegionSpec(0x800000, 4 * KiB, small, user_address=0x1_0000_0000, mmap_offset=0)
+    )
     extra = memfd(4 * KiB)
     with pytest.raises(GuestMemoryError, match="slots"):
-        memory.add_region(0x900000, 4 * KiB, 0x2_0000_0000, 0, extra)
+        memory.add_region(
+            RegionSpec(0x900000, 4 * KiB, extra, user_address=0x2_0000_0000, mmap_offset=0)
+        )
     os.close(extra)  # refused regions leave the fd with the caller
-    memory.remove_region(0x800000, 0x1_0000_0000, 4 * KiB)
+    memory.remove(memory.find_exact(0x800000, 4 * KiB, 0x1_0000_0000))
     assert open_fds() == before  # the removed region closed its fd
 
 
@@ -98,10 +120,15 @@ def test_replace_is_all_or_nothing(memory):
     generation = memory.generation
     good, bad = memfd(4 * KiB), memfd(4 * KiB)
     with pytest.raises(GuestMemoryError):
-        memory.replace([(0, 4 * KiB, 0, 0, good), (0x1000, 8 * KiB, 0x1000, 0, bad)])
+        memory.replace(
+            [
+                RegionSpec(0, 4 * KiB, good, user_address=0),
+                RegionSpec(0x1000, 8 * KiB, bad, user_address=0x1000),
+            ]
+        )
     assert memory.generation == generation
     assert memory.read(0, 2) == b"AA"  # the old layout is intact
-    memory.replace([(0x5000, 4 * KiB, 0, 0, good)])
+    memory.replace([RegionSpec(0x5000, 4 * KiB, good, user_address=0)])
     assert memory.generation > generation
     assert len(memory.regions) == 1
     os.close(bad)
@@ -110,9 +137,13 @@ def test_replace_is_all_or_nothing(memory):
 @given(address=st.integers(0, 0x200000), length=st.integers(0, 0x30000))
 def test_any_range_is_served_whole_or_refused(address, length):
     mem = GuestMemory()
-    mem.add_region(0x0, 64 * KiB, 0, 0, memfd(64 * KiB))
-    mem.add_region(0x10000, 64 * KiB, 1 << 32, 0, memfd(64 * KiB))
-    mem.add_region(0x100000, 4 * KiB, 2 << 32, 0, memfd(4 * KiB))
+    mem.add_region(RegionSpec(0x0, 64 * KiB, memfd(64 * KiB), user_address=0, mmap_offset=0))
+    mem.add_region(
+        RegionSpec(0x10000, 64 * KiB, memfd(64 * KiB), user_address=1 << 32, mmap_offset=0)
+    )
+    mem.add_region(
+        RegionSpec(0x100000, 4 * KiB, memfd(4 * KiB), user_address=2 << 32, mmap_offset=0)
+    )
     try:
         views = mem.guest_buffers(address, length, writable=True)
     except GuestMemoryError:
@@ -130,3 +161,41 @@ def test_any_range_is_served_whole_or_refused(address, length):
         )
     finally:
         mem.clear()
+
+
+def test_mapping_at_a_file_offset_and_permissions():
+    mem = GuestMemory()
+    fd = memfd(64 * KiB, b"0" * 16 * KiB + b"R" * 16 * KiB + b"W" * 32 * KiB)
+    mem.add_region(
+        RegionSpec(0x1000_0000, 16 * KiB, os.dup(fd), file_offset=16 * KiB, writable=False)
+    )
+    mem.add_region(
+        RegionSpec(0x2000_0000, 16 * KiB, os.dup(fd), file_offset=32 * KiB, readable=False)
+    )
+    try:
+        assert mem.read(0x1000_0000, 3) == b"RRR"
+        with pytest.raises(GuestMemoryError, match="not writable"):
+            mem.guest_buffers(0x1000_0000, 16, writable=True)
+        with pytest.raises(GuestMemoryError, match="not readable"):
+            mem.guest_buffers(0x2000_0000, 16, writable=False)
+        (view,) = mem.guest_buffers(0x2000_0000, 4, writable=True)
+        view[:] = b"done"
+        assert os.pread(fd, 4, 32 * KiB) == b"done"
+        with pytest.raises(GuestMemoryError):  # rings need read and write
+            mem.guest_view(0x1000_0000, 16)
+        with pytest.raises(GuestMemoryError, match="page aligned"):
+            mem.add_region(RegionSpec(0x3000_0000, 4 * KiB, fd, file_offset=100))
+    finally:
+        mem.clear()
+        os.close(fd)
+
+
+def test_regions_without_fd_are_tracked_but_not_mapped():
+    mem = GuestMemory()
+    mem.add_region(RegionSpec(0x4000, 8 * KiB, None))
+    with pytest.raises(GuestMemoryError, match="not mapped"):
+        mem.guest_buffers(0x4000, 16, writable=False)
+    with pytest.raises(GuestMemoryError, match="overlaps"):
+        mem.add_region(RegionSpec(0x5000, 4 * KiB, None))
+    mem.remove(mem.find_exact(0x4000, 8 * KiB))
+    assert not mem.regions

@@ -22,6 +22,7 @@ from vfiouserd._native import ffi, lib
 
 MAP_FAILED = ffi.cast("void *", -1)
 U64_LIMIT = 1 << 64
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class GuestMemoryError(ValueError):
@@ -31,7 +32,7 @@ class GuestMemoryError(ValueError):
 
 @dataclass
 class Mapping:
-    """One mmap of a region's fd, from file offset 0."""
+    """One mmap of a region's fd."""
 
     fd: int
     length: int
@@ -39,17 +40,21 @@ class Mapping:
     buffer: memoryview
 
     @classmethod
-    def map_fd(cls, fd: int, length: int, *, writable: bool = True) -> Mapping:
+    def map_fd(
+        cls, fd: int, length: int, *, file_offset: int = 0, writable: bool = True
+    ) -> Mapping:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise GuestMemoryError("memory fd is not a regular file or memfd")
-        if info.st_size < length:
+        if file_offset % PAGE_SIZE:
+            raise GuestMemoryError(f"file offset {file_offset:#x} is not page aligned")
+        if info.st_size < file_offset + length:
             # Touching pages past the end of the file would raise SIGBUS.
             raise GuestMemoryError(
-                f"memory fd holds {info.st_size} bytes but the region needs {length}"
+                f"memory fd holds {info.st_size} bytes but the region needs {file_offset + length}"
             )
         prot = lib.PROT_READ | (lib.PROT_WRITE if writable else 0)
-        base = lib.mmap(ffi.NULL, length, prot, lib.MAP_SHARED, fd, 0)
+        base = lib.mmap(ffi.NULL, length, prot, lib.MAP_SHARED, fd, file_offset)
         if base == MAP_FAILED:
             err = ffi.errno
             raise GuestMemoryError(f"mmap of {length} bytes failed: {os.strerror(err)}")
@@ -66,25 +71,79 @@ class Mapping:
             os.close(self.fd)
 
 
-@dataclass
-class MemoryRegion:
+@dataclass(frozen=True)
+class RegionSpec:
+    """A region as a VMM describes it.
+
+    vhost-user maps each fd from offset 0 and places the region at
+    ``mmap_offset`` inside the mapping; vfio-user maps at a page-aligned
+    ``file_offset``. Without an fd the region cannot be mapped: it is
+    reachable only through the VMM (vfio-user DMA_READ/DMA_WRITE).
+    """
+
     guest_address: int
     size: int
-    user_address: int
-    mmap_offset: int
-    mapping: Mapping = field(repr=False)
+    fd: int | None
+    user_address: int | None = None  # the VMM's own address (vhost-user)
+    file_offset: int = 0
+    mmap_offset: int = 0
+    readable: bool = True
+    writable: bool = True
+
+
+@dataclass
+class MemoryRegion:
+    spec: RegionSpec
+    mapping: Mapping | None = field(repr=False)
+
+    @property
+    def guest_address(self) -> int:
+        return self.spec.guest_address
+
+    @property
+    def size(self) -> int:
+        return self.spec.size
+
+    @property
+    def user_address(self) -> int | None:
+        return self.spec.user_address
+
+    @property
+    def mmap_offset(self) -> int:
+        return self.spec.mmap_offset
+
+    @property
+    def readable(self) -> bool:
+        return self.spec.readable
+
+    @property
+    def writable(self) -> bool:
+        return self.spec.writable
 
     @property
     def guest_end(self) -> int:
-        return self.guest_address + self.size
+        return self.spec.guest_address + self.spec.size
 
     @property
     def user_end(self) -> int:
-        return self.user_address + self.size
+        return (self.spec.user_address or 0) + self.spec.size
 
     def slice(self, offset: int, length: int) -> memoryview:
-        start = self.mmap_offset + offset
+        if self.mapping is None:
+            raise GuestMemoryError(
+                f"guest range {self.guest_address + offset:#x}+{length:#x} is not mapped "
+                "into the daemon"
+            )
+        start = self.spec.mmap_offset + offset
         return self.mapping.buffer[start : start + length]
+
+    def release(self, close_fd: bool) -> None:
+        if self.mapping is not None:
+            if close_fd:
+                self.mapping.unmap()
+            else:
+                self.mapping.buffer.release()
+                lib.munmap(self.mapping.base, self.mapping.length)
 
 
 def _overlaps(start_a: int, end_a: int, start_b: int, end_b: int) -> bool:
@@ -105,100 +164,111 @@ class GuestMemory:
 
     # -- layout -------------------------------------------------------------
 
-    def _check_new(
-        self,
-        guest_address: int,
-        size: int,
-        user_address: int,
-        mmap_offset: int,
-        others: list[MemoryRegion],
-    ) -> None:
-        if size == 0:
+    @staticmethod
+    def _check_new(spec: RegionSpec, others: list[MemoryRegion]) -> None:
+        if spec.size == 0:
             raise GuestMemoryError("region has size 0")
         for name, value in (
-            ("guest", guest_address),
-            ("user", user_address),
-            ("mmap offset", mmap_offset),
+            ("guest", spec.guest_address),
+            ("user", spec.user_address or 0),
+            ("mmap offset", spec.mmap_offset),
+            ("file offset", spec.file_offset),
         ):
-            if value + size > U64_LIMIT:
+            if value < 0 or value + spec.size > U64_LIMIT:
                 raise GuestMemoryError(f"{name} address range wraps around 2^64")
         for region in others:
             if _overlaps(
-                guest_address, guest_address + size, region.guest_address, region.guest_end
+                spec.guest_address,
+                spec.guest_address + spec.size,
+                region.guest_address,
+                region.guest_end,
             ):
                 raise GuestMemoryError(
-                    f"guest range {guest_address:#x}+{size:#x} overlaps region at "
+                    f"guest range {spec.guest_address:#x}+{spec.size:#x} overlaps region at "
                     f"{region.guest_address:#x}"
                 )
-            if _overlaps(user_address, user_address + size, region.user_address, region.user_end):
+            if (
+                spec.user_address is not None
+                and region.user_address is not None
+                and _overlaps(
+                    spec.user_address,
+                    spec.user_address + spec.size,
+                    region.user_address,
+                    region.user_end,
+                )
+            ):
                 raise GuestMemoryError(
-                    f"user range {user_address:#x}+{size:#x} overlaps region at "
+                    f"user range {spec.user_address:#x}+{spec.size:#x} overlaps region at "
                     f"{region.user_address:#x}"
                 )
 
-    def _map(
-        self, guest_address: int, size: int, user_address: int, mmap_offset: int, fd: int
-    ) -> MemoryRegion:
-        mapping = Mapping.map_fd(fd, mmap_offset + size)
-        return MemoryRegion(guest_address, size, user_address, mmap_offset, mapping)
+    @staticmethod
+    def _map(spec: RegionSpec) -> MemoryRegion:
+        if spec.fd is None:
+            return MemoryRegion(spec, None)
+        mapping = Mapping.map_fd(
+            spec.fd,
+            spec.mmap_offset + spec.size,
+            file_offset=spec.file_offset,
+            writable=spec.writable,
+        )
+        return MemoryRegion(spec, mapping)
 
-    def add_region(
-        self, guest_address: int, size: int, user_address: int, mmap_offset: int, fd: int
-    ) -> MemoryRegion:
-        """Map a region. On success the region owns ``fd``; on error the
-        caller still does."""
+    def add_region(self, spec: RegionSpec) -> MemoryRegion:
+        """Add a region. On success it owns ``spec.fd``; on error the caller does."""
         if len(self._regions) >= self.max_regions:
             raise GuestMemoryError(f"all {self.max_regions} memory slots are in use")
-        self._check_new(guest_address, size, user_address, mmap_offset, self._regions)
-        region = self._map(guest_address, size, user_address, mmap_offset, fd)
+        self._check_new(spec, self._regions)
+        region = self._map(spec)
         self._regions.append(region)
         self._regions.sort(key=lambda r: r.guest_address)
         self.generation += 1
         return region
 
-    def remove_region(self, guest_address: int, user_address: int, size: int) -> None:
+    def find_exact(
+        self, guest_address: int, size: int, user_address: int | None = None
+    ) -> MemoryRegion:
         for region in self._regions:
-            if (region.guest_address, region.user_address, region.size) == (
-                guest_address,
-                user_address,
-                size,
+            if (
+                region.guest_address == guest_address
+                and region.size == size
+                and (user_address is None or region.user_address == user_address)
             ):
-                self._regions.remove(region)
-                self.generation += 1
-                region.mapping.unmap()
-                return
-        raise GuestMemoryError(
-            f"no region at guest {guest_address:#x} user {user_address:#x} size {size:#x}"
-        )
+                return region
+        raise GuestMemoryError(f"no region at guest {guest_address:#x} size {size:#x}")
 
-    def replace(self, table: list[tuple[int, int, int, int, int]]) -> None:
-        """Atomically replace all regions with ``(gpa, size, uva, offset, fd)``.
+    def remove(self, region: MemoryRegion) -> None:
+        self._regions.remove(region)
+        self.generation += 1
+        region.release(close_fd=True)
+
+    def replace(self, specs: list[RegionSpec]) -> None:
+        """Atomically replace all regions.
 
         Either every new region maps (and owns its fd) and the old ones go,
         or nothing changes and the caller still owns every fd.
         """
-        if len(table) > self.max_regions:
-            raise GuestMemoryError(f"{len(table)} regions exceed {self.max_regions} slots")
+        if len(specs) > self.max_regions:
+            raise GuestMemoryError(f"{len(specs)} regions exceed {self.max_regions} slots")
         new: list[MemoryRegion] = []
         try:
-            for gpa, size, uva, offset, fd in table:
-                self._check_new(gpa, size, uva, offset, new)
-                new.append(self._map(gpa, size, uva, offset, fd))
+            for spec in specs:
+                self._check_new(spec, new)
+                new.append(self._map(spec))
         except BaseException:
             for region in new:
-                region.mapping.buffer.release()
-                lib.munmap(region.mapping.base, region.mapping.length)
+                region.release(close_fd=False)
             raise
         old, self._regions = self._regions, sorted(new, key=lambda r: r.guest_address)
         self.generation += 1
         for region in old:
-            region.mapping.unmap()
+            region.release(close_fd=True)
 
     def clear(self) -> None:
         old, self._regions = self._regions, []
         self.generation += 1
         for region in old:
-            region.mapping.unmap()
+            region.release(close_fd=True)
 
     # -- translation --------------------------------------------------------
 
@@ -222,6 +292,11 @@ class GuestMemory:
             region = self._find_guest(address)
             if region is None:
                 raise GuestMemoryError(f"guest address {address:#x} is not in shared memory")
+            if not (region.writable if writable else region.readable):
+                raise GuestMemoryError(
+                    f"guest address {address:#x} is not "
+                    f"{'writable' if writable else 'readable'} for the device"
+                )
             chunk = min(length, region.guest_end - address)
             view = region.slice(address - region.guest_address, chunk)
             views.append(view if writable else view.toreadonly())
@@ -236,13 +311,15 @@ class GuestMemory:
             raise GuestMemoryError(
                 f"guest range {address:#x}+{length:#x} is not inside one shared region"
             )
+        if not (region.readable and region.writable):
+            raise GuestMemoryError(f"guest range {address:#x} is not readable and writable")
         return region.slice(address - region.guest_address, length)
 
     def user_to_guest(self, address: int, length: int) -> int:
         """Translate a front-end virtual range (vhost-user ring addresses) to
         a guest-physical address; the range must lie in one region."""
         for region in self._regions:
-            if region.user_address <= address < region.user_end:
+            if region.user_address is not None and region.user_address <= address < region.user_end:
                 if address + length > region.user_end:
                     break
                 return region.guest_address + (address - region.user_address)

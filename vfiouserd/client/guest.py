@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vfiouserd._native import lib
-from vfiouserd.memory import GuestMemory
+from vfiouserd.memory import GuestMemory, RegionSpec
 from vfiouserd.virtqueue import (
     AVAIL_F_NO_INTERRUPT,
     DESC_F_INDIRECT,
@@ -56,7 +56,12 @@ class GuestRam:
             fd = os.memfd_create("vfiouserd-guest", os.MFD_CLOEXEC)
             os.ftruncate(fd, size)
             self.memory.add_region(
-                guest_address, size, guest_address + USER_ADDRESS_OFFSET, 0, os.dup(fd)
+                RegionSpec(
+                    guest_address,
+                    size,
+                    os.dup(fd),
+                    user_address=guest_address + USER_ADDRESS_OFFSET,
+                )
             )
             self.regions.append(RamRegion(guest_address, size, fd))
             self._next[guest_address] = guest_address

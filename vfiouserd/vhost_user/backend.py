@@ -17,7 +17,7 @@ from construct import ConstructError, Container
 
 from vfiouserd.devices.virtio import ConfigWriteError, VirtioDevice, bit
 from vfiouserd.log import get_logger
-from vfiouserd.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from vfiouserd.memory import GuestMemory, GuestMemoryError, MemoryRegion, RegionSpec
 from vfiouserd.protocol import vhost_user as vu
 from vfiouserd.protocol.framing import ConnectionClosed, FramingError, close_fds
 from vfiouserd.protocol.vhost_user import FrontendRequest as R
@@ -303,12 +303,14 @@ class VhostUserBackend:
         if len(message.fds) != count:
             raise RequestFailed(f"{len(message.fds)} fds for {count} regions")
         table = vu.MemoryTable.parse(message.payload[:exact])
-        entries = [
-            (r.guest_address, r.size, r.user_address, r.mmap_offset, fd)
+        specs = [
+            RegionSpec(
+                r.guest_address, r.size, fd, user_address=r.user_address, mmap_offset=r.mmap_offset
+            )
             for r, fd in zip(table.regions, message.fds, strict=True)
         ]
         try:
-            self.memory.replace(entries)
+            self.memory.replace(specs)
         except (GuestMemoryError, OSError) as exc:
             raise RequestFailed(f"memory table refused: {exc}") from exc
         message.fds.clear()  # now owned by the mappings
@@ -333,11 +335,13 @@ class VhostUserBackend:
         region = message.parse(vu.SingleMemoryRegion).region
         try:
             self.memory.add_region(
-                region.guest_address,
-                region.size,
-                region.user_address,
-                region.mmap_offset,
-                message.fds[0],
+                RegionSpec(
+                    region.guest_address,
+                    region.size,
+                    message.fds[0],
+                    user_address=region.user_address,
+                    mmap_offset=region.mmap_offset,
+                )
             )
         except (GuestMemoryError, OSError) as exc:
             raise RequestFailed(f"region refused: {exc}") from exc
@@ -349,7 +353,9 @@ class VhostUserBackend:
         close_fds(message.fds)  # tolerated for old front ends, never used
         region = message.parse(vu.SingleMemoryRegion).region
         try:
-            self.memory.remove_region(region.guest_address, region.user_address, region.size)
+            self.memory.remove(
+                self.memory.find_exact(region.guest_address, region.size, region.user_address)
+            )
         except GuestMemoryError as exc:
             raise RequestFailed(str(exc)) from exc
         log.info("memory.remove", guest=f"{region.guest_address:#x}", size=region.size)
