@@ -8,11 +8,13 @@ capabilities of VERSION, and message framing with SCM_RIGHTS fds.
 All numbers are in the host's native byte order, as the spec says.
 
 Where implementations disagree, the choice made here:
-- DMA_READ/DMA_WRITE requests: ``address`` u64 then ``count`` u64, data at
-  payload offset 16 (the spec and libvfio-user). QEMU's client is read to use
-  a u32 count with data at 12; it only matters when guest RAM has no fd.
-- DMA_WRITE reply: the spec lists ``count`` as 4 bytes; we send address u64 +
-  count u32 (12 bytes), as written, and accept 12 or 16 when parsing.
+- DMA_READ/DMA_WRITE: ``address`` u64 then ``count`` u64, data at payload
+  offset 16 (the spec and libvfio-user). QEMU's client uses a u32 count with
+  data at offset 12 (``QemuDmaAccess``); the server recognises that layout in
+  DMA_READ replies and then writes in it (see vfio_user/session.py). It only
+  matters when guest RAM has no fd.
+- DMA_WRITE reply: the spec lists address u64 + count u32; QEMU sends the
+  header alone. Both are accepted.
 """
 
 from __future__ import annotations
@@ -255,6 +257,7 @@ IrqSetHead = Struct(
 RegionAccess = Struct("offset" / Int64un, "region" / Int32un, "count" / Int32un)
 
 DmaAccess = Struct("address" / Int64un, "count" / Int64un)
+QemuDmaAccess = Struct("address" / Int64un, "count" / Int32un)  # QEMU's client, see above
 DmaWriteReply = Struct("address" / Int64un, "count" / Int32un)
 
 WriteMultiHead = Struct("wr_cnt" / Int64un)

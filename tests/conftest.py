@@ -114,3 +114,18 @@ __all__ = [
     "served",
     "start_device",
 ]
+
+
+@asynccontextmanager
+async def vfio_served(device, *, ram=None, **client_options) -> AsyncIterator:
+    """An in-process vfio-user session and a connected client."""
+    from vfiouserd.client.vfio_user import VfioUserClient
+    from vfiouserd.vfio_user.session import VfioUserSession
+
+    ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    async with trio.open_nursery() as nursery:
+        session = VfioUserSession(device, theirs)
+        nursery.start_soon(session.serve)
+        async with VfioUserClient.over(ours, ram=ram, **client_options) as client:
+            client.session = session
+            yield client

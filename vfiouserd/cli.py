@@ -1,9 +1,10 @@
 """Command line: ``vfiouserd <subcommand>``.
 
 Subcommands are generated from the installed device plugins:
-``vhost-user-<device>`` serves a virtio device over vhost-user. Each follows
-QEMU's back-end program conventions (--socket-path/--fd, --print-capabilities,
-no daemonizing, prompt exit on SIGTERM).
+``vhost-user-<device>`` serves a virtio device over vhost-user,
+``vfio-user-<device>`` serves any device over vfio-user (a virtio device
+through the virtio-pci transport). All follow the back-end program
+conventions (--socket-path/--fd, no daemonizing, prompt exit on SIGTERM).
 """
 
 from __future__ import annotations
@@ -13,18 +14,23 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
 from vfiouserd import __version__
 from vfiouserd import log as logging
+from vfiouserd.devices.pci import PciDevice
 from vfiouserd.devices.virtio import TRANSPORT_FEATURES, Feature, VirtioDevice
-from vfiouserd.plugins import device_plugins
+from vfiouserd.devices.virtio_pci import VirtioPciDevice
+from vfiouserd.plugins import DeviceClass, device_plugins
 from vfiouserd.server import listen_on_path, run_until_signalled, serve, socket_from_fd
+from vfiouserd.vfio_user.session import VfioUserSession
 from vfiouserd.vhost_user.backend import VhostUserBackend
 
 log = logging.get_logger("cli")
+
+Device = VirtioDevice | PciDevice
 
 
 def _feature_list(device: type[VirtioDevice]) -> list[str]:
@@ -33,47 +39,63 @@ def _feature_list(device: type[VirtioDevice]) -> list[str]:
     return names
 
 
+def _subcommands(name: str, device: DeviceClass) -> list[str]:
+    if issubclass(device, VirtioDevice):
+        return [f"vhost-user-{name}", f"vfio-user-{name}"]
+    return [f"vfio-user-{name}"]
+
+
 def _list_devices(args: argparse.Namespace) -> int:
     plugins = device_plugins()
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    name: {
-                        "description": device.description,
-                        "virtio_device_id": int(device.device_id),
-                        "vhost_user_type": device.vhost_user_type,
-                        "features": _feature_list(device),
-                        "protocols": ["vhost-user"],
-                    }
-                    for name, device in plugins.items()
-                },
-                indent=2,
-            )
-        )
-        return 0
+    listing = {}
     for name, device in plugins.items():
-        print(f"{name}: {device.description}")
-        print(
-            f"  virtio device id {int(device.device_id)}, vhost-user type "
-            f"{device.vhost_user_type!r}, up to {device.max_queues} queue(s)"
-        )
-        print(f"  subcommands: vhost-user-{name}")
-        print(f"  features: {' '.join(_feature_list(device))}")
+        entry: dict[str, object] = {
+            "description": device.description,
+            "subcommands": _subcommands(name, device),
+        }
+        if issubclass(device, VirtioDevice):
+            entry.update(
+                virtio_device_id=int(device.device_id),
+                vhost_user_type=device.vhost_user_type,
+                features=_feature_list(device),
+                protocols=["vhost-user", "vfio-user"],
+            )
+        else:
+            entry.update(
+                pci_id=f"{device.vendor_id:04x}:{device.device_id:04x}",
+                msi_vectors=device.msi_vectors,
+                msix_vectors=device.msix_vectors,
+                protocols=["vfio-user"],
+            )
+        listing[name] = entry
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    for name, entry in listing.items():
+        print(f"{name}: {entry['description']}")
+        print(f"  subcommands: {' '.join(entry['subcommands'])}")  # type: ignore[arg-type]
+        if "features" in entry:
+            print(
+                f"  virtio device id {entry['virtio_device_id']}, features: "
+                f"{' '.join(entry['features'])}"
+            )  # type: ignore[arg-type]
+        else:
+            print(f"  PCI {entry['pci_id']}, MSI vectors {entry['msi_vectors']}")
     return 0
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, *, capabilities: bool) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--socket-path", metavar="PATH", help="listen on this UNIX socket")
     where.add_argument(
         "--fd", type=int, metavar="FDNUM", help="serve an inherited socket (listening or connected)"
     )
-    parser.add_argument(
-        "--print-capabilities",
-        action="store_true",
-        help="print the back end's capabilities as JSON and exit",
-    )
+    if capabilities:
+        parser.add_argument(
+            "--print-capabilities",
+            action="store_true",
+            help="print the back end's capabilities as JSON and exit",
+        )
     parser.add_argument(
         "--log-level",
         default="info",
@@ -87,31 +109,37 @@ def _print_capabilities(device: type[VirtioDevice]) -> int:
     return 0
 
 
-def _serve_vhost_user(device_class: type[VirtioDevice], args: argparse.Namespace) -> int:
+Session = Callable[[Device, trio.socket.SocketType], object]
+
+
+def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Device]) -> int:
     if args.socket_path is None and args.fd is None:
         print("error: one of --socket-path or --fd is required", file=sys.stderr)
         return 2
     logging.configure(args.log_level)
     try:
-        device = device_class.from_args(args)
+        device = make_device()
         sock = socket_from_fd(args.fd) if args.fd is not None else listen_on_path(args.socket_path)
     except (OSError, ValueError) as exc:
-        log.error("startup.failed", device=device_class.name, error=str(exc))
+        log.error("startup.failed", error=str(exc))
         return 1
-    log.info(
-        "startup",
-        device=device_class.name,
-        protocol="vhost-user",
-        pid=os.getpid(),
-        queues=device.num_queues,
-        version=__version__,
-    )
+    log.info("startup", device=device.name, protocol=protocol, pid=os.getpid(), version=__version__)
 
     async def session(conn: trio.socket.SocketType) -> None:
-        await VhostUserBackend(device, conn).serve()
+        if protocol == "vhost-user":
+            assert isinstance(device, VirtioDevice)
+            await VhostUserBackend(device, conn).serve()
+        else:
+            assert isinstance(device, PciDevice)
+            await VfioUserSession(device, conn).serve()
 
+    reload = (
+        device.virtio.reload
+        if isinstance(device, VirtioPciDevice)
+        else (device.reload if isinstance(device, VirtioDevice) else None)
+    )
     try:
-        trio.run(run_until_signalled, lambda: serve(sock, session), device.reload)
+        trio.run(run_until_signalled, lambda: serve(sock, session), reload)
     finally:
         sock.close()
         if args.socket_path is not None:
@@ -120,6 +148,13 @@ def _serve_vhost_user(device_class: type[VirtioDevice], args: argparse.Namespace
         device.close()
         log.info("exit")
     return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from vfiouserd.client.probe import probe  # the client is not needed to serve
+
+    logging.configure("warning")
+    return trio.run(probe, args.socket, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,28 +167,52 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("devices", help="list device plugins and their features")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=_list_devices)
+    probe = commands.add_parser(
+        "probe", help="connect to a vfio-user server and describe its device like lspci -vv"
+    )
+    probe.add_argument("socket", help="the server's UNIX socket")
+    probe.add_argument("--json", action="store_true")
+    probe.set_defaults(run=_probe)
     for name, device in device_plugins().items():
-        sub = commands.add_parser(
-            f"vhost-user-{name}", help=f"vhost-user back end: {device.description}"
-        )
-        _add_common(sub)
-        device.add_arguments(sub)
-        sub.set_defaults(
-            run=lambda args, device=device: _serve_vhost_user(device, args), device=device
-        )
+        if issubclass(device, VirtioDevice):
+            sub = commands.add_parser(
+                f"vhost-user-{name}", help=f"vhost-user back end: {device.description}"
+            )
+            _add_common(sub, capabilities=True)
+            device.add_arguments(sub)
+            sub.set_defaults(
+                run=lambda args, d=device: _run(args, "vhost-user", lambda: d.from_args(args))
+            )
+            sub = commands.add_parser(
+                f"vfio-user-{name}", help=f"vfio-user virtio-pci device: {device.description}"
+            )
+            _add_common(sub, capabilities=False)
+            device.add_arguments(sub)
+            sub.set_defaults(
+                run=lambda args, d=device: _run(
+                    args, "vfio-user", lambda: VirtioPciDevice(d.from_args(args))
+                )
+            )
+        else:
+            sub = commands.add_parser(
+                f"vfio-user-{name}", help=f"vfio-user PCI device: {device.description}"
+            )
+            _add_common(sub, capabilities=False)
+            device.add_arguments(sub)
+            sub.set_defaults(
+                run=lambda args, d=device: _run(args, "vfio-user", lambda: d.from_args(args))
+            )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     # The conventions say --print-capabilities ignores every other argument.
     if "--print-capabilities" in argv and argv and argv[0].startswith("vhost-user-"):
-        plugins = device_plugins()
-        device = plugins.get(argv[0].removeprefix("vhost-user-"))
-        if device is not None:
+        device = device_plugins().get(argv[0].removeprefix("vhost-user-"))
+        if device is not None and issubclass(device, VirtioDevice):
             return _print_capabilities(device)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return int(args.run(args))
 
 

@@ -13,6 +13,7 @@ virtqueues) re-translate when it changes, so no view outlives its mapping.
 
 from __future__ import annotations
 
+import bisect
 import os
 import stat
 from dataclasses import dataclass, field
@@ -156,6 +157,7 @@ class GuestMemory:
     def __init__(self, max_regions: int = 509) -> None:
         self.max_regions = max_regions
         self._regions: list[MemoryRegion] = []  # sorted by guest address
+        self._starts: list[int] = []  # their guest addresses, for bisect
         self.generation = 0
 
     @property
@@ -221,9 +223,13 @@ class GuestMemory:
         self._check_new(spec, self._regions)
         region = self._map(spec)
         self._regions.append(region)
-        self._regions.sort(key=lambda r: r.guest_address)
-        self.generation += 1
+        self._changed()
         return region
+
+    def _changed(self) -> None:
+        self._regions.sort(key=lambda r: r.guest_address)
+        self._starts = [r.guest_address for r in self._regions]
+        self.generation += 1
 
     def find_exact(
         self, guest_address: int, size: int, user_address: int | None = None
@@ -239,7 +245,7 @@ class GuestMemory:
 
     def remove(self, region: MemoryRegion) -> None:
         self._regions.remove(region)
-        self.generation += 1
+        self._changed()
         region.release(close_fd=True)
 
     def replace(self, specs: list[RegionSpec]) -> None:
@@ -259,35 +265,34 @@ class GuestMemory:
             for region in new:
                 region.release(close_fd=False)
             raise
-        old, self._regions = self._regions, sorted(new, key=lambda r: r.guest_address)
-        self.generation += 1
+        old, self._regions = self._regions, new
+        self._changed()
         for region in old:
             region.release(close_fd=True)
 
     def clear(self) -> None:
         old, self._regions = self._regions, []
-        self.generation += 1
+        self._changed()
         for region in old:
             region.release(close_fd=True)
 
     # -- translation --------------------------------------------------------
 
     def _find_guest(self, address: int) -> MemoryRegion | None:
-        for region in self._regions:
-            if region.guest_address <= address < region.guest_end:
-                return region
+        # Regions never overlap, so the candidate is the last one starting at or below.
+        index = bisect.bisect_right(self._starts, address) - 1
+        if index >= 0 and address < self._regions[index].guest_end:
+            return self._regions[index]
         return None
 
-    def guest_buffers(self, address: int, length: int, *, writable: bool) -> list[memoryview]:
-        """Views of ``[address, address+length)`` in guest-physical space.
-
-        A range may span regions that are adjacent in guest-physical space;
-        any gap or overrun raises GuestMemoryError. Ranges the device only
-        reads come back read-only.
-        """
+    def ranges(
+        self, address: int, length: int, *, writable: bool
+    ) -> list[tuple[MemoryRegion, int, int]]:
+        """Cut ``[address, address+length)`` at region boundaries:
+        (region, start, length) each, checked for presence and permission."""
         if length < 0 or address + length > U64_LIMIT:
             raise GuestMemoryError(f"invalid guest range {address:#x}+{length:#x}")
-        views: list[memoryview] = []
+        pieces = []
         while length > 0:
             region = self._find_guest(address)
             if region is None:
@@ -298,10 +303,22 @@ class GuestMemory:
                     f"{'writable' if writable else 'readable'} for the device"
                 )
             chunk = min(length, region.guest_end - address)
-            view = region.slice(address - region.guest_address, chunk)
-            views.append(view if writable else view.toreadonly())
+            pieces.append((region, address, chunk))
             address += chunk
             length -= chunk
+        return pieces
+
+    def guest_buffers(self, address: int, length: int, *, writable: bool) -> list[memoryview]:
+        """Views of ``[address, address+length)`` in guest-physical space.
+
+        A range may span regions that are adjacent in guest-physical space;
+        any gap, overrun or permission it lacks raises GuestMemoryError.
+        Ranges the device only reads come back read-only.
+        """
+        views = []
+        for region, start, chunk in self.ranges(address, length, writable=writable):
+            view = region.slice(start - region.guest_address, chunk)
+            views.append(view if writable else view.toreadonly())
         return views
 
     def guest_view(self, address: int, length: int) -> memoryview:

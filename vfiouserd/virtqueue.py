@@ -383,6 +383,10 @@ class Virtqueue:
         self.kick_fd: int | None = None
         self.call_fd: int | None = None
         self.err_fd: int | None = None
+        # A transport that does not notify through eventfds (virtio-pci:
+        # MSI-X vectors, INTx) sets these instead.
+        self.notifier: Callable[[], None] | None = None
+        self.error_notifier: Callable[[], None] | None = None
         self.enabled = False
         self.started = False
         self.broken = False
@@ -453,7 +457,10 @@ class Virtqueue:
     def fail(self, reason: str) -> None:
         self.broken = True
         log.error("ring.broken", queue=self.index, reason=reason)
-        _eventfd_signal(self.err_fd)
+        if self.error_notifier is not None:
+            self.error_notifier()
+        else:
+            _eventfd_signal(self.err_fd)
 
     def wake(self) -> None:
         """Re-check the ring without a kick (enable, memory change, start)."""
@@ -497,7 +504,7 @@ class Virtqueue:
             else:
                 self.wake()
             if ring.should_notify(mark):
-                _eventfd_signal(self.call_fd)
+                self.signal_call()
         except RingUnmapped as exc:
             if self.ring is not None:
                 self.base = self.ring.base()
@@ -537,6 +544,9 @@ class Virtqueue:
                         await trio.lowlevel.wait_readable(kick_fd)
                     except trio.ClosedResourceError:
                         pass  # the kick fd was replaced: wait on the new one
+                    except trio.BusyResourceError:
+                        # A stopped task of this queue has not unwound yet.
+                        await trio.lowlevel.checkpoint()
                     except OSError as exc:  # e.g. a regular file: epoll refuses it
                         self.fail(f"kick fd {kick_fd} cannot be waited on: {exc.strerror}")
                     else:
@@ -583,7 +593,10 @@ class Virtqueue:
         self.err_fd = fd
 
     def signal_call(self) -> None:
-        _eventfd_signal(self.call_fd)
+        if self.notifier is not None:
+            self.notifier()
+        else:
+            _eventfd_signal(self.call_fd)
 
     def close_fds(self) -> None:
         self.set_kick(None)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
-from vfiouserd.client.guest import Buffer, GuestRam
-from vfiouserd.client.vhost_user import QueueHandle
+from vfiouserd.client.guest import Buffer, DriverRing, GuestRam
 from vfiouserd.devices.blk import BlkStatus, RequestType
 
 SEGMENT = struct.Struct("<QII")
@@ -36,10 +36,20 @@ class BlkResult:
     written: int
 
 
+class QueuePort(Protocol):
+    """A started queue as a driver sees it, whatever the transport."""
+
+    ring: DriverRing
+
+    async def kick_async(self) -> None: ...
+
+    async def wait_call(self) -> None: ...
+
+
 class RequestQueue:
     """Submit requests on one queue and wait for their completions."""
 
-    def __init__(self, ram: GuestRam, queue: QueueHandle, arena: int = 4 << 20) -> None:
+    def __init__(self, ram: GuestRam, queue: QueuePort, arena: int = 4 << 20) -> None:
         self.ram = ram
         self.queue = queue
         self.arena = ram.alloc(arena, 4096)
@@ -63,7 +73,7 @@ class RequestQueue:
         token = object()
         self.queue.ring.add(readable, writable, token, indirect=indirect)
         if self.queue.ring.needs_kick():
-            self.queue.kick_now()
+            await self.queue.kick_async()
         with trio.fail_after(10):
             while True:
                 for done in self.queue.ring.collect():

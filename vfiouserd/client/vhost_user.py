@@ -44,6 +44,9 @@ class QueueHandle:
     def kick_now(self) -> None:
         os.eventfd_write(self.kick, 1)
 
+    async def kick_async(self) -> None:
+        self.kick_now()
+
     async def wait_call(self) -> None:
         await trio.lowlevel.wait_readable(self.call)
         with contextlib.suppress(BlockingIOError):

@@ -1,0 +1,655 @@
+"""The PCI device API: config space, BARs and interrupts, for any PCI device.
+
+A plugin describes its identity (IDs, class), its BARs and how many MSI /
+MSI-X vectors it has, then answers register accesses. This module emulates
+what every PCI function has in common, the way hardware does:
+
+- Config space with per-bit write masks: read-only fields, RW1C status bits,
+  BAR sizing (write all ones, read back the size mask), command register.
+- Capabilities: power management, MSI (64-bit, per-vector masking), MSI-X
+  (table and PBA in a BAR), PCI Express (endpoint), plus any a device adds
+  (virtio's vendor capabilities).
+- Interrupts as VFIO models them: INTx, MSI and MSI-X vectors deliver to
+  eventfds a VMM installs (VFIO SET_IRQS semantics), with INTx automasking.
+
+Nothing here knows about sockets; the vfio-user session calls in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from vfiouserd.memory import GuestMemory, GuestMemoryError
+
+# Config space offsets
+VENDOR_ID = 0x00
+COMMAND = 0x04
+STATUS = 0x06
+REVISION_ID = 0x08
+CLASS_CODE = 0x09
+CACHE_LINE_SIZE = 0x0C
+HEADER_TYPE = 0x0E
+BAR0 = 0x10
+SUBSYSTEM_VENDOR_ID = 0x2C
+CAPABILITY_LIST = 0x34
+INTERRUPT_LINE = 0x3C
+INTERRUPT_PIN = 0x3D
+FIRST_CAPABILITY = 0x40
+LEGACY_CONFIG_SIZE = 256
+EXPRESS_CONFIG_SIZE = 4096
+
+
+class Cmd(enum.IntFlag):
+    IO = 1 << 0
+    MEMORY = 1 << 1
+    BUS_MASTER = 1 << 2
+    PARITY = 1 << 6
+    SERR = 1 << 8
+    INTX_DISABLE = 1 << 10
+
+
+class Sts(enum.IntFlag):
+    INTERRUPT = 1 << 3
+    CAP_LIST = 1 << 4
+    MASTER_DATA_PARITY = 1 << 8
+    SIGNALED_TARGET_ABORT = 1 << 11
+    RECEIVED_TARGET_ABORT = 1 << 12
+    RECEIVED_MASTER_ABORT = 1 << 13
+    SIGNALED_SYSTEM_ERROR = 1 << 14
+    DETECTED_PARITY_ERROR = 1 << 15
+
+
+STATUS_RW1C = 0xF900  # the error bits a driver clears by writing 1
+
+
+class CapId(enum.IntEnum):
+    POWER_MANAGEMENT = 0x01
+    MSI = 0x05
+    VENDOR = 0x09
+    EXPRESS = 0x10
+    MSIX = 0x11
+
+
+class IrqKind(enum.IntEnum):
+    """VFIO's PCI interrupt indexes."""
+
+    INTX = 0
+    MSI = 1
+    MSIX = 2
+    ERR = 3
+    REQ = 4
+
+
+class DeviceAccessError(Exception):
+    """A register access the device refuses; carries the errno for the VMM."""
+
+    def __init__(self, error: int, reason: str) -> None:
+        super().__init__(reason)
+        self.errno = error
+
+
+@dataclass
+class Bar:
+    """One Base Address Register.
+
+    ``fd`` (a memfd the device also maps) makes the BAR, or the ``mmap_areas``
+    of it, mappable by the VMM: guest accesses there never reach the daemon.
+    """
+
+    size: int
+    is_64bit: bool = False
+    prefetchable: bool = False
+    io: bool = False
+    fd: int | None = None
+    mmap_areas: list[tuple[int, int]] | None = None  # (offset, size); None: all of it
+
+    def __post_init__(self) -> None:
+        minimum = 4 if self.io else 16
+        if self.size < minimum or self.size & (self.size - 1):
+            raise ValueError(f"BAR size {self.size:#x} is not a power of two >= {minimum}")
+
+    @property
+    def type_bits(self) -> int:
+        if self.io:
+            return 0x1
+        return (0x4 if self.is_64bit else 0) | (0x8 if self.prefetchable else 0)
+
+
+class ConfigSpace:
+    """Bytes plus masks: which bits a driver may set, which it clears by
+    writing 1. Writes go through ``write`` so hooks see every change."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.data = bytearray(size)
+        self.writable = bytearray(size)
+        self.write_one_to_clear = bytearray(size)
+        self.defaults = b""
+
+    def set(self, offset: int, fmt: str, value: int, *, writable: int = 0, w1c: int = 0) -> None:
+        struct.pack_into(fmt, self.data, offset, value)
+        struct.pack_into(fmt, self.writable, offset, writable)
+        struct.pack_into(fmt, self.write_one_to_clear, offset, w1c)
+
+    def get(self, offset: int, fmt: str) -> int:
+        return int(struct.unpack_from(fmt, self.data, offset)[0])
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(self.data[offset : offset + size])
+
+    def write(self, offset: int, data: bytes) -> None:
+        for i, value in enumerate(data):
+            at = offset + i
+            old = self.data[at]
+            new = (old & ~self.writable[at]) | (value & self.writable[at])
+            new &= ~(value & self.write_one_to_clear[at])
+            self.data[at] = new & 0xFF
+
+    def snapshot_defaults(self) -> None:
+        self.defaults = bytes(self.data)
+
+    def restore_defaults(self) -> None:
+        self.data[:] = self.defaults
+
+
+@dataclass
+class Capability:
+    cap_id: int
+    offset: int
+    length: int
+
+
+@dataclass
+class IrqLines:
+    """One VFIO interrupt index: eventfds per vector, masks, pending bits."""
+
+    count: int
+    eventfds: list[int | None] = field(default_factory=list)
+    masked: list[bool] = field(default_factory=list)
+    pending: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.eventfds = [None] * self.count
+        self.masked = [False] * self.count
+        self.pending = [False] * self.count
+
+    @property
+    def enabled(self) -> bool:
+        return any(fd is not None for fd in self.eventfds)
+
+    def set_eventfd(self, vector: int, fd: int | None) -> None:
+        old = self.eventfds[vector]
+        if old is not None:
+            os.close(old)
+        self.eventfds[vector] = fd
+
+    def close(self) -> None:
+        for vector in range(self.count):
+            self.set_eventfd(vector, None)
+            self.masked[vector] = False
+            self.pending[vector] = False
+
+
+def signal_eventfd(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):  # saturated: plenty of wake-ups pending
+        os.eventfd_write(fd, 1)
+
+
+class Interrupts:
+    """INTx, MSI and MSI-X of one function, in VFIO's model.
+
+    The VMM installs an eventfd per vector (SET_IRQS); a vector that fires
+    writes it. At most one of the three kinds is active, as with VFIO.
+    Masking of MSI/MSI-X vectors belongs to the VMM, which emulates the
+    guest-visible MSI-X table (QEMU's vfio-pci does); INTx is level-triggered
+    and automasked until the VMM unmasks it.
+    """
+
+    def __init__(self, intx: bool, msi_vectors: int, msix_vectors: int) -> None:
+        self.lines = {
+            IrqKind.INTX: IrqLines(1 if intx else 0),
+            IrqKind.MSI: IrqLines(msi_vectors),
+            IrqKind.MSIX: IrqLines(msix_vectors),
+            IrqKind.ERR: IrqLines(0),
+            IrqKind.REQ: IrqLines(0),
+        }
+        self.intx_asserted = False
+        self.intx_disabled = False  # command register bit, kept in sync by PciDevice
+        self.on_intx_change: Callable[[bool], None] | None = None
+
+    def active(self) -> IrqKind | None:
+        for kind in (IrqKind.MSIX, IrqKind.MSI, IrqKind.INTX):
+            if self.lines[kind].enabled:
+                return kind
+        return None
+
+    def fire(self, kind: IrqKind, vector: int) -> bool:
+        """Deliver ``vector`` of ``kind``; False if nothing is installed."""
+        lines = self.lines[kind]
+        if vector >= lines.count or lines.eventfds[vector] is None:
+            return False
+        if lines.masked[vector]:
+            lines.pending[vector] = True
+            return True
+        fd = lines.eventfds[vector]
+        assert fd is not None
+        signal_eventfd(fd)
+        if kind is IrqKind.INTX:
+            lines.masked[vector] = True  # automasked until the VMM unmasks
+        return True
+
+    def set_intx(self, level: bool) -> None:
+        """Drive the INTx line (level triggered)."""
+        if level == self.intx_asserted:
+            return
+        self.intx_asserted = level
+        if self.on_intx_change is not None:
+            self.on_intx_change(level)
+        if level and not self.intx_disabled:
+            self.fire(IrqKind.INTX, 0)
+
+    def unmask(self, kind: IrqKind, vector: int) -> None:
+        lines = self.lines[kind]
+        lines.masked[vector] = False
+        if kind is IrqKind.INTX:
+            # A level interrupt still asserted fires again.
+            lines.pending[vector] = False
+            if self.intx_asserted and not self.intx_disabled:
+                self.fire(kind, vector)
+        elif lines.pending[vector]:
+            lines.pending[vector] = False
+            self.fire(kind, vector)
+
+    def mask(self, kind: IrqKind, vector: int) -> None:
+        self.lines[kind].masked[vector] = True
+
+    def close(self) -> None:
+        for lines in self.lines.values():
+            lines.close()
+
+
+class RemoteDma(Protocol):
+    """Client memory without an fd, reached through the VMM (DMA messages)."""
+
+    async def dma_read(self, address: int, size: int) -> bytes: ...
+
+    async def dma_write(self, address: int, data: bytes) -> None: ...
+
+
+class PciDevice:
+    """Base class of PCI device plugins (vfio-user).
+
+    Subclasses set the identity and ``bars``, then implement
+    ``read_register``/``write_register`` (or ``bar_read``/``bar_write`` for
+    BARs that are not made of registers).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    vendor_id: ClassVar[int]
+    device_id: ClassVar[int]
+    subsystem_vendor_id: ClassVar[int] = 0
+    subsystem_id: ClassVar[int] = 0
+    class_code: ClassVar[int] = 0xFF0000  # unclassified
+    revision: ClassVar[int] = 0
+    interrupt_pin: ClassVar[int] = 1  # INTA; 0 for none
+    express: ClassVar[bool] = True
+    msi_vectors: ClassVar[int] = 0
+    msix_vectors: ClassVar[int] = 0
+    msix_bar: ClassVar[int] = 0  # where the MSI-X table (at 0) and PBA live
+    register_width: ClassVar[int] = 8  # 4: 8-byte accesses become two 4-byte ones
+
+    def __init__(self, bars: dict[int, Bar] | None = None) -> None:
+        self.bars: dict[int, Bar] = dict(bars or {})
+        self.memory = GuestMemory(max_regions=65535)  # what the VMM lets us DMA to
+        self.remote_dma: RemoteDma | None = None
+        self.capabilities: list[Capability] = []
+        self.config = ConfigSpace(EXPRESS_CONFIG_SIZE if self.express else LEGACY_CONFIG_SIZE)
+        self.irqs = Interrupts(self.interrupt_pin != 0, self.msi_vectors, self.msix_vectors)
+        self.irqs.on_intx_change = self._intx_changed
+        self._msix_table = bytearray()
+        self._msix_table_offset = 0
+        self._msix_pba_offset = 0
+        if self.msix_vectors:
+            self._place_msix()
+        self._build_config()
+
+    # -- plugin wiring --------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: Any) -> None:
+        """Add the device's own command-line options."""
+
+    @classmethod
+    def from_args(cls, args: Any) -> PciDevice:
+        return cls()
+
+    # -- config space construction -------------------------------------------------
+
+    def _build_config(self) -> None:
+        c = self.config
+        c.set(VENDOR_ID, "<H", self.vendor_id)
+        c.set(VENDOR_ID + 2, "<H", self.device_id)
+        command_bits = Cmd.MEMORY | Cmd.BUS_MASTER | Cmd.PARITY | Cmd.SERR | Cmd.INTX_DISABLE
+        if any(bar.io for bar in self.bars.values()):
+            command_bits |= Cmd.IO
+        c.set(COMMAND, "<H", 0, writable=command_bits)
+        c.set(STATUS, "<H", Sts.CAP_LIST, w1c=STATUS_RW1C)
+        c.set(REVISION_ID, "<B", self.revision)
+        c.data[CLASS_CODE : CLASS_CODE + 3] = self.class_code.to_bytes(3, "little")
+        c.set(CACHE_LINE_SIZE, "<B", 0, writable=0xFF)
+        c.set(SUBSYSTEM_VENDOR_ID, "<H", self.subsystem_vendor_id)
+        c.set(SUBSYSTEM_VENDOR_ID + 2, "<H", self.subsystem_id)
+        c.set(INTERRUPT_LINE, "<B", 0, writable=0xFF)
+        c.set(INTERRUPT_PIN, "<B", self.interrupt_pin)
+        for index, bar in self.bars.items():
+            self._build_bar(index, bar)
+        self._next_capability = FIRST_CAPABILITY
+        self.add_capability(CapId.POWER_MANAGEMENT, self._pm_body(), writable=b"\0\0\x03\x01")
+        if self.msi_vectors:
+            self._add_msi()
+        if self.msix_vectors:
+            self._add_msix()
+        if self.express:
+            self._add_express()
+        self.add_device_capabilities()
+        c.snapshot_defaults()
+
+    def add_device_capabilities(self) -> None:
+        """Hook for capabilities of the device class (virtio's vendor caps)."""
+
+    def _build_bar(self, index: int, bar: Bar) -> None:
+        if not 0 <= index <= 5 or (bar.is_64bit and index == 5):
+            raise ValueError(f"BAR{index} cannot hold this BAR")
+        mask = ~(bar.size - 1)
+        offset = BAR0 + 4 * index
+        low_fixed = 0x3 if bar.io else 0xF
+        self.config.set(offset, "<I", bar.type_bits, writable=mask & 0xFFFFFFFF & ~low_fixed)
+        if bar.is_64bit:
+            if index + 1 in self.bars:
+                raise ValueError(f"BAR{index} is 64-bit; BAR{index + 1} must stay free")
+            self.config.set(offset + 4, "<I", 0, writable=(mask >> 32) & 0xFFFFFFFF)
+
+    def add_capability(
+        self, cap_id: int, body: bytes, writable: bytes = b"", w1c: bytes = b""
+    ) -> int:
+        """Append a capability (``body`` starts after the ID and next bytes).
+
+        Returns its config-space offset."""
+        offset = self._next_capability
+        length = 2 + len(body)
+        if offset + length > LEGACY_CONFIG_SIZE:
+            raise ValueError("capabilities do not fit in the first 256 bytes")
+        c = self.config
+        c.data[offset] = cap_id
+        c.data[offset + 2 : offset + length] = body
+        c.writable[offset + 2 : offset + 2 + len(writable)] = writable
+        c.write_one_to_clear[offset + 2 : offset + 2 + len(w1c)] = w1c
+        if self.capabilities:
+            c.data[self.capabilities[-1].offset + 1] = offset
+        else:
+            c.data[CAPABILITY_LIST] = offset
+        self.capabilities.append(Capability(cap_id, offset, length))
+        self._next_capability = (offset + length + 3) & ~3
+        return offset
+
+    @staticmethod
+    def _pm_body() -> bytes:
+        # PMC: version 3, no PME, no D1/D2; PMCSR: D0, No_Soft_Reset (D3hot->D0 keeps state)
+        return struct.pack("<HHBB", 0x0003, 0x0008, 0, 0)
+
+    def _add_msi(self) -> None:
+        vectors = self.msi_vectors
+        if vectors & (vectors - 1) or not 1 <= vectors <= 32:
+            raise ValueError("MSI vectors must be a power of two up to 32")
+        mmc = vectors.bit_length() - 1
+        control = mmc << 1 | 1 << 7 | 1 << 8  # 64-bit address, per-vector masking
+        mask_bits = (1 << vectors) - 1
+        body = struct.pack("<HIIHHII", control, 0, 0, 0, 0, 0, 0)
+        writable = struct.pack("<HIIHHII", 0x0071, 0xFFFFFFFC, 0xFFFFFFFF, 0xFFFF, 0, mask_bits, 0)
+        self.add_capability(CapId.MSI, body, writable)
+
+    def _place_msix(self) -> None:
+        table_size = 16 * self.msix_vectors
+        self._msix_table_offset = 0
+        self._msix_pba_offset = (table_size + 7) & ~7
+        pba_size = 8 * ((self.msix_vectors + 63) // 64)
+        needed = self._msix_pba_offset + pba_size
+        bar = self.bars.get(self.msix_bar)
+        if bar is None or bar.size < needed:
+            raise ValueError(f"MSI-X needs BAR{self.msix_bar} of at least {needed} bytes")
+        # Reset state: message address/data 0, every vector masked (PCI spec).
+        self._msix_table = bytearray(table_size)
+        for vector in range(self.msix_vectors):
+            self._msix_table[16 * vector + 12] = 1
+
+    def _add_msix(self) -> None:
+        control = self.msix_vectors - 1
+        body = struct.pack(
+            "<HII",
+            control,
+            self._msix_table_offset | self.msix_bar,
+            self._msix_pba_offset | self.msix_bar,
+        )
+        self.add_capability(CapId.MSIX, body, struct.pack("<HII", 0xC000, 0, 0))
+
+    def _add_express(self) -> None:
+        # Version 2 endpoint with function-level reset; link 1 lane at 2.5 GT/s.
+        body = struct.pack(
+            "<HIHHIHHIHHHHIIHHIHHIHH",
+            0x0002,  # PCIe capabilities: version 2, endpoint
+            1 << 28 | 1 << 15,  # device capabilities: FLR, role-based error reporting
+            0x2810,
+            0,  # device control (max read 512, no snoop, relaxed ordering), status
+            0x00000011,  # link capabilities: 2.5 GT/s, x1
+            0,
+            0x0011,  # link control, link status: 2.5 GT/s, x1
+            0,
+            0,
+            0,  # slot capabilities, control, status
+            0,
+            0,
+            0,  # root control, root capabilities, root status
+            0,  # device capabilities 2
+            0,
+            0,  # device control 2, status 2
+            1 << 1,  # link capabilities 2: 2.5 GT/s supported
+            0,
+            0,  # link control 2, status 2
+            0,
+            0,
+            0,  # slot capabilities 2, control 2, status 2
+        )
+        assert len(body) == 58
+        writable = bytearray(len(body))
+        struct.pack_into("<H", writable, 6, 0x7CFF | 0x8000)  # device control (+FLR bit)
+        struct.pack_into("<H", writable, 14, 0x01FB)  # link control
+        struct.pack_into("<H", writable, 38, 0x7FFF)  # device control 2
+        w1c = bytearray(len(body))
+        struct.pack_into("<H", w1c, 8, 0x000F)  # device status error bits
+        self._express_offset = self.add_capability(CapId.EXPRESS, body, bytes(writable), bytes(w1c))
+
+    # -- config space accesses --------------------------------------------------------
+
+    async def config_read(self, offset: int, size: int) -> bytes:
+        self._refresh_status()
+        return self.config.read(offset, size)
+
+    async def config_write(self, offset: int, data: bytes) -> None:
+        before_command = self.config.get(COMMAND, "<H")
+        self.config.write(offset, data)
+        command = self.config.get(COMMAND, "<H")
+        if (before_command ^ command) & Cmd.INTX_DISABLE:
+            self.irqs.intx_disabled = bool(command & Cmd.INTX_DISABLE)
+            if not self.irqs.intx_disabled and self.irqs.intx_asserted:
+                self.irqs.fire(IrqKind.INTX, 0)
+        if self.express and offset <= self._express_offset + 9 < offset + len(data):
+            control = self.config.get(self._express_offset + 8, "<H")
+            if control & 0x8000:  # Initiate Function Level Reset
+                self.reset()
+
+    def _refresh_status(self) -> None:
+        status = self.config.get(STATUS, "<H")
+        status = (status | Sts.INTERRUPT) if self.irqs.intx_asserted else (status & ~Sts.INTERRUPT)
+        struct.pack_into("<H", self.config.data, STATUS, status)
+
+    def _intx_changed(self, level: bool) -> None:
+        self._refresh_status()
+
+    @property
+    def bus_master(self) -> bool:
+        return bool(self.config.get(COMMAND, "<H") & Cmd.BUS_MASTER)
+
+    def bar_address(self, index: int) -> int:
+        """The address the guest programmed into a BAR (for logs and tests)."""
+        bar = self.bars[index]
+        low = self.config.get(BAR0 + 4 * index, "<I") & ~(0x3 if bar.io else 0xF)
+        high = self.config.get(BAR0 + 4 * index + 4, "<I") if bar.is_64bit else 0
+        return high << 32 | low
+
+    # -- BAR accesses ------------------------------------------------------------------
+
+    def _in_msix(self, index: int, offset: int, size: int) -> bool:
+        return (
+            self.msix_vectors > 0
+            and index == self.msix_bar
+            and offset < self._msix_pba_offset + 8 * ((self.msix_vectors + 63) // 64)
+        )
+
+    async def bar_read(self, index: int, offset: int, size: int) -> bytes:
+        if self._in_msix(index, offset, size):
+            return self._msix_read(offset, size)
+        if size not in (1, 2, 4, 8):
+            raise DeviceAccessError(errno.EINVAL, f"{size}-byte register read")
+        if size > self.register_width:
+            low = await self.bar_read(index, offset, self.register_width)
+            return low + await self.bar_read(
+                index, offset + self.register_width, size - self.register_width
+            )
+        value = await self.read_register(index, offset, size)
+        return (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+
+    async def bar_write(self, index: int, offset: int, data: bytes) -> None:
+        if self._in_msix(index, offset, len(data)):
+            self._msix_write(offset, data)
+            return
+        if len(data) not in (1, 2, 4, 8):
+            raise DeviceAccessError(errno.EINVAL, f"{len(data)}-byte register write")
+        if len(data) > self.register_width:
+            await self.bar_write(index, offset, data[: self.register_width])
+            await self.bar_write(index, offset + self.register_width, data[self.register_width :])
+            return
+        await self.write_register(index, offset, len(data), int.from_bytes(data, "little"))
+
+    async def read_register(self, bar: int, offset: int, size: int) -> int:
+        return 0
+
+    async def write_register(self, bar: int, offset: int, size: int, value: int) -> None:
+        return None
+
+    def _msix_read(self, offset: int, size: int) -> bytes:
+        if offset < len(self._msix_table):
+            return bytes(self._msix_table[offset : offset + size]).ljust(size, b"\0")
+        if offset >= self._msix_pba_offset:
+            lines = self.irqs.lines[IrqKind.MSIX]
+            pba = sum(1 << v for v, pending in enumerate(lines.pending) if pending)
+            raw = pba.to_bytes(8 * ((self.msix_vectors + 63) // 64), "little")
+            start = offset - self._msix_pba_offset
+            return raw[start : start + size].ljust(size, b"\0")
+        return bytes(size)
+
+    def _msix_write(self, offset: int, data: bytes) -> None:
+        # The table is storage for VMMs that pass it through; the PBA is read-only.
+        end = min(offset + len(data), len(self._msix_table))
+        if offset < end:
+            self._msix_table[offset:end] = data[: end - offset]
+
+    def io_eventfds(self, index: int) -> list[tuple[int, int, int]]:
+        """(offset, size, eventfd) of BAR areas whose writes only need to wake
+        the device (doorbells): a VMM can hand them to KVM as ioeventfds."""
+        return []
+
+    # -- DMA ----------------------------------------------------------------------------
+
+    async def dma_read(self, address: int, size: int) -> bytes:
+        """Read guest memory as a bus master: mapped memory directly, the rest
+        through the VMM. GuestMemoryError if the range is not all readable."""
+        self._check_bus_master()
+        chunks = []
+        for region, start, length in self.memory.ranges(address, size, writable=False):
+            if region.mapping is not None:
+                chunks.append(bytes(region.slice(start - region.guest_address, length)))
+            else:
+                chunks.append(await self._remote().dma_read(start, length))
+        return b"".join(chunks)
+
+    async def dma_write(self, address: int, data: bytes) -> None:
+        self._check_bus_master()
+        done = 0
+        for region, start, length in self.memory.ranges(address, len(data), writable=True):
+            chunk = data[done : done + length]
+            if region.mapping is not None:
+                region.slice(start - region.guest_address, length)[:] = chunk
+            else:
+                await self._remote().dma_write(start, chunk)
+            done += length
+
+    def _check_bus_master(self) -> None:
+        if not self.bus_master:
+            raise GuestMemoryError("DMA while bus mastering is disabled")
+
+    def _remote(self) -> RemoteDma:
+        if self.remote_dma is None:
+            raise GuestMemoryError("no VMM connection to reach unmapped memory")
+        return self.remote_dma
+
+    # -- interrupts and reset ---------------------------------------------------------------
+
+    def interrupt(self, vector: int = 0) -> None:
+        """Raise an interrupt the way the driver set the device up: the MSI-X
+        or MSI vector, else the INTx line (which stays asserted until the
+        device calls ``lower_interrupt``, when the driver acknowledges)."""
+        kind = self.irqs.active()
+        if kind is IrqKind.MSIX or kind is IrqKind.MSI:
+            self.irqs.fire(kind, vector)
+        else:
+            self.irqs.set_intx(True)
+
+    def lower_interrupt(self) -> None:
+        self.irqs.set_intx(False)
+
+    def reset(self) -> None:
+        """Function-level reset: config space and the device's own state."""
+        self.config.restore_defaults()
+        self.irqs.intx_disabled = False
+        self.irqs.set_intx(False)
+        if self.msix_vectors:
+            self._place_msix()
+        self.device_reset()
+
+    def device_reset(self) -> None:
+        """Hook: reset the device's own registers."""
+
+    # -- the VMM connection ------------------------------------------------------------------
+
+    def attach(self, nursery: Any) -> None:
+        """A VMM connected; device tasks (virtqueues) may start in ``nursery``."""
+
+    def detach(self) -> None:
+        """The VMM went away: its memory and eventfds go, the device state stays."""
+        self.irqs.close()
+        self.memory.clear()
+
+    def close(self) -> None:
+        """Release host resources at exit."""
+        for bar in self.bars.values():
+            if bar.fd is not None:
+                os.close(bar.fd)
+                bar.fd = None

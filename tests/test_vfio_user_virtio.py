@@ -1,0 +1,148 @@
+"""virtio-blk and virtio-rng over vfio-user through the virtio-pci transport:
+the project's client plays VMM and guest driver (no QEMU has vfio-user-pci)."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+import trio
+
+from conftest import MiB, make_blk, vfio_served
+from vfiouserd.client.blk import BlkClient, RngClient
+from vfiouserd.client.guest import GuestRam
+from vfiouserd.client.virtio_pci import VirtioPciDriver
+from vfiouserd.devices.blk import CONFIG, BlkStatus, RequestType
+from vfiouserd.devices.rng import VirtioRng
+from vfiouserd.devices.virtio import Feature, Status, bit
+from vfiouserd.devices.virtio_pci import VirtioPciDevice
+
+
+@pytest.fixture
+def ram():
+    guest = GuestRam([(0, 32 * MiB), (0x1_0000_0000, 16 * MiB)])
+    yield guest
+    guest.close()
+
+
+def no(*features: int) -> int:
+    return ~sum(bit(f) for f in features)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("msix", [True, False], ids=["msix", "intx"])
+async def test_blk_io_reaches_the_image(ram, image, packed, msix):
+    device = VirtioPciDevice(make_blk(image, size=8 * MiB))
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)
+        want = ~0 if packed else no(Feature.RING_PACKED)
+        (queue,) = await driver.start(want=want, msix=msix)
+        blk = BlkClient(ram, queue, arena=2 * MiB)
+        data = os.urandom(128 * 1024)
+        await blk.write(16, data, data_pieces=3)
+        assert await blk.read(16, len(data), indirect=True, data_pieces=4) == data
+        assert (await blk.request(RequestType.FLUSH)).status == BlkStatus.OK
+        capacity = struct.unpack("<Q", await driver.read_config(0, 8))[0]
+        assert capacity == 8 * MiB // 512
+        driver.close()
+    with open(image, "rb") as f:
+        f.seek(16 * 512)
+        assert f.read(len(data)) == data
+
+
+async def test_blk_multiqueue_with_ioeventfd_doorbells(ram, image):
+    device = VirtioPciDevice(make_blk(image, size=8 * MiB, num_queues=4))
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)
+        queues = await driver.start(ioeventfds=True)
+        assert len(queues) == 4 and all(q.ioeventfd is not None for q in queues)
+        blks = [BlkClient(ram, q, arena=1 * MiB) for q in queues]
+
+        async def worker(index: int) -> None:
+            for round_ in range(5):
+                data = bytes([index * 10 + round_]) * 4096
+                await blks[index].write(index * 100 + round_ * 8, data)
+                assert await blks[index].read(index * 100 + round_ * 8, 4096) == data
+
+        async with trio.open_nursery() as nursery:
+            for index in range(4):
+                nursery.start_soon(worker, index)
+        num_queues = CONFIG.unpack(await driver.read_config(0, CONFIG.size))[13]
+        assert num_queues == 4
+        driver.close()
+
+
+async def test_rng_over_vfio_user(ram):
+    device = VirtioPciDevice(VirtioRng())
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)
+        (queue,) = await driver.start()
+        rng = RngClient(ram, queue, arena=MiB)
+        first, second = await rng.read(512), await rng.read(512, pieces=2)
+        assert len(first) == len(second) == 512 and first != second
+        assert 4 not in driver.areas  # rng has no device config, so no DEVICE capability
+        driver.close()
+
+
+async def test_driver_can_switch_off_the_write_cache(ram, image):
+    blk_device = make_blk(image, size=MiB)
+    device = VirtioPciDevice(blk_device)
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)
+        await driver.start()
+        await driver.write_config(32, b"\0")  # writeback = 0 (CONFIG_WCE)
+        assert (await driver.read_config(32, 1)) == b"\0" and blk_device.writeback is False
+        await driver.write_config(0, b"\xff" * 4)  # capacity is read-only: ignored
+        assert struct.unpack("<I", await driver.read_config(0, 4))[0] == MiB // 512
+        driver.close()
+
+
+async def test_features_the_device_never_offered_are_refused(ram, image):
+    device = VirtioPciDevice(make_blk(image, size=MiB))
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)
+        await driver.probe()
+        await driver.common_write(0x14, 1, Status.ACKNOWLEDGE | Status.DRIVER)
+        await driver.common_write(0x08, 4, 1)
+        await driver.common_write(0x0C, 4, 1 << 30)  # bit 62: never offered
+        await driver.common_write(0x14, 1, Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK)
+        assert not await driver.status() & Status.FEATURES_OK
+
+
+async def test_reset_by_status_zero_and_by_function_reset(ram, image):
+    device = VirtioPciDevice(make_blk(image, size=MiB))
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)
+        (queue,) = await driver.start()
+        blk = BlkClient(ram, queue, arena=MiB)
+        await blk.write(0, b"1" * 512)
+        driver.close()
+        await client.reset()  # VFIO_USER_DEVICE_RESET: FLR semantics
+        assert await driver.status() == 0
+        assert await client.config_read(0x04, 2) == 0  # command register cleared
+        driver = VirtioPciDriver(client, ram)
+        (queue,) = await driver.start(queue_size=32)
+        blk = BlkClient(ram, queue, arena=MiB)
+        assert await blk.read(0, 512) == b"1" * 512
+        driver.close()
+
+
+async def test_broken_ring_sets_needs_reset_and_signals_config(ram, image):
+    device = VirtioPciDevice(make_blk(image, size=MiB))
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)
+        (queue,) = await driver.start()
+        queue.ring.add([(0x9000_0000, 16)], [(0x9000_0010, 1)], "hostile")
+        await queue.kick_async()
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(driver.config_fd)
+        assert await driver.status() & Status.DEVICE_NEEDS_RESET
+        driver.close()
