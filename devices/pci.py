@@ -315,6 +315,7 @@ class PciDevice:
         self.irqs = Interrupts(self.interrupt_pin != 0, self.msi_vectors, self.msix_vectors)
         self.irqs.on_intx_change = self._intx_changed
         self._msix_table = bytearray()
+        self._msi_offset = 0
         self._msix_table_offset = 0
         self._msix_pba_offset = 0
         if self.msix_vectors:
@@ -414,7 +415,7 @@ class PciDevice:
         mask_bits = (1 << vectors) - 1
         body = struct.pack("<HIIHHII", control, 0, 0, 0, 0, 0, 0)
         writable = struct.pack("<HIIHHII", 0x0071, 0xFFFFFFFC, 0xFFFFFFFF, 0xFFFF, 0, mask_bits, 0)
-        self.add_capability(CapId.MSI, body, writable)
+        self._msi_offset = self.add_capability(CapId.MSI, body, writable)
 
     def _place_msix(self) -> None:
         table_size = 16 * self.msix_vectors
@@ -490,6 +491,12 @@ class PciDevice:
             self.irqs.intx_disabled = bool(command & Cmd.INTX_DISABLE)
             if not self.irqs.intx_disabled and self.irqs.intx_asserted:
                 self.irqs.fire(IrqKind.INTX, 0)
+        msi = self._msi_offset
+        if msi and offset <= msi + 2 < offset + len(data):
+            control = self.config.get(msi + 2, "<H")
+            capable, enabled = control >> 1 & 7, control >> 4 & 7
+            if enabled > capable:  # software may not enable more than offered
+                self.config.set(msi + 2, "<H", control & ~0x70 | capable << 4, writable=0x0071)
         if self.express and offset <= self._express_offset + 9 < offset + len(data):
             control = self.config.get(self._express_offset + 8, "<H")
             if control & 0x8000:  # Initiate Function Level Reset
@@ -497,7 +504,9 @@ class PciDevice:
 
     def _refresh_status(self) -> None:
         status = self.config.get(STATUS, "<H")
-        status = (status | Sts.INTERRUPT) if self.irqs.intx_asserted else (status & ~Sts.INTERRUPT)
+        status = (
+            (status | Sts.INTERRUPT) if self.irqs.intx_asserted else (status & ~int(Sts.INTERRUPT))
+        )
         struct.pack_into("<H", self.config.data, STATUS, status)
 
     def _intx_changed(self, level: bool) -> None:
@@ -523,9 +532,22 @@ class PciDevice:
             and offset < self._msix_pba_offset + 8 * ((self.msix_vectors + 63) // 64)
         )
 
+    def _in_memory(self, index: int, offset: int, size: int) -> int | None:
+        """The fd behind a memory-backed part of a BAR the access lies in."""
+        bar = self.bars.get(index)
+        if bar is None or bar.fd is None:
+            return None
+        areas = bar.mmap_areas if bar.mmap_areas is not None else [(0, bar.size)]
+        if any(start <= offset and offset + size <= start + length for start, length in areas):
+            return bar.fd
+        return None
+
     async def bar_read(self, index: int, offset: int, size: int) -> bytes:
         if self._in_msix(index, offset, size):
             return self._msix_read(offset, size)
+        fd = self._in_memory(index, offset, size)
+        if fd is not None:  # what the VMM could also reach through its mmap
+            return os.pread(fd, size, offset).ljust(size, b"\0")
         if size not in (1, 2, 4, 8):
             raise DeviceAccessError(errno.EINVAL, f"{size}-byte register read")
         if size > self.register_width:
@@ -539,6 +561,10 @@ class PciDevice:
     async def bar_write(self, index: int, offset: int, data: bytes) -> None:
         if self._in_msix(index, offset, len(data)):
             self._msix_write(offset, data)
+            return
+        fd = self._in_memory(index, offset, len(data))
+        if fd is not None:
+            os.pwrite(fd, data, offset)
             return
         if len(data) not in (1, 2, 4, 8):
             raise DeviceAccessError(errno.EINVAL, f"{len(data)}-byte register write")

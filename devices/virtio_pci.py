@@ -335,7 +335,7 @@ class VirtioPciDevice(PciDevice):
             offered = self.virtio.features
             if self.driver_features & ~offered or not self.driver_features & bit(Feature.VERSION_1):
                 log.warning("features.refused", features=f"{self.driver_features:#x}")
-                value &= ~Status.FEATURES_OK
+                value &= ~int(Status.FEATURES_OK)
             else:
                 self.queue_set.set_features(self.driver_features)
                 log.info("features.set", features=f"{self.driver_features:#x}")

@@ -136,13 +136,20 @@ class IrqSetFlag(enum.IntFlag):
     ACTION_TRIGGER = 1 << 5
 
 
-IRQ_SET_DATA_MASK = IrqSetFlag.DATA_NONE | IrqSetFlag.DATA_BOOL | IrqSetFlag.DATA_EVENTFD
-IRQ_SET_ACTION_MASK = IrqSetFlag.ACTION_MASK | IrqSetFlag.ACTION_UNMASK | IrqSetFlag.ACTION_TRIGGER
+# Plain ints: ``~`` of an IntFlag only covers its defined bits (Python 3.11),
+# and these masks are complemented to find unknown bits.
+IRQ_SET_DATA_MASK = int(IrqSetFlag.DATA_NONE | IrqSetFlag.DATA_BOOL | IrqSetFlag.DATA_EVENTFD)
+IRQ_SET_ACTION_MASK = int(
+    IrqSetFlag.ACTION_MASK | IrqSetFlag.ACTION_UNMASK | IrqSetFlag.ACTION_TRIGGER
+)
 
 
 class DmaFlag(enum.IntFlag):
     READ = 1 << 0
     WRITE = 1 << 1
+
+
+DMA_FLAGS_KNOWN = int(DmaFlag.READ | DmaFlag.WRITE)
 
 
 DMA_UNMAP_FLAG_GET_DIRTY_BITMAP = 1 << 0
@@ -312,11 +319,12 @@ def _positive_int(name: str, value: Any, limit: int = 1 << 63) -> int:
 
 def parse_version_data(data: bytes) -> Capabilities:
     """Parse the JSON of a VERSION message (empty data: all defaults)."""
-    if data.endswith(b"\0"):
-        data = data[:-1]
     caps = Capabilities()
     if not data:
         return caps
+    if not data.endswith(b"\0"):
+        raise VersionError("version data lacks its terminating NUL")
+    data = data[:-1]
     if b"\0" in data:
         raise VersionError("NUL inside the version data")
     try:

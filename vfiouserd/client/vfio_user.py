@@ -62,7 +62,16 @@ class DmaWindow:
 
 
 class VfioUserClient:
-    def __init__(self, sock: trio.socket.SocketType, ram: GuestRam | None = None) -> None:
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        ram: GuestRam | None = None,
+        *,
+        qemu_dma_layout: bool = False,
+    ) -> None:
+        # qemu_dma_layout: answer DMA requests the way QEMU's client parses
+        # them (u32 count, data at offset 12) rather than the spec's layout.
+        self.qemu_dma_layout = qemu_dma_layout
         self.sock = sock
         self.twin: trio.socket.SocketType | None = None
         self.ram = ram
@@ -79,20 +88,11 @@ class VfioUserClient:
 
     @classmethod
     @asynccontextmanager
-    async def connect(
-        cls,
-        path: str,
-        *,
-        ram: GuestRam | None = None,
-        twin_socket: bool = False,
-        capabilities: dict[str, Any] | None = None,
-        minor: int = vfu.MINOR,
-    ) -> AsyncIterator[VfioUserClient]:
+    async def connect(cls, path: str, **options: Any) -> AsyncIterator[VfioUserClient]:
+        """Connect to ``path``; ``options`` as for ``over``."""
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await sock.connect(path)
-        async with cls.over(
-            sock, ram=ram, twin_socket=twin_socket, capabilities=capabilities, minor=minor
-        ) as client:
+        async with cls.over(sock, **options) as client:
             yield client
 
     @classmethod
@@ -105,8 +105,11 @@ class VfioUserClient:
         twin_socket: bool = False,
         capabilities: dict[str, Any] | None = None,
         minor: int = vfu.MINOR,
+        qemu_dma_layout: bool = False,
     ) -> AsyncIterator[VfioUserClient]:
-        client = cls(sock, ram)
+        """Negotiate on a connected socket and serve the server's requests
+        in the background while the caller uses the client."""
+        client = cls(sock, ram, qemu_dma_layout=qemu_dma_layout)
         try:
             await client.negotiate(twin_socket=twin_socket, capabilities=capabilities, minor=minor)
             async with trio.open_nursery() as nursery:
@@ -207,22 +210,24 @@ class VfioUserClient:
         message.close_fds()
         error = None
         payload = b""
+        layout = vfu.QemuDmaAccess if self.qemu_dma_layout else vfu.DmaAccess
         try:
-            request = vfu.DmaAccess.parse(message.payload)
+            request = layout.parse(message.payload)
             if not self._dma_allowed(request.address, request.count):
                 error = errno.EFAULT
             elif message.command == Command.DMA_READ and self.ram is not None:
                 data = self.ram.read(request.address, request.count)
-                payload = vfu.DmaAccess.build(dict(request)) + data
+                payload = layout.build(dict(request)) + data
             elif message.command == Command.DMA_WRITE and self.ram is not None:
-                data = message.payload[vfu.DmaAccess.sizeof() :]
+                data = message.payload[layout.sizeof() :]
                 if len(data) != request.count:
                     error = errno.EINVAL
                 else:
                     self.ram.write(request.address, data)
-                    payload = vfu.DmaWriteReply.build(
-                        {"address": request.address, "count": request.count}
-                    )
+                    if not self.qemu_dma_layout:  # QEMU answers with the header alone
+                        payload = vfu.DmaWriteReply.build(
+                            {"address": request.address, "count": request.count}
+                        )
             else:
                 error = errno.EINVAL
         except Exception:  # any bad request is refused, not fatal

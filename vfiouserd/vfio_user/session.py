@@ -81,6 +81,7 @@ class VfioUserSession:
         self._next_msg_id = 0
         self._waiting: dict[int, trio.MemorySendChannel[Message]] = {}
         self.qemu_dma_layout = False
+        self._timed_out: set[int] = set()
         self._nursery: trio.Nursery | None = None
         self._intx_unmask_scope: trio.CancelScope | None = None
         self.device.memory.max_regions = self.config.max_dma_maps
@@ -226,13 +227,20 @@ class VfioUserSession:
                 message = await vfu.read_message(sock, self.max_payload)
                 if message.kind == vfu.TYPE_REPLY:
                     waiter = self._waiting.pop(message.msg_id, None)
-                    if waiter is None:
-                        message.close_fds()
-                        log.warning(
-                            "reply.unexpected", msg_id=message.msg_id, command=message.command
-                        )
-                    else:
+                    if waiter is not None:
                         waiter.send_nowait(message)
+                        continue
+                    message.close_fds()
+                    if message.msg_id in self._timed_out:
+                        self._timed_out.discard(message.msg_id)  # late, already given up
+                        continue
+                    log.warning("reply.unexpected", msg_id=message.msg_id, command=message.command)
+                    # libvfio-user answers a reply nobody asked for with EINVAL.
+                    await self._send(
+                        vfu.encode(message.msg_id, message.command, reply=True, error=errno.EINVAL),
+                        twin=sock is self.twin,
+                    )
+                    continue
                 elif commands is None:
                     message.close_fds()
                     raise ProtocolViolation("command on the twin socket")
@@ -338,7 +346,7 @@ class VfioUserSession:
     async def _dma_map(self, message: Message) -> Reply:
         request = self._parse(message, vfu.DmaMap, "DMA_MAP")
         self._check_argsz(request.argsz, vfu.DmaMap.sizeof(), "DMA_MAP")
-        if request.flags & ~(vfu.DmaFlag.READ | vfu.DmaFlag.WRITE):
+        if request.flags & ~vfu.DMA_FLAGS_KNOWN:
             raise RequestError(errno.EINVAL, f"DMA_MAP flags {request.flags:#x}")
         if request.size == 0 or (request.address | request.size) % self.page_size:
             raise RequestError(
@@ -455,6 +463,7 @@ class VfioUserSession:
             with trio.fail_after(DMA_REPLY_TIMEOUT):
                 reply = await receive.receive()
         except trio.TooSlowError as exc:
+            self._timed_out.add(msg_id)
             raise GuestMemoryError(f"{command.name} got no reply") from exc
         finally:
             self._waiting.pop(msg_id, None)
@@ -583,6 +592,8 @@ class VfioUserSession:
             raise RequestError(errno.EINVAL, f"SET_IRQS flags {head.flags:#x}")
         if head.index >= vfu.PCI_NUM_IRQS:
             raise RequestError(errno.EINVAL, f"IRQ index {head.index} does not exist")
+        if message.fds and kind_flags != vfu.IrqSetFlag.DATA_EVENTFD:
+            raise RequestError(errno.EINVAL, "fds without DATA_EVENTFD")
         kind = IrqKind(head.index)
         irqs = self.device.irqs
         lines = irqs.lines[kind]

@@ -1,0 +1,173 @@
+"""The example PCI device over vfio-user: registers, its DMA engine (with
+client memory mapped through fds, or reached only through DMA_READ/DMA_WRITE
+messages) and its interrupt, as a guest driver would use them."""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import zlib
+
+import pytest
+import trio
+
+from conftest import MiB, vfio_served
+from vfiouserd.client.guest import GuestRam
+from vfiouserd.client.vfio_user import eventfd
+from vfiouserd.devices.example import ExampleDevice
+from vfiouserd.protocol import vfio_user as vfu
+
+BAR = 0
+SRC, DST = 0x10_0000, 0x1_0000_0000 + 0x2000
+
+
+def reg(value: int) -> bytes:
+    return struct.pack("<I", value)
+
+
+async def read(client, offset: int) -> int:
+    return struct.unpack("<I", await client.region_read(BAR, offset, 4))[0]
+
+
+async def start_copy(client, src: int, dst: int, length: int) -> None:
+    await client.region_write(BAR, 0x10, struct.pack("<Q", src))  # 8-byte access
+    await client.region_write(BAR, 0x18, reg(dst & 0xFFFFFFFF))
+    await client.region_write(BAR, 0x1C, reg(dst >> 32))
+    await client.region_write(BAR, 0x20, reg(length))
+    await client.region_write(BAR, 0x24, reg(1))
+
+
+@pytest.fixture
+def ram():
+    guest = GuestRam([(0, 4 * MiB), (0x1_0000_0000, MiB)])
+    yield guest
+    guest.close()
+
+
+async def enable_msi(client) -> int:
+    await client.config_write(0x04, 2, 0x6)  # memory space + bus master
+    fd = eventfd()
+    await client.set_irqs(
+        vfu.PciIrq.MSI, vfu.IrqSetFlag.DATA_EVENTFD | vfu.IrqSetFlag.ACTION_TRIGGER, 0, 1, fds=[fd]
+    )
+    return fd
+
+
+async def wait_irq(fd: int) -> None:
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_readable(fd)
+    assert os.eventfd_read(fd) == 1
+
+
+async def test_registers():
+    async with vfio_served(ExampleDevice()) as client:
+        assert await read(client, 0x00) == 0x56460001
+        await client.region_write(BAR, 0x04, reg(0x12345678))
+        assert await read(client, 0x04) == 0xEDCBA987
+        for n in (0, 5, 12, 33, 34, 4_000_000_000):
+            await client.region_write(BAR, 0x08, reg(n))
+            assert await read(client, 0x08) == (math.factorial(n) % 2**32 if n < 34 else 0)
+        assert await read(client, 0x200) == 0  # unused registers read as zero
+        vendor, device = struct.unpack("<HH", await client.region_read(vfu.PciRegion.CONFIG, 0, 4))
+        assert (vendor, device) == (0x1234, 0x5646)
+
+
+@pytest.mark.parametrize("mode", ["fd", "messages", "twin-socket", "qemu-layout"])
+async def test_dma_engine_copies_and_raises_msi(ram, mode):
+    options = {"twin_socket": mode == "twin-socket", "qemu_dma_layout": mode == "qemu-layout"}
+    async with vfio_served(ExampleDevice(), ram=ram, **options) as client:
+        await client.map_ram(with_fd=mode == "fd")
+        fd = await enable_msi(client)
+        data = os.urandom(3 * 4096 + 100)
+        ram.write(SRC, data)
+        await start_copy(client, SRC, DST, len(data))
+        await wait_irq(fd)
+        assert ram.read(DST, len(data)) == data
+        assert await read(client, 0x28) == zlib.crc32(data)
+        if mode == "fd":
+            assert client.dma_requests == 0
+        else:  # every byte went through DMA_READ/DMA_WRITE messages
+            assert client.dma_requests >= 2
+            assert client.twin is not None if mode == "twin-socket" else client.twin is None
+        assert client.session.qemu_dma_layout == (mode == "qemu-layout")
+        os.close(fd)
+
+
+async def test_dma_in_chunks_of_the_clients_max_transfer(ram):
+    caps = {"max_msg_fds": 16, "max_data_xfer_size": 4096, "pgsizes": 4096}
+    async with vfio_served(ExampleDevice(), ram=ram, capabilities=caps) as client:
+        await client.map_ram(with_fd=False)
+        fd = await enable_msi(client)
+        data = os.urandom(10000)
+        ram.write(SRC, data)
+        await start_copy(client, SRC, DST, len(data))
+        await wait_irq(fd)
+        assert ram.read(DST, len(data)) == data
+        assert client.dma_requests == 3 + 3  # 10000 bytes = 3 reads and 3 writes of <= 4 KiB
+        os.close(fd)
+
+
+async def test_dma_failures_are_reported_by_the_device(ram):
+    async with vfio_served(ExampleDevice(), ram=ram) as client:
+        await client.dma_map(0, 4 * MiB, fd=ram.regions[0].fd)
+        await client.dma_map(
+            0x1_0000_0000, MiB, fd=ram.regions[1].fd, flags=vfu.DmaFlag.READ
+        )  # the device may only read here
+        fd = await enable_msi(client)
+        ram.write(SRC, b"x" * 64)
+        for src, dst, length in [
+            (0x9000_0000, DST, 64),  # source not mapped
+            (SRC, DST, 64),  # destination read-only
+            (SRC, 4 * MiB - 32, 64),  # runs off the end
+            (SRC, 0, (1 << 20) + 1),
+        ]:  # longer than the engine allows
+            await start_copy(client, src, dst, length)
+            await wait_irq(fd)
+            assert await read(client, 0x28) == 0xFFFFFFFF
+        assert ram.read(DST, 64) == bytes(64)
+        # With bus mastering off the device may not touch memory at all.
+        await client.config_write(0x04, 2, 0x2)
+        await start_copy(client, SRC, 0x20_0000, 64)
+        await wait_irq(fd)
+        assert await read(client, 0x28) == 0xFFFFFFFF and ram.read(0x20_0000, 64) == bytes(64)
+        os.close(fd)
+
+
+async def test_unmap_waits_for_dma_in_flight(ram):
+    """A DMA_UNMAP sent right behind DMA_START is answered only once the copy
+    (here slow: every byte a DMA message) has finished."""
+    async with vfio_served(ExampleDevice(), ram=ram) as client:
+        await client.map_ram(with_fd=False)
+        fd = await enable_msi(client)
+        data = os.urandom(64 * 1024)
+        ram.write(SRC, data)
+        await client.region_write(BAR, 0x10, struct.pack("<Q", SRC))
+        await client.region_write(BAR, 0x18, struct.pack("<Q", DST))
+        await client.region_write(BAR, 0x20, reg(len(data)))
+        await client.region_write(BAR, 0x24, reg(1), no_reply=True)  # posted, like QEMU
+        await client.dma_unmap(0x1_0000_0000, MiB)
+        assert ram.read(DST, len(data)) == data  # the copy completed before the unmap
+        await wait_irq(fd)
+        os.close(fd)
+
+
+async def test_intx_when_no_msi_is_set_up(ram):
+    async with vfio_served(ExampleDevice(), ram=ram) as client:
+        await client.map_ram()
+        await client.config_write(0x04, 2, 0x6)
+        fd = eventfd()
+        await client.set_irqs(
+            vfu.PciIrq.INTX,
+            vfu.IrqSetFlag.DATA_EVENTFD | vfu.IrqSetFlag.ACTION_TRIGGER,
+            0,
+            1,
+            fds=[fd],
+        )
+        ram.write(SRC, b"intx")
+        await start_copy(client, SRC, DST, 4)
+        await wait_irq(fd)
+        assert await client.config_read(0x06, 2) & 0x08
+        await client.region_write(BAR, 0x2C, reg(0))  # acknowledge
+        assert not await client.config_read(0x06, 2) & 0x08
+        os.close(fd)
