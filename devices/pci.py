@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+import trio
+
 from vfiouserd.memory import GuestMemory, GuestMemoryError
 
 # Config space offsets
@@ -309,6 +311,9 @@ class PciDevice:
     def __init__(self, bars: dict[int, Bar] | None = None) -> None:
         self.bars: dict[int, Bar] = dict(bars or {})
         self.memory = GuestMemory(max_regions=65535)  # what the VMM lets us DMA to
+        # Held by whoever walks memory outside the event loop (virtqueues on
+        # unmapped memory), and by the session to change the memory layout.
+        self.memory_lock = trio.Lock()
         self.remote_dma: RemoteDma | None = None
         self.capabilities: list[Capability] = []
         self.config = ConfigSpace(EXPRESS_CONFIG_SIZE if self.express else LEGACY_CONFIG_SIZE)

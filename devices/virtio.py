@@ -68,15 +68,23 @@ class ConfigWriteError(ValueError):
 class Request:
     """One descriptor chain: device-readable buffers, then device-writable ones."""
 
-    __slots__ = ("head", "ndescs", "readable", "writable")
+    __slots__ = ("head", "ndescs", "readable", "writable", "writeback")
 
     def __init__(
-        self, readable: list[memoryview], writable: list[memoryview], head: int = 0, ndescs: int = 1
+        self,
+        readable: list[memoryview],
+        writable: list[memoryview],
+        head: int = 0,
+        ndescs: int = 1,
+        writeback: list[tuple[int, memoryview]] | None = None,
     ) -> None:
         self.readable = readable
         self.writable = writable
         self.head = head  # the ring's handle for this chain
         self.ndescs = ndescs  # ring slots the chain used (packed rings)
+        # Bounce buffers for memory the daemon could not map, written back
+        # by the ring after the device is done (devices never look at it).
+        self.writeback = writeback
 
     @property
     def readable_size(self) -> int:

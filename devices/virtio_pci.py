@@ -108,7 +108,7 @@ class VirtioPciDevice(PciDevice):
                 MODERN_BAR: Bar(0x4000, is_64bit=True, prefetchable=True),
             }
         )
-        self.queue_set = QueueSet(virtio, self.memory, AddressSpace.GUEST)
+        self.queue_set = QueueSet(virtio, self.memory, AddressSpace.GUEST, self.memory_lock)
         self.kick_fds = [
             os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in self.queue_set.queues
         ]

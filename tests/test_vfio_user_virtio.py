@@ -146,3 +146,32 @@ async def test_broken_ring_sets_needs_reset_and_signals_config(ram, image):
             await trio.lowlevel.wait_readable(driver.config_fd)
         assert await driver.status() & Status.DEVICE_NEEDS_RESET
         driver.close()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("twin", [False, True], ids=["main-socket", "twin-socket"])
+async def test_blk_with_guest_memory_shared_without_fds(ram, image, packed, twin):
+    """No fd for guest RAM: every ring and buffer access becomes DMA_READ /
+    DMA_WRITE messages (QEMU with non-shared RAM would do this)."""
+    device = VirtioPciDevice(make_blk(image, size=8 * MiB))
+    async with vfio_served(device, ram=ram, twin_socket=twin) as client:
+        await client.map_ram(with_fd=False)
+        driver = VirtioPciDriver(client, ram)
+        want = ~0 if packed else no(Feature.RING_PACKED)
+        (queue,) = await driver.start(want=want, queue_size=16)
+        blk = BlkClient(ram, queue, arena=MiB)
+        data = os.urandom(3 * 4096)
+        await blk.write(8, data, data_pieces=2, status_separate=False)
+        assert await blk.read(8, len(data), indirect=True) == data
+        result = await blk.request(RequestType.IN, 16 * 1024, in_size=512)  # beyond the disk
+        assert result.status == BlkStatus.IOERR
+        assert client.dma_requests > 10
+        # An unmap waits for the ring walk in flight, then the queue has no
+        # memory and waits; a new map lets it carry on.
+        await client.dma_unmap(0x1_0000_0000, 16 * MiB)
+        await client.dma_map(0x1_0000_0000, 16 * MiB)
+        assert await blk.read(8, 4096) == data[:4096]
+        driver.close()
+    with open(image, "rb") as f:
+        f.seek(8 * 512)
+        assert f.read(len(data)) == data

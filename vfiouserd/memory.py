@@ -9,6 +9,11 @@ straight into guest pages with no copies.
 
 Memory layout changes bump ``generation``; users that cache views (the
 virtqueues) re-translate when it changes, so no view outlives its mapping.
+
+Regions a VMM shares without an fd (vfio-user DMA_MAP without one) cannot be
+mapped: with a ``remote`` accessor installed, they are reached through it
+(DMA_READ/DMA_WRITE messages), as ``RemoteView`` windows for ring structures
+and as bounce buffers for data, which the caller writes back.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from __future__ import annotations
 import bisect
 import os
 import stat
+import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from vfiouserd._native import ffi, lib
 
@@ -29,6 +35,75 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 class GuestMemoryError(ValueError):
     """An address range that is not (entirely) backed by shared memory, or a
     region that cannot be added."""
+
+
+MAX_BOUNCE = 16 << 20  # bytes of unmapped memory one caller may stage at once
+
+
+class RemoteAccess(Protocol):
+    """Blocking access to memory the daemon cannot map (called from a worker
+    thread; the implementation talks to the VMM)."""
+
+    def read(self, address: int, size: int) -> bytes: ...
+
+    def write(self, address: int, data: bytes) -> None: ...
+
+
+class RemoteView:
+    """A window on unmapped guest memory that behaves like the parts of a
+    ``memoryview`` the rings use: ``cast``, slicing, item get/set, and
+    ``unpack``/``pack`` of structs. Every access is a round trip."""
+
+    def __init__(self, remote: RemoteAccess, address: int, length: int, fmt: str = "B") -> None:
+        self.remote = remote
+        self.address = address
+        self.length = length
+        self.format = fmt
+        self.itemsize = struct.calcsize(fmt)
+
+    def __len__(self) -> int:
+        return self.length // self.itemsize
+
+    def cast(self, fmt: str) -> RemoteView:
+        return RemoteView(self.remote, self.address, self.length, fmt)
+
+    def _offset(self, index: int) -> int:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.address + index * self.itemsize
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("strided remote views are not supported")
+            return RemoteView(
+                self.remote,
+                self.address + start * self.itemsize,
+                max(0, stop - start) * self.itemsize,
+                self.format,
+            )
+        data = self.remote.read(self._offset(index), self.itemsize)
+        return struct.unpack("<" + self.format, data)[0]
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self.remote.write(self._offset(index), struct.pack("<" + self.format, value))
+
+    def unpack(self, layout: struct.Struct, offset: int) -> tuple[Any, ...]:
+        if offset < 0 or offset + layout.size > self.length:
+            raise IndexError(offset)
+        return layout.unpack(self.remote.read(self.address + offset, layout.size))
+
+    def pack(self, layout: struct.Struct, offset: int, *values: Any) -> None:
+        if offset < 0 or offset + layout.size > self.length:
+            raise IndexError(offset)
+        self.remote.write(self.address + offset, layout.pack(*values))
+
+
+Area = memoryview | RemoteView
+WriteBack = list[tuple[int, memoryview]]
 
 
 @dataclass
@@ -159,6 +234,8 @@ class GuestMemory:
         self._regions: list[MemoryRegion] = []  # sorted by guest address
         self._starts: list[int] = []  # their guest addresses, for bisect
         self.generation = 0
+        self.has_unmapped = False  # some region is reachable only through ``remote``
+        self.remote: RemoteAccess | None = None
 
     @property
     def regions(self) -> tuple[MemoryRegion, ...]:
@@ -229,6 +306,7 @@ class GuestMemory:
     def _changed(self) -> None:
         self._regions.sort(key=lambda r: r.guest_address)
         self._starts = [r.guest_address for r in self._regions]
+        self.has_unmapped = any(r.mapping is None for r in self._regions)
         self.generation += 1
 
     def find_exact(
@@ -308,21 +386,59 @@ class GuestMemory:
             length -= chunk
         return pieces
 
-    def guest_buffers(self, address: int, length: int, *, writable: bool) -> list[memoryview]:
+    def guest_buffers(
+        self, address: int, length: int, *, writable: bool, writeback: WriteBack | None = None
+    ) -> list[memoryview]:
         """Views of ``[address, address+length)`` in guest-physical space.
 
         A range may span regions that are adjacent in guest-physical space;
         any gap, overrun or permission it lacks raises GuestMemoryError.
-        Ranges the device only reads come back read-only.
+        Ranges the device only reads come back read-only. Unmapped ranges
+        come back as bounce buffers read through ``remote``; writable ones
+        are listed in ``writeback`` for the caller to ``flush``.
         """
         views = []
         for region, start, chunk in self.ranges(address, length, writable=writable):
+            if region.mapping is None:
+                views.append(self._bounce(start, chunk, writable, writeback))
+                continue
             view = region.slice(start - region.guest_address, chunk)
             views.append(view if writable else view.toreadonly())
         return views
 
-    def guest_view(self, address: int, length: int) -> memoryview:
-        """One contiguous writable view; the range must lie in one region."""
+    def _bounce(
+        self, address: int, length: int, writable: bool, writeback: WriteBack | None
+    ) -> memoryview:
+        if self.remote is None:
+            raise GuestMemoryError(
+                f"guest range {address:#x}+{length:#x} is not mapped into the daemon"
+            )
+        if writable and writeback is None:
+            raise GuestMemoryError("writable unmapped memory needs a write-back list")
+        if writeback is not None:
+            staged = sum(len(v) for _, v in writeback) + length
+            if staged > MAX_BOUNCE:
+                raise GuestMemoryError(f"{staged} bytes of unmapped buffers in one request")
+        # Writable buffers are read first so bytes the device leaves alone
+        # are written back unchanged.
+        data = self.remote.read(address, length)
+        if not writable:
+            return memoryview(data)
+        buffer = memoryview(bytearray(data))
+        assert writeback is not None
+        writeback.append((address, buffer))
+        return buffer
+
+    def flush(self, writeback: WriteBack) -> None:
+        """Write bounce buffers back to unmapped guest memory."""
+        if writeback and self.remote is not None:
+            for address, buffer in writeback:
+                self.remote.write(address, bytes(buffer))
+        writeback.clear()
+
+    def guest_view(self, address: int, length: int) -> Area:
+        """One contiguous readable and writable window; the range must lie in
+        one region (a ``RemoteView`` if that region is not mapped)."""
         region = self._find_guest(address)
         if region is None or address + length > region.guest_end or length < 0:
             raise GuestMemoryError(
@@ -330,6 +446,10 @@ class GuestMemory:
             )
         if not (region.readable and region.writable):
             raise GuestMemoryError(f"guest range {address:#x} is not readable and writable")
+        if region.mapping is None:
+            if self.remote is None:
+                raise GuestMemoryError(f"guest range {address:#x} is not mapped into the daemon")
+            return RemoteView(self.remote, address, length)
         return region.slice(address - region.guest_address, length)
 
     def user_to_guest(self, address: int, length: int) -> int:

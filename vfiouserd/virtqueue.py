@@ -22,13 +22,14 @@ import os
 import struct
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
 from vfiouserd._native import lib
 from vfiouserd.devices.virtio import Feature, Request, VirtioDevice, bit
 from vfiouserd.log import get_logger
-from vfiouserd.memory import GuestMemory, GuestMemoryError
+from vfiouserd.memory import Area, GuestMemory, GuestMemoryError
 
 if sys.byteorder != "little":  # ring fields are read through native-order casts
     raise ImportError("vfiouserd's virtqueues assume a little-endian host")
@@ -47,6 +48,8 @@ PACKED_EVENT_DESC = 2
 MAX_QUEUE_SIZE = 32768
 DESCRIPTOR = struct.Struct("<QIHH")  # split: addr, len, flags, next
 PACKED_DESCRIPTOR = struct.Struct("<QIHH")  # packed: addr, len, id, flags
+PACKED_USED = struct.Struct("<IH")  # len, id of a used packed descriptor
+FLAGS = struct.Struct("<H")
 POLL_INTERVAL = 0.001  # seconds, when the front end asked for polling (no kick fd)
 _ONE = (1).to_bytes(8, "little")
 
@@ -83,6 +86,19 @@ def packed_need_event(
     return need_event(event & 0xFFFF, counter, old)
 
 
+def _load(layout: struct.Struct, area: Area, offset: int) -> tuple[Any, ...]:
+    if type(area) is memoryview:
+        return layout.unpack_from(area, offset)
+    return area.unpack(layout, offset)  # type: ignore[union-attr]
+
+
+def _store(layout: struct.Struct, area: Area, offset: int, *values: Any) -> None:
+    if type(area) is memoryview:
+        layout.pack_into(area, offset, *values)
+    else:
+        area.pack(layout, offset, *values)  # type: ignore[union-attr]
+
+
 def _eventfd_signal(fd: int | None) -> None:
     if fd is None:
         return
@@ -112,12 +128,17 @@ class _Chains:
         if not writable and request.writable:
             raise RingError("device-readable descriptor after a device-writable one")
         try:
-            views = self.memory.guest_buffers(address, length, writable=writable)
+            views = self.memory.guest_buffers(
+                address, length, writable=writable, writeback=request.writeback
+            )
         except GuestMemoryError as exc:
             raise RingError(f"descriptor buffer {address:#x}+{length:#x}: {exc}") from exc
         (request.writable if writable else request.readable).extend(views)
 
-    def indirect_table(self, address: int, length: int, flags: int) -> memoryview:
+    def _writeback(self) -> list[tuple[int, memoryview]] | None:
+        return [] if self.memory.has_unmapped else None
+
+    def indirect_table(self, address: int, length: int, flags: int) -> Area:
         if not self.indirect:
             raise RingError("indirect descriptor but VIRTIO_F_INDIRECT_DESC was not negotiated")
         if flags & DESC_F_NEXT:
@@ -186,13 +207,13 @@ class SplitRing(_Chains):
     def _walk(self, head: int) -> Request:
         if head >= self.size:
             raise RingError(f"head descriptor {head} is outside a queue of {self.size}")
-        request = Request([], [], head=head)
+        request = Request([], [], head=head, writeback=self._writeback())
         table, table_size, index, seen = self.desc, self.size, head, 0
         while True:
             seen += 1
             if seen > table_size:
                 raise RingError("descriptor chain loops or is longer than its table")
-            address, length, flags, next_index = DESCRIPTOR.unpack_from(table, index * 16)
+            address, length, flags, next_index = _load(DESCRIPTOR, table, index * 16)
             if flags & DESC_F_INDIRECT:
                 if table is not self.desc:
                     raise RingError("indirect descriptor inside an indirect table")
@@ -279,20 +300,20 @@ class PackedRing(_Chains):
         )
 
     def has_available(self) -> bool:
-        flags = PACKED_DESCRIPTOR.unpack_from(self.desc, self.last_avail_idx * 16)[3]
+        flags = _load(PACKED_DESCRIPTOR, self.desc, self.last_avail_idx * 16)[3]
         return self._is_available(flags)
 
     def pop(self) -> Request | None:
         if not self.has_available():
             return None
         lib.vfu_fence_acquire()  # the descriptor body only after its flags
-        request = Request([], [])
+        request = Request([], [], writeback=self._writeback())
         index, count = self.last_avail_idx, 0
         while True:
             count += 1
             if count > self.size:
                 raise RingError("descriptor chain is longer than the queue")
-            address, length, buffer_id, flags = PACKED_DESCRIPTOR.unpack_from(self.desc, index * 16)
+            address, length, buffer_id, flags = _load(PACKED_DESCRIPTOR, self.desc, index * 16)
             index += 1
             if index == self.size:
                 index = 0
@@ -312,21 +333,21 @@ class PackedRing(_Chains):
             self.avail_wrap = not self.avail_wrap
         return request
 
-    def _walk_indirect(self, request: Request, table: memoryview) -> None:
+    def _walk_indirect(self, request: Request, table: Area) -> None:
         for offset in range(0, len(table), 16):
-            address, length, _, flags = PACKED_DESCRIPTOR.unpack_from(table, offset)
+            address, length, _, flags = _load(PACKED_DESCRIPTOR, table, offset)
             if flags & (DESC_F_INDIRECT | DESC_F_NEXT):
                 raise RingError("indirect table entry with INDIRECT or NEXT flag")
             self.buffers(request, address, length, flags)
 
     def push(self, request: Request, written: int) -> None:
         offset = self.used_idx * 16
-        struct.pack_into("<IH", self.desc, offset + 8, written, request.head)
+        _store(PACKED_USED, self.desc, offset + 8, written, request.head)
         flags = PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED if self.used_wrap else 0
         if request.writable:
             flags |= DESC_F_WRITE
         lib.vfu_fence_release()  # id and len before the flags that publish them
-        struct.pack_into("<H", self.desc, offset + 14, flags)
+        _store(FLAGS, self.desc, offset + 14, flags)
         self.used_idx += request.ndescs
         self.used_counter = (self.used_counter + request.ndescs) & 0xFFFF
         if self.used_idx >= self.size:
@@ -387,6 +408,7 @@ class Virtqueue:
         # MSI-X vectors, INTx) sets these instead.
         self.notifier: Callable[[], None] | None = None
         self.error_notifier: Callable[[], None] | None = None
+        self.memory_lock: trio.Lock | None = None
         self.enabled = False
         self.started = False
         self.broken = False
@@ -500,6 +522,8 @@ class Virtqueue:
                     log.exception("device.failed", queue=self.index)
                     raise RingError(f"device handler failed: {exc!r}") from exc
                 self.requests += 1
+                if request.writeback:  # unmapped buffers: data before the used entry
+                    self.memory.flush(request.writeback)
                 ring.push(request, min(written, request.writable_size))
             else:
                 self.wake()
@@ -529,7 +553,15 @@ class Virtqueue:
     async def _run(self, handle: Handler, scope: trio.CancelScope) -> None:
         with scope:
             while not self.broken:
-                self.process(handle)
+                if self.memory.has_unmapped and self.memory.remote is not None:
+                    # Every ring access is a round trip to the VMM: do them from a
+                    # worker thread so the session keeps serving the VMM, and hold
+                    # the memory lock so no DMA_UNMAP lands in the middle.
+                    assert self.memory_lock is not None
+                    async with self.memory_lock:
+                        await trio.to_thread.run_sync(self.process, handle)
+                else:
+                    self.process(handle)
                 await self._wait()
             await trio.sleep_forever()  # a broken queue waits for stop or reset
 
@@ -612,10 +644,15 @@ class QueueSet:
     """
 
     def __init__(
-        self, device: VirtioDevice, memory: GuestMemory, address_space: AddressSpace
+        self,
+        device: VirtioDevice,
+        memory: GuestMemory,
+        address_space: AddressSpace,
+        memory_lock: trio.Lock | None = None,
     ) -> None:
         self.device = device
         self.memory = memory
+        self.memory_lock = memory_lock or trio.Lock()
         self.queues = [Virtqueue(i, memory, address_space) for i in range(device.num_queues)]
         self._nursery: trio.Nursery | None = None
 
@@ -636,7 +673,9 @@ class QueueSet:
             queue.wake()
             return
         assert self._nursery is not None, "QueueSet.bind() first"
-        queue.attach()
+        queue.memory_lock = self.memory_lock
+        if not self.memory.has_unmapped:
+            queue.attach()  # reports a bad set-up now; unmapped rings attach in their worker
         index = queue.index
 
         def handle(request: Request) -> int:

@@ -66,6 +66,25 @@ class ServerConfig:
 Handler = Callable[[Message], Awaitable[Reply]]
 
 
+class ThreadedRemote:
+    """Blocking DMA_READ/DMA_WRITE for code running in a worker thread."""
+
+    def __init__(self, session: VfioUserSession) -> None:
+        self.session = session
+
+    def read(self, address: int, size: int) -> bytes:
+        try:
+            return trio.from_thread.run(self.session.dma_read, address, size)
+        except trio.RunFinishedError as exc:
+            raise GuestMemoryError("the session ended") from exc
+
+    def write(self, address: int, data: bytes) -> None:
+        try:
+            trio.from_thread.run(self.session.dma_write, address, data)
+        except trio.RunFinishedError as exc:
+            raise GuestMemoryError("the session ended") from exc
+
+
 class VfioUserSession:
     def __init__(
         self, device: PciDevice, sock: trio.socket.SocketType, config: ServerConfig | None = None
@@ -115,6 +134,7 @@ class VfioUserSession:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.device.remote_dma = self
+                self.device.memory.remote = ThreadedRemote(self)
                 self.device.attach(nursery)
                 send, receive = trio.open_memory_channel[Message](COMMAND_QUEUE)
                 nursery.start_soon(self._read_loop, self.sock, send, nursery.cancel_scope)
@@ -134,6 +154,7 @@ class VfioUserSession:
             self.twin.close()
         self.device.detach()  # unmap client memory, close IRQ fds; device state stays
         self.device.remote_dma = None
+        self.device.memory.remote = None
 
     async def _negotiate(self) -> None:
         message = await vfu.read_message(self.sock, self.max_payload)
@@ -250,6 +271,9 @@ class VfioUserSession:
             log.info("session.closed", reason=str(exc) or "end of stream")
         except (FramingError, ProtocolViolation) as exc:
             log.error("session.fatal", reason=str(exc))
+        for waiter in self._waiting.values():  # no reply can come any more
+            waiter.close()
+        self._waiting.clear()
         scope.cancel()
 
     async def _process_loop(self, commands: trio.MemoryReceiveChannel[Message]) -> None:
@@ -344,6 +368,14 @@ class VfioUserSession:
     # -- DMA ----------------------------------------------------------------------------
 
     async def _dma_map(self, message: Message) -> Reply:
+        async with self.device.memory_lock:  # no ring walk is half-way through memory
+            return await self._dma_map_locked(message)
+
+    async def _dma_unmap(self, message: Message) -> Reply:
+        async with self.device.memory_lock:
+            return await self._dma_unmap_locked(message)
+
+    async def _dma_map_locked(self, message: Message) -> Reply:
         request = self._parse(message, vfu.DmaMap, "DMA_MAP")
         self._check_argsz(request.argsz, vfu.DmaMap.sizeof(), "DMA_MAP")
         if request.flags & ~vfu.DMA_FLAGS_KNOWN:
@@ -389,7 +421,7 @@ class VfioUserSession:
         )
         return Reply()
 
-    async def _dma_unmap(self, message: Message) -> Reply:
+    async def _dma_unmap_locked(self, message: Message) -> Reply:
         request = self._parse(message, vfu.DmaUnmap, "DMA_UNMAP")
         self._check_argsz(request.argsz, vfu.DmaUnmap.sizeof(), "DMA_UNMAP")
         memory = self.device.memory
@@ -404,7 +436,8 @@ class VfioUserSession:
                 region = memory.find_exact(request.address, request.size)
             except GuestMemoryError as exc:
                 raise RequestError(errno.ENOENT, str(exc)) from exc
-            # Processing is serialised with commands, so no DMA is in flight here.
+            # Commands run in order and ring walks hold the memory lock, so no
+            # DMA into this region is in flight.
             memory.remove(region)
         log.debug(
             "dma.unmap",
@@ -461,7 +494,10 @@ class VfioUserSession:
         try:
             await self._send(vfu.encode(msg_id, command, payload), twin=True)
             with trio.fail_after(DMA_REPLY_TIMEOUT):
-                reply = await receive.receive()
+                try:
+                    reply = await receive.receive()
+                except trio.EndOfChannel:
+                    raise GuestMemoryError(f"connection lost during {command.name}") from None
         except trio.TooSlowError as exc:
             self._timed_out.add(msg_id)
             raise GuestMemoryError(f"{command.name} got no reply") from exc
