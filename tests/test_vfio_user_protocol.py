@@ -10,10 +10,12 @@ import mmap
 import os
 import socket
 import struct
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import MiB, open_fds, vfio_served
 from vfiouserd.client.guest import GuestRam
@@ -841,3 +843,83 @@ async def test_disconnect_unmaps_memory_closes_irqs_and_keeps_device_state():
     async with vfio_served(device, ram=ram) as client:
         assert await client.region_read(0, 4, 4) == struct.pack("<I", ~0x1234 & 0xFFFFFFFF)
     ram.close()
+
+
+async def test_argsz_too_large_or_disagreeing():
+    async with raw_session(MemoryBarDevice()) as raw:
+        await raw.negotiate()
+        huge = 1 << 30
+        assert (
+            await raw.errno_of(
+                Command.DEVICE_GET_INFO,
+                vfu.DeviceInfo.build({"argsz": huge, "flags": 0, "num_regions": 0, "num_irqs": 0}),
+            )
+            == errno.EINVAL
+        )
+        assert (
+            await raw.errno_of(Command.DEVICE_GET_REGION_INFO, region_info(1, argsz=huge))
+            == errno.EINVAL
+        )
+        assert await raw.errno_of(Command.DMA_UNMAP, dma_unmap(0, 4096, argsz=huge)) == errno.EINVAL
+        assert await raw.errno_of(Command.DMA_MAP, dma_map(0, 4096, argsz=48)) == errno.EINVAL
+        assert await raw.errno_of(Command.DMA_MAP, dma_map(0, 4096) + bytes(8)) == errno.EINVAL
+        assert (
+            await raw.errno_of(Command.DEVICE_SET_IRQS, irq_set(T | N, 1, 0, 1, argsz=64))
+            == errno.EINVAL
+        )
+        fd = eventfd()
+        # Kernel-style accounting of one eventfd (4 bytes) is accepted.
+        assert (
+            await raw.errno_of(Command.DEVICE_SET_IRQS, irq_set(T | E, 1, 0, 1, argsz=24), [fd])
+            == 0
+        )
+        os.close(fd)
+
+
+fuzz_commands = st.one_of(st.sampled_from(list(Command)), st.integers(0, 30))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    messages=st.lists(
+        st.tuples(
+            fuzz_commands,
+            st.sampled_from([0, 0x10, 0x1, 0x20]),
+            st.binary(max_size=80),
+            st.integers(0, 2),
+        ),
+        max_size=30,
+    ),
+    negotiate=st.booleans(),
+)
+def test_fuzzed_streams_never_crash_or_leak(messages, negotiate):
+    async def scenario() -> None:
+        before = open_fds()
+        device = MemoryBarDevice()
+        ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(VfioUserSession(device, theirs).serve)
+
+            async def drain() -> None:
+                try:
+                    while await ours.recv(65536):
+                        pass
+                except OSError:
+                    pass
+
+            nursery.start_soon(drain)
+            raw = Raw(ours)
+            if negotiate:
+                await raw.send(Command.VERSION, version(data=b"{}\0"))
+            for command, flags, payload, nfds in messages:
+                fds = [eventfd() for _ in range(nfds)]
+                with suppress(ConnectionClosed, OSError):
+                    await raw.send(command, payload, fds, flags)
+                for fd in fds:
+                    os.close(fd)
+            ours.shutdown(socket.SHUT_WR)
+        ours.close()
+        device.close()
+        assert open_fds() == before
+
+    trio.run(scenario)

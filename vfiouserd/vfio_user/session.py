@@ -351,10 +351,13 @@ class VfioUserSession:
             raise RequestError(errno.EINVAL, f"{what} payload of {len(message.payload)} bytes")
         return layout.parse(message.payload[:size])  # type: ignore[attr-defined]
 
-    @staticmethod
-    def _check_argsz(argsz: int, minimum: int, what: str) -> None:
+    def _check_argsz(self, argsz: int, minimum: int, what: str) -> None:
+        """argsz bounds the reply: at least the fixed structure, at most what
+        one message may carry."""
         if argsz < minimum:
             raise RequestError(errno.EINVAL, f"{what} argsz {argsz} < {minimum}")
+        if argsz > self.max_payload:
+            raise RequestError(errno.EINVAL, f"{what} argsz {argsz} exceeds the message limit")
 
     def _region(self, index: int) -> tuple[int, Bar | None]:
         """(size, BAR) of a region; the config region has no BAR."""
@@ -377,7 +380,12 @@ class VfioUserSession:
 
     async def _dma_map_locked(self, message: Message) -> Reply:
         request = self._parse(message, vfu.DmaMap, "DMA_MAP")
-        self._check_argsz(request.argsz, vfu.DmaMap.sizeof(), "DMA_MAP")
+        # Here argsz is the size of the request structure itself.
+        if request.argsz != vfu.DmaMap.sizeof() or len(message.payload) != request.argsz:
+            raise RequestError(
+                errno.EINVAL,
+                f"DMA_MAP argsz {request.argsz} with a {len(message.payload)}-byte payload",
+            )
         if request.flags & ~vfu.DMA_FLAGS_KNOWN:
             raise RequestError(errno.EINVAL, f"DMA_MAP flags {request.flags:#x}")
         if request.size == 0 or (request.address | request.size) % self.page_size:
@@ -617,7 +625,13 @@ class VfioUserSession:
     async def _set_irqs(self, message: Message) -> Reply:
         head = self._parse(message, vfu.IrqSetHead, "SET_IRQS")
         data = message.payload[vfu.IrqSetHead.sizeof() :]
-        self._check_argsz(head.argsz, vfu.IrqSetHead.sizeof(), "SET_IRQS")
+        # argsz covers the request: header and bool data (clients differ on
+        # whether eventfds count, as the kernel's int array does).
+        size = vfu.IrqSetHead.sizeof() + len(data)
+        if not size <= head.argsz <= size + 4 * head.count:
+            raise RequestError(
+                errno.EINVAL, f"SET_IRQS argsz {head.argsz} for a {size}-byte request"
+            )
         kind_flags = head.flags & vfu.IRQ_SET_DATA_MASK
         action = head.flags & vfu.IRQ_SET_ACTION_MASK
         if (
