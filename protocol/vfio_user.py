@@ -15,6 +15,14 @@ Where implementations disagree, the choice made here:
   matters when guest RAM has no fd.
 - DMA_WRITE reply: the spec lists address u64 + count u32; QEMU sends the
   header alone. Both are accepted.
+- DMA_MAP flags: the spec defines READ and WRITE; libvfio-user also takes
+  MMAP (4) and FILE_IO (8). We refuse bits the spec does not define (QEMU
+  never sends them) and map whenever an fd comes with the request.
+- DMA_MAP over an existing mapping: EEXIST, as the spec says (libvfio-user
+  answers EINVAL, or success for an identical map).
+- IRQ info: MSI and MSI-X report EVENTFD only, not NORESIZE: vectors can be
+  set one at a time, which QEMU then does (the kernel's vfio-pci reports
+  NORESIZE and QEMU re-enables the whole set instead).
 """
 
 from __future__ import annotations
