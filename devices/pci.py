@@ -17,10 +17,10 @@ Nothing here knows about sockets; the vfio-user session calls in.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import os
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +28,10 @@ from typing import Any, ClassVar, Protocol
 
 import trio
 
+from vfiouserd.log import get_logger
 from vfiouserd.memory import GuestMemory, GuestMemoryError
+
+log = get_logger("pci")
 
 # Config space offsets
 VENDOR_ID = 0x00
@@ -200,8 +203,18 @@ class IrqLines:
 
 
 def signal_eventfd(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError):  # saturated: plenty of wake-ups pending
+    try:
         os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass  # saturated: plenty of wake-ups pending
+    except OSError as exc:  # the VMM gave us something that is not an eventfd
+        log.warning("eventfd.write_failed", fd=fd, error=os.strerror(exc.errno or 0))
+
+
+def is_eventfd_like(fd: int) -> bool:
+    """Anonymous-inode fds (eventfds) have no file type bits; files, devices,
+    pipes and sockets do. Checked with fstat, which needs no /proc."""
+    return stat.S_IFMT(os.fstat(fd).st_mode) == 0
 
 
 class Interrupts:
@@ -476,8 +489,9 @@ class PciDevice:
         assert len(body) == 58
         writable = bytearray(len(body))
         struct.pack_into("<H", writable, 6, 0x7CFF | 0x8000)  # device control (+FLR bit)
-        struct.pack_into("<H", writable, 14, 0x01FB)  # link control
-        struct.pack_into("<H", writable, 38, 0x7FFF)  # device control 2
+        # Link control: ASPM, read completion boundary, common clock, extended
+        # synch; device control 2: nothing, as device capabilities 2 offer nothing.
+        struct.pack_into("<H", writable, 14, 0x00CB)
         w1c = bytearray(len(body))
         struct.pack_into("<H", w1c, 8, 0x000F)  # device status error bits
         self._express_offset = self.add_capability(CapId.EXPRESS, body, bytes(writable), bytes(w1c))
@@ -490,8 +504,14 @@ class PciDevice:
 
     async def config_write(self, offset: int, data: bytes) -> None:
         before_command = self.config.get(COMMAND, "<H")
+        pm = self.capabilities[0].offset  # power management comes first
+        power_state = self.config.data[pm + 4] & 0x3
         self.config.write(offset, data)
+        if self.config.data[pm + 4] & 0x3 in (1, 2):  # D1/D2 are not offered: ignored
+            self.config.data[pm + 4] = self.config.data[pm + 4] & ~0x3 | power_state
         command = self.config.get(COMMAND, "<H")
+        if command != before_command:
+            self.command_changed(before_command, command)
         if (before_command ^ command) & Cmd.INTX_DISABLE:
             self.irqs.intx_disabled = bool(command & Cmd.INTX_DISABLE)
             if not self.irqs.intx_disabled and self.irqs.intx_asserted:
@@ -601,6 +621,12 @@ class PciDevice:
         end = min(offset + len(data), len(self._msix_table))
         if offset < end:
             self._msix_table[offset:end] = data[: end - offset]
+
+    def memory_changed(self) -> None:
+        """The VMM mapped or unmapped DMA memory (hook for the device)."""
+
+    def command_changed(self, old: int, new: int) -> None:
+        """The driver changed the command register (bus mastering...)."""
 
     def io_eventfds(self, index: int) -> list[tuple[int, int, int]]:
         """(offset, size, eventfd) of BAR areas whose writes only need to wake

@@ -166,6 +166,7 @@ class VirtioPciDevice(PciDevice):
         for queue in self.queue_set.queues:
             queue.notifier = lambda q=queue.index: self._queue_interrupt(q)
             queue.error_notifier = self._needs_reset
+            queue.dma_allowed = lambda: self.bus_master
             queue.kick_fd = self.kick_fds[queue.index]
         self.device_feature_select = 0
         self.driver_feature_select = 0
@@ -229,6 +230,9 @@ class VirtioPciDevice(PciDevice):
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_write(self.kick_fds[queue], 1)
 
+    def memory_changed(self) -> None:
+        self.queue_set.memory_changed()  # rings waiting for memory look again
+
     def io_eventfds(self, index: int) -> list[tuple[int, int, int]]:
         if index != MODERN_BAR:
             return []
@@ -281,6 +285,8 @@ class VirtioPciDevice(PciDevice):
             log.warning("common_cfg.bad_write", offset=offset, size=size)
             return
         name = field[0]
+        if name in ("device_feature", "num_queues", "config_generation", "queue_notify_off"):
+            return  # read-only fields: a write changes nothing
         if name in ("device_feature_select", "driver_feature_select", "queue_select"):
             setattr(self, name, value)
         elif name == "driver_feature" and self.driver_feature_select <= 1:
@@ -345,17 +351,23 @@ class VirtioPciDevice(PciDevice):
                 if self.queue_enabled[queue.index]:
                     self._start(queue)
 
-    def _start(self, queue: Virtqueue) -> None:
+    def _start(self, queue: Virtqueue, *, wait_for_memory: bool = False) -> None:
         queue.enabled = True
         try:
-            self.queue_set.start(queue)
+            self.queue_set.start(queue, wait_for_memory=wait_for_memory)
         except RingError as exc:
             queue.fail(f"cannot start: {exc}")
 
     # -- interrupts ---------------------------------------------------------------------
 
+    def command_changed(self, old: int, new: int) -> None:
+        if new & 0x4 and not old & 0x4:  # bus mastering back on: look at the rings
+            self.queue_set.memory_changed()
+
     def _queue_interrupt(self, index: int) -> None:
         if self.irqs.active() is IrqKind.MSIX:
+            if not self.bus_master:  # an MSI is a memory write by the device
+                return
             vector = self.queue_vectors[index]
             if vector != NO_VECTOR:
                 self.irqs.fire(IrqKind.MSIX, vector)
@@ -365,7 +377,7 @@ class VirtioPciDevice(PciDevice):
 
     def _config_changed(self) -> None:
         self.config_generation = (self.config_generation + 1) & 0xFF
-        if self.irqs.active() is IrqKind.MSIX:
+        if self.irqs.active() is IrqKind.MSIX and self.bus_master:
             if self.config_msix_vector != NO_VECTOR:
                 self.irqs.fire(IrqKind.MSIX, self.config_msix_vector)
         else:
@@ -410,7 +422,7 @@ class VirtioPciDevice(PciDevice):
         if self.device_status & Status.DRIVER_OK:  # a client came back: carry on
             for queue in self.queue_set.queues:
                 if self.queue_enabled[queue.index]:
-                    self._start(queue)
+                    self._start(queue, wait_for_memory=True)  # DMA_MAPs come next
 
     def detach(self) -> None:
         for queue in self.queue_set.queues:

@@ -67,9 +67,12 @@ async def receive_exactly(sock: trio.socket.SocketType, size: int) -> Received:
     result = Received(b"")
     try:
         while got < size:
-            data, ancdata, msg_flags, _ = await sock.recvmsg(
-                size - got, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
-            )
+            try:
+                data, ancdata, msg_flags, _ = await sock.recvmsg(
+                    size - got, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
+                )
+            except ConnectionResetError as exc:
+                raise ConnectionClosed(str(exc)) from exc
             result.fds.extend(_fds_from_ancillary(ancdata))
             if msg_flags & socket.MSG_CTRUNC:
                 result.fds_truncated = True

@@ -251,17 +251,27 @@ async def test_request_errors():
         assert await raw.errno_of(Command.DEVICE_RESET, b"x") == errno.EINVAL
         assert await raw.errno_of(Command.DEVICE_SET_IRQS) == errno.EINVAL
         feature = vfu.DeviceFeatureHead.build({"argsz": 8, "flags": 1 | vfu.FEATURE_GET})
-        assert await raw.errno_of(Command.DEVICE_FEATURE, feature) == errno.ENOTSUP
+        assert await raw.errno_of(Command.DEVICE_FEATURE, feature) == errno.ENOTTY
         assert await raw.errno_of(Command.DEVICE_FEATURE, bytes(8)) == errno.EINVAL  # argsz 0
         assert await raw.errno_of(Command.MIG_DATA_READ, bytes(8)) == errno.EINVAL
         assert await raw.errno_of(Command.DEVICE_RESET) == 0
 
 
-async def test_unsolicited_reply_gets_einval():
+async def test_unsolicited_reply_closes_the_connection():
+    """Message IDs belong to the sender: answering a stray reply could fail an
+    unrelated request of the client's, so the connection closes instead."""
     async with raw_session(ExampleDevice()) as raw:
         await raw.negotiate()
-        reply = await raw.call(Command.DEVICE_RESET, flags=vfu.TYPE_REPLY)
-        assert reply.is_error and reply.error == errno.EINVAL
+        await raw.send(Command.DEVICE_RESET, flags=vfu.TYPE_REPLY)
+        assert await raw.closed()
+
+
+async def test_silent_peer_is_dropped_after_the_negotiation_timeout(monkeypatch):
+    from vfiouserd.vfio_user import session
+
+    monkeypatch.setattr(session, "NEGOTIATION_TIMEOUT", 0.2)
+    async with raw_session(ExampleDevice()) as raw:
+        assert await raw.closed()
 
 
 async def test_extra_fds_are_refused_and_closed():
@@ -349,10 +359,21 @@ async def test_dma_map_rules():
         assert await raw.errno_of(Command.DMA_MAP, dma_map(2**64 - 4096, 8192)) == errno.EINVAL
         # More than the fd holds would SIGBUS on access: refused.
         assert await raw.errno_of(Command.DMA_MAP, dma_map(0, 2 * MiB), [memfd]) == errno.EINVAL
+        # A file offset inside a page is mapped from the page start (hugetlbfs
+        # files get QEMU sections at 4 KiB offsets): the bytes are the right ones.
+        os.pwrite(memfd, b"at-offset", MiB - 4096 + 100)
         assert (
-            await raw.errno_of(Command.DMA_MAP, dma_map(0, 4096, offset=100), [memfd])
+            await raw.errno_of(
+                Command.DMA_MAP, dma_map(0x10000, 0x1000, offset=MiB - 4096 + 100), [memfd]
+            )
             == errno.EINVAL
+        )  # would run past the end
+        assert (
+            await raw.errno_of(Command.DMA_MAP, dma_map(0x10000, 0x1000, offset=100), [memfd]) == 0
         )
+        os.pwrite(memfd, b"at-offset", 100)
+        assert raw.session.device.memory.read(0x10000, 9) == b"at-offset"
+        assert await raw.errno_of(Command.DMA_UNMAP, dma_unmap(0x10000, 0x1000)) == 0
         assert await raw.errno_of(Command.DMA_MAP, dma_map(0x10000, 0x10000), [memfd]) == 0
         assert await raw.errno_of(Command.DMA_MAP, dma_map(0x18000, 0x10000)) == errno.EEXIST
         assert await raw.errno_of(Command.DMA_MAP, dma_map(0x10000, 0x10000)) == errno.EEXIST
@@ -436,11 +457,13 @@ async def test_region_info_and_sparse_mmap():
         first = await raw.call(Command.DEVICE_GET_REGION_INFO, region_info(1))
         info = vfu.RegionInfo.parse(first.payload)
         assert len(first.payload) == 32 and not first.fds
-        assert info.argsz == 32 + 16 + 32 and info.flags == 0xF and info.cap_offset == 0
+        # Without room for the capability chain: no CAPS flag (QEMU would then
+        # check cap_offset), but argsz says how much to ask for.
+        assert info.argsz == 32 + 16 + 32 and info.flags == 0x7 and info.cap_offset == 0
         second = await raw.call(Command.DEVICE_GET_REGION_INFO, region_info(1, info.argsz))
         info = vfu.RegionInfo.parse(second.payload)
         cap = vfu.SparseMmapCap.parse(second.payload[info.cap_offset :])
-        assert info.cap_offset == 32 and len(second.fds) == 1
+        assert info.cap_offset == 32 and len(second.fds) == 1 and info.flags == 0xF
         assert (cap.header.id, cap.header.version, cap.header.next) == (1, 1, 0)
         assert [(a.offset, a.size) for a in cap.areas] == [(0, 0x1000), (0x2000, 0x1000)]
         # What the client writes through its mapping, REGION_READ sees, and back.
@@ -920,6 +943,50 @@ def test_fuzzed_streams_never_crash_or_leak(messages, negotiate):
             ours.shutdown(socket.SHUT_WR)
         ours.close()
         device.close()
-        assert open_fds() == before
+        leaked = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in open_fds() - before}
+        assert not leaked and open_fds() == before
 
     trio.run(scenario)
+
+
+async def test_irq_fds_must_be_eventfds(tmp_path):
+    async with raw_session(MemoryBarDevice()) as raw:
+        await raw.negotiate()
+        regular = os.open(tmp_path / "file", os.O_RDWR | os.O_CREAT)
+        null = os.open("/dev/null", os.O_RDONLY)
+        r, w = os.pipe()
+        for fd in (regular, null, r):
+            assert (
+                await raw.errno_of(Command.DEVICE_SET_IRQS, irq_set(T | E, 1, 0, 1), [fd])
+                == errno.EINVAL
+            )
+        assert (
+            await raw.errno_of(Command.DEVICE_SET_IRQS, irq_set(U | E, 0, 0, 1), [regular])
+            == errno.EINVAL
+        )
+        for fd in (regular, null, r, w):
+            os.close(fd)
+
+
+async def test_intx_loopback_trigger_is_one_shot_and_automasked():
+    async with vfio_served(ExampleDevice()) as client:
+        fd = eventfd()
+        await client.set_irqs(0, T | E, 0, 1, fds=[fd])
+        await client.set_irqs(0, T | N, 0, 1)
+        assert os.eventfd_read(fd) == 1
+        assert not await client.config_read(0x06, 2) & 0x08  # the line is not held
+        await client.set_irqs(0, T | N, 0, 1)  # masked until unmasked
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(fd)
+        await client.set_irqs(0, U | N, 0, 1)
+        await client.set_irqs(0, T | N, 0, 1)
+        assert os.eventfd_read(fd) == 1
+        os.close(fd)
+
+
+async def test_power_states_not_offered_are_ignored():
+    async with vfio_served(ExampleDevice()) as client:
+        pm = dict(await client.capabilities())[0x01]
+        for state, expected in [(3, 3), (1, 3), (2, 3), (0, 0)]:
+            await client.config_write(pm + 4, 2, state)
+            assert await client.config_read(pm + 4, 2) & 0x3 == expected

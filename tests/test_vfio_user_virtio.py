@@ -175,3 +175,124 @@ async def test_blk_with_guest_memory_shared_without_fds(ram, image, packed, twin
     with open(image, "rb") as f:
         f.seek(8 * 512)
         assert f.read(len(data)) == data
+
+
+async def test_writes_to_read_only_common_fields_change_nothing(ram, image):
+    device = VirtioPciDevice(make_blk(image, size=MiB))
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)
+        (queue,) = await driver.start()
+        for offset, size in [(0x1E, 2), (0x12, 2), (0x15, 1), (0x04, 4), (0x3E, 2)]:
+            await driver.common_write(offset, size, 0xFFFF & ((1 << 8 * size) - 1))
+        assert await driver.common_read(0x12, 2) == 1 and await driver.common_read(0x1E, 2) == 0
+        blk = BlkClient(ram, queue, arena=MiB)
+        await blk.write(0, b"still" * 100 + bytes(12))
+        assert (await blk.read(0, 512))[:5] == b"still"
+        driver.close()
+
+
+async def test_failing_dma_messages_break_the_queue_not_the_session(ram, image):
+    device = VirtioPciDevice(make_blk(image, size=MiB))
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram(with_fd=False)
+        driver = VirtioPciDriver(client, ram)
+        (queue,) = await driver.start(queue_size=8)
+        client.windows.clear()  # from now on the client refuses DMA (EFAULT)
+        queue.ring.add([], [(0x1000, 1)], "refused")
+        await queue.kick_async()
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(driver.config_fd)
+        assert await driver.status() & Status.DEVICE_NEEDS_RESET
+        driver.close()
+
+
+async def test_large_transfers_fit_the_servers_message_limit(ram, image):
+    """The client takes 4 MiB per transfer, the server 1 MiB: a 2 MiB read on
+    memory without fds is split by the smaller of the two."""
+    caps = {"max_msg_fds": 16, "max_data_xfer_size": 4 * MiB, "pgsizes": 4096}
+    device = VirtioPciDevice(make_blk(image, size=8 * MiB))
+    async with vfio_served(device, ram=ram, capabilities=caps) as client:
+        await client.map_ram(with_fd=False)
+        driver = VirtioPciDriver(client, ram)
+        (queue,) = await driver.start(queue_size=8)
+        blk = BlkClient(ram, queue, arena=6 * MiB)
+        data = os.urandom(2 * MiB)
+        await blk.write(0, data)
+        assert await blk.read(0, 2 * MiB) == data
+        driver.close()
+
+
+async def test_client_reconnects_and_the_running_device_carries_on(ram, image):
+    """The spec keeps device state across a reconnection: the driver does not
+    re-initialise, the client maps memory and installs vectors again."""
+    from vfiouserd.client.vfio_user import eventfd
+    from vfiouserd.protocol import vfio_user as vfu
+
+    device = VirtioPciDevice(make_blk(image, size=MiB))
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)
+        (queue,) = await driver.start()
+        blk = BlkClient(ram, queue, arena=MiB)
+        await blk.write(1, b"first" * 100 + bytes(12))
+    async with vfio_served(device, ram=ram) as client:
+        fds = [eventfd() for _ in range(2)]
+        await client.set_irqs(
+            vfu.PciIrq.MSIX,
+            vfu.IrqSetFlag.DATA_EVENTFD | vfu.IrqSetFlag.ACTION_TRIGGER,
+            0,
+            2,
+            fds=fds,
+        )
+        await client.map_ram()
+        driver.client = client
+        queue.call = fds[1]
+        assert await driver.status() & Status.DRIVER_OK
+        assert not await driver.status() & Status.DEVICE_NEEDS_RESET
+        assert (await blk.read(1, 512))[:5] == b"first"
+        for fd in fds:
+            os.close(fd)
+    driver.close()
+
+
+async def test_no_dma_while_bus_mastering_is_off(ram, image):
+    device = VirtioPciDevice(make_blk(image, size=MiB))
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)
+        (queue,) = await driver.start()
+        await client.config_write(0x04, 2, 0x2)  # memory space only
+        blk = BlkClient(ram, queue, arena=MiB)
+        header = blk.scratch(16)
+        ram.write(header, struct.pack("<IIQ", RequestType.IN, 0, 0))
+        status = blk.scratch(1)
+        ram.write(status, b"\xee")
+        queue.ring.add([(header, 16)], [(status, 1)], "held")
+        await queue.kick_async()
+        await trio.sleep(0.1)
+        assert ram.read(status, 1) == b"\xee" and queue.ring.collect() == []
+        await client.config_write(0x04, 2, 0x6)  # bus mastering back: served
+        with trio.fail_after(5):
+            while not queue.ring.collect():
+                await queue.wait_call()
+        assert ram.read(status, 1)[0] == BlkStatus.OK
+        driver.close()
+
+
+async def test_indirect_tables_are_capped(ram, image):
+    device = VirtioPciDevice(make_blk(image, size=MiB))
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)
+        (queue,) = await driver.start(want=no(Feature.RING_PACKED))
+        table = ram.alloc(16 * 1025, 16)
+        ring = queue.ring
+        struct.pack_into("<QIHH", ring.desc, 0, table, 16 * 1025, 4, 0)  # INDIRECT
+        ring.avail[2] = 0
+        ring.avail[1] = 1
+        await queue.kick_async()
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(driver.config_fd)
+        assert await driver.status() & Status.DEVICE_NEEDS_RESET
+        driver.close()

@@ -24,6 +24,11 @@ ffibuilder.cdef(
     void vfu_fence_full(void);
     void vfu_fence_acquire(void);
     void vfu_fence_release(void);
+
+    int vfu_guard_install(void);
+    int vfu_guard_add(void *base, size_t length);
+    void vfu_guard_remove(void *base);
+    uint64_t vfu_guard_hits(void);
     """
 )
 
@@ -40,6 +45,75 @@ ffibuilder.set_source(
     void vfu_fence_full(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
     void vfu_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
     void vfu_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+
+    /* SIGBUS guard for guest mappings. A VMM that truncates a file it shared
+       makes every later touch of the lost pages raise SIGBUS. For addresses
+       inside a registered guest mapping, the handler puts a private zero page
+       in place, so the access completes, and counts the event; Python then
+       fails the session. Faults anywhere else keep the default action. */
+    #include <signal.h>
+    #include <string.h>
+    #include <unistd.h>
+
+    #define GUARD_SLOTS 4096
+    static struct { char *base; size_t length; } guard_ranges[GUARD_SLOTS];
+    static uint64_t guard_hits;
+
+    static void guard_handler(int sig, siginfo_t *info, void *context)
+    {
+        char *address = info->si_addr;
+        (void)context;
+        for (int i = 0; i < GUARD_SLOTS; i++) {
+            char *base = __atomic_load_n(&guard_ranges[i].base, __ATOMIC_ACQUIRE);
+            size_t length = __atomic_load_n(&guard_ranges[i].length, __ATOMIC_ACQUIRE);
+            if (base && address >= base && address < base + length) {
+                long page = sysconf(_SC_PAGESIZE);
+                char *start = (char *)((uintptr_t)address & ~(uintptr_t)(page - 1));
+                if (mmap(start, page, PROT_READ | PROT_WRITE,
+                         MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) != MAP_FAILED) {
+                    __atomic_add_fetch(&guard_hits, 1, __ATOMIC_RELAXED);
+                    return;
+                }
+                break;
+            }
+        }
+        signal(sig, SIG_DFL);  /* not ours: fault again, the default way */
+    }
+
+    int vfu_guard_install(void)
+    {
+        struct sigaction action;
+        memset(&action, 0, sizeof action);
+        action.sa_sigaction = guard_handler;
+        action.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&action.sa_mask);
+        return sigaction(SIGBUS, &action, NULL);
+    }
+
+    int vfu_guard_add(void *base, size_t length)
+    {
+        for (int i = 0; i < GUARD_SLOTS; i++) {
+            char *expected = NULL;  /* a free slot has base NULL and length 0 */
+            if (__atomic_compare_exchange_n(&guard_ranges[i].base, &expected, (char *)base, 0,
+                                            __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                __atomic_store_n(&guard_ranges[i].length, length, __ATOMIC_RELEASE);
+                return 0;
+            }
+        }
+        return -1;
+    }
+
+    void vfu_guard_remove(void *base)
+    {
+        for (int i = 0; i < GUARD_SLOTS; i++) {
+            if (__atomic_load_n(&guard_ranges[i].base, __ATOMIC_ACQUIRE) == base) {
+                __atomic_store_n(&guard_ranges[i].length, 0, __ATOMIC_RELEASE);
+                __atomic_store_n(&guard_ranges[i].base, NULL, __ATOMIC_RELEASE);
+            }
+        }
+    }
+
+    uint64_t vfu_guard_hits(void) { return __atomic_load_n(&guard_hits, __ATOMIC_RELAXED); }
     """,
 )
 

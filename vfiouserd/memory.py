@@ -28,6 +28,11 @@ from typing import Any, Protocol
 from vfiouserd._native import ffi, lib
 
 MAP_FAILED = ffi.cast("void *", -1)
+# A VMM that truncates a file after sharing it would make our next touch of
+# the lost pages raise SIGBUS; the native guard turns that into zero pages and
+# a count (see memory_faults) instead of a dead daemon.
+if lib.vfu_guard_install() != 0:
+    raise ImportError("cannot install the SIGBUS guard for guest memory")
 U64_LIMIT = 1 << 64
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -35,6 +40,10 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 class GuestMemoryError(ValueError):
     """An address range that is not (entirely) backed by shared memory, or a
     region that cannot be added."""
+
+
+class RemoteAccessError(GuestMemoryError):
+    """The VMM failed (or refused) to serve an access to unmapped memory."""
 
 
 MAX_BOUNCE = 16 << 20  # bytes of unmapped memory one caller may stage at once
@@ -114,6 +123,7 @@ class Mapping:
     length: int
     base: Any  # cffi void *
     buffer: memoryview
+    lead: int = 0  # bytes mapped before the requested file offset (alignment)
 
     @classmethod
     def map_fd(
@@ -122,8 +132,13 @@ class Mapping:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise GuestMemoryError("memory fd is not a regular file or memfd")
-        if file_offset % PAGE_SIZE:
-            raise GuestMemoryError(f"file offset {file_offset:#x} is not page aligned")
+        # mmap wants offsets aligned to the file's pages: 4 KiB, or a huge page
+        # for hugetlbfs (QEMU maps 4 KiB-aligned sections of such files).
+        block = info.st_blksize if info.st_blksize & (info.st_blksize - 1) == 0 else PAGE_SIZE
+        block = max(block, PAGE_SIZE)
+        lead = file_offset % block
+        file_offset -= lead
+        length += lead
         if info.st_size < file_offset + length:
             # Touching pages past the end of the file would raise SIGBUS.
             raise GuestMemoryError(
@@ -134,17 +149,22 @@ class Mapping:
         if base == MAP_FAILED:
             err = ffi.errno
             raise GuestMemoryError(f"mmap of {length} bytes failed: {os.strerror(err)}")
+        if lib.vfu_guard_add(base, length) != 0:
+            lib.munmap(base, length)
+            raise GuestMemoryError("too many guest mappings to guard")
         buffer = memoryview(ffi.buffer(base, length))
         if not writable:
             buffer = buffer.toreadonly()
-        return cls(fd, length, base, buffer)
+        return cls(fd, length, base, buffer, lead)
 
-    def unmap(self) -> None:
+    def unmap(self, close_fd: bool = True) -> None:
         if self.base is not None:
             self.buffer.release()
+            lib.vfu_guard_remove(self.base)
             lib.munmap(self.base, self.length)
             self.base = None
-            os.close(self.fd)
+            if close_fd:
+                os.close(self.fd)
 
 
 @dataclass(frozen=True)
@@ -210,16 +230,18 @@ class MemoryRegion:
                 f"guest range {self.guest_address + offset:#x}+{length:#x} is not mapped "
                 "into the daemon"
             )
-        start = self.spec.mmap_offset + offset
+        start = self.mapping.lead + self.spec.mmap_offset + offset
         return self.mapping.buffer[start : start + length]
 
     def release(self, close_fd: bool) -> None:
         if self.mapping is not None:
-            if close_fd:
-                self.mapping.unmap()
-            else:
-                self.mapping.buffer.release()
-                lib.munmap(self.mapping.base, self.mapping.length)
+            self.mapping.unmap(close_fd)
+
+
+def memory_faults() -> int:
+    """How many times guest memory vanished under an access (the VMM shrank
+    a file it shared) since the process started."""
+    return int(lib.vfu_guard_hits())
 
 
 def _overlaps(start_a: int, end_a: int, start_b: int, end_b: int) -> bool:

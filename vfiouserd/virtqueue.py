@@ -29,7 +29,13 @@ import trio
 from vfiouserd._native import lib
 from vfiouserd.devices.virtio import Feature, Request, VirtioDevice, bit
 from vfiouserd.log import get_logger
-from vfiouserd.memory import Area, GuestMemory, GuestMemoryError
+from vfiouserd.memory import (
+    Area,
+    GuestMemory,
+    GuestMemoryError,
+    RemoteAccessError,
+    memory_faults,
+)
 
 if sys.byteorder != "little":  # ring fields are read through native-order casts
     raise ImportError("vfiouserd's virtqueues assume a little-endian host")
@@ -46,6 +52,7 @@ PACKED_EVENT_ENABLE = 0
 PACKED_EVENT_DISABLE = 1
 PACKED_EVENT_DESC = 2
 MAX_QUEUE_SIZE = 32768
+MAX_INDIRECT = 1024  # descriptors in one indirect table (QEMU's limit too)
 DESCRIPTOR = struct.Struct("<QIHH")  # split: addr, len, flags, next
 PACKED_DESCRIPTOR = struct.Struct("<QIHH")  # packed: addr, len, id, flags
 PACKED_USED = struct.Struct("<IH")  # len, id of a used packed descriptor
@@ -145,6 +152,10 @@ class _Chains:
             raise RingError("indirect descriptor with the NEXT flag")
         if length == 0 or length % DESCRIPTOR.size:
             raise RingError(f"indirect table length {length} is not a multiple of 16")
+        if length > MAX_INDIRECT * DESCRIPTOR.size:
+            raise RingError(
+                f"indirect table of {length // 16} descriptors (at most {MAX_INDIRECT})"
+            )
         try:
             return self.memory.guest_view(address, length)
         except GuestMemoryError as exc:
@@ -409,6 +420,9 @@ class Virtqueue:
         self.notifier: Callable[[], None] | None = None
         self.error_notifier: Callable[[], None] | None = None
         self.memory_lock: trio.Lock | None = None
+        # Virtio-pci: no DMA while the driver has bus mastering switched off.
+        self.dma_allowed: Callable[[], bool] = lambda: True
+        self._in_worker = False
         self.enabled = False
         self.started = False
         self.broken = False
@@ -463,6 +477,8 @@ class Virtqueue:
                     event_idx=event_idx,
                     last_avail_idx=base,
                 )
+        except RemoteAccessError as exc:  # the VMM failed us: not worth waiting for
+            raise RingError(f"ring area: {exc}") from exc
         except GuestMemoryError as exc:
             raise RingUnmapped(f"ring area: {exc}") from exc
         self._generation = self.memory.generation
@@ -476,11 +492,20 @@ class Virtqueue:
 
     # -- running ---------------------------------------------------------------
 
+    def _on_loop(self, action: Callable[[], None]) -> None:
+        """Run ``action`` on the event loop, also when called from the worker
+        thread that walks rings on unmapped memory (device state and the
+        VMM's eventfds belong to the loop)."""
+        if self._in_worker:
+            trio.from_thread.run_sync(action)
+        else:
+            action()
+
     def fail(self, reason: str) -> None:
         self.broken = True
         log.error("ring.broken", queue=self.index, reason=reason)
         if self.error_notifier is not None:
-            self.error_notifier()
+            self._on_loop(self.error_notifier)
         else:
             _eventfd_signal(self.err_fd)
 
@@ -492,8 +517,9 @@ class Virtqueue:
 
     def process(self, handle: Handler) -> None:
         """Serve what the driver made available, then notify it once."""
-        if self.broken or not self.enabled:
+        if self.broken or not self.enabled or not self.dma_allowed():
             return
+        faults = memory_faults()
         try:
             if self._generation != self.memory.generation or self.ring is None:
                 if self.ring is None and self._generation == self.memory.generation:
@@ -537,6 +563,10 @@ class Virtqueue:
             log.warning("ring.unmapped", queue=self.index, reason=str(exc))
         except RingError as exc:
             self.fail(str(exc))
+        except GuestMemoryError as exc:  # unmapped memory the VMM failed to serve
+            self.fail(f"guest memory access failed: {exc}")
+        if memory_faults() != faults:
+            self.fail("the VMM truncated memory it shared with us")
 
     def start(self, handle: Handler, nursery: trio.Nursery) -> None:
         """Serve the queue from a task of ``nursery`` until ``stop``.
@@ -559,11 +589,18 @@ class Virtqueue:
                     # the memory lock so no DMA_UNMAP lands in the middle.
                     assert self.memory_lock is not None
                     async with self.memory_lock:
-                        await trio.to_thread.run_sync(self.process, handle)
+                        await trio.to_thread.run_sync(self._process_in_worker, handle)
                 else:
                     self.process(handle)
                 await self._wait()
             await trio.sleep_forever()  # a broken queue waits for stop or reset
+
+    def _process_in_worker(self, handle: Handler) -> None:
+        self._in_worker = True
+        try:
+            self.process(handle)
+        finally:
+            self._in_worker = False
 
     async def _wait(self) -> None:
         if not self._woken:
@@ -626,7 +663,7 @@ class Virtqueue:
 
     def signal_call(self) -> None:
         if self.notifier is not None:
-            self.notifier()
+            self._on_loop(self.notifier)
         else:
             _eventfd_signal(self.call_fd)
 
@@ -667,15 +704,20 @@ class QueueSet:
             if queue.started:
                 queue.wake()
 
-    def start(self, queue: Virtqueue) -> None:
-        """Start serving ``queue``; RingError if its setup is unusable."""
+    def start(self, queue: Virtqueue, *, wait_for_memory: bool = False) -> None:
+        """Start serving ``queue``; RingError if its setup is unusable. With
+        ``wait_for_memory`` a ring outside current memory waits for a map."""
         if queue.started:
             queue.wake()
             return
         assert self._nursery is not None, "QueueSet.bind() first"
         queue.memory_lock = self.memory_lock
-        if not self.memory.has_unmapped:
-            queue.attach()  # reports a bad set-up now; unmapped rings attach in their worker
+        if not self.memory.has_unmapped:  # unmapped rings attach in their worker
+            try:
+                queue.attach()  # reports a bad set-up now
+            except RingUnmapped:
+                if not wait_for_memory:
+                    raise
         index = queue.index
 
         def handle(request: Request) -> int:

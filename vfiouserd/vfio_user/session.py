@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import trio
 from construct import ConstructError
 
-from vfiouserd.devices.pci import Bar, DeviceAccessError, IrqKind, PciDevice
+from vfiouserd.devices.pci import Bar, DeviceAccessError, IrqKind, PciDevice, is_eventfd_like
 from vfiouserd.log import get_logger
-from vfiouserd.memory import GuestMemoryError, RegionSpec
+from vfiouserd.memory import GuestMemoryError, RegionSpec, RemoteAccessError, memory_faults
 from vfiouserd.protocol import vfio_user as vfu
 from vfiouserd.protocol.framing import ConnectionClosed, FramingError, close_fds
 from vfiouserd.protocol.vfio_user import Command, Message
@@ -35,6 +35,7 @@ log = get_logger("vfio_user")
 
 COMMAND_QUEUE = 256  # pipelined commands read ahead while one is processed
 DMA_REPLY_TIMEOUT = 10.0
+NEGOTIATION_TIMEOUT = 10.0  # an idle peer must not hold the device from its VMM
 
 
 class RequestError(Exception):
@@ -60,7 +61,7 @@ class ServerConfig:
     max_data_xfer_size: int = vfu.DEFAULT_MAX_DATA_XFER
     max_msg_fds: int = 16
     max_dma_maps: int = 1024
-    page_sizes: int = vfu.PAGE_SIZE
+    page_sizes: int = os.sysconf("SC_PAGE_SIZE")
 
 
 Handler = Callable[[Message], Awaitable[Reply]]
@@ -76,13 +77,13 @@ class ThreadedRemote:
         try:
             return trio.from_thread.run(self.session.dma_read, address, size)
         except trio.RunFinishedError as exc:
-            raise GuestMemoryError("the session ended") from exc
+            raise RemoteAccessError("the session ended") from exc
 
     def write(self, address: int, data: bytes) -> None:
         try:
             trio.from_thread.run(self.session.dma_write, address, data)
         except trio.RunFinishedError as exc:
-            raise GuestMemoryError("the session ended") from exc
+            raise RemoteAccessError("the session ended") from exc
 
 
 class VfioUserSession:
@@ -129,23 +130,37 @@ class VfioUserSession:
     # -- connection -------------------------------------------------------------
 
     async def serve(self) -> None:
+        receive: trio.MemoryReceiveChannel[Message] | None = None
         try:
-            await self._negotiate()
+            try:
+                with trio.fail_after(NEGOTIATION_TIMEOUT):
+                    await self._negotiate()
+            except trio.TooSlowError:
+                raise ProtocolViolation(
+                    f"no VERSION within {NEGOTIATION_TIMEOUT:g} s of connecting"
+                ) from None
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.device.remote_dma = self
                 self.device.memory.remote = ThreadedRemote(self)
                 self.device.attach(nursery)
                 send, receive = trio.open_memory_channel[Message](COMMAND_QUEUE)
+                self._commands = receive
                 nursery.start_soon(self._read_loop, self.sock, send, nursery.cancel_scope)
                 if self.twin is not None:
                     nursery.start_soon(self._read_loop, self.twin, None, nursery.cancel_scope)
-                nursery.start_soon(self._process_loop, receive)
+                nursery.start_soon(self._process_loop, receive, nursery.cancel_scope)
         except ConnectionClosed as exc:
             log.info("session.closed", reason=str(exc) or "end of stream")
         except (FramingError, ProtocolViolation, vfu.VersionError) as exc:
             log.error("session.fatal", reason=str(exc))
         finally:
+            # Commands read ahead but never processed still own their fds.
+            while receive is not None:
+                try:
+                    receive.receive_nowait().close_fds()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
             self.close()
 
     def close(self) -> None:
@@ -255,18 +270,17 @@ class VfioUserSession:
                     if message.msg_id in self._timed_out:
                         self._timed_out.discard(message.msg_id)  # late, already given up
                         continue
-                    log.warning("reply.unexpected", msg_id=message.msg_id, command=message.command)
-                    # libvfio-user answers a reply nobody asked for with EINVAL.
-                    await self._send(
-                        vfu.encode(message.msg_id, message.command, reply=True, error=errno.EINVAL),
-                        twin=sock is self.twin,
-                    )
-                    continue
-                elif commands is None:
+                    # Answering would be worse: message IDs belong to the sender,
+                    # so an error reply could fail an unrelated request of its own.
+                    raise ProtocolViolation(f"reply {message.msg_id} to a request never sent")
+                if commands is None:
                     message.close_fds()
                     raise ProtocolViolation("command on the twin socket")
-                else:
+                try:
                     await commands.send(message)
+                except BaseException:
+                    message.close_fds()
+                    raise
         except ConnectionClosed as exc:
             log.info("session.closed", reason=str(exc) or "end of stream")
         except (FramingError, ProtocolViolation) as exc:
@@ -276,9 +290,23 @@ class VfioUserSession:
         self._waiting.clear()
         scope.cancel()
 
-    async def _process_loop(self, commands: trio.MemoryReceiveChannel[Message]) -> None:
+    async def _process_loop(
+        self, commands: trio.MemoryReceiveChannel[Message], scope: trio.CancelScope
+    ) -> None:
+        faults = memory_faults()
         async for message in commands:
-            await self._process(message)
+            try:
+                # Commands and ring walks over unmapped memory (worker threads)
+                # take turns: no reset, IRQ change or unmap lands mid-walk.
+                async with self.device.memory_lock:
+                    await self._process(message)
+            except BaseException:
+                message.close_fds()  # e.g. cancelled while waiting for the lock
+                raise
+            if memory_faults() != faults:
+                log.error("session.fatal", reason="the VMM truncated memory it shared with us")
+                scope.cancel()
+                return
 
     async def _process(self, message: Message) -> None:
         try:
@@ -295,31 +323,31 @@ class VfioUserSession:
             )
         try:
             reply = await self._handle(message)
-        except (RequestError, DeviceAccessError) as exc:
+        except Exception as exc:
             message.close_fds()
+            if isinstance(exc, RequestError | DeviceAccessError):
+                error, reason = exc.errno, str(exc)
+            else:  # a bug in device code must not end the session
+                log.exception("device.failed", command=name)
+                error, reason = errno.EIO, f"device error: {exc!r}"
             log.warning(
-                "request.failed",
-                command=name,
-                errno=errno.errorcode.get(exc.errno),
-                reason=str(exc),
+                "request.failed", command=name, errno=errno.errorcode.get(error), reason=reason
             )
             if not message.no_reply:
                 await self._send(
-                    vfu.encode(message.msg_id, message.command, reply=True, error=exc.errno)
+                    vfu.encode(message.msg_id, message.command, reply=True, error=error)
                 )
             return
         except BaseException:
             message.close_fds()
             raise
-        if not message.no_reply:
-            try:
+        try:
+            if not message.no_reply:
                 await self._send(
                     vfu.encode(message.msg_id, message.command, reply.payload, reply=True),
                     reply.fds,
                 )
-            finally:
-                close_fds(reply.fds or [])
-        else:
+        finally:
             close_fds(reply.fds or [])
 
     async def _handle(self, message: Message) -> Reply:
@@ -371,12 +399,14 @@ class VfioUserSession:
     # -- DMA ----------------------------------------------------------------------------
 
     async def _dma_map(self, message: Message) -> Reply:
-        async with self.device.memory_lock:  # no ring walk is half-way through memory
-            return await self._dma_map_locked(message)
+        reply = await self._dma_map_locked(message)
+        self.device.memory_changed()
+        return reply
 
     async def _dma_unmap(self, message: Message) -> Reply:
-        async with self.device.memory_lock:
-            return await self._dma_unmap_locked(message)
+        reply = await self._dma_unmap_locked(message)
+        self.device.memory_changed()
+        return reply
 
     async def _dma_map_locked(self, message: Message) -> Reply:
         request = self._parse(message, vfu.DmaMap, "DMA_MAP")
@@ -466,7 +496,7 @@ class VfioUserSession:
     async def dma_read(self, address: int, size: int) -> bytes:
         """Read client memory that has no fd, through DMA_READ requests."""
         chunks = []
-        limit = self.client.max_data_xfer_size
+        limit = self._dma_chunk
         for offset in range(0, size, limit):
             count = min(limit, size - offset)
             reply = await self._request(
@@ -478,12 +508,12 @@ class VfioUserSession:
                 data_at = 12
                 self.qemu_dma_layout = True
             else:
-                raise GuestMemoryError(f"DMA_READ reply of {len(reply.payload)} bytes for {count}")
+                raise RemoteAccessError(f"DMA_READ reply of {len(reply.payload)} bytes for {count}")
             chunks.append(reply.payload[data_at : data_at + count])
         return b"".join(chunks)
 
     async def dma_write(self, address: int, data: bytes) -> None:
-        limit = self.client.max_data_xfer_size
+        limit = self._dma_chunk
         for offset in range(0, len(data), limit):
             chunk = data[offset : offset + limit]
             layout = vfu.QemuDmaAccess if self.qemu_dma_layout else vfu.DmaAccess
@@ -492,7 +522,13 @@ class VfioUserSession:
                 layout.build({"address": address + offset, "count": len(chunk)}) + chunk,
             )
             if len(reply.payload) > 16:
-                raise GuestMemoryError(f"DMA_WRITE reply of {len(reply.payload)} bytes")
+                raise RemoteAccessError(f"DMA_WRITE reply of {len(reply.payload)} bytes")
+
+    @property
+    def _dma_chunk(self) -> int:
+        # The client takes at most its max_data_xfer_size per transfer, and a
+        # DMA_READ reply must fit in a message we accept.
+        return min(self.client.max_data_xfer_size, self.config.max_data_xfer_size)
 
     async def _request(self, command: Command, payload: bytes) -> Message:
         self._next_msg_id = (self._next_msg_id + 1) & 0xFFFF
@@ -505,15 +541,15 @@ class VfioUserSession:
                 try:
                     reply = await receive.receive()
                 except trio.EndOfChannel:
-                    raise GuestMemoryError(f"connection lost during {command.name}") from None
+                    raise RemoteAccessError(f"connection lost during {command.name}") from None
         except trio.TooSlowError as exc:
             self._timed_out.add(msg_id)
-            raise GuestMemoryError(f"{command.name} got no reply") from exc
+            raise RemoteAccessError(f"{command.name} got no reply") from exc
         finally:
             self._waiting.pop(msg_id, None)
         reply.close_fds()
         if reply.is_error or reply.command != command:
-            raise GuestMemoryError(f"{command.name} failed: errno {reply.error}")
+            raise RemoteAccessError(f"{command.name} failed: errno {reply.error}")
         return reply
 
     # -- device information ---------------------------------------------------------------
@@ -552,6 +588,8 @@ class VfioUserSession:
                 )
         needed = vfu.RegionInfo.sizeof() + len(caps)
         fits = request.argsz >= needed
+        if caps and not fits:  # CAPS only with the chain: QEMU checks cap_offset then
+            flags &= ~int(vfu.RegionFlag.CAPS)
         if flags & vfu.RegionFlag.MMAP and fits:
             fds = [os.dup(bar.fd)]  # type: ignore[union-attr]
         info = vfu.RegionInfo.build(
@@ -675,6 +713,8 @@ class VfioUserSession:
         if kind_flags == vfu.IrqSetFlag.DATA_EVENTFD and action == vfu.IrqSetFlag.ACTION_UNMASK:
             if kind is not IrqKind.INTX or len(message.fds) > 1:
                 raise RequestError(errno.EINVAL, "an unmask eventfd is for INTx only")
+            if message.fds and not is_eventfd_like(message.fds[0]):
+                raise RequestError(errno.EINVAL, "the unmask fd is not an eventfd")
             self._watch_intx_unmask(message.fds.pop() if message.fds else None)
             return Reply()
         if kind_flags == vfu.IrqSetFlag.DATA_EVENTFD:
@@ -682,6 +722,10 @@ class VfioUserSession:
                 raise RequestError(errno.EINVAL, "eventfds are only for TRIGGER and UNMASK")
             if message.fds and len(message.fds) != head.count:
                 raise RequestError(errno.EINVAL, f"{len(message.fds)} fds for {head.count} vectors")
+            if not all(is_eventfd_like(fd) for fd in message.fds):
+                raise RequestError(errno.EINVAL, "an IRQ fd is not an eventfd")
+            for fd in message.fds:
+                os.set_blocking(fd, False)
             if message.fds:
                 others = [
                     other
@@ -691,8 +735,6 @@ class VfioUserSession:
                 if others:
                     raise RequestError(errno.EINVAL, f"{others[0].name} interrupts are in use")
             for vector, fd in zip(vectors, message.fds or [None] * head.count, strict=True):
-                if fd is not None:
-                    os.set_blocking(fd, False)
                 lines.set_eventfd(vector, fd)
             message.fds.clear()
             log.debug(
@@ -705,10 +747,7 @@ class VfioUserSession:
             return Reply()
         if action == vfu.IrqSetFlag.ACTION_TRIGGER:
             for vector in selected:
-                if kind is IrqKind.INTX:
-                    irqs.set_intx(True)
-                else:
-                    irqs.fire(kind, vector)
+                irqs.fire(kind, vector)  # INTx too: one shot, then automasked
             return Reply()
         if kind is not IrqKind.INTX:
             raise RequestError(errno.EINVAL, f"{kind.name} vectors are masked by the client")
@@ -739,6 +778,8 @@ class VfioUserSession:
                         with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(fd)
                         self.device.irqs.unmask(IrqKind.INTX, 0)
+            except OSError as exc:
+                log.warning("intx.unmask_fd_failed", error=str(exc))
             finally:
                 trio.lowlevel.notify_closing(fd)
                 os.close(fd)
@@ -824,7 +865,8 @@ class VfioUserSession:
         head = self._parse(message, vfu.DeviceFeatureHead, "DEVICE_FEATURE")
         self._check_argsz(head.argsz, vfu.DeviceFeatureHead.sizeof(), "DEVICE_FEATURE")
         index = head.flags & vfu.FEATURE_INDEX_MASK
-        raise RequestError(errno.ENOTSUP, f"device feature {index} is not supported")
+        # What the kernel answers for a feature it does not have.
+        raise RequestError(errno.ENOTTY, f"device feature {index} is not supported")
 
     async def _mig_data(self, message: Message) -> Reply:
         raise RequestError(errno.EINVAL, "the device is not in a migration state")

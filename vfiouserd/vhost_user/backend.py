@@ -17,7 +17,13 @@ from construct import ConstructError, Container
 
 from vfiouserd.devices.virtio import ConfigWriteError, VirtioDevice, bit
 from vfiouserd.log import get_logger
-from vfiouserd.memory import GuestMemory, GuestMemoryError, MemoryRegion, RegionSpec
+from vfiouserd.memory import (
+    GuestMemory,
+    GuestMemoryError,
+    MemoryRegion,
+    RegionSpec,
+    memory_faults,
+)
 from vfiouserd.protocol import vhost_user as vu
 from vfiouserd.protocol.framing import ConnectionClosed, FramingError, close_fds
 from vfiouserd.protocol.vhost_user import FrontendRequest as R
@@ -32,6 +38,7 @@ from vfiouserd.virtqueue import (
 
 log = get_logger("vhost_user")
 
+FIRST_MESSAGE_TIMEOUT = 10.0  # an idle peer must not hold the device from its VMM
 MAX_MEM_SLOTS = 509  # what libvhost-user and rust-vmm advertise; QEMU allows 512
 
 
@@ -124,13 +131,23 @@ class VhostUserBackend:
                 self.queue_set.bind(nursery)
                 nursery.start_soon(self._announce_config_changes)
                 try:
-                    while True:
+                    faults = memory_faults()
+                    with trio.fail_after(FIRST_MESSAGE_TIMEOUT):
                         message = await vu.read_message(self.sock)
+                    while True:
                         await self._dispatch(message)
+                        if memory_faults() != faults:
+                            raise ProtocolViolation("the front end truncated memory it shared")
+                        message = await vu.read_message(self.sock)
                 except ConnectionClosed as exc:
                     log.info("session.closed", reason=str(exc) or "end of stream")
                 except (FramingError, ProtocolViolation) as exc:
                     log.error("session.fatal", reason=str(exc))
+                except trio.TooSlowError:
+                    log.error(
+                        "session.fatal",
+                        reason=f"no message within {FIRST_MESSAGE_TIMEOUT:g} s of connecting",
+                    )
                 nursery.cancel_scope.cancel()
         finally:
             self.close()
