@@ -93,6 +93,7 @@ class VirtioBlk(VirtioDevice):
     max_segment_size = 1 << 20
     max_discard_sectors = (1 << 32) - 1
     max_discard_segments = 256
+    syscalls = frozenset({"preadv2", "pwritev2", "fallocate", "fdatasync"})
 
     def __init__(
         self,

@@ -320,6 +320,7 @@ class PciDevice:
     msix_vectors: ClassVar[int] = 0
     msix_bar: ClassVar[int] = 0  # where the MSI-X table (at 0) and PBA live
     register_width: ClassVar[int] = 8  # 4: 8-byte accesses become two 4-byte ones
+    syscalls: ClassVar[frozenset[str]] = frozenset()  # beyond the daemon's own, for the jail
 
     def __init__(self, bars: dict[int, Bar] | None = None) -> None:
         self.bars: dict[int, Bar] = dict(bars or {})

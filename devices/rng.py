@@ -14,6 +14,7 @@ class VirtioRng(VirtioDevice):
     description = "virtio entropy device fed by getrandom() or an entropy file"
     device_id = DeviceId.ENTROPY
     vhost_user_type = "rng"
+    syscalls = frozenset({"getrandom", "read"})
     # Bound the work one request can ask for; the driver simply asks again.
     max_bytes_per_request = 64 * 1024
 

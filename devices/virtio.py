@@ -149,6 +149,9 @@ class VirtioDevice:
     feature_names: ClassVar[dict[int, str]] = {}  # device-specific bits, for listings
     max_queues: ClassVar[int] = 1
     max_queue_size: ClassVar[int] = 32768
+    # System calls the device makes while serving, beyond the daemon's own
+    # (the jail's seccomp allowlist adds them).
+    syscalls: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, *, features: int = 0, num_queues: int = 1) -> None:
         self.device_features = features  # device-specific bits offered

@@ -98,6 +98,7 @@ class VirtioPciDevice(PciDevice):
         self.name = f"virtio-{virtio.name}"
         self.description = virtio.description
         self.device_id = MODERN_DEVICE_ID_BASE + int(virtio.device_id)
+        self.syscalls = virtio.syscalls
         self.class_code = CLASS_CODES.get(virtio.device_id, 0xFF0000)
         self.msix_vectors = virtio.num_queues + 1
         self.max_queue_size = min(max_queue_size, virtio.max_queue_size)

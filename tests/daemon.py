@@ -19,10 +19,16 @@ class Daemon:
         workdir: Path,
         socket_path: str | None = None,
         name: str = "daemon",
+        wrap: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.env = {**os.environ, **env} if env else None
         self.socket_path = socket_path or str(workdir / f"{name}.sock")
         self.log_path = workdir / f"{name}.log"
+        # wrap: a command the daemon runs under (strace, when recording)
+        self.wrapped = bool(wrap)
         self.command = [
+            *(wrap or []),
             sys.executable,
             "-m",
             "vfiouserd",
@@ -35,7 +41,9 @@ class Daemon:
 
     def start(self, timeout: float = 10) -> Daemon:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the daemon
-        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=self._log)
+        self.process = subprocess.Popen(
+            self.command, stdout=self._log, stderr=self._log, env=self.env
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -57,10 +65,28 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    @property
+    def pid(self) -> int:
+        """The daemon's main process (not the wrapper's)."""
+        assert self.process is not None
+        if not self.wrapped:
+            return self.process.pid
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return int(children.read_text().split()[0])
+
+    def jailed_pid(self) -> int:
+        """The jailed daemon, child of the main process (PID 1 in its namespace)."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        assert len(children) == 1, children
+        return int(children[0])
+
+    def send(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
         assert self.process is not None
         if self.process.poll() is None:
-            self.process.send_signal(sig)
+            self.send(sig)
         try:
             return self.process.wait(timeout)
         finally:

@@ -13,18 +13,26 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 
 import trio
 
-from vfiouserd import __version__
+from vfiouserd import __version__, systemd
 from vfiouserd import log as logging
 from vfiouserd.devices.pci import PciDevice
 from vfiouserd.devices.virtio import TRANSPORT_FEATURES, Feature, VirtioDevice
 from vfiouserd.devices.virtio_pci import VirtioPciDevice
 from vfiouserd.plugins import DeviceClass, device_plugins
-from vfiouserd.server import listen_on_path, run_until_signalled, serve, socket_from_fd
+from vfiouserd.sandbox import jail
+from vfiouserd.server import (
+    hold_stop_signals,
+    listen_on_path,
+    run_until_signalled,
+    serve,
+    socket_from_fd,
+)
 from vfiouserd.vfio_user.session import VfioUserSession
 from vfiouserd.vhost_user.backend import VhostUserBackend
 
@@ -102,6 +110,19 @@ def _add_common(parser: argparse.ArgumentParser, *, capabilities: bool) -> None:
         choices=["trace", "debug", "info", "warning", "error"],
         help="'trace' logs every guest request",
     )
+    parser.add_argument(
+        "--sandbox",
+        default="strict",
+        choices=jail.MODES,
+        help="strict: namespaces, no capabilities and a seccomp allowlist (default); "
+        "namespace: the same without seccomp; none: no jail at all",
+    )
+    parser.add_argument(
+        "--seccomp",
+        default="kill",
+        choices=jail.SECCOMP_ACTIONS,
+        help="what a system call outside the allowlist does (log and trap are for debugging)",
+    )
 
 
 def _print_capabilities(device: type[VirtioDevice]) -> int:
@@ -113,17 +134,43 @@ Session = Callable[[Device, trio.socket.SocketType], object]
 
 
 def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Device]) -> int:
-    if args.socket_path is None and args.fd is None:
-        print("error: one of --socket-path or --fd is required", file=sys.stderr)
+    if args.socket_path is None and args.fd is None and "LISTEN_FDS" not in os.environ:
+        print(
+            "error: one of --socket-path or --fd is required (or socket activation)",
+            file=sys.stderr,
+        )
         return 2
     logging.configure(args.log_level)
+    hold_stop_signals()
     try:
-        device = make_device()
-        sock = socket_from_fd(args.fd) if args.fd is not None else listen_on_path(args.socket_path)
+        device = make_device()  # opens the image or whatever the device needs
+        sock = open_listening_socket(args)
+        notify_fd = systemd.notify_socket()
     except (OSError, ValueError) as exc:
         log.error("startup.failed", error=str(exc))
         return 1
     log.info("startup", device=device.name, protocol=protocol, pid=os.getpid(), version=__version__)
+    jailed = args.sandbox != "none"
+    cleanup = None
+    if jailed and args.socket_path is not None:  # the jailed daemon will not see the path
+        directory = os.path.dirname(os.path.abspath(args.socket_path))
+        cleanup = (
+            os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
+            os.path.basename(args.socket_path),
+        )
+    try:
+        jail.enter(
+            jail.JailOptions(
+                mode=args.sandbox,
+                seccomp=args.seccomp,
+                device_syscalls=device.syscalls,
+                notify_fd=notify_fd,
+                socket_cleanup=cleanup,
+            )
+        )
+    except (jail.JailError, OSError) as exc:
+        log.error("sandbox.failed", error=str(exc))
+        return 1
 
     async def session(conn: trio.socket.SocketType) -> None:
         if protocol == "vhost-user":
@@ -142,12 +189,23 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         trio.run(run_until_signalled, lambda: serve(sock, session), reload)
     finally:
         sock.close()
-        if args.socket_path is not None:
+        if args.socket_path is not None and not jailed:  # jailed: the parent does it
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(args.socket_path)
         device.close()
         log.info("exit")
     return 0
+
+
+def open_listening_socket(args: argparse.Namespace) -> socket.socket:
+    if args.fd is not None:
+        return socket_from_fd(args.fd)
+    if args.socket_path is not None:
+        return listen_on_path(args.socket_path)
+    activated = systemd.listen_fds()
+    if not activated:
+        raise ValueError("socket activation passed no socket")
+    return socket_from_fd(activated[0])
 
 
 def _probe(args: argparse.Namespace) -> int:

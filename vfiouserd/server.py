@@ -76,6 +76,20 @@ async def serve(sock: socket.socket, session: Session) -> None:
         log.info("session.end")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def hold_stop_signals() -> None:
+    """Keep SIGTERM/SIGINT/SIGHUP pending until a handler is in place, so a
+    signal sent while the daemon starts (or jails itself) is not lost and
+    does not kill it half set up."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def release_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 async def run_until_signalled(
     main: Callable[[], Awaitable[None]], on_reload: Callable[[], None] | None = None
 ) -> None:
@@ -84,7 +98,8 @@ async def run_until_signalled(
     async with trio.open_nursery() as nursery:
 
         async def watch_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+                release_stop_signals()
                 async for signum in signals:
                     log.info("signal", signal=signal.Signals(signum).name)
                     if signum == signal.SIGHUP:

@@ -1,0 +1,167 @@
+"""The seccomp allowlist: every system call a jailed daemon may make, and why.
+
+The filter is built with libseccomp (pyseccomp) and loaded on all threads
+(TSYNC). Anything not listed takes the default action, which kills the
+process unless ``--seccomp`` says otherwise. A few calls that Python makes
+on its own initiative and that are harmless to refuse (looking up files,
+for instance to print a traceback) fail with an errno instead of killing.
+
+``tests/test_sandbox_syscalls.py`` records the calls the jailed daemon
+really makes under the device tests and checks that this list holds no
+entry outside that record except those marked ``RARE`` with their reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import termios
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pyseccomp as sc
+
+from vfiouserd._native import lib
+
+AT_EMPTY_PATH = 0x1000
+PROT_EXEC = 0x4
+PR_SET_NAME = 15
+
+# name: why the daemon needs it after jailing
+BASE: dict[str, str] = {
+    "read": "eventfds, sockets, entropy files",
+    "write": "logs on stderr, eventfds, sockets",
+    "close": "fds the VMM sent and the daemon releases",
+    "fcntl": "non-blocking eventfds and sockets",
+    "newfstatat": "fstat of fds (AT_EMPTY_PATH only): memory and eventfd checks",
+    "mmap": "guest memory and Python's allocator (never executable)",
+    "munmap": "guest memory and Python's allocator",
+    "mprotect": "thread stacks (never executable)",
+    "rt_sigaction": "trio's signal handling",
+    "rt_sigprocmask": "threads and signal delivery",
+    "rt_sigreturn": "returning from signal handlers",
+    "futex": "locks between threads",
+    "clone": "worker threads only (CLONE_THREAD), never processes",
+    "set_robust_list": "new threads",
+    "rseq": "new threads",
+    "gettid": "logging and threads",
+    "getpid": "trio and logging",
+    "prctl": "PR_SET_NAME only: trio names its worker threads",
+    "exit_group": "the daemon ending",
+    "epoll_create1": "trio's event loop",
+    "epoll_ctl": "trio's event loop",
+    "epoll_wait": "trio's event loop",
+    "socketpair": "trio's wake-up pair, the vfio-user twin socket (AF_UNIX only)",
+    "recvmsg": "messages and fds from the VMM",
+    "sendmsg": "replies and fds to the VMM",
+    "recvfrom": "trio's wake-up pair",
+    "sendto": "trio's wake-up pair, sd_notify",
+    "accept4": "the next VMM connection",
+    "getsockname": "trio checks the family of each socket it wraps",
+    "getsockopt": "trio checks that the listening socket listens",
+    "setsockopt": "trio sizes the buffers of its wake-up pair",
+    "ioctl": "FIONBIO only: making sockets non-blocking",
+    "getrandom": "entropy for the rng device and Python's hashing",
+}
+
+# Allowed, but the device tests do not reach them; each says when it is used.
+RARE: dict[str, str] = {
+    "mremap": "glibc's realloc of a block above 128 KiB (a large message buffer growing)",
+    "exit": "a worker thread ending after 10 s idle in trio's thread cache",
+    "lseek": "the size of an image that is a block device (the tests use files)",
+    "brk": "glibc's malloc growing its main heap under a larger load",
+    "madvise": "glibc's malloc returning freed memory under a larger load",
+}
+
+# Refused with an errno rather than a kill: Python looks files up by itself
+# (tracebacks, time zones); failing is harmless, killing is not.
+SOFT_DENY: dict[str, int] = {
+    "openat": errno.EACCES,
+    "open": errno.EACCES,
+    "stat": errno.EACCES,
+    "lstat": errno.EACCES,
+    "statx": errno.EACCES,
+    "access": errno.EACCES,
+    "faccessat": errno.EACCES,
+    "faccessat2": errno.EACCES,
+    "readlink": errno.EACCES,
+    "readlinkat": errno.EACCES,
+    "getcwd": errno.EACCES,
+    "clone3": errno.ENOSYS,  # glibc then falls back to clone, whose flags we can check
+}
+
+ACTIONS = {"kill": sc.KILL_PROCESS, "log": sc.LOG, "trap": sc.TRAP}
+
+
+@dataclass(frozen=True)
+class Policy:
+    allowed: dict[str, str]
+    action: str = "kill"
+
+    def build(self) -> sc.SyscallFilter:
+        default = ACTIONS[self.action]
+        allow = sc.ALLOW
+        f = sc.SyscallFilter(defaction=default)
+        conditional = {"clone", "socketpair", "mmap", "mprotect", "newfstatat", "ioctl", "prctl"}
+        for name in self.allowed:
+            if name not in conditional:
+                f.add_rule(allow, name)
+        if "clone" in self.allowed:
+            f.add_rule(allow, "clone", sc.Arg(0, sc.MASKED_EQ, lib.CLONE_THREAD, lib.CLONE_THREAD))
+        if "ioctl" in self.allowed:
+            f.add_rule(allow, "ioctl", sc.Arg(1, sc.EQ, termios.FIONBIO))
+        if "prctl" in self.allowed:
+            f.add_rule(allow, "prctl", sc.Arg(0, sc.EQ, PR_SET_NAME))
+        if "socketpair" in self.allowed:
+            f.add_rule(allow, "socketpair", sc.Arg(0, sc.EQ, socket.AF_UNIX))
+        for name in ("mmap", "mprotect"):
+            if name in self.allowed:
+                f.add_rule(allow, name, sc.Arg(2, sc.MASKED_EQ, PROT_EXEC, 0))
+        if "newfstatat" in self.allowed:
+            f.add_rule(allow, "newfstatat", sc.Arg(3, sc.MASKED_EQ, AT_EMPTY_PATH, AT_EMPTY_PATH))
+            f.add_rule(
+                sc.ERRNO(errno.EACCES), "newfstatat", sc.Arg(3, sc.MASKED_EQ, AT_EMPTY_PATH, 0)
+            )
+        for name, error in SOFT_DENY.items():
+            f.add_rule(sc.ERRNO(error), name)
+        f.set_attr(sc.Attr.CTL_TSYNC, 1)
+        return f
+
+    def load(self) -> None:
+        self.build().load()
+
+
+def daemon_policy(device_syscalls: Iterable[str] = (), action: str = "kill") -> Policy:
+    """The daemon's allowlist: the base, the rare paths, and the device's own."""
+    allowed = dict(BASE)
+    allowed.update(RARE)
+    for name in device_syscalls:
+        allowed.setdefault(name, "declared by the device plugin")
+    return Policy(allowed, action)
+
+
+# The parent left outside the PID namespace only waits, relays signals,
+# tells systemd the daemon is ready and removes the socket at the end.
+REAPER: dict[str, str] = {
+    "wait4": "waiting for the daemon",
+    "kill": "relaying SIGTERM/SIGINT/SIGHUP to the daemon",
+    "rt_sigreturn": "returning from the relaying signal handler",
+    "read": "the daemon's readiness pipe",
+    "write": "READY=1 to systemd, log lines",
+    "close": "the readiness pipe",
+    "unlinkat": "removing the socket the daemon listened on",
+    "exit_group": "exiting with the daemon's status",
+    "getpid": "the log line about a killed daemon",
+}
+
+# Allowed to the parent, not reached by the tests.
+REAPER_RARE: dict[str, str] = {
+    "mmap": "Python's allocator needing a new arena while logging",
+    "munmap": "Python's allocator releasing an arena",
+    "brk": "glibc's malloc growing its heap",
+    "futex": "Python's locks, should the logging module contend",
+}
+
+
+def reaper_policy(action: str = "kill") -> Policy:
+    return Policy({**REAPER, **REAPER_RARE}, action)

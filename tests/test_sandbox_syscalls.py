@@ -1,0 +1,278 @@
+"""The allowlist is exactly what the jailed daemon needs.
+
+Daemons run under ``strace -f`` with ``--seccomp=log``, so nothing is killed
+while recording, through workloads that reach every device path: both
+protocols, every device, split and packed rings, several queues, every
+virtio-blk request type, error paths, fd-less DMA with threads and the twin
+socket, reconnection, SIGHUP reload, and a real QEMU guest. Then:
+
+* every call the jailed daemon made is allowed (or refused softly on
+  purpose), so the default kill action never fires on a real workload;
+* every allowlist entry was made, or is listed in ``RARE`` with a reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+from daemon import Daemon
+from syscall_record import STRACE, Record, command, parse
+
+from conftest import MiB, start_device
+from vfiouserd.client.blk import BlkClient, RngClient
+from vfiouserd.client.guest import GuestRam
+from vfiouserd.client.vfio_user import VfioUserClient, eventfd
+from vfiouserd.client.vhost_user import VhostUserFrontend
+from vfiouserd.devices.blk import BlkStatus, RequestType
+from vfiouserd.protocol import vfio_user as vfu
+from vfiouserd.protocol import vhost_user as vu
+from vfiouserd.sandbox import seccomp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from guest import vm
+
+pytestmark = pytest.mark.skipif(STRACE is None, reason="strace not installed")
+
+Workload = Callable[[Daemon], Awaitable[None]]
+
+
+async def vhost_user_blk(daemon: Daemon) -> None:
+    image = daemon.command[daemon.command.index("--blk-file") + 1]
+    ram = GuestRam([(0, 16 * MiB), (0x1_0000_0000, 8 * MiB)])
+    try:
+        for packed in (False, True):
+            frontend = await VhostUserFrontend.connect(daemon.socket_path)
+            queues = await start_device(frontend, ram, queues=2, packed=packed, size=16)
+            channel = await frontend.open_backend_channel()
+            for blk in queues:
+                await blk.write(8, b"w" * 4096, data_pieces=3, indirect=True)
+                assert await blk.read(8, 4096, data_pieces=2) == b"w" * 4096
+                assert (await blk.request(RequestType.FLUSH)).status == BlkStatus.OK
+                assert (await blk.request(RequestType.GET_ID, in_size=20)).status == 0
+                assert await blk.segments(RequestType.DISCARD, [(0, 8, 0)]) == 0
+                assert await blk.segments(RequestType.WRITE_ZEROES, [(8, 8, 1)]) == 0
+                assert (await blk.request(99)).status == BlkStatus.UNSUPP
+                assert (await blk.request(RequestType.IN, 1 << 40, in_size=512)).status
+            if not packed:
+                os.truncate(image, 32 * MiB)  # grown online: announced after SIGHUP
+                daemon.send(signal.SIGHUP)
+                with trio.fail_after(10):
+                    await frontend.answer_backend_request(channel)
+            channel.close()
+            await frontend.stop_queue(0)
+            await frontend.aclose()
+        # A fatal violation closes that connection; the next one is served.
+        bad = await VhostUserFrontend.connect(daemon.socket_path)
+        await bad.sock.send(vu.Header.build({"request": 1, "flags": 0x3, "size": 0}))
+        with trio.fail_after(5):
+            assert await bad.sock.recv(64) == b""
+        await bad.aclose()
+    finally:
+        ram.close()
+
+
+async def vhost_user_read_only(daemon: Daemon) -> None:
+    ram = GuestRam([(0, 8 * MiB)])
+    frontend = await VhostUserFrontend.connect(daemon.socket_path)
+    (blk,) = await start_device(frontend, ram)
+    assert (await blk.request(RequestType.OUT, 0, out=b"x" * 512)).status == BlkStatus.IOERR
+    assert await blk.read(0, 512) == bytes(512)
+    await frontend.aclose()
+    ram.close()
+
+
+async def vhost_user_rng(daemon: Daemon) -> None:
+    ram = GuestRam([(0, 8 * MiB)])
+    for packed in (False, True):
+        frontend = await VhostUserFrontend.connect(daemon.socket_path)
+        (rng,) = await start_device(frontend, ram, client=RngClient, packed=packed)
+        assert len(await rng.read(4096, pieces=3)) == 4096
+        await frontend.aclose()
+    ram.close()
+
+
+async def vfio_user_virtio(daemon: Daemon) -> None:
+    from vfiouserd.client.virtio_pci import VirtioPciDriver
+
+    rng = "vfio-user-rng" in daemon.command
+    ram = GuestRam([(0, 16 * MiB)])
+    for with_fd, twin, ioeventfds in ((True, False, True), (False, True, False)):
+        async with VfioUserClient.connect(daemon.socket_path, ram=ram, twin_socket=twin) as client:
+            await client.map_ram(with_fd=with_fd)
+            driver = VirtioPciDriver(client, ram)
+            queues = await driver.start(ioeventfds=ioeventfds)
+            if rng:
+                assert len(await RngClient(ram, queues[0], arena=MiB).read(512)) == 512
+            else:
+                blk = BlkClient(ram, queues[0], arena=MiB)
+                await blk.write(0, b"v" * 8192, data_pieces=2)
+                assert await blk.read(0, 8192) == b"v" * 8192
+                assert (await blk.request(RequestType.FLUSH)).status == BlkStatus.OK
+            await client.region_read(vfu.PciRegion.CONFIG, 0, 64)
+            with pytest.raises(Exception):  # noqa: B017, PT011 - any refusal will do
+                await client.region_read(9, 0, 4)
+            await client.dma_unmap(0, 0, flags=vfu.DMA_UNMAP_FLAG_ALL)
+            driver.close()
+    ram.close()
+
+
+async def vfio_user_example(daemon: Daemon) -> None:
+    ram = GuestRam([(0, 4 * MiB)])
+    for with_fd in (True, False):
+        async with VfioUserClient.connect(daemon.socket_path, ram=ram) as client:
+            await client.map_ram(with_fd=with_fd)
+            await client.config_write(0x04, 2, 0x6)
+            irq = eventfd()
+            await client.set_irqs(
+                vfu.PciIrq.MSI,
+                vfu.IrqSetFlag.DATA_EVENTFD | vfu.IrqSetFlag.ACTION_TRIGGER,
+                0,
+                1,
+                fds=[irq],
+            )
+            ram.write(0x1000, b"e" * 8192)
+            await client.region_write(0, 0x10, struct.pack("<Q", 0x1000))
+            await client.region_write(0, 0x18, struct.pack("<II", 0x8000, 0))
+            await client.region_write(0, 0x20, struct.pack("<I", 8192))
+            await client.region_write(0, 0x24, struct.pack("<I", 1))
+            with trio.fail_after(10):
+                await trio.lowlevel.wait_readable(irq)
+            assert ram.read(0x8000, 8192) == b"e" * 8192
+            await client.reset()
+            os.close(irq)
+    ram.close()
+
+
+def qemu_guest(tmp_path: Path, trace: Path) -> Record:
+    """Both vhost-user devices under a real QEMU guest."""
+    script = """
+    dd if=/dev/urandom of=/tmp/p bs=64k count=8 2>/dev/null
+    dd if=/tmp/p of=/dev/vda bs=64k oflag=direct conv=fsync 2>/dev/null || exit 10
+    dd if=/dev/vda of=/tmp/b bs=64k count=8 iflag=direct 2>/dev/null || exit 11
+    cmp /tmp/p /tmp/b || exit 12
+    blkdiscard -o 0 -l 65536 /dev/vda || exit 13
+    head -c 1024 /dev/hwrng > /tmp/r || exit 14
+    """
+    blk = recorded_daemon(
+        tmp_path,
+        trace.with_suffix(".blk"),
+        "vhost-user-blk",
+        "--blk-file",
+        str(tmp_path / "q.img"),
+        "--size",
+        "16M",
+        name="qblk",
+    )
+    rng = recorded_daemon(tmp_path, trace.with_suffix(".rng"), "vhost-user-rng", name="qrng")
+    with blk, rng:
+        run = vm.boot(
+            script,
+            devices=vm.vhost_user_device("vhost-user-blk-pci", blk.socket_path, "b")
+            + vm.vhost_user_device("vhost-user-rng-pci", rng.socket_path, "r"),
+        )
+        assert blk.stop() == 0 and rng.stop() == 0
+    assert run.exit_statuses == [0], run.output[-2000:]
+    record = parse(trace.with_suffix(".blk"))
+    record.update(parse(trace.with_suffix(".rng")))
+    return record
+
+
+def killed_under_systemd(tmp_path: Path, trace: Path) -> Record:
+    """The outer process tells systemd it is ready and reports a killed daemon."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    daemon = recorded_daemon(
+        tmp_path,
+        trace,
+        "vhost-user-rng",
+        name="notified",
+        env={"NOTIFY_SOCKET": notify.getsockname()},
+    )
+    with daemon, notify:
+        notify.settimeout(10)
+        assert notify.recv(256).startswith(b"READY=1")
+        os.kill(daemon.jailed_pid(), signal.SIGKILL)
+        assert daemon.process.wait(10) == 128 + signal.SIGKILL
+    assert "event=daemon.killed" in daemon.log()
+    return parse(trace)
+
+
+def recorded_daemon(
+    tmp_path: Path, trace: Path, *args: str, name: str, env: dict[str, str] | None = None
+) -> Daemon:
+    return Daemon(
+        *args, "--seccomp", "log", workdir=tmp_path, name=name, wrap=command(trace, []), env=env
+    )
+
+
+WORKLOADS: list[tuple[tuple[str, ...], Workload]] = [
+    (("vhost-user-blk", "--size", "16M", "--num-queues", "2"), vhost_user_blk),
+    (("vhost-user-blk", "--size", "8M", "--read-only"), vhost_user_read_only),
+    (("vhost-user-rng",), vhost_user_rng),
+    (("vfio-user-blk", "--size", "16M"), vfio_user_virtio),
+    (("vfio-user-rng",), vfio_user_virtio),
+    (("vfio-user-example",), vfio_user_example),
+]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> Record:
+    tmp_path = tmp_path_factory.mktemp("syscalls")
+    record = Record()
+    for number, (args, workload) in enumerate(WORKLOADS):
+        trace = tmp_path / f"{number}.trace"
+        image = tmp_path / f"{number}.img"
+        extra = ("--blk-file", str(image)) if "blk" in args[0] else ()
+        if "--read-only" in args:
+            os.truncate(os.open(image, os.O_CREAT | os.O_WRONLY, 0o644), 8 * MiB)
+        daemon = recorded_daemon(tmp_path, trace, *args, *extra, name=f"w{number}")
+        with daemon:
+            trio.run(workload, daemon)
+            status = daemon.stop()
+        assert status == 0, daemon.log()[-3000:]
+        assert "event=sandbox.entered" in daemon.log()
+        record.update(parse(trace))
+    record.update(killed_under_systemd(tmp_path, tmp_path / "notify.trace"))
+    if shutil.which(vm.QEMU):
+        record.update(qemu_guest(tmp_path, tmp_path / "qemu.trace"))
+    assert record.daemon and record.reaper, "nothing recorded: is the filter loaded?"
+    return record
+
+
+def allowed_for_devices() -> dict[str, str]:
+    from vfiouserd.plugins import device_plugins
+
+    names: dict[str, str] = {}
+    for plugin, cls in device_plugins().items():
+        for name in cls.syscalls:
+            names[name] = f"declared by {plugin}"
+    return names
+
+
+def test_every_call_the_jailed_daemon_makes_is_allowed(recorded):
+    allowed = set(seccomp.BASE) | set(seccomp.RARE) | set(allowed_for_devices())
+    refused_softly = set(seccomp.SOFT_DENY)
+    assert recorded.daemon - allowed - refused_softly == set()
+    assert recorded.reaper - set(seccomp.REAPER) - set(seccomp.REAPER_RARE) == set()
+
+
+def test_the_allowlist_holds_nothing_the_daemon_does_not_make(recorded):
+    unused = set(seccomp.BASE) - recorded.daemon
+    assert unused == set(), f"move to RARE with a reason, or drop: {sorted(unused)}"
+    unused_device = set(allowed_for_devices()) - recorded.daemon
+    assert unused_device == set()
+    assert set(seccomp.REAPER) - recorded.reaper == set()
+    assert set(seccomp.RARE).isdisjoint(recorded.daemon), "made after all: move to BASE"
+    assert set(seccomp.REAPER_RARE).isdisjoint(recorded.reaper), "made: move to REAPER"
+    everything = {**seccomp.RARE, **seccomp.BASE, **seccomp.REAPER, **seccomp.REAPER_RARE}
+    for name, reason in everything.items():
+        assert len(reason) > 10, f"{name}: say why"
