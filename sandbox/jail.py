@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import prctl
 
 from vfiouserd.log import get_logger
-from vfiouserd.server import STOP_SIGNALS, release_stop_signals
 from vfiouserd.sandbox.namespaces import (
     StepFailed,
     enter_other_namespaces,
@@ -40,6 +39,7 @@ from vfiouserd.sandbox.namespaces import (
     pivot_to_empty_root,
 )
 from vfiouserd.sandbox.seccomp import daemon_policy, reaper_policy
+from vfiouserd.server import STOP_SIGNALS, release_stop_signals
 
 log = get_logger("sandbox")
 
@@ -105,13 +105,9 @@ def enter(options: JailOptions) -> None:
         enter_other_namespaces()
         pivot_to_empty_root()
     except StepFailed as exc:
-        hint = (
-            "--sandbox=none runs without the jail (not recommended)"
-            if exc.step.startswith("user namespace")
-            else "--sandbox=none runs without the jail"
-        )
         raise JailError(
-            f"cannot jail the daemon: {exc}; this machine refuses the step '{exc.step}'. {hint}"
+            f"cannot jail the daemon: this machine refuses the step '{exc}'; "
+            "--sandbox=none runs the daemon without a jail (not recommended)"
         ) from exc
     ready_read, ready_write = os.pipe()
     child = os.fork()
@@ -154,10 +150,8 @@ def _notify_ready(options: JailOptions) -> None:
 
 def _drop_capabilities() -> None:
     for cap in prctl.ALL_CAPS:
-        try:
+        with contextlib.suppress(OSError):  # a capability this kernel does not know
             prctl.capbset_drop(cap)
-        except OSError:
-            pass  # a capability this kernel does not know
     prctl.cap_effective.limit()
     prctl.cap_permitted.limit()
     prctl.cap_inheritable.limit()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import prctl
+
 from vfiouserd._native import ffi, lib
 
 # What the unprivileged uid/gid inside the jail is when the daemon starts as
@@ -37,11 +39,19 @@ def enter_user_namespace() -> tuple[int, int]:
     """A new user namespace; returns the (uid, gid) to become inside it.
 
     Anybody may map their own ids, and that is what an unprivileged daemon
-    does. Root also maps JAIL_ID so it can give up root inside; a map of more
-    than one id must be written from the parent namespace, so a helper
-    process forked beforehand writes it (as newuidmap would).
+    does. Root with the capabilities to do so also maps JAIL_ID so it can
+    give up root inside; a map of more than one id must be written from the
+    parent namespace, so a helper process forked beforehand writes it (as
+    newuidmap would). Root without those capabilities (an empty
+    CapabilityBoundingSet= in a unit, say) may not map root at all: it maps
+    nothing, so inside its ids show as the overflow id.
     """
     uid, gid = os.getuid(), os.getgid()
+    if uid == 0 and not all(
+        getattr(prctl.cap_effective, cap) for cap in ("setuid", "setgid", "setfcap")
+    ):
+        _check(lib.unshare(lib.CLONE_NEWUSER), "user namespace")
+        return os.getuid(), os.getgid()
     if uid != 0:
         _check(lib.unshare(lib.CLONE_NEWUSER), "user namespace")
         _write("/proc/self/setgroups", "deny", "user namespace setgroups")
@@ -88,8 +98,6 @@ def enter_other_namespaces() -> None:
         lib.CLONE_NEWNS | lib.CLONE_NEWNET | lib.CLONE_NEWIPC | lib.CLONE_NEWUTS | lib.CLONE_NEWPID
     )
     _check(lib.unshare(flags), "mount/network/IPC/UTS/PID namespaces")
-    name = b"vfiouserd"
-    _check(lib.sethostname(name, len(name)), "host name")
 
 
 def pivot_to_empty_root(mount_point: str = "/tmp") -> None:

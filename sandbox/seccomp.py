@@ -68,6 +68,7 @@ BASE: dict[str, str] = {
 RARE: dict[str, str] = {
     "mremap": "glibc's realloc of a block above 128 KiB (a large message buffer growing)",
     "exit": "a worker thread ending after 10 s idle in trio's thread cache",
+    "restart_syscall": "the kernel resuming a timed wait that a signal interrupted",
     "lseek": "the size of an image that is a block device (the tests use files)",
     "brk": "glibc's malloc growing its main heap under a larger load",
     "madvise": "glibc's malloc returning freed memory under a larger load",

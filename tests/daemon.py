@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,13 +19,15 @@ class Daemon:
         socket_path: str | None = None,
         name: str = "daemon",
         wrap: list[str] | None = None,
+        wrap_forks: bool = True,
         env: dict[str, str] | None = None,
     ) -> None:
         self.env = {**os.environ, **env} if env else None
         self.socket_path = socket_path or str(workdir / f"{name}.sock")
         self.log_path = workdir / f"{name}.log"
         # wrap: a command the daemon runs under (strace, when recording)
-        self.wrapped = bool(wrap)
+        # (a wrapper that execs the daemon keeps its pid; strace forks it)
+        self.wrapped = bool(wrap) and wrap_forks
         self.command = [
             *(wrap or []),
             sys.executable,
@@ -48,19 +49,21 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
-            if os.path.exists(self.socket_path):
-                probe = socket.socket(socket.AF_UNIX)
-                try:
-                    probe.connect(self.socket_path)
-                except OSError:
-                    pass
-                else:
-                    probe.close()
-                    return self
-                finally:
-                    probe.close()
+            # Logged once jailed and serving (the socket listens earlier).
+            if "event=listening" in self.log():
+                return self
             time.sleep(0.02)
         raise TimeoutError(f"daemon did not listen within {timeout}s:\n{self.log()}")
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 10) -> str:
+        """The log once ``text`` is in it ``count`` times (events are logged
+        asynchronously to what a client sees)."""
+        deadline = time.monotonic() + timeout
+        while (log := self.log()).count(text) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not logged {count} times:\n{log}")
+            time.sleep(0.02)
+        return log
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -59,9 +59,8 @@ def parse(trace: Path) -> Record:
         result = _result(rest)
         if _is_filter_load(name, args) and result == 0:
             jailed.add(pid)
-        elif name in CLONES and pid in jailed and result:
-            if result > 0:
-                jailed.add(result)
+        elif name in CLONES and pid in jailed and result is not None and result > 0:
+            jailed.add(result)
 
     for line in trace.read_text(errors="replace").splitlines():
         resumed = RESUMED.match(line)

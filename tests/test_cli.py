@@ -102,7 +102,7 @@ async def test_sessions_follow_one_another(tmp_path):
     with Daemon("vhost-user-blk", "--blk-file", image, "--size", "16M", workdir=tmp_path) as daemon:
         for _ in range(3):
             await do_io(daemon.socket_path)
-        assert daemon.log().count("event=session.end") == 3
+        assert daemon.wait_for_log("event=session.end", 3).count("event=session.end") == 3
 
 
 async def test_fatal_violation_closes_only_that_connection(tmp_path):
@@ -114,7 +114,7 @@ async def test_fatal_violation_closes_only_that_connection(tmp_path):
             await vu.read_message(bad.sock)
         await bad.aclose()
         await do_io(daemon.socket_path)
-        assert "event=session.fatal" in daemon.log()
+        assert "event=session.fatal" in daemon.wait_for_log("event=session.fatal")
         assert daemon.process.poll() is None
 
 
@@ -220,4 +220,4 @@ async def test_vfio_user_client_comes_back_to_the_same_device_state(tmp_path):
             assert await BlkClient(ram, queue, arena=MiB).read(0, 512) == b"v" * 512
             driver.close()
         ram.close()
-        assert daemon.log().count("event=session.end") == 2
+        assert daemon.wait_for_log("event=session.end", 2).count("event=session.end") == 2

@@ -30,7 +30,7 @@ from syscall_record import STRACE, Record, command, parse
 from conftest import MiB, start_device
 from vfiouserd.client.blk import BlkClient, RngClient
 from vfiouserd.client.guest import GuestRam
-from vfiouserd.client.vfio_user import VfioUserClient, eventfd
+from vfiouserd.client.vfio_user import VfioUserClient, VfioUserError, eventfd
 from vfiouserd.client.vhost_user import VhostUserFrontend
 from vfiouserd.devices.blk import BlkStatus, RequestType
 from vfiouserd.protocol import vfio_user as vfu
@@ -118,7 +118,7 @@ async def vfio_user_virtio(daemon: Daemon) -> None:
                 assert await blk.read(0, 8192) == b"v" * 8192
                 assert (await blk.request(RequestType.FLUSH)).status == BlkStatus.OK
             await client.region_read(vfu.PciRegion.CONFIG, 0, 64)
-            with pytest.raises(Exception):  # noqa: B017, PT011 - any refusal will do
+            with pytest.raises(VfioUserError):
                 await client.region_read(9, 0, 4)
             await client.dma_unmap(0, 0, flags=vfu.DMA_UNMAP_FLAG_ALL)
             driver.close()
@@ -271,8 +271,6 @@ def test_the_allowlist_holds_nothing_the_daemon_does_not_make(recorded):
     unused_device = set(allowed_for_devices()) - recorded.daemon
     assert unused_device == set()
     assert set(seccomp.REAPER) - recorded.reaper == set()
-    assert set(seccomp.RARE).isdisjoint(recorded.daemon), "made after all: move to BASE"
-    assert set(seccomp.REAPER_RARE).isdisjoint(recorded.reaper), "made: move to REAPER"
     everything = {**seccomp.RARE, **seccomp.BASE, **seccomp.REAPER, **seccomp.REAPER_RARE}
     for name, reason in everything.items():
         assert len(reason) > 10, f"{name}: say why"

@@ -46,7 +46,6 @@ ffibuilder.cdef(
     int mount(const char *source, const char *target, const char *fstype,
               unsigned long flags, const void *data);
     int umount2(const char *target, int flags);
-    int sethostname(const char *name, size_t length);
     int vfu_pivot_root(const char *new_root, const char *put_old);
 
     int vfu_guard_install(void);

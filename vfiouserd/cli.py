@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ import trio
 
 from vfiouserd import __version__, systemd
 from vfiouserd import log as logging
+from vfiouserd.config import ConfigError, arguments_from_file
 from vfiouserd.devices.pci import PciDevice
 from vfiouserd.devices.virtio import TRANSPORT_FEATURES, Feature, VirtioDevice
 from vfiouserd.devices.virtio_pci import VirtioPciDevice
@@ -170,6 +172,11 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         )
     except (jail.JailError, OSError) as exc:
         log.error("sandbox.failed", error=str(exc))
+        sock.close()
+        if cleanup is not None:  # through the directory: mounts may have moved already
+            directory, name = cleanup
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=directory)
         return 1
 
     async def session(conn: trio.socket.SocketType) -> None:
@@ -208,6 +215,30 @@ def open_listening_socket(args: argparse.Namespace) -> socket.socket:
     return socket_from_fd(activated[0])
 
 
+def _systemd_run(args: argparse.Namespace) -> int:
+    daemon_args = args.daemon_args
+    if not daemon_args:
+        print("error: give the subcommand after --, e.g. -- vhost-user-rng ...", file=sys.stderr)
+        return 2
+    executable = os.path.realpath(sys.executable)
+    if executable.startswith(systemd.HIDDEN_BY_PROTECT_HOME):
+        print(
+            f"warning: {executable} is under a directory ProtectHome= hides from the unit; "
+            "install vfiouserd system-wide (for example under /usr/local or /opt)",
+            file=sys.stderr,
+        )
+    try:
+        daemon = [sys.executable, "-m", "vfiouserd", *daemon_args]
+        command = systemd.transient_command(args.instance, daemon, systemd.template_unit())
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
+    os.execvp(command[0], command)
+
+
 def _probe(args: argparse.Namespace) -> int:
     from vfiouserd.client.probe import probe  # the client is not needed to serve
 
@@ -231,6 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("socket", help="the server's UNIX socket")
     probe.add_argument("--json", action="store_true")
     probe.set_defaults(run=_probe)
+    transient = commands.add_parser(
+        "systemd-run",
+        usage="vfiouserd systemd-run [--dry-run] INSTANCE -- COMMAND [ARGS...]",
+        help="start a device in a transient systemd unit confined like vfiouserd@.service",
+        description="Runs systemd-run with every [Service] setting of the packaged "
+        "vfiouserd@.service except its command line, then the given subcommand, e.g. "
+        "vfiouserd systemd-run disk0 -- vhost-user-blk --socket-path "
+        "/run/vfiouserd/disk0/vhost-user.sock --blk-file /var/lib/vfiouserd/disk0.img",
+    )
+    transient.add_argument("instance", help="unit vfiouserd-INSTANCE; %%i in the settings")
+    transient.add_argument("--dry-run", action="store_true", help="print the command only")
+    # The daemon's own arguments follow "--"; main() splits them off first.
+    transient.set_defaults(run=_systemd_run, daemon_args=[])
     for name, device in device_plugins().items():
         if issubclass(device, VirtioDevice):
             sub = commands.add_parser(
@@ -270,7 +314,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = device_plugins().get(argv[0].removeprefix("vhost-user-"))
         if device is not None and issubclass(device, VirtioDevice):
             return _print_capabilities(device)
+    if argv and (argv[0] == "--config" or argv[0].startswith("--config=")):
+        path = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
+        rest = argv[1:] if "=" in argv[0] else argv[2:]
+        try:
+            argv = arguments_from_file(path) + rest  # later arguments win
+        except ConfigError as exc:
+            print(f"vfiouserd: {exc}", file=sys.stderr)
+            return 2
+    daemon_args: list[str] = []
+    if argv[:1] == ["systemd-run"] and "--" in argv:
+        split = argv.index("--")
+        argv, daemon_args = argv[:split], argv[split + 1 :]
     args = build_parser().parse_args(argv)
+    if daemon_args:
+        args.daemon_args = daemon_args
     return int(args.run(args))
 
 
