@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 CACHE := .cache
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-DEB_PACKAGES := qemu-system-x86 qemu-utils gcc libcap-dev libseccomp2 util-linux
+DEB_PACKAGES := qemu-system-x86 qemu-utils gcc libcap-dev libseccomp2 util-linux strace systemd
 export PIP_CACHE_DIR := $(CURDIR)/$(CACHE)/pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -16,8 +16,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 all: test
 
-# Debian packages (QEMU 7.2 with qemu-storage-daemon, headers for python-prctl),
-# and package lists fresh enough for `apt-get download` of the guest kernel.
+# Debian packages (QEMU 7.2 with qemu-storage-daemon, headers for python-prctl,
+# strace to record the jailed daemon's system calls, systemd for
+# systemd-analyze, which judges the units), and package lists fresh enough for `apt-get download` of the guest kernel.
 $(CACHE)/deps.stamp: Makefile
 	@mkdir -p $(CACHE)
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
