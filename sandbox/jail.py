@@ -211,7 +211,8 @@ def _reap(child: int, ready: int, uid: int, options: JailOptions) -> None:
     prctl.set_no_new_privs(True)
     prctl.set_dumpable(False)
     if options.mode == "strict" and options.seccomp != "none":
-        reaper_policy(options.seccomp).load()
+        directory = options.socket_cleanup[0] if options.socket_cleanup else None
+        reaper_policy(child, directory, options.seccomp).load()
     became_ready = os.read(ready, 1) == b"1"
     os.close(ready)
     if became_ready:

@@ -17,7 +17,7 @@ import errno
 import socket
 import termios
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyseccomp as sc
 
@@ -98,6 +98,8 @@ ACTIONS = {"kill": sc.KILL_PROCESS, "log": sc.LOG, "trap": sc.TRAP}
 class Policy:
     allowed: dict[str, str]
     action: str = "kill"
+    # name: (argument index, the only value allowed there)
+    argument_is: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def build(self) -> sc.SyscallFilter:
         default = ACTIONS[self.action]
@@ -105,7 +107,10 @@ class Policy:
         f = sc.SyscallFilter(defaction=default)
         conditional = {"clone", "socketpair", "mmap", "mprotect", "newfstatat", "ioctl", "prctl"}
         for name in self.allowed:
-            if name not in conditional:
+            if name in self.argument_is:
+                index, value = self.argument_is[name]
+                f.add_rule(allow, name, sc.Arg(index, sc.EQ, value))
+            elif name not in conditional:
                 f.add_rule(allow, name)
         if "clone" in self.allowed:
             f.add_rule(allow, "clone", sc.Arg(0, sc.MASKED_EQ, lib.CLONE_THREAD, lib.CLONE_THREAD))
@@ -164,5 +169,12 @@ REAPER_RARE: dict[str, str] = {
 }
 
 
-def reaper_policy(action: str = "kill") -> Policy:
-    return Policy({**REAPER, **REAPER_RARE}, action)
+def reaper_policy(child: int, directory: int | None, action: str = "kill") -> Policy:
+    """Signals go to the daemon only; unlinking only in the socket's directory."""
+    allowed = {**REAPER, **REAPER_RARE}
+    constraints = {"kill": (0, child)}
+    if directory is None:
+        del allowed["unlinkat"]
+    else:
+        constraints["unlinkat"] = (0, directory)
+    return Policy(allowed, action, constraints)

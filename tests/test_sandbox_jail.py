@@ -267,3 +267,25 @@ async def test_an_unprivileged_user_is_jailed_the_same_way(tmp_path):
         daemon.send(signal.SIGHUP)  # relayed: same user, no capability needed
         assert daemon.stop() == 0
     assert "event=signal signal=SIGHUP" in daemon.log()
+
+
+@pytest.mark.parametrize("target", ["the-daemon", "another-process"])
+def test_the_parent_may_signal_only_the_daemon(host_process, target):
+    from vfiouserd.sandbox.seccomp import reaper_policy
+
+    daemon_pid = host_process
+    other = subprocess.Popen(["sleep", "60"])
+    child = os.fork()
+    if child == 0:  # stands in for the parent left outside the PID namespace
+        try:
+            reaper_policy(daemon_pid, None).load()
+            os.kill(daemon_pid if target == "the-daemon" else other.pid, 0)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(child, 0)
+    other.kill()
+    other.wait()
+    if target == "the-daemon":
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    else:
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
