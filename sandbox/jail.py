@@ -24,10 +24,12 @@ import contextlib
 import importlib
 import os
 import resource
+import select
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 import prctl
 
@@ -36,10 +38,11 @@ from vfiouserd.sandbox.namespaces import (
     StepFailed,
     enter_other_namespaces,
     enter_user_namespace,
+    forbid_new_namespaces,
     pivot_to_empty_root,
 )
 from vfiouserd.sandbox.seccomp import daemon_policy, reaper_policy
-from vfiouserd.server import STOP_SIGNALS, release_stop_signals
+from vfiouserd.server import STOP_SIGNALS, SocketFile, hold_stop_signals, release_stop_signals
 
 log = get_logger("sandbox")
 
@@ -77,9 +80,26 @@ class JailOptions:
     # A connected sd_notify socket: whoever is the main process tells
     # systemd READY=1 once the daemon serves (the parent when jailed).
     notify_fd: int | None = None
-    # (directory fd, socket name): the parent removes the socket at the end,
-    # since the jailed daemon no longer sees the path.
-    socket_cleanup: tuple[int, str] | None = None
+    # The socket file to remove at the end (by the parent when jailed, since
+    # the jailed daemon no longer sees the path).
+    socket_file: SocketFile | None = None
+
+
+@contextlib.contextmanager
+def _step(name: str, way_out: str = "--sandbox=none") -> Iterator[None]:
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise JailError(
+            f"cannot finish the jail: step '{name}' failed: {exc}; "
+            f"{way_out} runs the daemon without it (not recommended)"
+        ) from exc
+
+
+def close_inherited_fds(keep: Iterable[int]) -> None:
+    """Close every fd above stderr that the daemon was not given on purpose
+    (a directory fd inherited by accident would be a way out of the jail)."""
+    _close_all_except(set(keep))
 
 
 def _preload() -> None:
@@ -97,12 +117,14 @@ def enter(options: JailOptions) -> None:
     if options.mode == "none":
         log.warning("sandbox.disabled", reason="--sandbox=none: the daemon runs unjailed")
         _notify_ready(options)
-        _close_parent_only(options)
+        if options.notify_fd is not None:
+            os.close(options.notify_fd)
         return
     _preload()
     try:
         uid, gid = enter_user_namespace()
         enter_other_namespaces()
+        forbid_new_namespaces()
         pivot_to_empty_root()
     except StepFailed as exc:
         raise JailError(
@@ -110,34 +132,37 @@ def enter(options: JailOptions) -> None:
             "--sandbox=none runs the daemon without a jail (not recommended)"
         ) from exc
     ready_read, ready_write = os.pipe()
+    # Only the parent holds the write end: end of file means it is gone.
+    alive_read, alive_write = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(ready_read)
+        os.close(alive_write)
         _close_parent_only(options)
         try:
-            _confine(uid, gid, options)
-        except Exception as exc:  # tell the parent (it waits for a byte that never comes)
-            os.write(2, f"vfiouserd: cannot finish the jail: {exc}\n".encode())
+            _confine(uid, gid, options, alive_read)
+        except JailError as exc:  # the parent sees no readiness byte and reports the exit
+            os.write(2, f"vfiouserd: {exc}\n".encode())
+            os._exit(1)
+        except BaseException as exc:
+            os.write(2, f"vfiouserd: cannot finish the jail: {exc!r}\n".encode())
             os._exit(1)
         os.write(ready_write, b"1")
         os.close(ready_write)
-        log.info(
-            "sandbox.entered",
-            mode=options.mode,
-            seccomp=options.seccomp,
-            uid=uid,
-        )
+        log.info("sandbox.entered", mode=options.mode, seccomp=options.seccomp, uid=uid)
         return
     os.close(ready_write)
-    _reap(child, ready_read, uid, options)
+    os.close(alive_read)
+    _reap(child, ready_read, alive_write, uid, options)
 
 
 def _close_parent_only(options: JailOptions) -> None:
-    for fd in (options.notify_fd, options.socket_cleanup and options.socket_cleanup[0]):
-        if fd is not None:
-            os.close(fd)
+    if options.notify_fd is not None:
+        os.close(options.notify_fd)
+    if options.socket_file is not None:
+        options.socket_file.close()
     options.notify_fd = None
-    options.socket_cleanup = None
+    options.socket_file = None
 
 
 def _notify_ready(options: JailOptions) -> None:
@@ -165,63 +190,90 @@ def _close_all_except(keep: set[int]) -> None:
     os.closerange(previous + 1, MAX_FDS * 16)
 
 
-def _confine(uid: int, gid: int, options: JailOptions) -> None:
-    prctl.set_pdeathsig(signal.SIGKILL)  # no daemon outlives its parent
+def _confine(uid: int, gid: int, options: JailOptions, alive: int) -> None:
     if os.getuid() != uid:  # started as root: become nobody inside the jail
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        for cap in prctl.ALL_CAPS:  # the bounding set needs CAP_SETPCAP: drop it first
-            with contextlib.suppress(OSError):
-                prctl.capbset_drop(cap)
-        os.setresuid(uid, uid, uid)
-    _drop_capabilities()
-    prctl.set_no_new_privs(True)
-    prctl.set_dumpable(False)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_FDS, MAX_FDS))
-    resource.setrlimit(resource.RLIMIT_NPROC, (MAX_THREADS, MAX_THREADS))
+        with _step("giving up root"):
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            for cap in prctl.ALL_CAPS:  # the bounding set needs CAP_SETPCAP: drop it first
+                with contextlib.suppress(OSError):
+                    prctl.capbset_drop(cap)
+            os.setresuid(uid, uid, uid)
+    with _step("parent-death signal"):
+        # Set after the uid change, which clears it; then make sure the
+        # parent did not die before it was set.
+        prctl.set_pdeathsig(signal.SIGKILL)
+        if select.select([alive], [], [], 0)[0]:
+            raise RuntimeError("the parent process is gone")
+        os.close(alive)
+    with _step("dropping capabilities"):
+        _drop_capabilities()
+    with _step("no new privileges"):
+        prctl.set_no_new_privs(True)
+        prctl.set_dumpable(False)
+    with _step("resource limits"):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_FDS, MAX_FDS))
+        resource.setrlimit(resource.RLIMIT_NPROC, (MAX_THREADS, MAX_THREADS))
     if options.mode == "strict" and options.seccomp != "none":
-        daemon_policy(options.device_syscalls, options.seccomp).load()
+        with _step("seccomp filter", "--sandbox=namespace (or --seccomp=none)"):
+            daemon_policy(options.device_syscalls, options.seccomp).load()
 
 
-def _reap(child: int, ready: int, uid: int, options: JailOptions) -> None:
+def _reap(child: int, ready: int, alive: int, uid: int, options: JailOptions) -> NoReturn:
     """The parent: close what only the daemon needs, wait, relay, exit."""
-    keep = {ready}
+    keep = {ready, alive}
     if options.notify_fd is not None:
         keep.add(options.notify_fd)
-    if options.socket_cleanup is not None:
-        keep.add(options.socket_cleanup[0])
-    _close_all_except(keep)
+    if options.socket_file is not None:
+        keep.add(options.socket_file.directory)
+    try:
+        _close_all_except(keep)
 
-    def relay(signum: int, frame: object) -> None:
-        try:
-            os.kill(child, signum)
-        except OSError as exc:  # the daemon is gone already, or refuses us
-            log.warning("signal.relay_failed", signal=signal.Signals(signum).name, error=str(exc))
+        def relay(signum: int, frame: object) -> None:
+            try:
+                os.kill(child, signum)
+            except OSError as exc:  # the daemon is gone already
+                log.warning(
+                    "signal.relay_failed", signal=signal.Signals(signum).name, error=str(exc)
+                )
 
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, relay)
-    release_stop_signals()  # held since start-up; pending ones are relayed now
-    if os.getuid() != uid:
-        # Started as root: share the daemon's real uid so signals reach it
-        # without CAP_KILL, and keep root only as the owner of the socket's
-        # directory entry, which it removes at the end.
-        os.setresuid(uid, 0, 0)
-    _drop_capabilities()
-    prctl.set_no_new_privs(True)
-    prctl.set_dumpable(False)
-    if options.mode == "strict" and options.seccomp != "none":
-        directory = options.socket_cleanup[0] if options.socket_cleanup else None
-        reaper_policy(child, directory, options.seccomp).load()
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, relay)
+        release_stop_signals()  # held since start-up; pending ones are relayed now
+        if os.getuid() != uid:
+            # Started as root: share the daemon's real uid so signals reach it
+            # without CAP_KILL, and keep root only as the owner of the socket's
+            # directory entry, which it removes at the end.
+            with _step("parent: sharing the daemon's uid"):
+                os.setresuid(uid, 0, 0)
+        with _step("parent: dropping capabilities"):
+            _drop_capabilities()
+            prctl.set_no_new_privs(True)
+            prctl.set_dumpable(False)
+        if options.mode == "strict" and options.seccomp != "none":
+            directory = options.socket_file.directory if options.socket_file else None
+            with _step("parent: seccomp filter", "--sandbox=namespace (or --seccomp=none)"):
+                reaper_policy(child, directory, options.seccomp).load()
+    except JailError as exc:
+        log.error("sandbox.failed", error=str(exc))
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        if options.socket_file is not None:
+            options.socket_file.remove()
+        os._exit(1)
     became_ready = os.read(ready, 1) == b"1"
     os.close(ready)
     if became_ready:
         _notify_ready(options)
+    # Wait without reaping: while the daemon is a zombie its pid cannot be
+    # reused, so a relayed signal cannot reach another process. Then hold the
+    # signals and reap.
+    os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)
+    hold_stop_signals()
     _, status = os.waitpid(child, 0)
-    if options.socket_cleanup is not None:
-        directory, name = options.socket_cleanup
-        with contextlib.suppress(OSError):
-            os.unlink(name, dir_fd=directory)
+    if options.socket_file is not None:
+        options.socket_file.remove()
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
         log.error("daemon.killed", signal=signal.Signals(signum).name)

@@ -43,15 +43,19 @@ def enter_user_namespace() -> tuple[int, int]:
     give up root inside; a map of more than one id must be written from the
     parent namespace, so a helper process forked beforehand writes it (as
     newuidmap would). Root without those capabilities (an empty
-    CapabilityBoundingSet= in a unit, say) may not map root at all: it maps
-    nothing, so inside its ids show as the overflow id.
+    CapabilityBoundingSet= in a unit, say) could neither map nor give up
+    root, so it is refused: such a daemon should run as a plain user.
     """
     uid, gid = os.getuid(), os.getgid()
     if uid == 0 and not all(
         getattr(prctl.cap_effective, cap) for cap in ("setuid", "setgid", "setfcap")
     ):
-        _check(lib.unshare(lib.CLONE_NEWUSER), "user namespace")
-        return os.getuid(), os.getgid()
+        raise StepFailed(
+            "user namespace",
+            "started as root without CAP_SETUID, CAP_SETGID and CAP_SETFCAP, the daemon "
+            "cannot give root up; run it as an unprivileged user (User= or DynamicUser= "
+            "in a unit)",
+        )
     if uid != 0:
         _check(lib.unshare(lib.CLONE_NEWUSER), "user namespace")
         _write("/proc/self/setgroups", "deny", "user namespace setgroups")
@@ -63,20 +67,22 @@ def enter_user_namespace() -> tuple[int, int]:
     done_read, done_write = os.pipe()
     helper = os.fork()
     if helper == 0:  # still in the host's user namespace
-        os.close(go_write)
-        os.close(done_read)
-        status = b"?"
-        if os.read(go_read, 1) == b"1":
-            mapping = f"0 0 1\n{JAIL_ID} {JAIL_ID} 1\n"
-            try:
-                for name in ("uid_map", "gid_map"):
-                    with open(f"/proc/{target}/{name}", "w") as f:
-                        f.write(mapping)
-                status = b"1"
-            except OSError as exc:
-                status = (exc.strerror or "failed").encode()
-        os.write(done_write, status)
-        os._exit(0)
+        try:
+            os.close(go_write)
+            os.close(done_read)
+            status = b"?"
+            if os.read(go_read, 1) == b"1":
+                mapping = f"0 0 1\n{JAIL_ID} {JAIL_ID} 1\n"
+                try:
+                    for name in ("uid_map", "gid_map"):
+                        with open(f"/proc/{target}/{name}", "w") as f:
+                            f.write(mapping)
+                    status = b"1"
+                except OSError as exc:
+                    status = (exc.strerror or "failed").encode()
+            os.write(done_write, status)
+        finally:
+            os._exit(0)  # whatever happened, never run the daemon's code twice
     os.close(go_read)
     os.close(done_write)
     try:
@@ -98,6 +104,16 @@ def enter_other_namespaces() -> None:
         lib.CLONE_NEWNS | lib.CLONE_NEWNET | lib.CLONE_NEWIPC | lib.CLONE_NEWUTS | lib.CLONE_NEWPID
     )
     _check(lib.unshare(flags), "mount/network/IPC/UTS/PID namespaces")
+
+
+def forbid_new_namespaces() -> None:
+    """No namespace of any type may be created from now on in the daemon's
+    user namespace (its own already exist): a nested user namespace would
+    hand back capabilities, even without seccomp (--sandbox=namespace)."""
+    for kind in ("user", "mnt", "net", "ipc", "uts", "pid", "cgroup", "time"):
+        path = f"/proc/sys/user/max_{kind}_namespaces"
+        if os.path.exists(path):  # the time namespace is newer than some kernels
+            _write(path, "0", f"limiting {kind} namespaces")
 
 
 def pivot_to_empty_root(mount_point: str = "/tmp") -> None:

@@ -8,10 +8,12 @@ import errno
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -102,7 +104,10 @@ def test_every_thread_is_confined_and_the_root_is_empty(tmp_path):
                 continue
             assert target.startswith(("socket:", "anon_inode:")), (fd, target)
         parent = fd_targets(daemon.pid)
-        assert set(parent) - {0, 1, 2} == {fd for fd, t in parent.items() if t == str(tmp_path)}
+        # the parent: stdio, the socket's directory, the pipe whose end tells
+        # the daemon it is alive
+        extra = sorted(t.split(":")[0] for fd, t in parent.items() if fd > 2)
+        assert extra == sorted([str(tmp_path), "pipe"]), parent
         assert int(status(jailed)["Seccomp_filters"]) == 1
 
     with daemon:
@@ -151,8 +156,11 @@ ATTEMPTS = {
 STRICT = {name: None for name in ATTEMPTS} | {"open-host-file": errno.EACCES}
 
 # Without seccomp the namespaces and dropped capabilities still refuse what
-# they cover; seccomp is what stops the rest (new processes, namespaces).
+# they cover. New processes are what only seccomp stops: without it a fork
+# works (RLIMIT_NPROC bounds threads and processes together, 64).
 NAMESPACE_ONLY = {
+    "unshare": errno.ENOSPC,  # no new namespaces of any type in the jail
+    "new-process": 0,
     "execve": errno.ENOENT,  # the root is empty
     "open-host-file": errno.ENOENT,
     "socket-inet": errno.ENETUNREACH,  # an empty network namespace
@@ -289,3 +297,120 @@ def test_the_parent_may_signal_only_the_daemon(host_process, target):
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     else:
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
+
+
+def test_inherited_fds_do_not_reach_the_jail(tmp_path):
+    """A directory fd inherited by accident would let lookups relative to it
+    reach host files; the daemon closes what it was not given on purpose."""
+    directory = os.open("/etc", os.O_RDONLY | os.O_DIRECTORY)
+    secret = os.open("/etc/hostname", os.O_RDONLY)
+    command = [sys.executable, "-m", "vfiouserd", "vhost-user-rng"]
+    socket_path = str(tmp_path / "rng.sock")
+    log = open(tmp_path / "log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [*command, "--socket-path", socket_path], pass_fds=[directory, secret], stderr=log
+    )
+    os.close(directory)
+    os.close(secret)
+    daemon = Daemon("vhost-user-rng", workdir=tmp_path)  # for its helpers only
+    daemon.process, daemon.log_path, daemon._log = process, tmp_path / "log", log
+    try:
+        daemon.wait_for_log("event=listening")
+        jailed = daemon.jailed_pid()
+        targets = fd_targets(jailed)
+        kinds = sorted(
+            "stdio"
+            if fd <= 2
+            else target.split(":")[0]
+            + (":" + target.split(":")[1][:11] if target.startswith("anon_inode") else "")
+            for fd, target in targets.items()
+        )
+        # stdio, the listening socket, the event loop's epoll and trio's two
+        # wake-up socket pairs: nothing inherited
+        assert kinds == ["anon_inode:[eventpoll]", *["socket"] * 5, *["stdio"] * 3], sorted(
+            targets.items()
+        )
+        parent = fd_targets(daemon.pid)
+        extra = sorted(t.split(":")[0] for fd, t in parent.items() if fd > 2)
+        assert extra == sorted([str(tmp_path), "pipe"]), parent  # directory, liveness pipe
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_the_daemon_dies_with_its_parent(tmp_path):
+    with Daemon("vhost-user-rng", workdir=tmp_path) as daemon:
+        jailed = daemon.jailed_pid()
+        os.kill(daemon.pid, signal.SIGKILL)
+        daemon.process.wait(10)
+        for _ in range(200):
+            if not os.path.exists(f"/proc/{jailed}"):
+                break
+            time.sleep(0.02)
+        assert not os.path.exists(f"/proc/{jailed}"), "the jailed daemon outlived its parent"
+
+
+# Drops every capability (and the bounding set) then runs the daemon: what
+# root in a unit with an empty CapabilityBoundingSet= would be.
+WITHOUT_CAPABILITIES = textwrap.dedent(
+    """
+    import os, sys
+    import prctl
+    for cap in prctl.ALL_CAPS:
+        prctl.capbset_drop(cap)
+    os.execv(sys.executable, [sys.executable, "-m", "vfiouserd", *sys.argv[1:]])
+    """
+)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="about root")
+def test_root_without_capabilities_is_refused_clearly(tmp_path):
+    socket_path = str(tmp_path / "s.sock")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            WITHOUT_CAPABILITIES,
+            "vhost-user-rng",
+            "--socket-path",
+            socket_path,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert "CAP_SETUID" in done.stderr and "--sandbox=none" in done.stderr, done.stderr
+    assert not os.path.exists(socket_path)
+
+
+@pytest.mark.parametrize(
+    ("refused", "step"),
+    [("prctl", "parent: dropping capabilities"), ("seccomp", "parent: seccomp filter")],
+)
+def test_a_step_refused_after_the_fork_is_reported_and_cleaned_up(tmp_path, refused, step):
+    socket_path = str(tmp_path / "s.sock")
+    args = ["vhost-user-rng", "--socket-path", socket_path]
+    done = subprocess.run(
+        [sys.executable, "-c", REFUSE, refused, *args], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 1
+    assert f"step '{step}' failed" in done.stderr and "--sandbox=" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not os.path.exists(socket_path)
+
+
+def test_a_live_socket_is_neither_taken_nor_removed(tmp_path):
+    path = str(tmp_path / "shared.sock")
+    first = Daemon("vhost-user-rng", workdir=tmp_path, socket_path=path, name="first").start()
+    second = Daemon("vhost-user-rng", workdir=tmp_path, socket_path=path, name="second")
+    with pytest.raises(RuntimeError, match="another server is listening"):
+        second.start()
+    # Someone removes the first daemon's socket and a successor takes the path:
+    # the first one, stopping, must leave the successor's socket alone.
+    os.unlink(path)
+    with Daemon("vhost-user-rng", workdir=tmp_path, socket_path=path, name="third"):
+        assert first.stop() == 0
+        assert os.path.exists(path)
+        probe = socket.socket(socket.AF_UNIX)
+        probe.connect(path)  # still served
+        probe.close()

@@ -6,9 +6,9 @@ sandbox that can stop vfiouserd's own jail from working:
 * SystemCallFilter= (groups expanded by ``systemd-analyze syscall-filter``)
   with SystemCallErrorNumber=, RestrictAddressFamilies=, and
   MemoryDenyWriteExecute=, as one seccomp filter;
-* DynamicUser= (uid 65534; or, where that uid cannot read the installed
-  interpreter, root without any capability, which takes the same path
-  through the daemon's jail), CapabilityBoundingSet= (empty),
+* DynamicUser= (uid 65534 inside a user namespace, so the daemon takes the
+  same unprivileged path through its jail as under systemd, while files
+  stay as readable as for the caller), CapabilityBoundingSet= (empty),
   NoNewPrivileges=;
 * PrivateUsers=, PrivateMounts=, PrivateNetwork=, PrivateIPC= and
   ProtectHostname= (new user, mount, network, IPC and UTS namespaces).
@@ -105,7 +105,9 @@ def build_filter(settings: list[tuple[str, str]]) -> sc.SyscallFilter:
     return f
 
 
-def enter_namespaces() -> None:
+def enter_namespaces(inside_uid: int, inside_gid: int) -> None:
+    """PrivateUsers= and the other namespaces; the caller's ids become
+    ``inside_uid``/``inside_gid`` inside (for DynamicUser=, a plain user)."""
     libc = ctypes.CDLL(None, use_errno=True)
     uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
@@ -114,20 +116,9 @@ def enter_namespaces() -> None:
     with open("/proc/self/setgroups", "w") as f:
         f.write("deny")
     with open("/proc/self/uid_map", "w") as f:
-        f.write(f"{uid} {uid} 1\n")
+        f.write(f"{inside_uid} {uid} 1\n")
     with open("/proc/self/gid_map", "w") as f:
-        f.write(f"{gid} {gid} 1\n")
-
-
-def usable_by(uid: int, command: list[str]) -> bool:
-    """Whether ``uid`` can run the daemon from where it is installed (an
-    interpreter under /root, for instance, it cannot)."""
-    probe = [command[0], "-c", "import vfiouserd.cli"]
-    try:
-        done = subprocess.run(probe, user=uid, group=uid, extra_groups=[], capture_output=True)
-    except PermissionError:
-        return False
-    return done.returncode == 0
+        f.write(f"{inside_gid} {gid} 1\n")
 
 
 def main() -> None:
@@ -136,15 +127,12 @@ def main() -> None:
     settings = service_settings(unit)
     values = dict(settings)
     seccomp_filter = build_filter(settings)  # needs systemd-analyze: before anything is dropped
-    if values.get("DynamicUser") == "yes" and os.getuid() == 0 and usable_by(DYNAMIC_UID, command):
-        os.setgroups([])
-        os.setresgid(DYNAMIC_UID, DYNAMIC_UID, DYNAMIC_UID)
-        if values.get("CapabilityBoundingSet") == "":
-            for cap in prctl.ALL_CAPS:
-                prctl.capbset_drop(cap)
-        os.setresuid(DYNAMIC_UID, DYNAMIC_UID, DYNAMIC_UID)
-        prctl.set_dumpable(True)  # as execve would: the uid change cleared it
-    enter_namespaces()  # then the capabilities it gives, inside only, are dropped
+    if values.get("DynamicUser") == "yes":
+        # A plain user inside; outside it stays the caller, so the interpreter
+        # and the project remain readable wherever they are installed.
+        enter_namespaces(DYNAMIC_UID, DYNAMIC_UID)
+    else:
+        enter_namespaces(os.getuid(), os.getgid())
     if values.get("CapabilityBoundingSet") == "":
         for cap in prctl.ALL_CAPS:
             prctl.capbset_drop(cap)

@@ -10,7 +10,6 @@ conventions (--socket-path/--fd, no daemonizing, prompt exit on SIGTERM).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
@@ -29,6 +28,7 @@ from vfiouserd.devices.virtio_pci import VirtioPciDevice
 from vfiouserd.plugins import DeviceClass, device_plugins
 from vfiouserd.sandbox import jail
 from vfiouserd.server import (
+    SocketFile,
     hold_stop_signals,
     listen_on_path,
     run_until_signalled,
@@ -136,7 +136,8 @@ Session = Callable[[Device, trio.socket.SocketType], object]
 
 
 def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Device]) -> int:
-    if args.socket_path is None and args.fd is None and "LISTEN_FDS" not in os.environ:
+    activated = systemd.listen_fds()
+    if args.socket_path is None and args.fd is None and not activated:
         print(
             "error: one of --socket-path or --fd is required (or socket activation)",
             file=sys.stderr,
@@ -144,39 +145,41 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         return 2
     logging.configure(args.log_level)
     hold_stop_signals()
-    try:
-        device = make_device()  # opens the image or whatever the device needs
-        sock = open_listening_socket(args)
-        notify_fd = systemd.notify_socket()
-    except (OSError, ValueError) as exc:
-        log.error("startup.failed", error=str(exc))
-        return 1
-    log.info("startup", device=device.name, protocol=protocol, pid=os.getpid(), version=__version__)
     jailed = args.sandbox != "none"
-    cleanup = None
-    if jailed and args.socket_path is not None:  # the jailed daemon will not see the path
-        directory = os.path.dirname(os.path.abspath(args.socket_path))
-        cleanup = (
-            os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
-            os.path.basename(args.socket_path),
-        )
+    if jailed:  # nothing but what the daemon is given on purpose goes into the jail
+        jail.close_inherited_fds([*activated, *([args.fd] if args.fd is not None else [])])
+    device: Device | None = None
+    sock: socket.socket | None = None
+    notify_fd = socket_file = None
     try:
+        notify_fd = systemd.notify_socket()
+        device = make_device()  # opens the image or whatever the device needs
+        sock = open_listening_socket(args, activated)
+        if args.socket_path is not None:
+            socket_file = SocketFile.created_at(args.socket_path)
+        log.info(
+            "startup", device=device.name, protocol=protocol, pid=os.getpid(), version=__version__
+        )
         jail.enter(
             jail.JailOptions(
                 mode=args.sandbox,
                 seccomp=args.seccomp,
                 device_syscalls=device.syscalls,
                 notify_fd=notify_fd,
-                socket_cleanup=cleanup,
+                socket_file=socket_file,
             )
         )
-    except (jail.JailError, OSError) as exc:
-        log.error("sandbox.failed", error=str(exc))
-        sock.close()
-        if cleanup is not None:  # through the directory: mounts may have moved already
-            directory, name = cleanup
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=directory)
+    except (jail.JailError, OSError, ValueError) as exc:
+        event = "sandbox.failed" if isinstance(exc, jail.JailError) else "startup.failed"
+        log.error(event, error=str(exc))
+        if sock is not None:
+            sock.close()
+        if socket_file is not None:  # through the directory: mounts may have moved already
+            socket_file.remove()
+        if notify_fd is not None:
+            os.close(notify_fd)
+        if device is not None:
+            device.close()
         return 1
 
     async def session(conn: trio.socket.SocketType) -> None:
@@ -196,22 +199,24 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         trio.run(run_until_signalled, lambda: serve(sock, session), reload)
     finally:
         sock.close()
-        if args.socket_path is not None and not jailed:  # jailed: the parent does it
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(args.socket_path)
+        if socket_file is not None and not jailed:  # jailed: the parent removes it
+            socket_file.remove()
+            socket_file.close()
         device.close()
         log.info("exit")
     return 0
 
 
-def open_listening_socket(args: argparse.Namespace) -> socket.socket:
+def open_listening_socket(args: argparse.Namespace, activated: list[int]) -> socket.socket:
     if args.fd is not None:
         return socket_from_fd(args.fd)
     if args.socket_path is not None:
         return listen_on_path(args.socket_path)
-    activated = systemd.listen_fds()
     if not activated:
         raise ValueError("socket activation passed no socket")
+    for extra in activated[1:]:
+        log.warning("socket_activation.extra_fd", fd=extra, action="closed")
+        os.close(extra)
     return socket_from_fd(activated[0])
 
 

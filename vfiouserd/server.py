@@ -7,11 +7,13 @@ listens again, so a reconnecting QEMU gets a fresh session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import stat
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -23,7 +25,8 @@ Session = Callable[[trio.socket.SocketType], Awaitable[None]]
 
 
 def listen_on_path(path: str) -> socket.socket:
-    """Bind a listening socket at ``path``, replacing a stale socket file."""
+    """Bind a listening socket at ``path``, replacing a stale socket file
+    (one nobody listens on any more), never a live one."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -31,6 +34,13 @@ def listen_on_path(path: str) -> socket.socket:
     else:
         if not stat.S_ISSOCK(mode):
             raise FileExistsError(f"{path} exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                pass  # stale
+            else:
+                raise FileExistsError(f"{path}: another server is listening there")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -40,6 +50,40 @@ def listen_on_path(path: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+@dataclass
+class SocketFile:
+    """The socket file a daemon created. It is removed at the end through its
+    directory (the jailed daemon no longer sees the path), and only while it
+    is still the file this daemon created, not a successor's."""
+
+    directory: int  # an O_PATH fd
+    name: str
+    device: int
+    inode: int
+
+    @classmethod
+    def created_at(cls, path: str) -> SocketFile:
+        directory = os.open(
+            os.path.dirname(os.path.abspath(path)), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+        )
+        name = os.path.basename(path)
+        try:
+            info = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        except OSError:
+            os.close(directory)
+            raise
+        return cls(directory, name, info.st_dev, info.st_ino)
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):  # gone already, or not ours to touch
+            info = os.stat(self.name, dir_fd=self.directory, follow_symlinks=False)
+            if (info.st_dev, info.st_ino) == (self.device, self.inode):
+                os.unlink(self.name, dir_fd=self.directory)
+
+    def close(self) -> None:
+        os.close(self.directory)
 
 
 def socket_from_fd(fd: int) -> socket.socket:
