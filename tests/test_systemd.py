@@ -315,3 +315,16 @@ def test_the_shipped_example_configuration_is_valid():
     argv = arguments_from_file(str(UNITS / "example.toml"))
     args = build_parser().parse_args(argv)
     assert args.command == "vhost-user-blk" and args.num_queues == 2 and not args.read_only
+
+
+def test_an_unreachable_notify_socket_stops_the_daemon_before_it_listens(tmp_path):
+    socket_path = tmp_path / "rng.sock"
+    done = subprocess.run(
+        [*VFIOUSERD, "vhost-user-rng", "--socket-path", str(socket_path)],
+        env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "nobody-listens")},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1 and "event=startup.failed" in done.stderr
+    assert not socket_path.exists()
