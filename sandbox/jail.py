@@ -173,10 +173,14 @@ def _notify_ready(options: JailOptions) -> None:
             log.warning("sd_notify.failed", error=str(exc))
 
 
-def _drop_capabilities() -> None:
+def _clear_bounding_set() -> None:
     for cap in prctl.ALL_CAPS:
         with contextlib.suppress(OSError):  # a capability this kernel does not know
             prctl.capbset_drop(cap)
+
+
+def _drop_capabilities() -> None:
+    _clear_bounding_set()
     prctl.cap_effective.limit()
     prctl.cap_permitted.limit()
     prctl.cap_inheritable.limit()
@@ -195,9 +199,7 @@ def _confine(uid: int, gid: int, options: JailOptions, alive: int) -> None:
         with _step("giving up root"):
             os.setgroups([])
             os.setresgid(gid, gid, gid)
-            for cap in prctl.ALL_CAPS:  # the bounding set needs CAP_SETPCAP: drop it first
-                with contextlib.suppress(OSError):
-                    prctl.capbset_drop(cap)
+            _clear_bounding_set()  # needs CAP_SETPCAP, which the uid change takes away
             os.setresuid(uid, uid, uid)
     with _step("parent-death signal"):
         # Set after the uid change, which clears it; then make sure the
