@@ -12,7 +12,9 @@ import errno
 import os
 import stat
 import struct
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
+
+import construct as c
 
 from vfiouserd._native import ffi, lib
 from vfiouserd.devices.virtio import (
@@ -24,6 +26,7 @@ from vfiouserd.devices.virtio import (
     split_buffers,
 )
 from vfiouserd.log import get_logger
+from vfiouserd.state import Field, Schema, StateError
 
 log = get_logger("blk")
 
@@ -94,6 +97,7 @@ class VirtioBlk(VirtioDevice):
     max_discard_sectors = (1 << 32) - 1
     max_discard_segments = 256
     syscalls = frozenset({"preadv2", "pwritev2", "fallocate", "fdatasync"})
+    state = Schema(1, Field("capacity", c.Int64ul), Field("writeback", c.Flag))
 
     def __init__(
         self,
@@ -219,6 +223,12 @@ class VirtioBlk(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self.writeback = True
+
+    def check_state(self, values: dict[str, Any]) -> None:
+        if values["capacity"] != self.capacity:
+            raise StateError(
+                f"the disk had {values['capacity']} sectors, this image has {self.capacity}"
+            )
 
     def reload(self) -> None:
         capacity = image_size(self.fd) // SECTOR

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import enum
 from collections.abc import Callable, Iterable
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
+
+from vfiouserd.state import Schema
 
 
 class DeviceId(enum.IntEnum):
@@ -152,6 +154,11 @@ class VirtioDevice:
     # System calls the device makes while serving, beyond the daemon's own
     # (the jail's seccomp allowlist adds them).
     syscalls: ClassVar[frozenset[str]] = frozenset()
+    # Device state for migration and restarts (vfiouserd.state): what the
+    # guest can have changed, declared once. ``abi_version`` pins what the
+    # guest sees of the device: raise it when that changes.
+    abi_version: ClassVar[int] = 1
+    state: ClassVar[Schema] = Schema(1)
 
     def __init__(self, *, features: int = 0, num_queues: int = 1) -> None:
         self.device_features = features  # device-specific bits offered
@@ -229,6 +236,23 @@ class VirtioDevice:
     def remove_config_listener(self, listener: Callable[[], None]) -> None:
         if listener in self._config_listeners:
             self._config_listeners.remove(listener)
+
+    # -- state ----------------------------------------------------------------
+
+    def state_sections(self) -> dict[str, Schema]:
+        return {"device": self.state}
+
+    def save_state(self) -> dict[str, dict[str, Any]]:
+        return {"device": {f.name: getattr(self, f.name) for f in self.state.fields}}
+
+    def check_state(self, values: dict[str, Any]) -> None:
+        """Raise StateError if this device cannot take ``values``."""
+
+    def load_state(self, sections: dict[str, dict[str, Any]]) -> None:
+        values = sections["device"]
+        self.check_state(values)
+        for name, value in values.items():
+            setattr(self, name, value)
 
     def close(self) -> None:
         """Release host resources at exit."""
