@@ -70,7 +70,7 @@ class ConfigWriteError(ValueError):
 class Request:
     """One descriptor chain: device-readable buffers, then device-writable ones."""
 
-    __slots__ = ("head", "ndescs", "readable", "writable", "writeback")
+    __slots__ = ("head", "inflight_entry", "ndescs", "readable", "writable", "writeback")
 
     def __init__(
         self,
@@ -84,6 +84,7 @@ class Request:
         self.writable = writable
         self.head = head  # the ring's handle for this chain
         self.ndescs = ndescs  # ring slots the chain used (packed rings)
+        self.inflight_entry = 0  # where an inflight region tracks it (packed rings)
         # Bounce buffers for memory the daemon could not map, written back
         # by the ring after the device is done (devices never look at it).
         self.writeback = writeback

@@ -62,6 +62,8 @@ BASE: dict[str, str] = {
     "setsockopt": "trio sizes the buffers of its wake-up pair",
     "ioctl": "FIONBIO only: making sockets non-blocking",
     "getrandom": "entropy for the rng device and Python's hashing",
+    "memfd_create": "the inflight region handed to the front end (GET_INFLIGHT_FD)",
+    "ftruncate": "sizing that region",
 }
 
 # Allowed, but the device tests do not reach them; each says when it is used.

@@ -84,8 +84,11 @@ async def start_device(
     event_idx: bool = True,
     indirect: bool = True,
     ring_region: int = 0,
+    inflight: bool = False,
 ) -> list:
-    """Negotiate like QEMU and start ``queues`` rings; returns request clients."""
+    """Negotiate like QEMU and start ``queues`` rings; returns request clients.
+    With ``inflight`` the rings are tracked in an inflight region, as QEMU's
+    vhost-user-blk does."""
     drop = 0
     if not packed:
         drop |= bit(Feature.RING_PACKED)
@@ -95,6 +98,10 @@ async def start_device(
         drop |= bit(Feature.RING_INDIRECT_DESC)
     await frontend.negotiate(want_features=~drop)
     await frontend.set_features()
+    if inflight:
+        region = await frontend.get_inflight(queues, size)
+        await frontend.set_inflight(region)
+        region.close()
     await frontend.share_memory(ram)
     clients = []
     for index in range(queues):

@@ -51,7 +51,9 @@ async def vhost_user_blk(daemon: Daemon) -> None:
     try:
         for packed in (False, True):
             frontend = await VhostUserFrontend.connect(daemon.socket_path)
-            queues = await start_device(frontend, ram, queues=2, packed=packed, size=16)
+            queues = await start_device(
+                frontend, ram, queues=2, packed=packed, size=16, inflight=True
+            )
             channel = await frontend.open_backend_channel()
             for blk in queues:
                 await blk.write(8, b"w" * 4096, data_pieces=3, indirect=True)

@@ -21,6 +21,7 @@ import errno
 import os
 import struct
 import sys
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,13 @@ import trio
 
 from vfiouserd._native import lib
 from vfiouserd.devices.virtio import Feature, Request, VirtioDevice, bit
+from vfiouserd.inflight import (
+    InflightError,
+    PackedInflight,
+    PackedResubmit,
+    SplitInflight,
+    StoredDescriptor,
+)
 from vfiouserd.log import get_logger
 from vfiouserd.memory import (
     Area,
@@ -197,11 +205,32 @@ class SplitRing(_Chains):
         self.event_idx = event_idx
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self.used_idx = self.used16[1]  # the driver-visible value is authoritative
+        self.inflight: SplitInflight | None = None
+        self.resubmit: deque[int] = deque()  # heads a killed back end left in flight
+
+    def track(self, inflight: SplitInflight, recover: bool) -> None:
+        """Record what is in flight in ``inflight``; with ``recover``, first
+        take back what a previous back end left there."""
+        self.inflight = inflight
+        if not recover:
+            return
+        try:
+            self.resubmit = deque(inflight.recover(self.used_idx))
+        except InflightError as exc:
+            raise RingError(f"inflight region: {exc}") from exc
+        # Everything taken from the ring is either used or in flight.
+        self.last_avail_idx = (self.used_idx + len(self.resubmit)) & 0xFFFF
 
     def has_available(self) -> bool:
-        return self.avail[1] != self.last_avail_idx
+        return bool(self.resubmit) or self.avail[1] != self.last_avail_idx
 
     def pop(self) -> Request | None:
+        if self.resubmit:
+            head = self.resubmit.popleft()
+            request = self._walk(head)
+            if self.inflight is not None:
+                self.inflight.fetched(head)
+            return request
         avail_idx = self.avail[1]
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
         if pending == 0:
@@ -213,6 +242,10 @@ class SplitRing(_Chains):
         lib.vfu_fence_acquire()  # read the ring entry only after the index
         head = self.avail[2 + self.last_avail_idx % self.size]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if self.inflight is not None:
+            if head >= self.size:
+                raise RingError(f"head descriptor {head} is outside a queue of {self.size}")
+            self.inflight.fetched(head)
         return self._walk(head)
 
     def _walk(self, head: int) -> Request:
@@ -242,9 +275,13 @@ class SplitRing(_Chains):
         slot = self.used_idx % self.size
         self.used32[2 * slot] = request.head
         self.used32[2 * slot + 1] = written
+        if self.inflight is not None:
+            self.inflight.completing(request.head)
         lib.vfu_fence_release()  # the element before the index that publishes it
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self.used16[1] = self.used_idx
+        if self.inflight is not None:
+            self.inflight.completed(request.head, self.used_idx)
 
     def used_mark(self) -> int:
         return self.used_idx
@@ -303,6 +340,34 @@ class PackedRing(_Chains):
             raise RingError(f"ring base {base:#x} is outside a queue of {size}")
         self.used_counter = 0  # free-running count of used slots, for EVENT_IDX
         self.device_event[1] = PACKED_EVENT_ENABLE
+        self.inflight: PackedInflight | None = None
+        self.resubmit: deque[PackedResubmit] = deque()
+
+    def slot_published(self, index: int, wrap: bool) -> bool:
+        """Whether the device marked ring slot ``index`` used (for ``wrap``):
+        its flags are no longer those of an available descriptor."""
+        flags = _load(PACKED_DESCRIPTOR, self.desc, index * 16)[3]
+        available = (bool(flags & PACKED_DESC_F_AVAIL), bool(flags & PACKED_DESC_F_USED))
+        return available != (wrap, not wrap)
+
+    def track(self, inflight: PackedInflight, recover: bool) -> None:
+        self.inflight = inflight
+        if not recover:
+            return
+        try:
+            used_idx, used_wrap, resubmit = inflight.recover(
+                self.used_idx, self.used_wrap, self.slot_published
+            )
+        except InflightError as exc:
+            raise RingError(f"inflight region: {exc}") from exc
+        if used_idx >= self.size:
+            raise RingError(f"inflight region: used index {used_idx} outside the queue")
+        self.used_idx, self.used_wrap = used_idx, used_wrap
+        self.resubmit = deque(resubmit)
+        # Everything taken from the ring is either used or in flight.
+        position = used_idx + sum(len(r.descriptors) for r in resubmit)
+        self.avail_wrap = used_wrap ^ bool(position // self.size % 2)
+        self.last_avail_idx = position % self.size
 
     def _is_available(self, flags: int) -> bool:
         return (
@@ -311,20 +376,45 @@ class PackedRing(_Chains):
         )
 
     def has_available(self) -> bool:
+        if self.resubmit:
+            return True
         flags = _load(PACKED_DESCRIPTOR, self.desc, self.last_avail_idx * 16)[3]
         return self._is_available(flags)
 
+    def _pop_resubmitted(self) -> Request:
+        resubmit = self.resubmit.popleft()
+        request = Request([], [], writeback=self._writeback())
+        for stored in resubmit.descriptors:
+            if stored.flags & DESC_F_INDIRECT:
+                if len(resubmit.descriptors) != 1:
+                    raise RingError("indirect descriptor inside a chain")
+                table = self.indirect_table(stored.address, stored.length, stored.flags)
+                self._walk_indirect(request, table)
+            else:
+                self.buffers(request, stored.address, stored.length, stored.flags)
+        request.head = resubmit.descriptors[-1].buffer_id
+        request.ndescs = len(resubmit.descriptors)
+        request.inflight_entry = resubmit.entry
+        assert self.inflight is not None
+        self.inflight.resubmitted(resubmit.entry)
+        return request
+
     def pop(self) -> Request | None:
+        if self.resubmit:
+            return self._pop_resubmitted()
         if not self.has_available():
             return None
         lib.vfu_fence_acquire()  # the descriptor body only after its flags
         request = Request([], [], writeback=self._writeback())
         index, count = self.last_avail_idx, 0
+        chain: list[StoredDescriptor] = []
         while True:
             count += 1
             if count > self.size:
                 raise RingError("descriptor chain is longer than the queue")
             address, length, buffer_id, flags = _load(PACKED_DESCRIPTOR, self.desc, index * 16)
+            if self.inflight is not None:
+                chain.append(StoredDescriptor(address, length, buffer_id, flags))
             index += 1
             if index == self.size:
                 index = 0
@@ -338,6 +428,8 @@ class PackedRing(_Chains):
                 break
         request.head = buffer_id  # the buffer ID travels in the last descriptor
         request.ndescs = count
+        if self.inflight is not None:
+            request.inflight_entry = self.inflight.fetched(chain)
         self.last_avail_idx += count
         if self.last_avail_idx >= self.size:
             self.last_avail_idx -= self.size
@@ -357,13 +449,18 @@ class PackedRing(_Chains):
         flags = PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED if self.used_wrap else 0
         if request.writable:
             flags |= DESC_F_WRITE
+        next_used, next_wrap = self.used_idx + request.ndescs, self.used_wrap
+        if next_used >= self.size:
+            next_used -= self.size
+            next_wrap = not next_wrap
+        if self.inflight is not None:
+            self.inflight.completing(request.inflight_entry, next_used, next_wrap)
         lib.vfu_fence_release()  # id and len before the flags that publish them
         _store(FLAGS, self.desc, offset + 14, flags)
-        self.used_idx += request.ndescs
+        if self.inflight is not None:
+            self.inflight.completed(request.inflight_entry)
+        self.used_idx, self.used_wrap = next_used, next_wrap
         self.used_counter = (self.used_counter + request.ndescs) & 0xFFFF
-        if self.used_idx >= self.size:
-            self.used_idx -= self.size
-            self.used_wrap = not self.used_wrap
 
     def used_mark(self) -> int:
         return self.used_counter
@@ -428,6 +525,10 @@ class Virtqueue:
         self.broken = False
         self.requests = 0  # served since the ring started, for logs and tests
         self.ring: SplitRing | PackedRing | None = None
+        # vhost-user INFLIGHT_SHMFD: where this queue records what is in
+        # flight; recovery from it runs once per ring start.
+        self.inflight: SplitInflight | PackedInflight | None = None
+        self._recover = False
         self._generation = -1
         self._scope: trio.CancelScope | None = None
         self._wait_scope: trio.CancelScope | None = None
@@ -453,7 +554,8 @@ class Virtqueue:
         indirect = bool(self.features & bit(Feature.RING_INDIRECT_DESC))
         event_idx = bool(self.features & bit(Feature.RING_EVENT_IDX))
         # Keep the indexes a running ring has reached when re-attaching.
-        base = self.ring.base() if self.ring is not None else self.base
+        previous = self.ring
+        base = previous.base() if previous is not None else self.base
         try:
             if self.packed:
                 self.ring = PackedRing(
@@ -481,7 +583,29 @@ class Virtqueue:
             raise RingError(f"ring area: {exc}") from exc
         except GuestMemoryError as exc:
             raise RingUnmapped(f"ring area: {exc}") from exc
+        if self.inflight is not None:
+            self._track_inflight(previous)
         self._generation = self.memory.generation
+
+    def _track_inflight(self, previous: SplitRing | PackedRing | None) -> None:
+        ring, tracker = self.ring, self.inflight
+        if isinstance(ring, PackedRing) != isinstance(tracker, PackedInflight):
+            log.warning("inflight.layout_mismatch", queue=self.index, packed=self.packed)
+            return
+        if tracker.queue_size != self.size:  # type: ignore[union-attr]
+            log.warning(
+                "inflight.size_mismatch",
+                queue=self.index,
+                region=tracker.queue_size,  # type: ignore[union-attr]
+                ring=self.size,
+            )
+            return
+        if previous is not None and not self._recover:
+            ring.resubmit = previous.resubmit  # type: ignore[union-attr, assignment]
+        ring.track(tracker, self._recover)  # type: ignore[union-attr, arg-type]
+        if self._recover and ring.resubmit:  # type: ignore[union-attr]
+            log.warning("inflight.resubmit", queue=self.index, requests=len(ring.resubmit))  # type: ignore[union-attr]
+        self._recover = False
 
     def invalidate(self) -> None:
         """Re-translate the ring before the next batch (features or addresses changed)."""
@@ -712,6 +836,9 @@ class QueueSet:
             return
         assert self._nursery is not None, "QueueSet.bind() first"
         queue.memory_lock = self.memory_lock
+        # What a previous back end left in flight is taken back at the first
+        # attach (SET_VRING_KICK after a reconnect, in vhost-user terms).
+        queue._recover = queue.inflight is not None
         if not self.memory.has_unmapped:  # unmapped rings attach in their worker
             try:
                 queue.attach()  # reports a bad set-up now

@@ -58,6 +58,24 @@ class QueueHandle:
             os.close(fd)
 
 
+@dataclass
+class InflightRegion:
+    """The inflight region a back end handed out. Like QEMU, the front end
+    keeps it across back-end restarts and gives it to every new back end."""
+
+    fd: int
+    size: int
+    offset: int
+    num_queues: int
+    queue_size: int
+
+    def read(self) -> bytes:
+        return os.pread(self.fd, self.size, self.offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class VhostUserFrontend:
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
@@ -181,6 +199,35 @@ class VhostUserFrontend:
         if message.need_reply:
             await vu.write_message(channel, vu.encode_u64(message.request, status, reply=True))
         return message
+
+    async def get_inflight(self, num_queues: int, queue_size: int) -> InflightRegion:
+        payload = vu.InflightDescription.build(
+            {"mmap_size": 0, "mmap_offset": 0, "num_queues": num_queues, "queue_size": queue_size}
+        )
+        await self.send(R.GET_INFLIGHT_FD, payload)
+        reply = await vu.read_message(self.sock)
+        if (
+            reply.request != R.GET_INFLIGHT_FD
+            or reply.flags != vu.VERSION | vu.REPLY_FLAG
+            or len(reply.fds) != 1
+        ):
+            reply.close_fds()
+            raise BackendError(f"bad GET_INFLIGHT_FD reply ({len(reply.fds)} fds)")
+        answer = vu.InflightDescription.parse(reply.payload)
+        return InflightRegion(
+            reply.fds[0], answer.mmap_size, answer.mmap_offset, num_queues, queue_size
+        )
+
+    async def set_inflight(self, region: InflightRegion) -> None:
+        payload = vu.InflightDescription.build(
+            {
+                "mmap_size": region.size,
+                "mmap_offset": region.offset,
+                "num_queues": region.num_queues,
+                "queue_size": region.queue_size,
+            }
+        )
+        await self.call(R.SET_INFLIGHT_FD, payload, [region.fd])
 
     async def set_features(self, features: int | None = None) -> None:
         if features is not None:

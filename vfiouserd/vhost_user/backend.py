@@ -8,18 +8,22 @@ a fatal protocol violation, a closed connection. Extra fds are always closed.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 from construct import ConstructError, Container
 
-from vfiouserd.devices.virtio import ConfigWriteError, VirtioDevice, bit
+from vfiouserd.devices.virtio import ConfigWriteError, Feature, VirtioDevice, bit
+from vfiouserd.inflight import PackedInflight, SplitInflight
 from vfiouserd.log import get_logger
 from vfiouserd.memory import (
     GuestMemory,
     GuestMemoryError,
+    Mapping,
     MemoryRegion,
     RegionSpec,
     memory_faults,
@@ -54,6 +58,14 @@ def _pf(*features: ProtocolFeature) -> int:
     return sum(bit(f) for f in features)
 
 
+@dataclass
+class WithFds:
+    """A reply payload that carries fds (closed here once sent)."""
+
+    payload: bytes
+    fds: list[int]
+
+
 class VhostUserBackend:
     """Serves one connection; device state outside the queues survives it."""
 
@@ -66,6 +78,8 @@ class VhostUserBackend:
         self.protocol_features = 0
         self.status = 0
         self.backend_channel: trio.socket.SocketType | None = None
+        self.inflight: Mapping | None = None  # the front end's inflight region
+        self._inflight_views: list[memoryview] = []
         self.offered_protocol_features = _pf(
             ProtocolFeature.MQ,
             ProtocolFeature.REPLY_ACK,
@@ -73,11 +87,12 @@ class VhostUserBackend:
             ProtocolFeature.CONFIGURE_MEM_SLOTS,
             ProtocolFeature.RESET_DEVICE,
             ProtocolFeature.STATUS,
+            ProtocolFeature.INFLIGHT_SHMFD,
         )
         if device.config_can_change:
             self.offered_protocol_features |= bit(ProtocolFeature.BACKEND_REQ)
         self._config_wakeup = trio.Event()
-        self._handlers: dict[R, Callable[[Message], bytes | None]] = {
+        self._handlers: dict[R, Callable[[Message], bytes | WithFds | None]] = {
             R.GET_FEATURES: self._get_features,
             R.SET_FEATURES: self._set_features,
             R.SET_OWNER: self._set_owner,
@@ -103,6 +118,8 @@ class VhostUserBackend:
             R.REM_MEM_REG: self._rem_mem_reg,
             R.SET_STATUS: self._set_status,
             R.GET_STATUS: self._get_status,
+            R.GET_INFLIGHT_FD: self._get_inflight_fd,
+            R.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
         # Requests legal only once a protocol feature is negotiated.
         self._gates: dict[R, ProtocolFeature] = {
@@ -116,6 +133,8 @@ class VhostUserBackend:
             R.SET_STATUS: ProtocolFeature.STATUS,
             R.GET_STATUS: ProtocolFeature.STATUS,
             R.SET_BACKEND_REQ_FD: ProtocolFeature.BACKEND_REQ,
+            R.GET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
+            R.SET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
         }
 
     @property
@@ -158,6 +177,7 @@ class VhostUserBackend:
         self.device.remove_config_listener(self._config_wakeup.set)
         self.sock.close()
         self.queue_set.reset()
+        self._drop_inflight()
         self.memory.clear()
         if self.backend_channel is not None:
             self.backend_channel.close()
@@ -185,7 +205,14 @@ class VhostUserBackend:
         except BaseException:
             message.close_fds()
             raise
-        if reply is not None:
+        if isinstance(reply, WithFds):
+            try:
+                await vu.write_message(
+                    self.sock, vu.encode(message.request, reply.payload, reply=True), reply.fds
+                )
+            finally:
+                close_fds(reply.fds)
+        elif reply is not None:
             await self._send_reply(message.request, reply)
         elif message.need_reply:
             await self._send_reply(message.request, vu.U64.build({"value": 0}))
@@ -203,13 +230,16 @@ class VhostUserBackend:
             await self._send_reply(message.request, vu.U64.build({"value": 1}))
         elif rule.reply is vu.Payload.CONFIG:
             await self._send_reply(message.request, b"")  # empty payload: error
+        elif rule.reply is vu.InflightDescription:
+            # No region (size 0, no fd): QEMU then runs without inflight tracking.
+            await self._send_reply(message.request, bytes(vu.InflightDescription.sizeof()))
         else:
             raise ProtocolViolation(f"{R(message.request).name} failed and has no error reply")
 
     async def _send_reply(self, request: int, payload: bytes) -> None:
         await vu.write_message(self.sock, vu.encode(request, payload, reply=True))
 
-    def _handle(self, message: Message) -> bytes | None:
+    def _handle(self, message: Message) -> bytes | WithFds | None:
         if message.is_reply:
             raise RequestFailed("front end sent a message with the REPLY flag")
         try:
@@ -292,6 +322,7 @@ class VhostUserBackend:
 
     def _reset_device(self, message: Message) -> None:
         self.queue_set.reset()
+        self._drop_inflight()  # a reset front end starts a new region
         self.acked_features = 0
         self.status = 0
         log.info("device.reset")
@@ -464,6 +495,85 @@ class VhostUserBackend:
         log.info("ring.enable", queue=state.index, enabled=queue.enabled)
         if queue.enabled and queue.started:
             queue.wake()
+
+    # -- inflight I/O tracking -------------------------------------------------
+
+    def _inflight_request(self, message: Message) -> tuple[Container, int]:
+        request = message.parse(vu.InflightDescription)
+        if not 1 <= request.num_queues <= len(self.queue_set.queues):
+            raise RequestFailed(
+                f"{request.num_queues} queues; the device has {len(self.queue_set.queues)}"
+            )
+        if not 1 <= request.queue_size <= min(MAX_QUEUE_SIZE, self.device.max_queue_size):
+            raise RequestFailed(f"queue size {request.queue_size}")
+        packed = bool(self.acked_features & bit(Feature.RING_PACKED))
+        return request, vu.inflight_region_size(request.queue_size, packed)
+
+    def _get_inflight_fd(self, message: Message) -> WithFds:
+        request, per_queue = self._inflight_request(message)
+        size = per_queue * request.num_queues
+        fd = os.memfd_create("vfiouserd-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)  # zero-filled: a fresh region
+            if self.acked_features & bit(Feature.RING_PACKED):
+                mapping = Mapping.map_fd(fd, size)
+                try:
+                    for index in range(request.num_queues):
+                        view = mapping.buffer[index * per_queue : (index + 1) * per_queue]
+                        PackedInflight.initialize(view, request.queue_size)
+                        view.release()
+                finally:
+                    mapping.unmap(close_fd=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        log.info("inflight.created", size=size, queues=request.num_queues)
+        reply = vu.InflightDescription.build(
+            {
+                "mmap_size": size,
+                "mmap_offset": 0,
+                "num_queues": request.num_queues,
+                "queue_size": request.queue_size,
+            }
+        )
+        return WithFds(reply, [fd])
+
+    def _set_inflight_fd(self, message: Message) -> None:
+        request, per_queue = self._inflight_request(message)
+        if any(queue.started for queue in self.queue_set.queues):
+            raise RequestFailed("rings are running")
+        if request.mmap_size < per_queue * request.num_queues:
+            raise RequestFailed(
+                f"{request.mmap_size} bytes for {request.num_queues} queues of "
+                f"{request.queue_size}: {per_queue * request.num_queues} needed"
+            )
+        fd = message.fds.pop()
+        try:
+            mapping = Mapping.map_fd(fd, request.mmap_size, file_offset=request.mmap_offset)
+        except GuestMemoryError as exc:
+            os.close(fd)
+            raise RequestFailed(f"inflight region: {exc}") from exc
+        self._drop_inflight()
+        self.inflight = mapping
+        packed = bool(self.acked_features & bit(Feature.RING_PACKED))
+        start = mapping.lead
+        for index in range(request.num_queues):
+            view = mapping.buffer[start + index * per_queue : start + (index + 1) * per_queue]
+            self._inflight_views.append(view)
+            tracker = PackedInflight if packed else SplitInflight
+            self.queue_set.queues[index].inflight = tracker(view, request.queue_size)
+        log.info("inflight.set", size=request.mmap_size, queues=request.num_queues, packed=packed)
+
+    def _drop_inflight(self) -> None:
+        """Forget the region (rings stopped first: they must not touch it)."""
+        for queue in self.queue_set.queues:
+            queue.inflight = None
+        for view in self._inflight_views:
+            view.release()
+        self._inflight_views.clear()
+        if self.inflight is not None:
+            self.inflight.unmap()
+            self.inflight = None
 
     # -- config space and back-end channel -------------------------------------
 
