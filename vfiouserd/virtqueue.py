@@ -602,7 +602,12 @@ class Virtqueue:
             return
         if previous is not None and not self._recover:
             ring.resubmit = previous.resubmit  # type: ignore[union-attr, assignment]
+        sent = ring.base()  # type: ignore[union-attr]
         ring.track(tracker, self._recover)  # type: ignore[union-attr, arg-type]
+        if self._recover and ring.base() != sent:  # type: ignore[union-attr]
+            # The front end's idea of the base was stale (QEMU cannot ask a
+            # killed back end); the region knows better.
+            log.info("inflight.base_corrected", queue=self.index, sent=sent, base=ring.base())  # type: ignore[union-attr]
         if self._recover and ring.resubmit:  # type: ignore[union-attr]
             log.warning("inflight.resubmit", queue=self.index, requests=len(ring.resubmit))  # type: ignore[union-attr]
         self._recover = False
