@@ -70,7 +70,15 @@ class ConfigWriteError(ValueError):
 class Request:
     """One descriptor chain: device-readable buffers, then device-writable ones."""
 
-    __slots__ = ("head", "inflight_entry", "ndescs", "readable", "writable", "writeback")
+    __slots__ = (
+        "dirty_ranges",
+        "head",
+        "inflight_entry",
+        "ndescs",
+        "readable",
+        "writable",
+        "writeback",
+    )
 
     def __init__(
         self,
@@ -85,6 +93,9 @@ class Request:
         self.head = head  # the ring's handle for this chain
         self.ndescs = ndescs  # ring slots the chain used (packed rings)
         self.inflight_entry = 0  # where an inflight region tracks it (packed rings)
+        # Guest-physical (address, length) of the writable buffers, kept only
+        # while the VMM logs dirty pages; the ring marks what was written.
+        self.dirty_ranges: list[tuple[int, int]] | None = None
         # Bounce buffers for memory the daemon could not map, written back
         # by the ring after the device is done (devices never look at it).
         self.writeback = writeback

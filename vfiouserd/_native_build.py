@@ -25,6 +25,9 @@ ffibuilder.cdef(
     void vfu_fence_acquire(void);
     void vfu_fence_release(void);
 
+    uint64_t vfu_bitmap_set(uint8_t *bitmap, size_t bytes, uint64_t first, uint64_t last);
+    void vfu_bitmap_take(uint8_t *bitmap, uint8_t *out, size_t bytes);
+
     #define CLONE_NEWUSER ...
     #define CLONE_NEWNS ...
     #define CLONE_NEWNET ...
@@ -77,6 +80,42 @@ ffibuilder.set_source(
     void vfu_fence_full(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
     void vfu_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
     void vfu_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+
+    /* Dirty page bitmaps: bit n (least significant first in byte n / 8)
+       stands for page n. Bits are set with atomic ORs, since another process
+       (the VMM reading and clearing, other back ends sharing QEMU's log) may
+       touch the same bytes. Sets first..last inclusive; returns how many of
+       those pages lie beyond the bitmap (they are not recorded). */
+    uint64_t vfu_bitmap_set(uint8_t *bitmap, size_t bytes, uint64_t first, uint64_t last)
+    {
+        uint64_t outside = 0;
+        uint64_t limit = (uint64_t)bytes * 8;
+        if (last >= limit) {
+            outside = last - (first > limit ? first : limit) + 1;
+            if (first >= limit)
+                return outside;
+            last = limit - 1;
+        }
+        uint64_t page = first;
+        while (page <= last) {
+            uint64_t byte = page / 8;
+            uint8_t mask = 0;
+            while (page <= last && page / 8 == byte) {
+                mask |= (uint8_t)(1u << (page % 8));
+                page++;
+            }
+            __atomic_fetch_or(&bitmap[byte], mask, __ATOMIC_RELAXED);
+        }
+        return outside;
+    }
+
+    /* Copy a bitmap out and clear it, byte by byte atomically, so a bit set
+       meanwhile is either in the copy or still in the bitmap. */
+    void vfu_bitmap_take(uint8_t *bitmap, uint8_t *out, size_t bytes)
+    {
+        for (size_t i = 0; i < bytes; i++)
+            out[i] = __atomic_exchange_n(&bitmap[i], 0, __ATOMIC_RELAXED);
+    }
 
     /* SIGBUS guard for guest mappings. A VMM that truncates a file it shared
        makes every later touch of the lost pages raise SIGBUS. For addresses

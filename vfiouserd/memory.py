@@ -19,6 +19,7 @@ and as bounce buffers for data, which the caller writes back.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import stat
 import struct
@@ -248,6 +249,51 @@ def _overlaps(start_a: int, end_a: int, start_b: int, end_b: int) -> bool:
     return start_a < end_b and start_b < end_a
 
 
+LOG_PAGE = 4096  # what one dirty bit stands for (vhost-user's VHOST_LOG_PAGE)
+
+
+class DirtyLog(Protocol):
+    """Where writes to guest memory are recorded while a VMM migrates."""
+
+    def mark(self, address: int, length: int) -> None: ...
+
+    def kick(self) -> None:
+        """After a batch: tell the VMM, if it asked to be told."""
+
+
+class SharedDirtyLog:
+    """vhost-user LOG_SHMFD: the front end's bitmap, one bit per 4 KiB of
+    guest-physical memory, in a memfd it shares. Bits are set with atomic ORs
+    (QEMU reads and clears them meanwhile, other back ends share the log)."""
+
+    def __init__(self, mapping: Mapping, size: int) -> None:
+        self.mapping = mapping
+        self.size = size
+        self._bitmap = ffi.cast("uint8_t *", mapping.base) + mapping.lead
+        self.beyond = 0  # pages written outside the log (a front end that sized it wrong)
+        self.kick_fd: int | None = None  # SET_LOG_FD: told after each batch that logged
+        self.pending = False
+
+    def mark(self, address: int, length: int) -> None:
+        if length <= 0:
+            return
+        first, last = address // LOG_PAGE, (address + length - 1) // LOG_PAGE
+        self.beyond += lib.vfu_bitmap_set(self._bitmap, self.size, first, last)
+        self.pending = True
+
+    def kick(self) -> None:
+        if self.pending and self.kick_fd is not None:
+            with contextlib.suppress(BlockingIOError):  # saturated: it has been told
+                os.eventfd_write(self.kick_fd, 1)
+        self.pending = False
+
+    def close(self) -> None:
+        self.mapping.unmap()
+        if self.kick_fd is not None:
+            os.close(self.kick_fd)
+            self.kick_fd = None
+
+
 class GuestMemory:
     """The set of shared regions of one VMM connection."""
 
@@ -258,6 +304,11 @@ class GuestMemory:
         self.generation = 0
         self.has_unmapped = False  # some region is reachable only through ``remote``
         self.remote: RemoteAccess | None = None
+        self.dirty: DirtyLog | None = None  # set while the VMM tracks our writes
+
+    def mark_dirty(self, address: int, length: int) -> None:
+        if self.dirty is not None:
+            self.dirty.mark(address, length)
 
     @property
     def regions(self) -> tuple[MemoryRegion, ...]:
@@ -495,3 +546,4 @@ class GuestMemory:
         for view in views:
             view[:] = data[offset : offset + len(view)]
             offset += len(view)
+        self.mark_dirty(address, len(data))

@@ -125,6 +125,15 @@ def _eventfd_signal(fd: int | None) -> None:
         log.warning("eventfd.write_failed", fd=fd, error=os.strerror(exc.errno or 0))
 
 
+def _mark_written(memory: GuestMemory, ranges: list[tuple[int, int]], written: int) -> None:
+    """Log the first ``written`` bytes of a request's writable buffers."""
+    for address, length in ranges:
+        if written <= 0:
+            break
+        memory.mark_dirty(address, min(length, written))
+        written -= length
+
+
 def _eventfd_drain(fd: int) -> None:
     with contextlib.suppress(BlockingIOError):
         os.read(fd, 8)
@@ -149,6 +158,10 @@ class _Chains:
         except GuestMemoryError as exc:
             raise RingError(f"descriptor buffer {address:#x}+{length:#x}: {exc}") from exc
         (request.writable if writable else request.readable).extend(views)
+        if writable and self.memory.dirty is not None:
+            if request.dirty_ranges is None:
+                request.dirty_ranges = []
+            request.dirty_ranges.append((address, length))
 
     def _writeback(self) -> list[tuple[int, memoryview]] | None:
         return [] if self.memory.has_unmapped else None
@@ -200,6 +213,7 @@ class SplitRing(_Chains):
         except GuestMemoryError as exc:
             raise RingUnmapped(f"ring area: {exc}") from exc
         # used: flags, idx, {id, len}[size], avail_event
+        self.used_address = used  # guest-physical, for the dirty log
         self.used16 = used_view.cast("H")
         self.used32 = used_view[4 : 4 + 8 * size].cast("I")
         self.event_idx = event_idx
@@ -282,6 +296,9 @@ class SplitRing(_Chains):
         self.used16[1] = self.used_idx
         if self.inflight is not None:
             self.inflight.completed(request.head, self.used_idx)
+        if self.memory.dirty is not None:
+            self.memory.mark_dirty(self.used_address + 4 + 8 * slot, 8)
+            self.memory.mark_dirty(self.used_address + 2, 2)
 
     def used_mark(self) -> int:
         return self.used_idx
@@ -298,6 +315,7 @@ class SplitRing(_Chains):
         """Ask for a kick on the next buffer; True if one is already there."""
         if self.event_idx:
             self.used16[2 + 4 * self.size] = self.last_avail_idx
+            self.memory.mark_dirty(self.used_address + 4 + 8 * self.size, 2)
             lib.vfu_fence_full()  # publish avail_event before re-reading avail idx
         return self.has_available()
 
@@ -331,6 +349,7 @@ class PackedRing(_Chains):
             self.device_event = memory.guest_view(device, 4).cast("H")
         except GuestMemoryError as exc:
             raise RingUnmapped(f"ring area: {exc}") from exc
+        self.desc_address = desc  # guest-physical, for the dirty log
         self.event_idx = event_idx
         self.last_avail_idx = base & 0x7FFF
         self.avail_wrap = bool(base >> 15 & 1)
@@ -340,6 +359,7 @@ class PackedRing(_Chains):
             raise RingError(f"ring base {base:#x} is outside a queue of {size}")
         self.used_counter = 0  # free-running count of used slots, for EVENT_IDX
         self.device_event[1] = PACKED_EVENT_ENABLE
+        memory.mark_dirty(device, 4)
         self.inflight: PackedInflight | None = None
         self.resubmit: deque[PackedResubmit] = deque()
 
@@ -459,6 +479,7 @@ class PackedRing(_Chains):
         _store(FLAGS, self.desc, offset + 14, flags)
         if self.inflight is not None:
             self.inflight.completed(request.inflight_entry)
+        self.memory.mark_dirty(self.desc_address + offset, 16)
         self.used_idx, self.used_wrap = next_used, next_wrap
         self.used_counter = (self.used_counter + request.ndescs) & 0xFFFF
 
@@ -679,9 +700,14 @@ class Virtqueue:
                 self.requests += 1
                 if request.writeback:  # unmapped buffers: data before the used entry
                     self.memory.flush(request.writeback)
-                ring.push(request, min(written, request.writable_size))
+                written = min(written, request.writable_size)
+                if request.dirty_ranges:
+                    _mark_written(self.memory, request.dirty_ranges, written)
+                ring.push(request, written)
             else:
                 self.wake()
+            if self.memory.dirty is not None:
+                self.memory.dirty.kick()
             if ring.should_notify(mark):
                 self.signal_call()
         except RingUnmapped as exc:

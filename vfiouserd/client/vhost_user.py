@@ -163,6 +163,8 @@ class VhostUserFrontend:
         await self.call(R.SET_OWNER)
         self.features = offered if want_features is None else offered & want_features
         self.features |= offered & bit(vu.VHOST_USER_F_PROTOCOL_FEATURES)
+        # Like QEMU: LOG_ALL only while migrating (set_features with it then).
+        self.features &= ~bit(vu.VHOST_F_LOG_ALL)
 
     async def queue_count(self) -> int:
         count = await self.call_u64(R.GET_QUEUE_NUM)

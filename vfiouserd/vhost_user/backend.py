@@ -26,6 +26,7 @@ from vfiouserd.memory import (
     Mapping,
     MemoryRegion,
     RegionSpec,
+    SharedDirtyLog,
     memory_faults,
 )
 from vfiouserd.protocol import vhost_user as vu
@@ -79,6 +80,8 @@ class VhostUserBackend:
         self.status = 0
         self.backend_channel: trio.socket.SocketType | None = None
         self.inflight: Mapping | None = None  # the front end's inflight region
+        self.dirty_log: SharedDirtyLog | None = None  # SET_LOG_BASE, for migration
+        self._log_kick_fd: int | None = None
         self._inflight_views: list[memoryview] = []
         self.offered_protocol_features = _pf(
             ProtocolFeature.MQ,
@@ -88,6 +91,7 @@ class VhostUserBackend:
             ProtocolFeature.RESET_DEVICE,
             ProtocolFeature.STATUS,
             ProtocolFeature.INFLIGHT_SHMFD,
+            ProtocolFeature.LOG_SHMFD,
         )
         if device.config_can_change:
             self.offered_protocol_features |= bit(ProtocolFeature.BACKEND_REQ)
@@ -120,6 +124,8 @@ class VhostUserBackend:
             R.GET_STATUS: self._get_status,
             R.GET_INFLIGHT_FD: self._get_inflight_fd,
             R.SET_INFLIGHT_FD: self._set_inflight_fd,
+            R.SET_LOG_BASE: self._set_log_base,
+            R.SET_LOG_FD: self._set_log_fd,
         }
         # Requests legal only once a protocol feature is negotiated.
         self._gates: dict[R, ProtocolFeature] = {
@@ -135,11 +141,19 @@ class VhostUserBackend:
             R.SET_BACKEND_REQ_FD: ProtocolFeature.BACKEND_REQ,
             R.GET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
             R.SET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
+            R.SET_LOG_BASE: ProtocolFeature.LOG_SHMFD,
+            R.SET_LOG_FD: ProtocolFeature.LOG_SHMFD,
         }
 
     @property
     def offered_features(self) -> int:
-        return self.device.features | bit(vu.VHOST_USER_F_PROTOCOL_FEATURES)
+        # LOG_ALL is vhost's, never the guest's: the front end sets it while
+        # it migrates, to have every write to guest memory logged.
+        return (
+            self.device.features
+            | bit(vu.VHOST_USER_F_PROTOCOL_FEATURES)
+            | bit(vu.VHOST_F_LOG_ALL)
+        )
 
     # -- connection loop ------------------------------------------------------
 
@@ -178,6 +192,7 @@ class VhostUserBackend:
         self.sock.close()
         self.queue_set.reset()
         self._drop_inflight()
+        self._drop_log()
         self.memory.clear()
         if self.backend_channel is not None:
             self.backend_channel.close()
@@ -291,7 +306,10 @@ class VhostUserBackend:
         if unknown:
             raise RequestFailed(f"features {unknown:#x} were never offered")
         self.acked_features = features
-        self.queue_set.set_features(features & ~bit(vu.VHOST_USER_F_PROTOCOL_FEATURES))
+        self.queue_set.set_features(
+            features & ~bit(vu.VHOST_USER_F_PROTOCOL_FEATURES) & ~bit(vu.VHOST_F_LOG_ALL)
+        )
+        self._update_logging()
         if not features & bit(vu.VHOST_USER_F_PROTOCOL_FEATURES):
             for queue in self.queue_set.queues:  # no SET_VRING_ENABLE will come
                 queue.enabled = True
@@ -426,8 +444,10 @@ class VhostUserBackend:
         queue = self._queue(addr.index)
         if addr.flags & ~vu.VRING_FLAG_LOG:
             raise RequestFailed(f"unknown vring flags {addr.flags:#x}")
-        if addr.flags & vu.VRING_FLAG_LOG:
-            raise RequestFailed("used-ring logging needs LOG_SHMFD, not offered")
+        if addr.flags & vu.VRING_FLAG_LOG and not self.protocol_features & bit(
+            ProtocolFeature.LOG_SHMFD
+        ):
+            raise RequestFailed("used-ring logging needs LOG_SHMFD, not negotiated")
         queue.desc_address = addr.descriptor
         queue.used_address = addr.used
         queue.avail_address = addr.available
@@ -495,6 +515,57 @@ class VhostUserBackend:
         log.info("ring.enable", queue=state.index, enabled=queue.enabled)
         if queue.enabled and queue.started:
             queue.wake()
+
+    # -- dirty logging (migration) ---------------------------------------------
+
+    def _set_log_base(self, message: Message) -> bytes:
+        description = message.parse(vu.LogDescription)
+        if not message.fds:
+            raise RequestFailed("SET_LOG_BASE without the log's fd")
+        fd = message.fds.pop()
+        try:
+            mapping = Mapping.map_fd(fd, description.size, file_offset=description.offset)
+        except GuestMemoryError as exc:
+            os.close(fd)
+            raise RequestFailed(f"dirty log: {exc}") from exc
+        # The log fd (SET_LOG_FD) stays with whichever log is current.
+        kick_fd, self._log_kick_fd = self._log_kick_fd, None
+        if self.dirty_log is not None:
+            kick_fd, self.dirty_log.kick_fd = self.dirty_log.kick_fd, None
+        self._drop_log()  # QEMU sends a new, bigger log when memory grows
+        self.dirty_log = SharedDirtyLog(mapping, description.size)
+        self.dirty_log.kick_fd = kick_fd
+        self._update_logging()
+        log.info("dirty_log.set", size=description.size)
+        return self._u64_reply(0)
+
+    def _set_log_fd(self, message: Message) -> None:
+        fd = message.fds.pop()
+        os.set_blocking(fd, False)
+        if self.dirty_log is not None:
+            if self.dirty_log.kick_fd is not None:
+                os.close(self.dirty_log.kick_fd)
+            self.dirty_log.kick_fd = fd
+        else:
+            if self._log_kick_fd is not None:
+                os.close(self._log_kick_fd)
+            self._log_kick_fd = fd
+
+    def _update_logging(self) -> None:
+        """Writes are logged while the front end asks (LOG_ALL) and a log exists."""
+        logging = bool(self.acked_features & bit(vu.VHOST_F_LOG_ALL)) and self.dirty_log
+        self.memory.dirty = self.dirty_log if logging else None
+
+    def _drop_log(self) -> None:
+        self.memory.dirty = None
+        if self.dirty_log is not None:
+            if self.dirty_log.beyond:
+                log.warning("dirty_log.too_small", pages_not_logged=self.dirty_log.beyond)
+            self.dirty_log.close()
+            self.dirty_log = None
+        if self._log_kick_fd is not None:
+            os.close(self._log_kick_fd)
+            self._log_kick_fd = None
 
     # -- inflight I/O tracking -------------------------------------------------
 
