@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,28 +85,33 @@ def accelerator() -> list[str]:
     return args
 
 
-def boot(
-    script: str,
-    *,
-    devices: list[str] | None = None,
-    smp: int = 1,
-    memory_mb: int = 256,
-    reboot: bool = False,
-    timeout: float = 180,
-    accel: list[str] | None = None,
-    check: bool = True,
-    on_line: Callable[[str], None] | None = None,
-) -> GuestRun:
-    """Boot the guest once (or until it powers off, with ``reboot``).
+class Guest:
+    """One QEMU process running the test guest.
 
-    ``on_line`` sees each console line as it arrives, so a test can act on
-    the host while the guest runs.
+    Console lines are collected as they arrive (and shown to ``on_line``);
+    with ``monitor`` QEMU's human monitor is reachable through ``command``,
+    for what a management layer does (migration, for one). ``extra`` adds
+    QEMU arguments, such as ``-incoming`` for a migration destination.
     """
-    kernel, initramfs = build()
-    with tempfile.NamedTemporaryFile(prefix="vfiouserd-initrd-", suffix=".cpio") as initrd:
-        initrd.write(initramfs.read_bytes())
-        initrd.write(script_archive(SCRIPT_PRELUDE + script + "\n"))
-        initrd.flush()
+
+    def __init__(
+        self,
+        script: str,
+        *,
+        devices: list[str] | None = None,
+        smp: int = 1,
+        memory_mb: int = 256,
+        reboot: bool = False,
+        accel: list[str] | None = None,
+        on_line: Callable[[str], None] | None = None,
+        monitor: bool = False,
+        extra: list[str] | None = None,
+    ) -> None:
+        kernel, initramfs = build()
+        self._workdir = tempfile.TemporaryDirectory(prefix="vfiouserd-guest-")
+        initrd = Path(self._workdir.name) / "initrd.cpio"
+        initrd.write_bytes(initramfs.read_bytes() + script_archive(SCRIPT_PRELUDE + script + "\n"))
+        self.monitor_path = str(Path(self._workdir.name) / "monitor.sock") if monitor else None
         command = [
             QEMU,
             *(accel if accel is not None else accelerator()),
@@ -124,40 +131,110 @@ def boot(
             "-kernel",
             str(kernel),
             "-initrd",
-            initrd.name,
+            str(initrd),
             "-append",
             "console=ttyS0 quiet panic=-1 reboot=t",
             *([] if reboot else ["-no-reboot"]),
+            *(["-monitor", f"unix:{self.monitor_path},server=on,wait=off"] if monitor else []),
             *(devices or []),
+            *(extra or []),
         ]
-        process = subprocess.Popen(
+        self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
         )
-        lines: list[str] = []
+        self.lines: list[str] = []
+        self._on_line = on_line
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-        def read() -> None:
-            assert process.stdout is not None
-            for line in process.stdout:
-                lines.append(line)
-                if on_line is not None:
-                    on_line(line.rstrip("\n"))
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if self._on_line is not None:
+                self._on_line(line.rstrip("\n"))
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def command(self, text: str, timeout: float = 30) -> str:
+        """One human-monitor command; returns what QEMU answered."""
+        assert self.monitor_path is not None, "started without monitor=True"
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.monitor_path):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise TimeoutError(f"no QEMU monitor; console:\n{self.output[-2000:]}")
+            time.sleep(0.02)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(timeout)
+            sock.connect(self.monitor_path)
+            answer = self._until_prompt(sock)  # the banner
+            sock.sendall(text.encode() + b"\n")
+            answer = self._until_prompt(sock)
+        # The monitor echoes the command line (with terminal escapes) first.
+        return answer.split("\n", 1)[1] if "\n" in answer else ""
+
+    @staticmethod
+    def _until_prompt(sock: socket.socket) -> str:
+        data = b""
+        while not data.endswith(b"(qemu) "):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode(errors="replace").replace("\r", "")
+
+    def wait(self, timeout: float = 180, check: bool = True) -> GuestRun:
         try:
-            returncode = process.wait(timeout)
+            returncode = self.process.wait(timeout)
         except subprocess.TimeoutExpired as exc:
-            process.kill()
-            process.wait()
+            self.kill()
             raise TimeoutError(
-                f"guest did not finish in {timeout}s; console:\n{''.join(lines)[-3000:]}"
+                f"guest did not finish in {timeout}s; console:\n{self.output[-3000:]}"
             ) from exc
-        reader.join(10)
-    output = "".join(lines)
-    run = GuestRun(output, returncode, _parse(output))
-    if check and (returncode != 0 or not run.exit_statuses):
-        raise RuntimeError(f"QEMU exited with {returncode}; console:\n{output[-3000:]}")
-    return run
+        self._reader.join(10)
+        self._workdir.cleanup()
+        output = self.output
+        run = GuestRun(output, returncode, _parse(output))
+        if check and (returncode != 0 or not run.exit_statuses):
+            raise RuntimeError(f"QEMU exited with {returncode}; console:\n{output[-3000:]}")
+        return run
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._workdir.cleanup()
+
+
+def boot(
+    script: str,
+    *,
+    devices: list[str] | None = None,
+    smp: int = 1,
+    memory_mb: int = 256,
+    reboot: bool = False,
+    timeout: float = 180,
+    accel: list[str] | None = None,
+    check: bool = True,
+    on_line: Callable[[str], None] | None = None,
+) -> GuestRun:
+    """Boot the guest once (or until it powers off, with ``reboot``).
+
+    ``on_line`` sees each console line as it arrives, so a test can act on
+    the host while the guest runs.
+    """
+    guest = Guest(
+        script,
+        devices=devices,
+        smp=smp,
+        memory_mb=memory_mb,
+        reboot=reboot,
+        accel=accel,
+        on_line=on_line,
+    )
+    return guest.wait(timeout, check=check)
 
 
 def vhost_user_device(driver: str, socket_path: str, name: str, **properties: object) -> list[str]:

@@ -150,9 +150,7 @@ class VhostUserBackend:
         # LOG_ALL is vhost's, never the guest's: the front end sets it while
         # it migrates, to have every write to guest memory logged.
         return (
-            self.device.features
-            | bit(vu.VHOST_USER_F_PROTOCOL_FEATURES)
-            | bit(vu.VHOST_F_LOG_ALL)
+            self.device.features | bit(vu.VHOST_USER_F_PROTOCOL_FEATURES) | bit(vu.VHOST_F_LOG_ALL)
         )
 
     # -- connection loop ------------------------------------------------------
