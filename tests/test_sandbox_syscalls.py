@@ -33,8 +33,10 @@ from vfiouserd.client.guest import GuestRam
 from vfiouserd.client.vfio_user import VfioUserClient, VfioUserError, eventfd
 from vfiouserd.client.vhost_user import VhostUserFrontend
 from vfiouserd.devices.blk import BlkStatus, RequestType
+from vfiouserd.devices.virtio import bit
 from vfiouserd.protocol import vfio_user as vfu
 from vfiouserd.protocol import vhost_user as vu
+from vfiouserd.protocol.vhost_user import FrontendRequest as R
 from vfiouserd.sandbox import seccomp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -69,8 +71,20 @@ async def vhost_user_blk(daemon: Daemon) -> None:
                 daemon.send(signal.SIGHUP)
                 with trio.fail_after(10):
                     await frontend.answer_backend_request(channel)
+            # migration: dirty logging while serving, then the device state
+            log_fd = os.memfd_create("log")
+            os.ftruncate(log_fd, 1 << 20)
+            await frontend.call(
+                R.SET_LOG_BASE, vu.LogDescription.build({"size": 1 << 20, "offset": 0}), [log_fd]
+            )
+            os.close(log_fd)
+            await frontend.set_features(frontend.features | bit(vu.VHOST_F_LOG_ALL))
+            await queues[0].read(0, 4096)
             channel.close()
-            await frontend.stop_queue(0)
+            for index in range(len(queues)):
+                await frontend.stop_queue(index)
+            blob = await frontend.save_device_state()
+            await frontend.load_device_state(blob)
             await frontend.aclose()
         # A fatal violation closes that connection; the next one is served.
         bad = await VhostUserFrontend.connect(daemon.socket_path)

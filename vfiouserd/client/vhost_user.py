@@ -231,6 +231,63 @@ class VhostUserFrontend:
         )
         await self.call(R.SET_INFLIGHT_FD, payload, [region.fd])
 
+    async def save_device_state(self) -> bytes:
+        """SET_DEVICE_STATE_FD (save) with a pipe, read to the end, CHECK."""
+        read_end, write_end = os.pipe()
+        try:
+            await self._start_transfer(vu.TransferDirection.SAVE, write_end)
+        finally:
+            os.close(write_end)
+        chunks = []
+        try:
+            os.set_blocking(read_end, False)
+            while True:
+                await trio.lowlevel.wait_readable(read_end)
+                chunk = os.read(read_end, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            trio.lowlevel.notify_closing(read_end)
+            os.close(read_end)
+        await self.check_device_state()
+        return b"".join(chunks)
+
+    async def load_device_state(self, blob: bytes) -> None:
+        """SET_DEVICE_STATE_FD (load), write ``blob``, close, CHECK."""
+        read_end, write_end = os.pipe()
+        try:
+            await self._start_transfer(vu.TransferDirection.LOAD, read_end)
+        finally:
+            os.close(read_end)
+        try:
+            os.set_blocking(write_end, False)
+            view = memoryview(blob)
+            while view:
+                await trio.lowlevel.wait_writable(write_end)
+                view = view[os.write(write_end, view) :]
+        finally:
+            trio.lowlevel.notify_closing(write_end)
+            os.close(write_end)
+        await self.check_device_state()
+
+    async def _start_transfer(self, direction: vu.TransferDirection, fd: int) -> None:
+        payload = vu.DeviceStateTransfer.build(
+            {"direction": direction, "phase": vu.MigrationPhase.STOPPED}
+        )
+        reply = await self.call(R.SET_DEVICE_STATE_FD, payload, [fd])
+        assert reply is not None
+        flags = vu.U64.parse(reply).value
+        if flags & 0xFF:
+            raise BackendError(f"SET_DEVICE_STATE_FD failed ({flags:#x})")
+        if not flags & vu.DEVICE_STATE_NOFD_FLAG:
+            raise BackendError("the back end returned an fd of its own (not supported here)")
+
+    async def check_device_state(self) -> None:
+        result = await self.call_u64(R.CHECK_DEVICE_STATE)
+        if result:
+            raise BackendError(f"CHECK_DEVICE_STATE failed ({result})")
+
     async def set_features(self, features: int | None = None) -> None:
         if features is not None:
             self.features = features

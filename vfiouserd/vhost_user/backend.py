@@ -12,11 +12,12 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from construct import ConstructError, Container
 
+from vfiouserd import state
 from vfiouserd.devices.virtio import ConfigWriteError, Feature, VirtioDevice, bit
 from vfiouserd.inflight import PackedInflight, SplitInflight
 from vfiouserd.log import get_logger
@@ -44,6 +45,7 @@ from vfiouserd.virtqueue import (
 log = get_logger("vhost_user")
 
 FIRST_MESSAGE_TIMEOUT = 10.0  # an idle peer must not hold the device from its VMM
+MAX_STATE_SIZE = 16 << 20  # a device-state blob is small; refuse to buffer more
 MAX_MEM_SLOTS = 509  # what libvhost-user and rust-vmm advertise; QEMU allows 512
 
 
@@ -57,6 +59,19 @@ class ProtocolViolation(Exception):
 
 def _pf(*features: ProtocolFeature) -> int:
     return sum(bit(f) for f in features)
+
+
+TRANSFER_TIMEOUT = 30.0  # a front end that never closes its end of the state pipe
+
+
+@dataclass
+class Transfer:
+    """A device-state transfer over the front end's pipe (SET_DEVICE_STATE_FD)."""
+
+    direction: vu.TransferDirection
+    done: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    error: str | None = None
 
 
 @dataclass
@@ -82,6 +97,8 @@ class VhostUserBackend:
         self.inflight: Mapping | None = None  # the front end's inflight region
         self.dirty_log: SharedDirtyLog | None = None  # SET_LOG_BASE, for migration
         self._log_kick_fd: int | None = None
+        self.transfer: Transfer | None = None
+        self._nursery: trio.Nursery | None = None
         self._inflight_views: list[memoryview] = []
         self.offered_protocol_features = _pf(
             ProtocolFeature.MQ,
@@ -92,6 +109,7 @@ class VhostUserBackend:
             ProtocolFeature.STATUS,
             ProtocolFeature.INFLIGHT_SHMFD,
             ProtocolFeature.LOG_SHMFD,
+            ProtocolFeature.DEVICE_STATE,
         )
         if device.config_can_change:
             self.offered_protocol_features |= bit(ProtocolFeature.BACKEND_REQ)
@@ -126,6 +144,8 @@ class VhostUserBackend:
             R.SET_INFLIGHT_FD: self._set_inflight_fd,
             R.SET_LOG_BASE: self._set_log_base,
             R.SET_LOG_FD: self._set_log_fd,
+            R.SET_DEVICE_STATE_FD: self._set_device_state_fd,
+            R.CHECK_DEVICE_STATE: self._check_device_state,
         }
         # Requests legal only once a protocol feature is negotiated.
         self._gates: dict[R, ProtocolFeature] = {
@@ -143,6 +163,8 @@ class VhostUserBackend:
             R.SET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
             R.SET_LOG_BASE: ProtocolFeature.LOG_SHMFD,
             R.SET_LOG_FD: ProtocolFeature.LOG_SHMFD,
+            R.SET_DEVICE_STATE_FD: ProtocolFeature.DEVICE_STATE,
+            R.CHECK_DEVICE_STATE: ProtocolFeature.DEVICE_STATE,
         }
 
     @property
@@ -159,6 +181,7 @@ class VhostUserBackend:
         self.device.add_config_listener(self._config_wakeup.set)
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 self.queue_set.bind(nursery)
                 nursery.start_soon(self._announce_config_changes)
                 try:
@@ -208,6 +231,11 @@ class VhostUserBackend:
             fds=len(message.fds),
             need_reply=message.need_reply,
         )
+        if message.request == R.CHECK_DEVICE_STATE and self.transfer is not None:
+            # The answer is due once the transfer is over: the front end
+            # closed its end of the pipe (or gave up).
+            with trio.move_on_after(TRANSFER_TIMEOUT):
+                await self.transfer.done.wait()
         try:
             reply = self._handle(message)
         except RequestFailed as exc:
@@ -564,6 +592,87 @@ class VhostUserBackend:
         if self._log_kick_fd is not None:
             os.close(self._log_kick_fd)
             self._log_kick_fd = None
+
+    # -- device state (migration of the device's own state) ----------------------
+
+    def _set_device_state_fd(self, message: Message) -> bytes:
+        request = message.parse(vu.DeviceStateTransfer)
+        if request.phase != vu.MigrationPhase.STOPPED:
+            raise RequestFailed(f"migration phase {request.phase} is not supported")
+        try:
+            direction = vu.TransferDirection(request.direction)
+        except ValueError:
+            raise RequestFailed(f"transfer direction {request.direction}") from None
+        if any(queue.started for queue in self.queue_set.queues):
+            raise RequestFailed("device state moves only while every ring is stopped")
+        if self.transfer is not None and not self.transfer.done.is_set():
+            raise RequestFailed("a device-state transfer is already under way")
+        fd = message.fds.pop()
+        os.set_blocking(fd, False)
+        self.transfer = Transfer(direction)
+        assert self._nursery is not None
+        if direction is vu.TransferDirection.SAVE:
+            self._nursery.start_soon(self._send_state, self.transfer, fd, state.save(self.device))
+        else:
+            self._nursery.start_soon(self._receive_state, self.transfer, fd)
+        log.info("device_state.transfer", direction=direction.name)
+        # Success, and no fd of our own: the front end's pipe carries the state.
+        return self._u64_reply(vu.DEVICE_STATE_NOFD_FLAG)
+
+    async def _send_state(self, transfer: Transfer, fd: int, blob: bytes) -> None:
+        try:
+            view = memoryview(blob)
+            with transfer.scope, trio.fail_after(TRANSFER_TIMEOUT):
+                while view:
+                    await trio.lowlevel.wait_writable(fd)
+                    try:
+                        view = view[os.write(fd, view) :]
+                    except BlockingIOError:
+                        continue
+        except (OSError, trio.TooSlowError) as exc:
+            transfer.error = f"writing the state: {exc}"
+        finally:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+            transfer.done.set()
+
+    async def _receive_state(self, transfer: Transfer, fd: int) -> None:
+        chunks: list[bytes] = []
+        received = 0
+        try:
+            with transfer.scope, trio.fail_after(TRANSFER_TIMEOUT):
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        break
+                    received += len(chunk)
+                    if received > MAX_STATE_SIZE:
+                        raise state.StateError(f"more than {MAX_STATE_SIZE} bytes of state")
+                    chunks.append(chunk)
+                state.load(self.device, b"".join(chunks))
+                log.info("device_state.loaded", size=received)
+        except (OSError, trio.TooSlowError, state.StateError) as exc:
+            transfer.error = f"loading the state: {exc}"
+        finally:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+            transfer.done.set()
+
+    def _check_device_state(self, message: Message) -> bytes:
+        transfer, self.transfer = self.transfer, None
+        if transfer is None:
+            raise RequestFailed("no device-state transfer to check")
+        if not transfer.done.is_set():
+            transfer.scope.cancel()  # nothing may be loaded after a failed check
+            transfer.error = f"the front end kept the pipe open for {TRANSFER_TIMEOUT:g} s"
+        if transfer.error is not None:
+            log.error("device_state.failed", reason=transfer.error)
+            return self._u64_reply(1)
+        return self._u64_reply(0)
 
     # -- inflight I/O tracking -------------------------------------------------
 
