@@ -26,10 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+import construct as c
 import trio
 
 from vfiouserd.log import get_logger
 from vfiouserd.memory import GuestMemory, GuestMemoryError
+from vfiouserd.state import Bytes, Field, Schema, StateError
 
 log = get_logger("pci")
 
@@ -125,6 +127,15 @@ class Bar:
         if self.io:
             return 0x1
         return (0x4 if self.is_64bit else 0) | (0x8 if self.prefetchable else 0)
+
+
+# What every PCI function carries in its state blob, around the plugin's own.
+PCI_STATE = Schema(
+    1,
+    Field("config", Bytes),
+    Field("msix_table", Bytes),
+    Field("intx_asserted", c.Flag),
+)
 
 
 class ConfigSpace:
@@ -321,6 +332,11 @@ class PciDevice:
     msix_bar: ClassVar[int] = 0  # where the MSI-X table (at 0) and PBA live
     register_width: ClassVar[int] = 8  # 4: 8-byte accesses become two 4-byte ones
     syscalls: ClassVar[frozenset[str]] = frozenset()  # beyond the daemon's own, for the jail
+    # Migration and restarts (vfiouserd.state): the plugin's own fields,
+    # declared once; config space and MSI-X table come with every device.
+    # ``abi_version`` pins what the guest sees: raise it when that changes.
+    abi_version: ClassVar[int] = 1
+    state: ClassVar[Schema] = Schema(1)
 
     def __init__(self, bars: dict[int, Bar] | None = None) -> None:
         self.bars: dict[int, Bar] = dict(bars or {})
@@ -333,6 +349,7 @@ class PciDevice:
         self.config = ConfigSpace(EXPRESS_CONFIG_SIZE if self.express else LEGACY_CONFIG_SIZE)
         self.irqs = Interrupts(self.interrupt_pin != 0, self.msi_vectors, self.msix_vectors)
         self.irqs.on_intx_change = self._intx_changed
+        self.stopped = False  # migration: no DMA, no interrupts, no progress
         self._msix_table = bytearray()
         self._msi_offset = 0
         self._msix_table_offset = 0
@@ -657,11 +674,14 @@ class PciDevice:
                 region.slice(start - region.guest_address, length)[:] = chunk
             else:
                 await self._remote().dma_write(start, chunk)
+            self.memory.mark_dirty(start, length)
             done += length
 
     def _check_bus_master(self) -> None:
         if not self.bus_master:
             raise GuestMemoryError("DMA while bus mastering is disabled")
+        if self.stopped:
+            raise GuestMemoryError("DMA while the device is stopped for migration")
 
     def _remote(self) -> RemoteDma:
         if self.remote_dma is None:
@@ -694,6 +714,85 @@ class PciDevice:
 
     def device_reset(self) -> None:
         """Hook: reset the device's own registers."""
+
+    # -- migration ---------------------------------------------------------------------------
+
+    def quiesce(self) -> None:
+        """Stop: no more DMA, interrupts or device progress until ``resume``."""
+        self.stopped = True
+
+    def resume(self) -> None:
+        self.stopped = False
+
+    def state_sections(self) -> dict[str, Schema]:
+        return {"pci": PCI_STATE, **self.transport_state_sections(), "device": self.state}
+
+    def transport_state_sections(self) -> dict[str, Schema]:
+        """Hook: state of a transport between PCI and the device (virtio-pci)."""
+        return {}
+
+    def save_state(self) -> dict[str, dict[str, Any]]:
+        return {
+            "pci": {
+                "config": bytes(self.config.data),
+                "msix_table": bytes(self._msix_table),
+                "intx_asserted": self.irqs.intx_asserted,
+            },
+            **self.save_transport_state(),
+            "device": self.save_device_state(),
+        }
+
+    def save_transport_state(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def save_device_state(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in self.state.fields}
+
+    def load_state(self, sections: dict[str, dict[str, Any]]) -> None:
+        pci = sections["pci"]
+        self._check_config(pci["config"])
+        if len(pci["msix_table"]) != len(self._msix_table):
+            raise StateError(
+                f"an MSI-X table of {len(pci['msix_table'])} bytes, this device has "
+                f"{len(self._msix_table)}"
+            )
+        self.check_transport_state(sections)
+        self.check_device_state(sections["device"])
+        self.config.data[:] = pci["config"]
+        self._msix_table[:] = pci["msix_table"]
+        self.irqs.intx_disabled = bool(self.config.get(COMMAND, "<H") & Cmd.INTX_DISABLE)
+        self.irqs.intx_asserted = pci["intx_asserted"]
+        self.load_transport_state(sections)
+        self.load_device_state(sections["device"])
+
+    def _check_config(self, config: bytes) -> None:
+        """The saved config space must be this function's: same size, same
+        read-only bits (identity, BAR types, capabilities) except the status
+        register, which reflects live state."""
+        space = self.config
+        if len(config) != space.size:
+            raise StateError(f"a config space of {len(config)} bytes, this device has {space.size}")
+        for at, (saved, default) in enumerate(zip(config, space.defaults, strict=True)):
+            if STATUS <= at < STATUS + 2:
+                continue
+            fixed = ~(space.writable[at] | space.write_one_to_clear[at]) & 0xFF
+            if saved & fixed != default & fixed:
+                raise StateError(
+                    f"config space byte {at:#x} is {saved:#04x}, this device has {default:#04x}"
+                )
+
+    def check_transport_state(self, sections: dict[str, dict[str, Any]]) -> None:
+        """Hook: raise StateError if the transport state cannot be taken."""
+
+    def load_transport_state(self, sections: dict[str, dict[str, Any]]) -> None:
+        """Hook: take the transport state (already checked)."""
+
+    def check_device_state(self, values: dict[str, Any]) -> None:
+        """Hook: raise StateError if this device cannot take ``values``."""
+
+    def load_device_state(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            setattr(self, name, value)
 
     # -- the VMM connection ------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ import os
 import struct
 from typing import Any
 
+import construct as c
+
 from vfiouserd.devices.pci import Bar, IrqKind, PciDevice
 from vfiouserd.devices.virtio import (
     ConfigWriteError,
@@ -33,6 +35,7 @@ from vfiouserd.devices.virtio import (
     bit,
 )
 from vfiouserd.log import get_logger
+from vfiouserd.state import Field, Schema, StateError
 from vfiouserd.virtqueue import AddressSpace, QueueSet, RingError, Virtqueue
 
 log = get_logger("virtio_pci")
@@ -81,6 +84,31 @@ COMMON_FIELDS: dict[int, tuple[str, int]] = {
 }
 
 
+# What the transport holds of the driver's set-up: the common configuration,
+# and for each queue its set-up and where the ring stands.
+QUEUE_STATE = c.Struct(
+    "size" / c.Int16ul,
+    "enabled" / c.Flag,
+    "vector" / c.Int16ul,
+    "desc" / c.Int64ul,
+    "driver" / c.Int64ul,
+    "device" / c.Int64ul,
+    "base" / c.Int32ul,
+)
+TRANSPORT_STATE = Schema(
+    1,
+    Field("device_feature_select", c.Int32ul),
+    Field("driver_feature_select", c.Int32ul),
+    Field("driver_features", c.Int64ul),
+    Field("config_msix_vector", c.Int16ul),
+    Field("device_status", c.Int8ul),
+    Field("config_generation", c.Int8ul),
+    Field("queue_select", c.Int16ul),
+    Field("isr", c.Int8ul),
+    Field("queues", c.PrefixedArray(c.Int16ul, QUEUE_STATE)),
+)
+
+
 def _pow2_at_least(value: int) -> int:
     return 1 << max(0, (value - 1).bit_length())
 
@@ -99,6 +127,8 @@ class VirtioPciDevice(PciDevice):
         self.description = virtio.description
         self.device_id = MODERN_DEVICE_ID_BASE + int(virtio.device_id)
         self.syscalls = virtio.syscalls
+        self.state = virtio.state  # the blob carries the virtio device's own fields
+        self.abi_version = virtio.abi_version
         self.class_code = CLASS_CODES.get(virtio.device_id, 0xFF0000)
         self.msix_vectors = virtio.num_queues + 1
         self.max_queue_size = min(max_queue_size, virtio.max_queue_size)
@@ -354,6 +384,8 @@ class VirtioPciDevice(PciDevice):
 
     def _start(self, queue: Virtqueue, *, wait_for_memory: bool = False) -> None:
         queue.enabled = True
+        if self.stopped:
+            return  # started by ``resume``
         try:
             self.queue_set.start(queue, wait_for_memory=wait_for_memory)
         except RingError as exc:
@@ -415,6 +447,77 @@ class VirtioPciDevice(PciDevice):
             await self.bar_write(bar, window_offset, bytes(self.config.data[data : data + length]))
         else:
             self.config.data[data : data + length] = await self.bar_read(bar, window_offset, length)
+
+    # -- migration ------------------------------------------------------------------------
+
+    def quiesce(self) -> None:
+        super().quiesce()
+        for queue in self.queue_set.queues:
+            self.queue_set.stop(queue)  # keeps where each ring stands
+
+    def resume(self) -> None:
+        super().resume()
+        if self.device_status & Status.DRIVER_OK:
+            for queue in self.queue_set.queues:
+                if self.queue_enabled[queue.index]:
+                    self._start(queue, wait_for_memory=True)
+
+    def transport_state_sections(self) -> dict[str, Schema]:
+        return {"virtio-pci": TRANSPORT_STATE}
+
+    def save_transport_state(self) -> dict[str, dict[str, Any]]:
+        values = {f.name: getattr(self, f.name) for f in TRANSPORT_STATE.fields[:-1]}
+        values["queues"] = [
+            {
+                "size": queue.size,
+                "enabled": self.queue_enabled[queue.index],
+                "vector": self.queue_vectors[queue.index],
+                "desc": queue.desc_address,
+                "driver": queue.avail_address,
+                "device": queue.used_address,
+                "base": queue.current_base(),
+            }
+            for queue in self.queue_set.queues
+        ]
+        return {"virtio-pci": values}
+
+    def check_transport_state(self, sections: dict[str, dict[str, Any]]) -> None:
+        queues = sections["virtio-pci"]["queues"]
+        if len(queues) != len(self.queue_set.queues):
+            raise StateError(f"{len(queues)} queues, this device has {len(self.queue_set.queues)}")
+        for index, saved in enumerate(queues):
+            if saved.size > self.max_queue_size:
+                raise StateError(f"queue {index} of {saved.size}, at most {self.max_queue_size}")
+        features = sections["virtio-pci"]["driver_features"]
+        if features & ~self.virtio.features:
+            raise StateError(f"driver features {features:#x} this device does not offer")
+
+    def load_transport_state(self, sections: dict[str, dict[str, Any]]) -> None:
+        values = sections["virtio-pci"]
+        for queue in self.queue_set.queues:
+            self.queue_set.stop(queue)
+        for f in TRANSPORT_STATE.fields[:-1]:
+            setattr(self, f.name, values[f.name])
+        if self.device_status & Status.FEATURES_OK:
+            self.queue_set.set_features(self.driver_features)
+        for queue, saved in zip(self.queue_set.queues, values["queues"], strict=True):
+            queue.size = saved.size
+            queue.desc_address, queue.avail_address = saved.desc, saved.driver
+            queue.used_address = saved.device
+            queue.addresses_set = True
+            queue.base = saved.base
+            queue.ring = None
+            self.queue_enabled[queue.index] = saved.enabled
+            self.queue_vectors[queue.index] = saved.vector
+
+    def save_device_state(self) -> dict[str, Any]:
+        return self.virtio.save_state()["device"]
+
+    def check_device_state(self, values: dict[str, Any]) -> None:
+        self.virtio.check_state(values)
+
+    def load_device_state(self, values: dict[str, Any]) -> None:
+        self.virtio.load_state({"device": values})
 
     # -- the VMM connection -----------------------------------------------------------------
 

@@ -136,6 +136,12 @@ async def vfio_user_virtio(daemon: Daemon) -> None:
             await client.region_read(vfu.PciRegion.CONFIG, 0, 64)
             with pytest.raises(VfioUserError):
                 await client.region_read(9, 0, 4)
+            # migration: dirty logging, the state out and back in
+            await client.dma_logging_start(4096, [])
+            blob = await client.save_device()
+            await client.dma_logging_report(0, 16 * MiB, 4096)
+            await client.dma_logging_stop()
+            await client.load_device(blob)
             await client.dma_unmap(0, 0, flags=vfu.DMA_UNMAP_FLAG_ALL)
             driver.close()
     ram.close()

@@ -250,8 +250,10 @@ async def test_request_errors():
         assert await raw.errno_of(Command.DEVICE_RESET, b"", flags=0x40) == errno.EINVAL
         assert await raw.errno_of(Command.DEVICE_RESET, b"x") == errno.EINVAL
         assert await raw.errno_of(Command.DEVICE_SET_IRQS) == errno.EINVAL
-        feature = vfu.DeviceFeatureHead.build({"argsz": 8, "flags": 1 | vfu.FEATURE_GET})
-        assert await raw.errno_of(Command.DEVICE_FEATURE, feature) == errno.ENOTTY
+        unknown = vfu.DeviceFeatureHead.build({"argsz": 8, "flags": 3 | vfu.FEATURE_GET})
+        assert await raw.errno_of(Command.DEVICE_FEATURE, unknown) == errno.ENOTTY
+        no_room = vfu.DeviceFeatureHead.build({"argsz": 8, "flags": 1 | vfu.FEATURE_GET})
+        assert await raw.errno_of(Command.DEVICE_FEATURE, no_room) == errno.EINVAL  # argsz
         assert await raw.errno_of(Command.DEVICE_FEATURE, bytes(8)) == errno.EINVAL  # argsz 0
         assert await raw.errno_of(Command.MIG_DATA_READ, bytes(8)) == errno.EINVAL
         assert await raw.errno_of(Command.DEVICE_RESET) == 0

@@ -51,6 +51,20 @@ SECTION_HEAD = c.Struct(
 )
 
 
+class _IntMap(c.Adapter):
+    """A dict of small integers (register offset: value) as pairs."""
+
+    def _decode(self, obj: Any, context: Any, path: Any) -> dict[int, int]:
+        return {pair[0]: pair[1] for pair in obj}
+
+    def _encode(self, obj: dict[int, int], context: Any, path: Any) -> list[list[int]]:
+        return [[key, value] for key, value in sorted(obj.items())]
+
+
+IntMap = _IntMap(c.PrefixedArray(c.Int16ul, c.Sequence(c.Int32ul, c.Int64ul)))
+Bytes = c.Prefixed(c.Int32ul, c.GreedyBytes)  # bytes of any length
+
+
 @dataclass(frozen=True)
 class Field:
     name: str

@@ -467,6 +467,100 @@ class VfioUserClient:
     async def reset(self) -> None:
         await self.call(Command.DEVICE_RESET)
 
+    # -- migration (what a VMM does to move the device) ---------------------------------------
+
+    async def device_feature(
+        self, index: int, flags: int, data: bytes = b"", room: int = 0
+    ) -> bytes:
+        """DEVICE_FEATURE; returns the data of the reply. ``room``: bytes of
+        reply data the client has space for (argsz covers them)."""
+        head = vfu.DeviceFeatureHead.sizeof()
+        argsz = head + max(len(data), room)
+        payload = vfu.DeviceFeatureHead.build({"argsz": argsz, "flags": index | flags}) + data
+        reply = await self.call(Command.DEVICE_FEATURE, payload)
+        return reply.payload[head:]
+
+    async def migration_flags(self) -> int:
+        data = await self.device_feature(
+            vfu.DeviceFeature.MIGRATION, vfu.FEATURE_GET, room=vfu.MigrationInfo.sizeof()
+        )
+        return int(vfu.MigrationInfo.parse(data).flags)
+
+    async def migration_state(self) -> vfu.MigrationState:
+        data = await self.device_feature(
+            vfu.DeviceFeature.MIG_DEVICE_STATE, vfu.FEATURE_GET, room=vfu.MigDeviceState.sizeof()
+        )
+        return vfu.MigrationState(vfu.MigDeviceState.parse(data).device_state)
+
+    async def set_migration_state(self, target: vfu.MigrationState) -> None:
+        data = vfu.MigDeviceState.build({"device_state": target, "data_fd": 0})
+        await self.device_feature(vfu.DeviceFeature.MIG_DEVICE_STATE, vfu.FEATURE_SET, data)
+
+    async def migration_read(self, size: int) -> bytes:
+        head = vfu.MigDataHead.sizeof()
+        request = vfu.MigDataHead.build({"argsz": head + size, "size": size})
+        reply = await self.call(Command.MIG_DATA_READ, request)
+        answer = vfu.MigDataHead.parse(reply.payload)
+        return reply.payload[head : head + answer.size]  # trust size, not the length
+
+    async def migration_write(self, data: bytes) -> None:
+        head = vfu.MigDataHead.sizeof()
+        request = vfu.MigDataHead.build({"argsz": head + len(data), "size": len(data)})
+        await self.call(Command.MIG_DATA_WRITE, request + data)
+
+    async def save_device(self, *, pre_copy: bool = True) -> bytes:
+        """Source side: (PRE_COPY,) STOP_COPY, read to the end, STOP."""
+        data = b""
+        if pre_copy:
+            await self.set_migration_state(vfu.MigrationState.PRE_COPY)
+            data += await self._read_all()
+        await self.set_migration_state(vfu.MigrationState.STOP_COPY)
+        data += await self._read_all()
+        await self.set_migration_state(vfu.MigrationState.STOP)
+        return data
+
+    async def _read_all(self) -> bytes:
+        chunks = []
+        while chunk := await self.migration_read(CLIENT_MAX_DATA_XFER):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def load_device(self, data: bytes, *, run: bool = True) -> None:
+        """Destination side: RESUMING, write the data, then RUNNING (the data
+        is checked on the way, through STOP), or only STOP with ``run=False``,
+        leaving the VMM to set up interrupts before the device runs."""
+        await self.set_migration_state(vfu.MigrationState.RESUMING)
+        step = self.server.max_data_xfer_size
+        for offset in range(0, len(data), step):
+            await self.migration_write(data[offset : offset + step])
+        await self.set_migration_state(
+            vfu.MigrationState.RUNNING if run else vfu.MigrationState.STOP
+        )
+
+    async def dma_logging_start(self, page_size: int, ranges: list[tuple[int, int]]) -> None:
+        data = vfu.DmaLoggingControl.build({"page_size": page_size, "num_ranges": len(ranges)})
+        data += b"".join(vfu.DmaLoggingRange.build({"iova": a, "length": n}) for a, n in ranges)
+        await self.device_feature(vfu.DeviceFeature.DMA_LOGGING_START, vfu.FEATURE_SET, data)
+
+    async def dma_logging_stop(self) -> None:
+        await self.device_feature(vfu.DeviceFeature.DMA_LOGGING_STOP, vfu.FEATURE_SET)
+
+    async def dma_logging_report(self, iova: int, length: int, page_size: int) -> set[int]:
+        """The pages (numbered from ``iova``) written since the last report."""
+        pages = (length + page_size - 1) // page_size
+        bitmap_size = (pages + 63) // 64 * 8
+        request = vfu.DmaLoggingReport.build(
+            {"iova": iova, "length": length, "page_size": page_size}
+        )
+        data = await self.device_feature(
+            vfu.DeviceFeature.DMA_LOGGING_REPORT,
+            vfu.FEATURE_GET,
+            request,
+            room=len(request) + bitmap_size,
+        )
+        bitmap = data[len(request) :]
+        return {p for p in range(pages) if bitmap[p // 8] >> (p % 8) & 1}
+
     # -- PCI config space helpers -------------------------------------------------------------
 
     async def config_read(self, offset: int, size: int) -> int:

@@ -86,6 +86,8 @@ class VirtioPciDriver:
         self.queues: list[VirtioPciQueue] = []
         self.config_fd: int | None = None
         self._fds: list[int] = []
+        self._irq_fds: list[int] = []
+        self._msix = True
 
     # -- discovery -----------------------------------------------------------------
 
@@ -172,26 +174,13 @@ class VirtioPciDriver:
 
         count = await self.common_read(0x12, 2) if queue_count is None else queue_count
         fds = [eventfd() for _ in range(count + 1)] if msix else [eventfd()]
-        self._fds = fds
+        self._fds = list(fds)  # everything to close at the end
+        self._irq_fds = fds
+        self._msix = msix
+        await self._install_interrupts()
         if msix:
-            await self.client.set_irqs(
-                vfu.PciIrq.MSIX,
-                vfu.IrqSetFlag.DATA_EVENTFD | vfu.IrqSetFlag.ACTION_TRIGGER,
-                0,
-                len(fds),
-                fds=fds,
-            )
             await self.common_write(0x10, 2, 0)  # config changes on vector 0
-            self.config_fd = fds[0]
-        else:
-            await self.client.set_irqs(
-                vfu.PciIrq.INTX,
-                vfu.IrqSetFlag.DATA_EVENTFD | vfu.IrqSetFlag.ACTION_TRIGGER,
-                0,
-                1,
-                fds=fds,
-            )
-            self.config_fd = fds[0]
+        self.config_fd = fds[0]
 
         io_fds: list[int] = []
         if ioeventfds:
@@ -232,6 +221,28 @@ class VirtioPciDriver:
         self._fds += io_fds
         await self.common_write(0x14, 1, status | Status.DRIVER_OK)
         return self.queues
+
+    async def _install_interrupts(self) -> None:
+        """SET_IRQS with our eventfds: MSI-X (config, then a vector per
+        queue) or the INTx line."""
+        kind = vfu.PciIrq.MSIX if self._msix else vfu.PciIrq.INTX
+        vectors = self._irq_fds if self._msix else self._irq_fds[:1]
+        await self.client.set_irqs(
+            kind,
+            vfu.IrqSetFlag.DATA_EVENTFD | vfu.IrqSetFlag.ACTION_TRIGGER,
+            0,
+            len(vectors),
+            fds=vectors,
+        )
+
+    async def move_to(self, client: VfioUserClient) -> None:
+        """Follow the device to another connection (a migration destination,
+        whose device state came with the migration): interrupts are the VMM's
+        to set up again; doorbells go to the new connection, as region writes."""
+        self.client = client
+        await self._install_interrupts()
+        for queue in self.queues:
+            queue.ioeventfd = None
 
     def close(self) -> None:
         for fd in self._fds:

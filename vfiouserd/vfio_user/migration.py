@@ -1,0 +1,203 @@
+"""vfio-user migration (VFIO's v2 protocol): the device state machine, the
+data stream, and dirty-page tracking of the client's memory.
+
+States and arcs are the kernel uAPI's (``linux/vfio.h``), without the P2P
+states: a request for a state that is not adjacent follows the shortest
+path, where the saving states (PRE_COPY, STOP_COPY) may only begin or end a
+path; STOP_COPY to PRE_COPY is refused. The data is the device-state blob of
+``vfiouserd.state``: PRE_COPY offers none (the state is small and changes
+while the device runs), STOP_COPY all of it, and the RESUMING to STOP step
+checks it before anything is applied.
+"""
+
+from __future__ import annotations
+
+import errno
+import weakref
+from collections import deque
+from typing import ClassVar
+
+from vfiouserd import state
+from vfiouserd.devices.pci import PciDevice
+from vfiouserd.log import get_logger
+from vfiouserd.memory import GuestMemory
+from vfiouserd.protocol.vfio_user import MigrationState as S
+
+log = get_logger("migration")
+
+MAX_INCOMING = 16 << 20  # a device-state blob is small; refuse to buffer more
+
+ARCS: dict[S, set[S]] = {
+    S.STOP: {S.RUNNING, S.STOP_COPY, S.RESUMING},
+    S.RUNNING: {S.STOP, S.PRE_COPY},
+    S.STOP_COPY: {S.STOP},
+    S.RESUMING: {S.STOP},
+    S.PRE_COPY: {S.RUNNING, S.STOP_COPY},
+}
+SAVING = {S.PRE_COPY, S.STOP_COPY}
+
+
+class MigrationError(Exception):
+    def __init__(self, error: int, reason: str) -> None:
+        super().__init__(reason)
+        self.errno = error
+
+
+def path(current: S, target: S) -> list[S]:
+    """The states to go through, ``target`` last; MigrationError if none."""
+    if target in (S.ERROR, S.RUNNING_P2P, S.PRE_COPY_P2P):
+        raise MigrationError(errno.EINVAL, f"{target.name} cannot be asked for")
+    if current is S.ERROR:
+        raise MigrationError(errno.EINVAL, "the device is in ERROR: reset it")
+    if current is S.STOP_COPY and target is S.PRE_COPY:
+        raise MigrationError(errno.EINVAL, "STOP_COPY cannot go back to PRE_COPY")
+    if current is target:
+        return []
+    previous: dict[S, S] = {}
+    queue = deque([current])
+    while queue:
+        state_ = queue.popleft()
+        for following in ARCS[state_]:
+            if following in previous or following is current:
+                continue
+            if following in SAVING and following is not target:
+                continue  # a saving state only ends a path
+            previous[following] = state_
+            if following is target:
+                steps = [target]
+                while steps[-1] is not current and previous[steps[-1]] is not current:
+                    steps.append(previous[steps[-1]])
+                return steps[::-1]
+            queue.append(following)
+    raise MigrationError(errno.EINVAL, f"no way from {current.name} to {target.name}")
+
+
+class Migration:
+    """One device's migration state and data stream. It belongs to the
+    device, not to a connection: a client that comes back finds it."""
+
+    _of_device: ClassVar[weakref.WeakKeyDictionary[PciDevice, Migration]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    @classmethod
+    def of(cls, device: PciDevice) -> Migration:
+        migration = cls._of_device.get(device)
+        if migration is None:
+            migration = cls._of_device[device] = cls(device)
+        return migration
+
+    def __init__(self, device: PciDevice) -> None:
+        self.device = device
+        self.state = S.RUNNING
+        self.outgoing = memoryview(b"")
+        self.incoming = bytearray()
+
+    def set_state(self, target: int) -> None:
+        try:
+            wanted = S(target)
+        except ValueError:
+            raise MigrationError(errno.EINVAL, f"no device state {target}") from None
+        for step in path(self.state, wanted):
+            self._step(step)
+            log.info("migration.state", state=step.name)
+
+    def _step(self, following: S) -> None:
+        current = self.state
+        if following is S.STOP:
+            if current in (S.RUNNING, S.PRE_COPY):
+                self.device.quiesce()
+            elif current is S.RESUMING:
+                data, self.incoming = bytes(self.incoming), bytearray()
+                try:
+                    state.load(self.device, data)
+                except state.StateError as exc:
+                    raise MigrationError(errno.EINVAL, f"state refused: {exc}") from exc
+                log.info("migration.loaded", size=len(data))
+            self.outgoing = memoryview(b"")
+        elif following is S.RUNNING:
+            self.outgoing = memoryview(b"")
+            if current is S.STOP:
+                self.device.resume()
+        elif following is S.PRE_COPY:
+            self.outgoing = memoryview(b"")  # everything comes in STOP_COPY
+        elif following is S.STOP_COPY:
+            if current is S.PRE_COPY:
+                self.device.quiesce()
+            self.outgoing = memoryview(state.save(self.device))
+        elif following is S.RESUMING:
+            self.incoming = bytearray()
+        self.state = following
+
+    def read(self, size: int) -> bytes:
+        if self.state not in SAVING:
+            raise MigrationError(errno.EINVAL, f"no data to read in {self.state.name}")
+        chunk, self.outgoing = self.outgoing[:size], self.outgoing[size:]
+        return bytes(chunk)
+
+    def write(self, data: bytes) -> None:
+        if self.state is not S.RESUMING:
+            raise MigrationError(errno.EINVAL, f"no data to write in {self.state.name}")
+        if len(self.incoming) + len(data) > MAX_INCOMING:
+            raise MigrationError(errno.EFBIG, f"more than {MAX_INCOMING} bytes of state")
+        self.incoming += data
+
+    def reset(self) -> None:
+        """DEVICE_RESET: out of ERROR; otherwise the state stays."""
+        if self.state is S.ERROR:
+            self.state = S.RUNNING
+
+
+class DirtyBitmaps:
+    """DMA logging: one bitmap per logged range of client memory, a bit per
+    ``page_size`` page. REPORT hands out a range's bits and clears them."""
+
+    def __init__(self, page_size: int, ranges: list[tuple[int, int]]) -> None:
+        self.page_size = page_size
+        self.ranges = sorted(ranges)
+        self.bitmaps = [bytearray((length // page_size + 7) // 8) for _, length in self.ranges]
+
+    def mark(self, address: int, length: int) -> None:
+        if length <= 0:
+            return
+        end = address + length
+        for (start, size), bitmap in zip(self.ranges, self.bitmaps, strict=True):
+            low, high = max(address, start), min(end, start + size)
+            if low >= high:
+                continue
+            first, last = (low - start) // self.page_size, (high - 1 - start) // self.page_size
+            for page in range(first, last + 1):
+                bitmap[page // 8] |= 1 << page % 8
+
+    def kick(self) -> None:
+        pass
+
+    def report(self, iova: int, length: int, page_size: int) -> bytes:
+        """The dirty bits of ``[iova, iova+length)`` at ``page_size``
+        granularity (u64 words, least significant bit first), cleared here."""
+        for index, (start, size) in enumerate(self.ranges):
+            if start <= iova and iova + length <= start + size:
+                bitmap = self.bitmaps[index]
+                break
+        else:
+            raise MigrationError(errno.EINVAL, f"{iova:#x}+{length:#x} is not a logged range")
+        pages = (length + page_size - 1) // page_size
+        out = bytearray((pages + 63) // 64 * 8)
+        first = (iova - start) // self.page_size
+        last = (iova + length - 1 - start) // self.page_size
+        for page in range(first, last + 1):
+            if bitmap[page // 8] >> page % 8 & 1:
+                bitmap[page // 8] &= ~(1 << page % 8) & 0xFF
+                address = start + page * self.page_size
+                low = max(address, iova) - iova
+                high = min(address + self.page_size, iova + length) - 1 - iova
+                for bit in range(low // page_size, high // page_size + 1):
+                    out[bit // 8] |= 1 << bit % 8
+        return bytes(out)
+
+
+def logged_ranges(memory: GuestMemory, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """What START logs: the ranges asked for, or every mapped region."""
+    if ranges:
+        return ranges
+    return [(region.guest_address, region.size) for region in memory.regions]
