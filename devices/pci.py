@@ -724,6 +724,28 @@ class PciDevice:
     def resume(self) -> None:
         self.stopped = False
 
+    # -- handover (restart without disconnect) --------------------------------------------
+
+    def hold(self) -> None:
+        """Stop work the device does on its own (rings), keep answering the
+        VMM: the session is about to be handed to the next daemon."""
+
+    def release(self) -> None:
+        """The handover did not happen: carry on."""
+
+    def handover_fds(self) -> dict[str, int]:
+        """Fds of the device's own the VMM also holds (memory-backed BARs,
+        notification eventfds): the next daemon must use the same ones."""
+        return {f"bar{index}": bar.fd for index, bar in self.bars.items() if bar.fd is not None}
+
+    def adopt_handover_fds(self, fds: dict[str, int | None]) -> None:
+        for key, fd in fds.items():
+            index = int(key.removeprefix("bar"))
+            if fd is None or index not in self.bars or self.bars[index].fd is None:
+                raise ValueError(f"no memory-backed BAR for {key}")
+            os.close(self.bars[index].fd)  # type: ignore[arg-type]
+            self.bars[index].fd = fd
+
     def state_sections(self) -> dict[str, Schema]:
         return {"pci": PCI_STATE, **self.transport_state_sections(), "device": self.state}
 

@@ -140,6 +140,7 @@ class VirtioPciDevice(PciDevice):
             }
         )
         self.queue_set = QueueSet(virtio, self.memory, AddressSpace.GUEST, self.memory_lock)
+        self._held = False  # rings stay stopped: a handover is under way
         self.kick_fds = [
             os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in self.queue_set.queues
         ]
@@ -384,8 +385,8 @@ class VirtioPciDevice(PciDevice):
 
     def _start(self, queue: Virtqueue, *, wait_for_memory: bool = False) -> None:
         queue.enabled = True
-        if self.stopped:
-            return  # started by ``resume``
+        if self.stopped or self._held:
+            return  # started by ``resume`` (or by the next daemon)
         try:
             self.queue_set.start(queue, wait_for_memory=wait_for_memory)
         except RingError as exc:
@@ -461,6 +462,34 @@ class VirtioPciDevice(PciDevice):
             for queue in self.queue_set.queues:
                 if self.queue_enabled[queue.index]:
                     self._start(queue, wait_for_memory=True)
+
+    def hold(self) -> None:
+        self._held = True
+        for queue in self.queue_set.queues:
+            self.queue_set.stop(queue)
+
+    def release(self) -> None:
+        self._held = False
+        if not self.stopped:
+            self.resume()
+
+    def handover_fds(self) -> dict[str, int]:
+        kicks = {f"kick{index}": fd for index, fd in enumerate(self.kick_fds)}
+        return {**super().handover_fds(), **kicks}
+
+    def adopt_handover_fds(self, fds: dict[str, int | None]) -> None:
+        kicks = {key: fd for key, fd in fds.items() if key.startswith("kick")}
+        if len(kicks) != len(self.kick_fds):
+            raise ValueError(f"{len(kicks)} notification eventfds for {len(self.kick_fds)} queues")
+        super().adopt_handover_fds({k: v for k, v in fds.items() if k not in kicks})
+        for key, fd in kicks.items():
+            index = int(key.removeprefix("kick"))
+            if fd is None or not 0 <= index < len(self.kick_fds):
+                raise ValueError(f"notification eventfd {key}")
+            os.close(self.kick_fds[index])
+            os.set_blocking(fd, False)
+            self.kick_fds[index] = fd
+            self.queue_set.queues[index].kick_fd = fd
 
     def transport_state_sections(self) -> dict[str, Schema]:
         return {"virtio-pci": TRANSPORT_STATE}

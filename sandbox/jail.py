@@ -20,12 +20,14 @@ that skips it; the daemon never silently runs unjailed.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import importlib
 import os
 import resource
 import select
 import signal
+import socket
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from typing import NoReturn
 
 import prctl
 
+from vfiouserd.handover import LISTENER
 from vfiouserd.log import get_logger
 from vfiouserd.sandbox.namespaces import (
     StepFailed,
@@ -43,6 +46,7 @@ from vfiouserd.sandbox.namespaces import (
 )
 from vfiouserd.sandbox.seccomp import daemon_policy, reaper_policy
 from vfiouserd.server import STOP_SIGNALS, SocketFile, hold_stop_signals, release_stop_signals
+from vfiouserd.systemd import FdStore, send_notification
 
 log = get_logger("sandbox")
 
@@ -83,6 +87,9 @@ class JailOptions:
     # The socket file to remove at the end (by the parent when jailed, since
     # the jailed daemon no longer sees the path).
     socket_file: SocketFile | None = None
+    # Set by ``enter`` when there is a notify socket: the daemon's way to
+    # systemd's fd store (through the parent when jailed).
+    store: FdStore | None = None
 
 
 @contextlib.contextmanager
@@ -117,8 +124,9 @@ def enter(options: JailOptions) -> None:
     if options.mode == "none":
         log.warning("sandbox.disabled", reason="--sandbox=none: the daemon runs unjailed")
         _notify_ready(options)
-        if options.notify_fd is not None:
-            os.close(options.notify_fd)
+        notify_fd = options.notify_fd
+        if notify_fd is not None:
+            options.store = FdStore(lambda message, fds: send_notification(notify_fd, message, fds))
         return
     _preload()
     try:
@@ -134,11 +142,22 @@ def enter(options: JailOptions) -> None:
     ready_read, ready_write = os.pipe()
     # Only the parent holds the write end: end of file means it is gone.
     alive_read, alive_write = os.pipe()
+    # Notifications the daemon has for systemd (its fd store) go through the
+    # parent: systemd listens to the main process only (NotifyAccess=main).
+    relay_parent = relay_child = None
+    if options.notify_fd is not None:
+        relay_parent, relay_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     child = os.fork()
     if child == 0:
         os.close(ready_read)
         os.close(alive_write)
         _close_parent_only(options)
+        if relay_parent is not None and relay_child is not None:
+            relay_parent.close()
+            # A bare fd: a socket object left to the collector at exit would
+            # describe itself with getpeername, outside the allowlist.
+            relay_fd = relay_child.detach()
+            options.store = FdStore(lambda message, fds: send_notification(relay_fd, message, fds))
         try:
             _confine(uid, gid, options, alive_read)
         except JailError as exc:  # the parent sees no readiness byte and reports the exit
@@ -153,7 +172,67 @@ def enter(options: JailOptions) -> None:
         return
     os.close(ready_write)
     os.close(alive_read)
-    _reap(child, ready_read, alive_write, uid, options)
+    relay = None
+    if relay_parent is not None and relay_child is not None:
+        relay_child.close()
+        relay = relay_parent.detach()
+    _reap(child, ready_read, alive_write, relay, uid, options)
+
+
+def _watch(ready: int, relay: int | None, exited: int, options: JailOptions) -> bool:
+    """Until the daemon exits: READY=1 once it serves, and its notifications
+    for systemd passed on. Returns whether it put its listening socket in the
+    fd store (then the socket file must stay)."""
+    poller = select.poll()
+    for fd in (ready, exited, relay):
+        if fd is not None:
+            poller.register(fd, select.POLLIN)
+    handed_over = False
+    while True:
+        readable = {fd for fd, _ in poller.poll()}
+        if ready in readable:
+            if os.read(ready, 1) == b"1":
+                _notify_ready(options)
+            poller.unregister(ready)
+            os.close(ready)
+        if relay is not None and (relay in readable or exited in readable):
+            handed_over |= _pass_on(relay, options, drain=exited in readable)
+        if exited in readable:
+            return handed_over
+
+
+def _pass_on(relay: int, options: JailOptions, *, drain: bool) -> bool:
+    """Pass the daemon's notifications on to systemd (all that wait, when it
+    has exited)."""
+    listener = False
+    sock = socket.socket(fileno=relay)
+    try:
+        while True:
+            try:
+                message, ancillary, _, _ = sock.recvmsg(
+                    4096, socket.CMSG_SPACE(253 * 4), socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                return listener
+            fds = [
+                fd
+                for level, kind, data in ancillary
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                for fd in array.array("i", data[: len(data) - len(data) % 4])
+            ]
+            try:
+                if options.notify_fd is not None:
+                    send_notification(options.notify_fd, message, fds)
+                listener |= f"FDNAME={LISTENER}\n".encode() in message
+            except OSError as exc:
+                log.warning("sd_notify.failed", error=str(exc))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if not drain:
+                return listener
+    finally:
+        sock.detach()
 
 
 def _close_parent_only(options: JailOptions) -> None:
@@ -222,9 +301,11 @@ def _confine(uid: int, gid: int, options: JailOptions, alive: int) -> None:
             daemon_policy(options.device_syscalls, options.seccomp).load()
 
 
-def _reap(child: int, ready: int, alive: int, uid: int, options: JailOptions) -> NoReturn:
+def _reap(
+    child: int, ready: int, alive: int, relay: int | None, uid: int, options: JailOptions
+) -> NoReturn:
     """The parent: close what only the daemon needs, wait, relay, exit."""
-    keep = {ready, alive}
+    keep = {ready, alive} | ({relay} if relay is not None else set())
     if options.notify_fd is not None:
         keep.add(options.notify_fd)
     if options.socket_file is not None:
@@ -232,7 +313,7 @@ def _reap(child: int, ready: int, alive: int, uid: int, options: JailOptions) ->
     try:
         _close_all_except(keep)
 
-        def relay(signum: int, frame: object) -> None:
+        def pass_signal(signum: int, frame: object) -> None:
             try:
                 os.kill(child, signum)
             except OSError as exc:  # the daemon is gone already
@@ -241,7 +322,7 @@ def _reap(child: int, ready: int, alive: int, uid: int, options: JailOptions) ->
                 )
 
         for signum in STOP_SIGNALS:
-            signal.signal(signum, relay)
+            signal.signal(signum, pass_signal)
         release_stop_signals()  # held since start-up; pending ones are relayed now
         if os.getuid() != uid:
             # Started as root: share the daemon's real uid so signals reach it
@@ -253,10 +334,12 @@ def _reap(child: int, ready: int, alive: int, uid: int, options: JailOptions) ->
             _drop_capabilities()
             prctl.set_no_new_privs(True)
             prctl.set_dumpable(False)
+        with _step("parent: watching the daemon"):
+            exited = os.pidfd_open(child)
         if options.mode == "strict" and options.seccomp != "none":
             directory = options.socket_file.directory if options.socket_file else None
             with _step("parent: seccomp filter", "--sandbox=namespace (or --seccomp=none)"):
-                reaper_policy(child, directory, options.seccomp).load()
+                reaper_policy(child, directory, relay, options.notify_fd, options.seccomp).load()
     except JailError as exc:
         log.error("sandbox.failed", error=str(exc))
         os.kill(child, signal.SIGKILL)
@@ -264,18 +347,13 @@ def _reap(child: int, ready: int, alive: int, uid: int, options: JailOptions) ->
         if options.socket_file is not None:
             options.socket_file.remove()
         os._exit(1)
-    became_ready = os.read(ready, 1) == b"1"
-    os.close(ready)
-    if became_ready:
-        _notify_ready(options)
-    # Wait without reaping: while the daemon is a zombie its pid cannot be
-    # reused, so a relayed signal cannot reach another process. Then hold the
-    # signals and reap.
-    os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)
+    handed_over = _watch(ready, relay, exited, options)
+    # The daemon is a zombie now: its pid cannot be reused, so a relayed
+    # signal cannot reach another process. Hold the signals and reap.
     hold_stop_signals()
     _, status = os.waitpid(child, 0)
-    if options.socket_file is not None:
-        options.socket_file.remove()
+    if options.socket_file is not None and not handed_over:
+        options.socket_file.remove()  # unless it lives on in the fd store
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
         log.error("daemon.killed", signal=signal.Signals(signum).name)

@@ -157,7 +157,11 @@ def daemon_policy(device_syscalls: Iterable[str] = (), action: str = "kill") -> 
 # The parent left outside the PID namespace only waits, relays signals,
 # tells systemd the daemon is ready and removes the socket at the end.
 REAPER: dict[str, str] = {
-    "waitid": "waiting for the daemon without reaping it",
+    "poll": "waiting for the daemon: readiness, notifications, its exit",
+    "recvmsg": "notifications (fd store) from the daemon (its relay socket only)",
+    "sendmsg": "passing them on to systemd (the notify socket only)",
+    "getsockopt": "wrapping those sockets (their type and protocol)",
+    "getsockname": "wrapping those sockets (their family)",
     "wait4": "reaping the daemon",
     "rt_sigprocmask": "holding signals while reaping",
     "newfstatat": "checking that the socket file is still the daemon's (socket directory only)",
@@ -180,15 +184,27 @@ REAPER_RARE: dict[str, str] = {
 }
 
 
-def reaper_policy(child: int, directory: int | None, action: str = "kill") -> Policy:
+def reaper_policy(
+    child: int,
+    directory: int | None,
+    relay: int | None = None,
+    notify: int | None = None,
+    action: str = "kill",
+) -> Policy:
     """Signals go to the daemon only; files are looked at and unlinked only
     relative to the socket's directory fd (seccomp cannot read the name: the
-    parent only ever passes the socket's own)."""
+    parent only ever passes the socket's own); messages come from the
+    daemon's relay and go to systemd's notify socket only."""
     allowed = {**REAPER, **REAPER_RARE}
     constraints = {"kill": (0, child)}
-    for name in ("unlinkat", "newfstatat"):
-        if directory is None:
+    for name, fd in (
+        ("unlinkat", directory),
+        ("newfstatat", directory),
+        ("recvmsg", relay),
+        ("sendmsg", notify),
+    ):
+        if fd is None:
             del allowed[name]
         else:
-            constraints[name] = (0, directory)
+            constraints[name] = (0, fd)
     return Policy(allowed, action, constraints)

@@ -4,7 +4,8 @@ Daemons run under ``strace -f`` with ``--seccomp=log``, so nothing is killed
 while recording, through workloads that reach every device path: both
 protocols, every device, split and packed rings, several queues, every
 virtio-blk request type, error paths, fd-less DMA with threads and the twin
-socket, reconnection, SIGHUP reload, and a real QEMU guest. Then:
+socket, reconnection, SIGHUP reload, a restart through the fd store, and a
+real QEMU guest. Then:
 
 * every call the jailed daemon made is allowed (or refused softly on
   purpose), so the default kill action never fires on a real workload;
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 import trio
 from daemon import Daemon
+from fake_systemd import FakeSystemd
 from syscall_record import STRACE, Record, command, parse
 
 from conftest import MiB, start_device
@@ -32,6 +34,7 @@ from vfiouserd.client.blk import BlkClient, RngClient
 from vfiouserd.client.guest import GuestRam
 from vfiouserd.client.vfio_user import VfioUserClient, VfioUserError, eventfd
 from vfiouserd.client.vhost_user import VhostUserFrontend
+from vfiouserd.client.virtio_pci import VirtioPciDriver
 from vfiouserd.devices.blk import BlkStatus, RequestType
 from vfiouserd.devices.virtio import bit
 from vfiouserd.protocol import vfio_user as vfu
@@ -117,7 +120,6 @@ async def vhost_user_rng(daemon: Daemon) -> None:
 
 
 async def vfio_user_virtio(daemon: Daemon) -> None:
-    from vfiouserd.client.virtio_pci import VirtioPciDriver
 
     rng = "vfio-user-rng" in daemon.command
     ram = GuestRam([(0, 16 * MiB)])
@@ -228,6 +230,55 @@ def killed_under_systemd(tmp_path: Path, trace: Path) -> Record:
     return parse(trace)
 
 
+async def handed_over(tmp_path: Path, protocol: str) -> Record:
+    """A restart through systemd's fd store (a stand-in for systemd): the
+    old daemon stores its session, its parent passes the fds on, the new
+    one takes them back. ``strace -D`` keeps the daemon's pid, which
+    LISTEN_PID must name."""
+    workdir = tmp_path / f"handover-{protocol}"
+    workdir.mkdir()
+    socket_path = str(workdir / "device.sock")
+    ram = GuestRam([(0, 16 * MiB)])
+
+    def traced(start: int) -> list[str]:
+        return [
+            *command(workdir / f"{start}.trace", [])[:1],
+            "-D",
+            *command(workdir / f"{start}.trace", [])[1:],
+            sys.executable,
+            *("-m", "vfiouserd", f"{protocol}-blk", "--socket-path", socket_path, "--fdstore"),
+            *("--blk-file", str(workdir / "disk.img"), "--size", "16M", "--seccomp", "log"),
+        ]
+
+    async with FakeSystemd(workdir, traced(1)) as manager:
+        await manager.start()
+        if protocol == "vhost-user":
+            frontend = await VhostUserFrontend.connect(socket_path)
+            (blk,) = await start_device(frontend, ram, inflight=True)
+            await blk.write(0, b"h" * 512)
+            manager.command = traced(2)
+            await manager.restart()
+            assert await blk.read(0, 512) == b"h" * 512
+            await frontend.aclose()
+        else:
+            async with VfioUserClient.connect(socket_path, ram=ram) as client:
+                await client.map_ram()
+                driver = VirtioPciDriver(client, ram)
+                (queue,) = await driver.start()
+                blk = BlkClient(ram, queue, arena=MiB)
+                await blk.write(0, b"h" * 512)
+                manager.command = traced(2)
+                await manager.restart()
+                assert await blk.read(0, 512) == b"h" * 512
+                driver.close()
+        assert await manager.stop() == 0
+        assert "event=handover.restored" in manager.log(), manager.log()
+    ram.close()
+    record = parse(workdir / "1.trace")
+    record.update(parse(workdir / "2.trace"))
+    return record
+
+
 def recorded_daemon(
     tmp_path: Path, trace: Path, *args: str, name: str, env: dict[str, str] | None = None
 ) -> Daemon:
@@ -264,6 +315,8 @@ def recorded(tmp_path_factory) -> Record:
         assert "event=sandbox.entered" in daemon.log()
         record.update(parse(trace))
     record.update(killed_under_systemd(tmp_path, tmp_path / "notify.trace"))
+    for protocol in ("vhost-user", "vfio-user"):
+        record.update(trio.run(handed_over, tmp_path, protocol))
     if shutil.which(vm.QEMU):
         record.update(qemu_guest(tmp_path, tmp_path / "qemu.trace"))
     assert record.daemon and record.reaper, "nothing recorded: is the filter loaded?"

@@ -16,10 +16,11 @@ import shlex
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import trio
 
-from vfiouserd import __version__, systemd
+from vfiouserd import __version__, handover, state, systemd
 from vfiouserd import log as logging
 from vfiouserd.config import ConfigError, arguments_from_file
 from vfiouserd.devices.pci import PciDevice
@@ -28,13 +29,16 @@ from vfiouserd.devices.virtio_pci import VirtioPciDevice
 from vfiouserd.plugins import DeviceClass, device_plugins
 from vfiouserd.sandbox import jail
 from vfiouserd.server import (
+    LiveSession,
+    Service,
     SocketFile,
     hold_stop_signals,
+    is_listening,
     listen_on_path,
     run_until_signalled,
-    serve,
     socket_from_fd,
 )
+from vfiouserd.systemd import PassedFd
 from vfiouserd.vfio_user.session import VfioUserSession
 from vfiouserd.vhost_user.backend import VhostUserBackend
 
@@ -120,6 +124,13 @@ def _add_common(parser: argparse.ArgumentParser, *, capabilities: bool) -> None:
         "namespace: the same without seccomp; none: no jail at all",
     )
     parser.add_argument(
+        "--fdstore",
+        action="store_true",
+        help="on SIGTERM, keep the live session in systemd's fd store (FDSTORE=1) so the "
+        "next start of the service carries on with it: a restart the VMM never notices "
+        "(the unit needs FileDescriptorStoreMax=)",
+    )
+    parser.add_argument(
         "--seccomp",
         default="kill",
         choices=jail.SECCOMP_ACTIONS,
@@ -132,12 +143,10 @@ def _print_capabilities(device: type[VirtioDevice]) -> int:
     return 0
 
 
-Session = Callable[[Device, trio.socket.SocketType], object]
-
-
 def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Device]) -> int:
-    activated = systemd.listen_fds()
-    if args.socket_path is None and args.fd is None and not activated:
+    received, activated = handover.take(systemd.listen_fds())
+    listener_fd = received.fds.pop(handover.LISTENER, None) if received is not None else None
+    if args.socket_path is None and args.fd is None and not activated and listener_fd is None:
         print(
             "error: one of --socket-path or --fd is required (or socket activation)",
             file=sys.stderr,
@@ -147,48 +156,82 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
     hold_stop_signals()
     jailed = args.sandbox != "none"
     if jailed:  # nothing but what the daemon is given on purpose goes into the jail
-        jail.close_inherited_fds([*activated, *([args.fd] if args.fd is not None else [])])
+        kept = [p.fd for p in activated] + ([args.fd] if args.fd is not None else [])
+        if received is not None:
+            kept += received.fds.values()
+        jail.close_inherited_fds([*kept, *([listener_fd] if listener_fd is not None else [])])
     device: Device | None = None
     sock: socket.socket | None = None
     notify_fd = socket_file = None
+    options = None
     try:
         notify_fd = systemd.notify_socket()
+        if args.fdstore and notify_fd is None:
+            raise ValueError("--fdstore needs systemd's NOTIFY_SOCKET (Type=notify)")
         device = make_device()  # opens the image or whatever the device needs
-        sock = open_listening_socket(args, activated)
+        if listener_fd is not None:
+            sock = socket_from_fd(listener_fd)
+            log.info("handover.listener", address=sock.getsockname() or f"fd {listener_fd}")
+        else:
+            sock = open_listening_socket(args, activated)
+        if args.fdstore and not is_listening(sock):
+            raise ValueError("--fdstore needs a listening socket, not a connected one")
         if args.socket_path is not None:
             socket_file = SocketFile.created_at(args.socket_path)
         log.info(
             "startup", device=device.name, protocol=protocol, pid=os.getpid(), version=__version__
         )
-        jail.enter(
-            jail.JailOptions(
-                mode=args.sandbox,
-                seccomp=args.seccomp,
-                device_syscalls=device.syscalls,
-                notify_fd=notify_fd,
-                socket_file=socket_file,
-            )
+        restored = _take_handover(received, protocol, device)
+        if received is not None and notify_fd is not None:
+            # Taken (before READY=1): what stayed in the store would come
+            # back at the next start as well.
+            store = systemd.FdStore(lambda m, fds: systemd.send_notification(notify_fd, m, fds))
+            for name in received.names:
+                store.remove(name)
+        options = jail.JailOptions(
+            mode=args.sandbox,
+            seccomp=args.seccomp,
+            device_syscalls=device.syscalls,
+            notify_fd=notify_fd,
+            socket_file=socket_file,
         )
+        jail.enter(options)
     except (jail.JailError, OSError, ValueError) as exc:
         event = "sandbox.failed" if isinstance(exc, jail.JailError) else "startup.failed"
         log.error(event, error=str(exc))
         if sock is not None:
             sock.close()
-        if socket_file is not None:  # through the directory: mounts may have moved already
+        if socket_file is not None and listener_fd is None:  # through the directory
             socket_file.remove()
         if notify_fd is not None:
             os.close(notify_fd)
+        if received is not None:
+            received.close_unused()
         if device is not None:
             device.close()
         return 1
 
-    async def session(conn: trio.socket.SocketType) -> None:
+    def new_session(conn: trio.socket.SocketType) -> LiveSession:
         if protocol == "vhost-user":
             assert isinstance(device, VirtioDevice)
-            await VhostUserBackend(device, conn).serve()
-        else:
-            assert isinstance(device, PciDevice)
-            await VfioUserSession(device, conn).serve()
+            return VhostUserBackend(device, conn)
+        assert isinstance(device, PciDevice)
+        return VfioUserSession(device, conn)
+
+    service = Service(
+        sock,
+        protocol,
+        new_session,
+        lambda: state.save(device),
+        store=options.store if args.fdstore else None,
+        store_listener=not activated,
+    )
+
+    async def main() -> None:
+        session = None
+        if restored is not None:
+            session = _restore_session(protocol, device, *restored)
+        await service.run(session)
 
     reload = (
         device.virtio.reload
@@ -196,18 +239,57 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         else (device.reload if isinstance(device, VirtioDevice) else None)
     )
     try:
-        trio.run(run_until_signalled, lambda: serve(sock, session), reload)
+        trio.run(run_until_signalled, main, reload, service.hand_over)
     finally:
         sock.close()
-        if socket_file is not None and not jailed:  # jailed: the parent removes it
-            socket_file.remove()
+        if socket_file is not None and not jailed:  # jailed: the parent's
+            if not service.handed_over:  # the next daemon listens on it
+                socket_file.remove()
             socket_file.close()
         device.close()
-        log.info("exit")
+        log.info("exit", handed_over=service.handed_over)
     return 0
 
 
-def open_listening_socket(args: argparse.Namespace, activated: list[int]) -> socket.socket:
+def _take_handover(
+    received: handover.Received | None, protocol: str, device: Device
+) -> tuple[dict[str, Any], handover.Received] | None:
+    """Check what a previous daemon handed over and load its device state;
+    None (the VMM's connection closed) if it cannot be taken back."""
+    if received is None or received.handover is None:
+        return None
+    try:
+        record = received.handover
+        if record.protocol != protocol:
+            raise handover.HandoverError(f"a {record.protocol} session, this is {protocol}")
+        state.load(device, record.device_blob)
+    except (handover.HandoverError, state.StateError) as exc:
+        log.error("handover.refused", reason=str(exc))
+        received.close_unused()  # the VMM sees the connection close, and may reconnect
+        return None
+    return record.session, received
+
+
+def _restore_session(
+    protocol: str, device: Device, document: dict[str, Any], received: handover.Received
+) -> LiveSession | None:
+    try:
+        if protocol == "vhost-user":
+            assert isinstance(device, VirtioDevice)
+            session: LiveSession = VhostUserBackend.restore(device, document, received)
+        else:
+            assert isinstance(device, PciDevice)
+            session = VfioUserSession.restore(device, document, received)
+    except handover.HandoverError as exc:
+        log.error("handover.refused", reason=str(exc))
+        return None
+    finally:
+        received.close_unused()
+    log.info("handover.restored", protocol=protocol)
+    return session
+
+
+def open_listening_socket(args: argparse.Namespace, activated: list[PassedFd]) -> socket.socket:
     if args.fd is not None:
         return socket_from_fd(args.fd)
     if args.socket_path is not None:
@@ -215,9 +297,9 @@ def open_listening_socket(args: argparse.Namespace, activated: list[int]) -> soc
     if not activated:
         raise ValueError("socket activation passed no socket")
     for extra in activated[1:]:
-        log.warning("socket_activation.extra_fd", fd=extra, action="closed")
-        os.close(extra)
-    return socket_from_fd(activated[0])
+        log.warning("socket_activation.extra_fd", fd=extra.fd, name=extra.name, action="closed")
+        os.close(extra.fd)
+    return socket_from_fd(activated[0].fd)
 
 
 def _systemd_run(args: argparse.Namespace) -> int:

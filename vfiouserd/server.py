@@ -14,14 +14,16 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import trio
 
+from vfiouserd import handover
+from vfiouserd.handover import FdNames
 from vfiouserd.log import get_logger
+from vfiouserd.systemd import FdStore
 
 log = get_logger("server")
-
-Session = Callable[[trio.socket.SocketType], Awaitable[None]]
 
 
 def listen_on_path(path: str) -> socket.socket:
@@ -100,24 +102,140 @@ def is_listening(sock: socket.socket) -> bool:
     return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
-async def serve(sock: socket.socket, session: Session) -> None:
-    """Serve connections one after another; a connected socket is served once."""
-    tsock = trio.socket.from_stdlib_socket(sock)
-    if not is_listening(sock):
-        log.info("session.start", kind="inherited connection")
-        with tsock:
-            await session(tsock)
-        return
-    log.info("listening", address=sock.getsockname() or f"fd {sock.fileno()}")
-    while True:
-        conn, _ = await tsock.accept()
-        log.info("session.start")
-        with conn:
+class LiveSession(Protocol):
+    """A protocol session as the service sees it."""
+
+    async def serve(self) -> None: ...
+
+    async def pause(self, timeout: float) -> bool:
+        """Stop at a message boundary with the rings stopped where they stand
+        and every fd kept (for a handover); False if that took too long."""
+        ...
+
+    def snapshot(self, names: FdNames) -> dict[str, Any]:
+        """The paused session as JSON, fds by their store names."""
+        ...
+
+    def close(self) -> None: ...
+
+    @property
+    def ending(self) -> bool:
+        """The connection is over (closed, or broken): nothing to hand over."""
+        ...
+
+
+NewSession = Callable[[trio.socket.SocketType], LiveSession]
+PAUSE_TIMEOUT = 5.0  # a VMM that never leaves a gap between messages
+
+
+class Service:
+    """Serves connections one after another on a listening socket (a
+    connected one is served once). On a planned stop with an fd store it
+    hands the live session over to the next daemon instead of ending it."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol: str,
+        new_session: NewSession,
+        device_state: Callable[[], bytes],
+        store: FdStore | None = None,
+        store_listener: bool = True,
+    ) -> None:
+        self.sock = sock
+        self.protocol = protocol
+        self.new_session = new_session
+        self.device_state = device_state
+        self.store = store
+        # A socket unit's listener comes back from the unit, not the store.
+        self.store_listener = store_listener
+        self.session: LiveSession | None = None
+        self.handed_over = False
+        self._stopping = False
+
+    async def run(self, restored: LiveSession | None = None) -> None:
+        tsock = trio.socket.from_stdlib_socket(self.sock)
+        listening = is_listening(self.sock)
+        if restored is not None:
+            log.info("session.start", kind="handed over")
+            await self._serve_one(restored)
+        elif not listening:
+            log.info("session.start", kind="inherited connection")
+            await self._serve_one(self.new_session(tsock))
+        if not listening:
+            await self._until_stopped()
+            return
+        log.info("listening", address=self.sock.getsockname() or f"fd {self.sock.fileno()}")
+        while not self._stopping:
+            conn, _ = await tsock.accept()
+            log.info("session.start")
+            await self._serve_one(self.new_session(conn))
+            log.info("session.end")
+        await self._until_stopped()
+
+    async def _until_stopped(self) -> None:
+        """A handover is under way (or the only connection ended): the
+        signal handler ends the service."""
+        if self._stopping:
+            await trio.sleep_forever()
+
+    async def _serve_one(self, session: LiveSession) -> None:
+        self.session = session
+        try:
+            await session.serve()
+        except Exception:  # a bug in one session must not end the service
+            log.exception("session.crashed")
+            session.close()
+        finally:
+            self.session = None
+
+    async def hand_over(self) -> bool:
+        """Put the listener, the live session and its state in the fd store;
+        False (and nothing stored) if the session cannot be paused."""
+        if self.store is None:
+            return False
+        self._stopping = True
+        session = self.session
+        if session is not None and session.ending:
+            session = None
+        if session is not None and not await session.pause(PAUSE_TIMEOUT):
+            if not session.ending:
+                log.error("handover.failed", reason=f"no pause within {PAUSE_TIMEOUT:g} s")
+                return False
+            session = None  # it ended meanwhile: the listener alone goes on
+        names = FdNames()
+        if self.store_listener and is_listening(self.sock):
+            names.name(self.sock.fileno(), handover.LISTENER)
+        state_fd = None
+        if session is not None:
             try:
-                await session(conn)
-            except Exception:  # a bug in one session must not end the service
-                log.exception("session.crashed")
-        log.info("session.end")
+                document = session.snapshot(names)
+                blob = self.device_state()
+            except Exception as exc:  # the session is lost, the next daemon starts afresh
+                log.exception("handover.failed", reason=str(exc))
+                session.close()
+                return False
+            record = handover.Handover(self.protocol, document, blob).encode()
+            state_fd = handover.write_state(record)
+            names.name(state_fd, handover.STATE)
+        try:
+            # Not polled: systemd would drop a connection the VMM hangs up on
+            # mid-restart; the next daemon finds that out by itself.
+            for name, fd in names.named.items():
+                self.store.put(name, fd, poll=False)
+        except OSError as exc:  # what did reach the store is useless without its state
+            log.error("handover.failed", reason=f"fd store: {exc}")
+            if session is not None:
+                session.close()
+            return False
+        finally:
+            if state_fd is not None:
+                os.close(state_fd)
+        self.handed_over = True
+        log.info("handover.stored", fds=len(names.named), session=session is not None)
+        if session is not None:
+            session.close()  # our copies: the store holds its own
+        return True
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -135,10 +253,12 @@ def release_stop_signals() -> None:
 
 
 async def run_until_signalled(
-    main: Callable[[], Awaitable[None]], on_reload: Callable[[], None] | None = None
+    main: Callable[[], Awaitable[None]],
+    on_reload: Callable[[], None] | None = None,
+    on_stop: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
-    """Run ``main``; SIGTERM or SIGINT cancels it promptly and cleanly, SIGHUP
-    calls ``on_reload``."""
+    """Run ``main``; SIGTERM or SIGINT cancels it promptly and cleanly (after
+    ``on_stop``: a handover), SIGHUP calls ``on_reload``."""
     async with trio.open_nursery() as nursery:
 
         async def watch_signals() -> None:
@@ -150,6 +270,8 @@ async def run_until_signalled(
                         if on_reload is not None:
                             on_reload()
                         continue
+                    if on_stop is not None:
+                        await on_stop()
                     nursery.cancel_scope.cancel()
                     return
 

@@ -3,9 +3,12 @@ and transient units confined like the template unit."""
 
 from __future__ import annotations
 
+import array
 import os
 import re
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.resources import files
 
 SD_LISTEN_FDS_START = 3
@@ -30,21 +33,72 @@ def notify_socket() -> int | None:
     return sock.detach()
 
 
-def listen_fds() -> list[int]:
-    """Sockets passed by socket activation (LISTEN_FDS), for this process only."""
+@dataclass(frozen=True)
+class PassedFd:
+    fd: int
+    name: str  # FileDescriptorName= of a socket unit, FDNAME= of the fd store
+
+
+def listen_fds() -> list[PassedFd]:
+    """Fds passed by systemd (LISTEN_FDS): a socket unit's, then the fd
+    store's, each with its name (LISTEN_FDNAMES); for this process only."""
     try:
         pid = int(os.environ.get("LISTEN_PID", "0"))
         count = int(os.environ.get("LISTEN_FDS", "0"))
     except ValueError:
         return []
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(variable, None)
     if pid != os.getpid() or count <= 0:
         return []
-    fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
-    for fd in fds:
+    passed = []
+    for index in range(count):
+        fd = SD_LISTEN_FDS_START + index
         os.set_inheritable(fd, False)
-    return fds
+        passed.append(PassedFd(fd, names[index] if index < len(names) else "unknown"))
+    return passed
+
+
+FDNAME_MAX = 255
+
+
+class FdStore:
+    """systemd's file descriptor store (sd_notify FDSTORE=1): fds kept for
+    the next process of the service (FileDescriptorStoreMax= in the unit).
+    ``send`` delivers one notification with its fds: straight to systemd, or
+    through the jail's parent, the only process systemd listens to."""
+
+    def __init__(self, send: Callable[[bytes, list[int]], None]) -> None:
+        self._send = send
+
+    @staticmethod
+    def _check(name: str) -> None:
+        if not name or len(name) > FDNAME_MAX or ":" in name or not name.isprintable():
+            raise ValueError(f"invalid fd store name {name!r}")
+
+    def put(self, name: str, fd: int, *, poll: bool = True) -> None:
+        """Keep ``fd`` under ``name``; without ``poll`` systemd does not drop
+        it when it hangs up (a connection whose peer is only idle stays)."""
+        self._check(name)
+        message = f"FDSTORE=1\nFDNAME={name}\n" + ("" if poll else "FDPOLL=0\n")
+        self._send(message.encode(), [fd])
+
+    def remove(self, name: str) -> None:
+        self._check(name)
+        self._send(f"FDSTOREREMOVE=1\nFDNAME={name}\n".encode(), [])
+
+
+def send_notification(notify_fd: int, message: bytes, fds: list[int]) -> None:
+    """One sd_notify datagram on a connected notify socket."""
+    sock = socket.socket(fileno=notify_fd)
+    try:
+        ancillary = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
+        sock.sendmsg([message], ancillary, socket.MSG_NOSIGNAL)
+    finally:
+        sock.detach()  # the fd stays the caller's
 
 
 # -- transient units ---------------------------------------------------------------

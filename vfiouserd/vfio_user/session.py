@@ -13,7 +13,9 @@ the connection. Extra fds are closed.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
 import errno
 import itertools
 import os
@@ -21,12 +23,13 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import trio
 from construct import Construct, ConstructError, Container
 
 from vfiouserd.devices.pci import Bar, DeviceAccessError, IrqKind, PciDevice, is_eventfd_like
+from vfiouserd.handover import CONNECTION, TWIN, FdNames, HandoverError, Received
 from vfiouserd.log import get_logger
 from vfiouserd.memory import GuestMemoryError, RegionSpec, RemoteAccessError, memory_faults
 from vfiouserd.protocol import vfio_user as vfu
@@ -39,6 +42,7 @@ log = get_logger("vfio_user")
 COMMAND_QUEUE = 256  # pipelined commands read ahead while one is processed
 DMA_REPLY_TIMEOUT = 10.0
 NEGOTIATION_TIMEOUT = 10.0  # an idle peer must not hold the device from its VMM
+PAUSE_POLL = 0.001  # how often a handover looks for a moment with nothing under way
 
 
 class RequestError(Exception):
@@ -107,6 +111,15 @@ class VfioUserSession:
         self._timed_out: set[int] = set()
         self._nursery: trio.Nursery | None = None
         self._intx_unmask_scope: trio.CancelScope | None = None
+        self._intx_unmask_fd: int | None = None
+        # Handover: readers park between messages once nothing is under way.
+        self._restored = False
+        self._readers_idle: dict[trio.socket.SocketType, bool] = {}
+        self._idle_scopes: dict[trio.socket.SocketType, trio.CancelScope] = {}
+        self._processing = False
+        self._parked = False
+        self.ending = False
+        self._finished = trio.Event()
         self.device.memory.max_regions = self.config.max_dma_maps
         self.migration = Migration.of(device)
         self.dirty: DirtyBitmaps | None = None  # DMA logging of this client's memory
@@ -137,18 +150,21 @@ class VfioUserSession:
     async def serve(self) -> None:
         receive: trio.MemoryReceiveChannel[Message] | None = None
         try:
-            try:
-                with trio.fail_after(NEGOTIATION_TIMEOUT):
-                    await self._negotiate()
-            except trio.TooSlowError:
-                raise ProtocolViolation(
-                    f"no VERSION within {NEGOTIATION_TIMEOUT:g} s of connecting"
-                ) from None
+            if not self._restored:
+                try:
+                    with trio.fail_after(NEGOTIATION_TIMEOUT):
+                        await self._negotiate()
+                except trio.TooSlowError:
+                    raise ProtocolViolation(
+                        f"no VERSION within {NEGOTIATION_TIMEOUT:g} s of connecting"
+                    ) from None
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.device.remote_dma = self
                 self.device.memory.remote = ThreadedRemote(self)
                 self.device.attach(nursery)
+                if self._intx_unmask_fd is not None:
+                    self._watch_intx_unmask(self._intx_unmask_fd)
                 send, receive = trio.open_memory_channel[Message](COMMAND_QUEUE)
                 self._commands = receive
                 nursery.start_soon(self._read_loop, self.sock, send, nursery.cancel_scope)
@@ -166,16 +182,174 @@ class VfioUserSession:
                     receive.receive_nowait().close_fds()
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
-            self.close()
+            self.ending = not self._parked
+            self._finished.set()
+            if not self._parked:
+                self.close()
 
     def close(self) -> None:
         self.device.memory.dirty = None  # the logging was this client's
         self.sock.close()
         if self.twin is not None:
             self.twin.close()
+        if self._intx_unmask_fd is not None and (self._parked or self._intx_unmask_scope is None):
+            os.close(self._intx_unmask_fd)  # its watcher left it open
+        self._intx_unmask_fd = None
         self.device.detach()  # unmap client memory, close IRQ fds; device state stays
         self.device.remote_dma = None
         self.device.memory.remote = None
+
+    # -- handover (restart without disconnect) ------------------------------------------
+
+    def _quiescent(self) -> bool:
+        """Between messages everywhere: readers waiting, nothing queued or
+        being processed, no request of ours waiting for its reply."""
+        return (
+            all(self._readers_idle.values())
+            and not self._processing
+            and not self._waiting
+            and self._commands.statistics().current_buffer_used == 0
+        )
+
+    async def pause(self, timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            # Rings first, while the readers still route the replies a ring
+            # walk over unmapped memory waits for; they stay stopped.
+            async with self.device.memory_lock:
+                self.device.hold()
+            while not self._quiescent():
+                if self.ending:
+                    return False
+                await trio.sleep(PAUSE_POLL)
+            self._parked = True
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()  # readers, watchers, ring tasks
+            await self._finished.wait()
+            log.info("session.paused")
+            return True
+        if not self.ending:
+            self.device.release()
+        return False
+
+    def snapshot(self, names: FdNames) -> dict[str, Any]:
+        device = self.device
+        irqs = {
+            kind.name: {
+                "eventfds": [names.name(fd) for fd in lines.eventfds],
+                "masked": lines.masked,
+                "pending": lines.pending,
+            }
+            for kind, lines in device.irqs.lines.items()
+            if lines.count
+        }
+        migration = self.migration
+        return {
+            "connection": names.name(self.sock.fileno(), CONNECTION),
+            "twin": names.name(self.twin.fileno() if self.twin is not None else None, TWIN),
+            "client": {
+                **{
+                    f.name: getattr(self.client, f.name)
+                    for f in dataclasses.fields(self.client)
+                    if f.name not in ("present", "unknown")
+                },
+                "present": sorted(self.client.present),
+            },
+            "page_size": self.page_size,
+            "next_msg_id": self._next_msg_id,
+            "qemu_dma_layout": self.qemu_dma_layout,
+            "dma": [
+                {
+                    "address": region.guest_address,
+                    "size": region.size,
+                    "fd": names.name(region.spec.fd),
+                    "file_offset": region.spec.file_offset,
+                    "readable": region.readable,
+                    "writable": region.writable,
+                }
+                for region in device.memory.regions
+            ],
+            "irqs": irqs,
+            "intx_unmask": names.name(self._intx_unmask_fd),
+            "device_fds": {key: names.name(fd) for key, fd in device.handover_fds().items()},
+            "migration": {
+                "state": migration.state.name,
+                "outgoing": base64.b64encode(migration.outgoing).decode(),
+                "incoming": base64.b64encode(migration.incoming).decode(),
+            },
+            "dma_logging": (
+                {
+                    "page_size": self.dirty.page_size,
+                    "ranges": self.dirty.ranges,
+                    "bitmaps": [base64.b64encode(b).decode() for b in self.dirty.bitmaps],
+                }
+                if self.dirty is not None
+                else None
+            ),
+        }
+
+    @classmethod
+    def restore(
+        cls, device: PciDevice, document: dict[str, Any], received: Received
+    ) -> VfioUserSession:
+        """The session a previous daemon handed over (the device state is
+        loaded already); HandoverError if it cannot be set up again."""
+        fd = received.fd
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd(document["connection"])))
+        session = cls(device, sock)
+        try:
+            session._restore(document, fd)
+        except (KeyError, TypeError, ValueError, GuestMemoryError, OSError) as exc:
+            session.close()
+            raise HandoverError(f"the vfio-user session cannot be set up again: {exc!r}") from exc
+        return session
+
+    def _restore(self, document: dict[str, Any], fd: Callable[[str | None], int | None]) -> None:
+        self._restored = True
+        twin = fd(document["twin"])
+        if twin is not None:
+            self.twin = trio.socket.from_stdlib_socket(socket.socket(fileno=twin))
+        client = dict(document["client"])
+        client["present"] = set(client["present"])
+        self.client = vfu.Capabilities(**client)
+        self.page_size = int(document["page_size"])
+        self._next_msg_id = int(document["next_msg_id"])
+        self.qemu_dma_layout = bool(document["qemu_dma_layout"])
+        device = self.device
+        device.adopt_handover_fds({key: fd(name) for key, name in document["device_fds"].items()})
+        for region in document["dma"]:
+            region_fd = fd(region["fd"])
+            device.memory.add_region(
+                RegionSpec(
+                    int(region["address"]),
+                    int(region["size"]),
+                    region_fd,
+                    file_offset=int(region["file_offset"]),
+                    readable=bool(region["readable"]),
+                    writable=bool(region["writable"]),
+                )
+            )
+        for kind_name, saved in document["irqs"].items():
+            lines = device.irqs.lines[IrqKind[kind_name]]
+            if len(saved["eventfds"]) != lines.count:
+                raise ValueError(f"{kind_name}: {len(saved['eventfds'])} vectors")
+            for vector, name in enumerate(saved["eventfds"]):
+                lines.set_eventfd(vector, fd(name))
+            lines.masked[:] = [bool(m) for m in saved["masked"]]
+            lines.pending[:] = [bool(p) for p in saved["pending"]]
+        self._intx_unmask_fd = fd(document["intx_unmask"])
+        migration = document["migration"]
+        self.migration.state = vfu.MigrationState[migration["state"]]
+        self.migration.outgoing = memoryview(base64.b64decode(migration["outgoing"]))
+        self.migration.incoming = bytearray(base64.b64decode(migration["incoming"]))
+        if self.migration.state not in (vfu.MigrationState.RUNNING, vfu.MigrationState.PRE_COPY):
+            device.quiesce()  # it was stopped for a migration: it stays so
+        logging = document["dma_logging"]
+        if logging is not None:
+            self.dirty = DirtyBitmaps(
+                int(logging["page_size"]), [(int(a), int(b)) for a, b in logging["ranges"]]
+            )
+            self.dirty.bitmaps = [bytearray(base64.b64decode(b)) for b in logging["bitmaps"]]
+            device.memory.dirty = self.dirty
 
     async def _negotiate(self) -> None:
         message = await vfu.read_message(self.sock, self.max_payload)
@@ -265,42 +439,57 @@ class VfioUserSession:
     ) -> None:
         """Route replies to the requests waiting for them; queue commands."""
         try:
-            while True:
-                message = await vfu.read_message(sock, self.max_payload)
-                if message.kind == vfu.TYPE_REPLY:
-                    waiter = self._waiting.pop(message.msg_id, None)
-                    if waiter is not None:
-                        waiter.send_nowait(message)
-                        continue
-                    message.close_fds()
-                    if message.msg_id in self._timed_out:
-                        self._timed_out.discard(message.msg_id)  # late, already given up
-                        continue
-                    # Answering would be worse: message IDs belong to the sender,
-                    # so an error reply could fail an unrelated request of its own.
-                    raise ProtocolViolation(f"reply {message.msg_id} to a request never sent")
-                if commands is None:
-                    message.close_fds()
-                    raise ProtocolViolation("command on the twin socket")
-                try:
-                    await commands.send(message)
-                except BaseException:
-                    message.close_fds()
-                    raise
+            while not self._parked:
+                self._readers_idle[sock] = True
+                with trio.CancelScope() as self._idle_scopes[sock]:
+                    await trio.lowlevel.wait_readable(sock)
+                self._readers_idle[sock] = False
+                if self._idle_scopes[sock].cancelled_caught:
+                    continue
+                with trio.CancelScope(shield=True):  # never half a message
+                    message = await vfu.read_message(sock, self.max_payload)
+                    await self._route(message, commands)
+            return  # parked for a handover
         except ConnectionClosed as exc:
             log.info("session.closed", reason=str(exc) or "end of stream")
         except (FramingError, ProtocolViolation) as exc:
             log.error("session.fatal", reason=str(exc))
+        self.ending = True
         for waiter in self._waiting.values():  # no reply can come any more
             waiter.close()
         self._waiting.clear()
         scope.cancel()
+
+    async def _route(
+        self, message: Message, commands: trio.MemorySendChannel[Message] | None
+    ) -> None:
+        if message.kind == vfu.TYPE_REPLY:
+            waiter = self._waiting.pop(message.msg_id, None)
+            if waiter is not None:
+                waiter.send_nowait(message)
+                return
+            message.close_fds()
+            if message.msg_id in self._timed_out:
+                self._timed_out.discard(message.msg_id)  # late, already given up
+                return
+            # Answering would be worse: message IDs belong to the sender,
+            # so an error reply could fail an unrelated request of its own.
+            raise ProtocolViolation(f"reply {message.msg_id} to a request never sent")
+        if commands is None:
+            message.close_fds()
+            raise ProtocolViolation("command on the twin socket")
+        try:
+            await commands.send(message)
+        except BaseException:
+            message.close_fds()
+            raise
 
     async def _process_loop(
         self, commands: trio.MemoryReceiveChannel[Message], scope: trio.CancelScope
     ) -> None:
         faults = memory_faults()
         async for message in commands:
+            self._processing = True
             try:
                 # Commands and ring walks over unmapped memory (worker threads)
                 # take turns: no reset, IRQ change or unmap lands mid-walk.
@@ -309,6 +498,8 @@ class VfioUserSession:
             except BaseException:
                 message.close_fds()  # e.g. cancelled while waiting for the lock
                 raise
+            finally:
+                self._processing = False
             if memory_faults() != faults:
                 log.error("session.fatal", reason="the VMM truncated memory it shared with us")
                 scope.cancel()
@@ -770,6 +961,7 @@ class VfioUserSession:
         if self._intx_unmask_scope is not None:
             self._intx_unmask_scope.cancel()
             self._intx_unmask_scope = None
+        self._intx_unmask_fd = fd
         if fd is None:
             return
         assert self._nursery is not None
@@ -787,8 +979,11 @@ class VfioUserSession:
             except OSError as exc:
                 log.warning("intx.unmask_fd_failed", error=str(exc))
             finally:
-                trio.lowlevel.notify_closing(fd)
-                os.close(fd)
+                if not self._parked:  # a parked session hands it over
+                    trio.lowlevel.notify_closing(fd)
+                    os.close(fd)
+                    if self._intx_unmask_fd == fd:
+                        self._intx_unmask_fd = None
 
         os.set_blocking(fd, False)
         self._nursery.start_soon(watch)

@@ -12,13 +12,16 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from construct import ConstructError, Container
 
 from vfiouserd import state
 from vfiouserd.devices.virtio import ConfigWriteError, Feature, VirtioDevice, bit
+from vfiouserd.handover import CONNECTION, FdNames, HandoverError, Received
 from vfiouserd.inflight import PackedInflight, SplitInflight
 from vfiouserd.log import get_logger
 from vfiouserd.memory import (
@@ -47,6 +50,7 @@ log = get_logger("vhost_user")
 FIRST_MESSAGE_TIMEOUT = 10.0  # an idle peer must not hold the device from its VMM
 MAX_STATE_SIZE = 16 << 20  # a device-state blob is small; refuse to buffer more
 MAX_MEM_SLOTS = 509  # what libvhost-user and rust-vmm advertise; QEMU allows 512
+PAUSE_POLL = 0.001  # how often a handover looks for a gap between messages
 
 
 class RequestFailed(Exception):
@@ -100,6 +104,17 @@ class VhostUserBackend:
         self.transfer: Transfer | None = None
         self._nursery: trio.Nursery | None = None
         self._inflight_views: list[memoryview] = []
+        self._inflight_description: dict[str, int] | None = None  # for a handover
+        self._log_description: tuple[int, int] | None = None  # size, offset
+        # Handover: the loop parks between messages; queues a previous
+        # daemon had running start with the session.
+        self._idle = False
+        self._idle_scope: trio.CancelScope | None = None
+        self._announcing = False
+        self._parked = False
+        self.ending = False
+        self._finished = trio.Event()
+        self._restored_queues: list[tuple[Virtqueue, bool]] = []
         self.offered_protocol_features = _pf(
             ProtocolFeature.MQ,
             ProtocolFeature.REPLY_ACK,
@@ -184,15 +199,10 @@ class VhostUserBackend:
                 self._nursery = nursery
                 self.queue_set.bind(nursery)
                 nursery.start_soon(self._announce_config_changes)
+                if self._restored_queues:
+                    self._start_restored_queues()
                 try:
-                    faults = memory_faults()
-                    with trio.fail_after(FIRST_MESSAGE_TIMEOUT):
-                        message = await vu.read_message(self.sock)
-                    while True:
-                        await self._dispatch(message)
-                        if memory_faults() != faults:
-                            raise ProtocolViolation("the front end truncated memory it shared")
-                        message = await vu.read_message(self.sock)
+                    await self._message_loop()
                 except ConnectionClosed as exc:
                     log.info("session.closed", reason=str(exc) or "end of stream")
                 except (FramingError, ProtocolViolation) as exc:
@@ -202,9 +212,195 @@ class VhostUserBackend:
                         "session.fatal",
                         reason=f"no message within {FIRST_MESSAGE_TIMEOUT:g} s of connecting",
                     )
+                self.ending = not self._parked
                 nursery.cancel_scope.cancel()
         finally:
-            self.close()
+            self.ending = not self._parked
+            self._finished.set()
+            if not self._parked:
+                self.close()
+
+    async def _message_loop(self) -> None:
+        faults = memory_faults()
+        first = not self._restored_queues and self.acked_features == 0
+        while not self._parked:
+            # Between messages: the only place a handover may stop the session.
+            self._idle = True
+            deadline = trio.fail_after(FIRST_MESSAGE_TIMEOUT) if first else nullcontext()
+            with trio.CancelScope() as self._idle_scope, deadline:
+                await trio.lowlevel.wait_readable(self.sock)
+            self._idle = False
+            if self._idle_scope.cancelled_caught:
+                continue
+            first = False
+            # A message is read and answered whole, whatever else happens.
+            with trio.CancelScope(shield=True):
+                message = await vu.read_message(self.sock)
+                await self._dispatch(message)
+            if memory_faults() != faults:
+                raise ProtocolViolation("the front end truncated memory it shared")
+
+    # -- handover (restart without disconnect) ------------------------------------
+
+    async def pause(self, timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            while not (self._idle and not self._announcing):
+                if self.ending:
+                    return False
+                await trio.sleep(PAUSE_POLL)
+            self._parked = True
+            if self._idle_scope is not None:
+                self._idle_scope.cancel()
+            await self._finished.wait()
+            log.info("session.paused")
+            return True
+        return False
+
+    def snapshot(self, names: FdNames) -> dict[str, Any]:
+        """Everything the front end set up, for the next daemon. The rings
+        stopped between two requests, so their bases are exact."""
+        queues = []
+        for queue in self.queue_set.queues:
+            started = queue.started
+            base = self.queue_set.stop(queue)
+            queues.append(
+                {
+                    "size": queue.size,
+                    "desc": queue.desc_address,
+                    "avail": queue.avail_address,
+                    "used": queue.used_address,
+                    "log": queue.log_address,
+                    "flags": queue.flags,
+                    "addresses_set": queue.addresses_set,
+                    "base": base,
+                    "enabled": queue.enabled,
+                    "started": started,
+                    "broken": queue.broken,
+                    "kick": names.name(queue.kick_fd),
+                    "call": names.name(queue.call_fd),
+                    "err": names.name(queue.err_fd),
+                }
+            )
+        if self.transfer is not None:
+            log.warning("handover.transfer_dropped", reason="a device-state transfer was open")
+        log_state = None
+        if self.dirty_log is not None and self._log_description is not None:
+            size, offset = self._log_description
+            log_fd = names.name(self.dirty_log.mapping.fd)
+            log_state = {"fd": log_fd, "size": size, "offset": offset}
+        kick = self.dirty_log.kick_fd if self.dirty_log is not None else self._log_kick_fd
+        return {
+            "connection": names.name(self.sock.fileno(), CONNECTION),
+            "acked_features": self.acked_features,
+            "protocol_features": self.protocol_features,
+            "status": self.status,
+            "memory": [
+                {
+                    "guest_address": region.guest_address,
+                    "size": region.size,
+                    "user_address": region.user_address,
+                    "mmap_offset": region.mmap_offset,
+                    "fd": names.name(region.spec.fd),
+                }
+                for region in self.memory.regions
+            ],
+            "queues": queues,
+            "inflight": (
+                {"fd": names.name(self.inflight.fd), **self._inflight_description}
+                if self.inflight is not None and self._inflight_description is not None
+                else None
+            ),
+            "dirty_log": log_state,
+            "log_kick": names.name(kick),
+            "backend_channel": names.name(
+                self.backend_channel.fileno() if self.backend_channel is not None else None
+            ),
+        }
+
+    @classmethod
+    def restore(
+        cls, device: VirtioDevice, document: dict[str, Any], received: Received
+    ) -> VhostUserBackend:
+        """The session a previous daemon handed over, set up again on the fds
+        it stored; HandoverError if that cannot be done."""
+        fd = received.fd
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd(document["connection"])))
+        session = cls(device, sock)
+        try:
+            session._restore(document, fd)
+        except (KeyError, TypeError, ValueError, GuestMemoryError, OSError) as exc:
+            session.close()
+            raise HandoverError(f"the vhost-user session cannot be set up again: {exc!r}") from exc
+        return session
+
+    def _restore(self, document: dict[str, Any], fd: Callable[[str | None], int | None]) -> None:
+        self.protocol_features = int(document["protocol_features"])
+        self.status = int(document["status"])
+        self.memory.replace(
+            [
+                RegionSpec(
+                    int(region["guest_address"]),
+                    int(region["size"]),
+                    fd(region["fd"]),
+                    user_address=int(region["user_address"]),
+                    mmap_offset=int(region["mmap_offset"]),
+                )
+                for region in document["memory"]
+            ]
+        )
+        features = int(document["acked_features"])
+        if features & ~self.offered_features:
+            raise ValueError(f"features {features:#x} this device does not offer")
+        self.acked_features = features
+        self.queue_set.set_features(
+            features & ~bit(vu.VHOST_USER_F_PROTOCOL_FEATURES) & ~bit(vu.VHOST_F_LOG_ALL)
+        )
+        if len(document["queues"]) != len(self.queue_set.queues):
+            raise ValueError(f"{len(document['queues'])} queues for {len(self.queue_set.queues)}")
+        for queue, saved in zip(self.queue_set.queues, document["queues"], strict=True):
+            queue.size = int(saved["size"])
+            queue.desc_address, queue.avail_address = int(saved["desc"]), int(saved["avail"])
+            queue.used_address, queue.log_address = int(saved["used"]), int(saved["log"])
+            queue.flags = int(saved["flags"])
+            queue.addresses_set = bool(saved["addresses_set"])
+            queue.base = int(saved["base"])
+            queue.enabled = bool(saved["enabled"])
+            queue.set_kick(fd(saved["kick"]))
+            queue.set_call(fd(saved["call"]))
+            queue.set_err(fd(saved["err"]))
+            if saved["started"]:
+                self._restored_queues.append((queue, bool(saved["broken"])))
+        inflight = document["inflight"]
+        if inflight is not None:
+            self._map_inflight(
+                fd(inflight["fd"]),  # type: ignore[arg-type]
+                int(inflight["mmap_size"]),
+                int(inflight["mmap_offset"]),
+                int(inflight["num_queues"]),
+                int(inflight["queue_size"]),
+            )
+        dirty_log = document["dirty_log"]
+        if dirty_log is not None:
+            self._map_log(fd(dirty_log["fd"]), int(dirty_log["size"]), int(dirty_log["offset"]))  # type: ignore[arg-type]
+        kick = fd(document["log_kick"])
+        if kick is not None:
+            if self.dirty_log is not None:
+                self.dirty_log.kick_fd = kick
+            else:
+                self._log_kick_fd = kick
+        self._update_logging()
+        channel = fd(document["backend_channel"])
+        if channel is not None:
+            self.backend_channel = trio.socket.from_stdlib_socket(socket.socket(fileno=channel))
+
+    def _start_restored_queues(self) -> None:
+        for queue, broken in self._restored_queues:
+            try:
+                self.queue_set.start(queue)
+            except RingError as exc:
+                queue.fail(f"cannot start again: {exc}")
+            queue.broken = queue.broken or broken
+        self._restored_queues.clear()
 
     def close(self) -> None:
         """Stop the rings, close every fd and the connection, unmap memory;
@@ -548,9 +744,12 @@ class VhostUserBackend:
         description = message.parse(vu.LogDescription)
         if not message.fds:
             raise RequestFailed("SET_LOG_BASE without the log's fd")
-        fd = message.fds.pop()
+        self._map_log(message.fds.pop(), description.size, description.offset)
+        return self._u64_reply(0)
+
+    def _map_log(self, fd: int, size: int, offset: int) -> None:
         try:
-            mapping = Mapping.map_fd(fd, description.size, file_offset=description.offset)
+            mapping = Mapping.map_fd(fd, size, file_offset=offset)
         except GuestMemoryError as exc:
             os.close(fd)
             raise RequestFailed(f"dirty log: {exc}") from exc
@@ -559,11 +758,11 @@ class VhostUserBackend:
         if self.dirty_log is not None:
             kick_fd, self.dirty_log.kick_fd = self.dirty_log.kick_fd, None
         self._drop_log()  # QEMU sends a new, bigger log when memory grows
-        self.dirty_log = SharedDirtyLog(mapping, description.size)
+        self.dirty_log = SharedDirtyLog(mapping, size)
         self.dirty_log.kick_fd = kick_fd
+        self._log_description = (size, offset)
         self._update_logging()
-        log.info("dirty_log.set", size=description.size)
-        return self._u64_reply(0)
+        log.info("dirty_log.set", size=size)
 
     def _set_log_fd(self, message: Message) -> None:
         fd = message.fds.pop()
@@ -589,6 +788,7 @@ class VhostUserBackend:
                 log.warning("dirty_log.too_small", pages_not_logged=self.dirty_log.beyond)
             self.dirty_log.close()
             self.dirty_log = None
+            self._log_description = None
         if self._log_kick_fd is not None:
             os.close(self._log_kick_fd)
             self._log_kick_fd = None
@@ -725,22 +925,39 @@ class VhostUserBackend:
                 f"{request.mmap_size} bytes for {request.num_queues} queues of "
                 f"{request.queue_size}: {per_queue * request.num_queues} needed"
             )
-        fd = message.fds.pop()
+        self._map_inflight(
+            message.fds.pop(),
+            request.mmap_size,
+            request.mmap_offset,
+            request.num_queues,
+            request.queue_size,
+        )
+
+    def _map_inflight(
+        self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int
+    ) -> None:
+        packed = bool(self.acked_features & bit(Feature.RING_PACKED))
+        per_queue = vu.inflight_region_size(queue_size, packed)
         try:
-            mapping = Mapping.map_fd(fd, request.mmap_size, file_offset=request.mmap_offset)
+            mapping = Mapping.map_fd(fd, mmap_size, file_offset=mmap_offset)
         except GuestMemoryError as exc:
             os.close(fd)
             raise RequestFailed(f"inflight region: {exc}") from exc
         self._drop_inflight()
         self.inflight = mapping
-        packed = bool(self.acked_features & bit(Feature.RING_PACKED))
+        self._inflight_description = {
+            "mmap_size": mmap_size,
+            "mmap_offset": mmap_offset,
+            "num_queues": num_queues,
+            "queue_size": queue_size,
+        }
         start = mapping.lead
-        for index in range(request.num_queues):
+        for index in range(num_queues):
             view = mapping.buffer[start + index * per_queue : start + (index + 1) * per_queue]
             self._inflight_views.append(view)
             tracker = PackedInflight if packed else SplitInflight
-            self.queue_set.queues[index].inflight = tracker(view, request.queue_size)
-        log.info("inflight.set", size=request.mmap_size, queues=request.num_queues, packed=packed)
+            self.queue_set.queues[index].inflight = tracker(view, queue_size)
+        log.info("inflight.set", size=mmap_size, queues=num_queues, packed=packed)
 
     def _drop_inflight(self) -> None:
         """Forget the region (rings stopped first: they must not touch it)."""
@@ -749,6 +966,7 @@ class VhostUserBackend:
         for view in self._inflight_views:
             view.release()
         self._inflight_views.clear()
+        self._inflight_description = None
         if self.inflight is not None:
             self.inflight.unmap()
             self.inflight = None
@@ -791,7 +1009,11 @@ class VhostUserBackend:
             self.device.remove_config_listener(self._config_wakeup.set)
             self._config_wakeup = trio.Event()
             self.device.add_config_listener(self._config_wakeup.set)
-            await self._send_config_change()
+            self._announcing = True  # a handover waits for the reply
+            try:
+                await self._send_config_change()
+            finally:
+                self._announcing = False
 
     async def _send_config_change(self) -> None:
         channel = self.backend_channel

@@ -1,0 +1,163 @@
+"""A stand-in for systemd's service manager, speaking its real protocols.
+
+PID 1 on the test machines is not systemd, so this plays its part for one
+service: it listens on a notify socket (NOTIFY_SOCKET) for READY=1,
+FDSTORE=1 (with FDNAME= and the fds attached), FDSTOREREMOVE=1 and FDPOLL=,
+keeps the fd store across restarts like FileDescriptorStoreMax= does, and
+starts the service with the stored fds at 3, 4, ... and LISTEN_FDS,
+LISTEN_FDNAMES and LISTEN_PID set to the service's own pid (a small
+program places the fds and execs the daemon, so the pid is the daemon's).
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+FD_STORE_MAX = 128
+
+# What systemd does between fork and exec: the fds to 3, 4, ... (moved out
+# of the way first, as sources and targets may overlap), LISTEN_FDS and
+# LISTEN_PID (the pid stays the same through exec).
+PLACE_FDS_AND_EXEC = """
+import fcntl, os, sys
+sources = [int(fd) for fd in sys.argv[1].split(",") if fd]
+parked = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in sources]
+for fd in sources:
+    os.close(fd)
+for index, fd in enumerate(parked):
+    os.dup2(fd, 3 + index)  # inheritable
+    os.close(fd)
+if sources:
+    os.environ["LISTEN_FDS"] = str(len(sources))
+    os.environ["LISTEN_PID"] = str(os.getpid())
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+class FakeSystemd:
+    def __init__(self, workdir: Path, command: list[str], name: str = "service") -> None:
+        self.command = command
+        self.workdir = workdir
+        self.name = name
+        self.notify_path = str(workdir / f"{name}.notify")
+        self.store: list[tuple[str, int]] = []  # in the order systemd keeps them
+        self.messages: list[str] = []
+        self.starts = 0
+        self.process: subprocess.Popen | None = None
+        self._ready = trio.Event()
+        self._sock: trio.socket.SocketType | None = None
+
+    async def __aenter__(self) -> FakeSystemd:
+        self._sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        await self._sock.bind(self.notify_path)
+        self._nursery_manager = trio.open_nursery()
+        nursery = await self._nursery_manager.__aenter__()
+        nursery.start_soon(self._receive)
+        self._nursery = nursery
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._nursery.cancel_scope.cancel()
+        await self._nursery_manager.__aexit__(None, None, None)
+        assert self._sock is not None
+        self._sock.close()
+        for _, fd in self.store:
+            os.close(fd)
+        self.store.clear()
+
+    # -- the notify socket -------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        assert self._sock is not None
+        space = socket.CMSG_SPACE(FD_STORE_MAX * 4)
+        while True:
+            data, ancillary, _, _ = await self._sock.recvmsg(4096, space, socket.MSG_CMSG_CLOEXEC)
+            fds: list[int] = []
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+            self._handle(data.decode(), fds)
+
+    def _handle(self, text: str, fds: list[int]) -> None:
+        self.messages.append(text)
+        fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+        name = fields.get("FDNAME", "stored")
+        if fields.get("FDSTORE") == "1":
+            for fd in fds:
+                if len(self.store) >= FD_STORE_MAX:
+                    os.close(fd)  # what systemd does beyond FileDescriptorStoreMax=
+                else:
+                    self.store.append((name, fd))
+            fds = []
+        if fields.get("FDSTOREREMOVE") == "1":
+            for stored, fd in [entry for entry in self.store if entry[0] == name]:
+                self.store.remove((stored, fd))
+                os.close(fd)
+        for fd in fds:  # fds sent without FDSTORE=1 are dropped
+            os.close(fd)
+        if fields.get("READY") == "1":
+            self._ready.set()
+
+    def stored_names(self) -> list[str]:
+        return [name for name, _ in self.store]
+
+    # -- the service's life ------------------------------------------------------------
+
+    async def start(self, timeout: float = 20) -> None:
+        """ExecStart=: the stored fds go to the new process, READY=1 awaited."""
+        self._ready = trio.Event()
+        sources = [fd for _, fd in self.store]
+        log = open(self.workdir / f"{self.name}.log", "ab")  # noqa: SIM115
+        self.starts += 1
+        log.write(f"--- start {self.starts} ---\n".encode())
+        log.flush()
+        environment = {**os.environ, "NOTIFY_SOCKET": self.notify_path}
+        if sources:
+            environment["LISTEN_FDNAMES"] = ":".join(self.stored_names())
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", PLACE_FDS_AND_EXEC, ",".join(map(str, sources)), *self.command],
+            pass_fds=sources,
+            stdout=log,
+            stderr=log,
+            env=environment,
+        )
+        log.close()
+        with trio.fail_after(timeout):
+            while not self._ready.is_set():
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"exited with {self.process.returncode}:\n{self.log()}")
+                await trio.sleep(0.01)
+
+    async def stop(self, timeout: float = 20) -> int:
+        """ExecStop= by signal: SIGTERM, then the exit status."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(timeout):
+            while self.process.poll() is None:
+                await trio.sleep(0.01)
+        await trio.sleep(0.05)  # notifications sent just before the exit
+        return self.process.returncode
+
+    async def restart(self) -> float:
+        """systemctl restart; returns the seconds the service was down."""
+        started = trio.current_time()
+        status = await self.stop()
+        if status != 0:
+            raise RuntimeError(f"stopped with {status}:\n{self.log()}")
+        await self.start()
+        return trio.current_time() - started
+
+    def log(self) -> str:
+        path = self.workdir / f"{self.name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
