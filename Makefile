@@ -57,6 +57,7 @@ demo: guest
 
 bench: guest
 	$(VENV)/bin/python bench/blk_randread.py
+	$(VENV)/bin/python bench/downtime.py
 
 clean:
 	rm -rf $(VENV) $(CACHE)/guest build *.egg-info

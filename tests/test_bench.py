@@ -40,3 +40,17 @@ def test_randread_benchmark_runs_against_both_back_ends():
     assert {(row[0], row[1]) for row in rows} == {
         (kind, depth) for kind in ("vfiouserd", "qemu-storage-daemon") for depth in ("1", "4")
     }
+
+
+def test_downtime_benchmark_reports_every_scenario_and_blob():
+    done = subprocess.run(
+        [sys.executable, str(BENCH.parent / "downtime.py"), "--runs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for scenario in ("reference", "fd store, vhost-user", "fd store, vfio-user", "migration"):
+        assert scenario in done.stdout
+    for blob in ("vhost-user blk", "vfio-user example", "handed-over vfio-user blk session"):
+        assert blob in done.stdout

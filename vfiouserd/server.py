@@ -207,6 +207,7 @@ class Service:
         if self.store_listener and is_listening(self.sock):
             names.name(self.sock.fileno(), handover.LISTENER)
         state_fd = None
+        state_bytes = 0
         if session is not None:
             try:
                 document = session.snapshot(names)
@@ -216,6 +217,7 @@ class Service:
                 session.close()
                 return False
             record = handover.Handover(self.protocol, document, blob).encode()
+            state_bytes = len(record)
             state_fd = handover.write_state(record)
             names.name(state_fd, handover.STATE)
         try:
@@ -232,7 +234,12 @@ class Service:
             if state_fd is not None:
                 os.close(state_fd)
         self.handed_over = True
-        log.info("handover.stored", fds=len(names.named), session=session is not None)
+        log.info(
+            "handover.stored",
+            fds=len(names.named),
+            session=session is not None,
+            state_bytes=state_bytes,
+        )
         if session is not None:
             session.close()  # our copies: the store holds its own
         return True
