@@ -1,6 +1,8 @@
 """A daemon killed with SIGKILL in the middle of guest I/O and started again:
 QEMU 7.2 (reconnect=1) hands the new daemon the inflight region, and the
-guest, writing and verifying all along, sees no error and no lost data."""
+guest, writing and verifying all along, sees no error and no lost data. And
+a daemon restarted through systemd's fd store, under a QEMU that does not
+reconnect at all."""
 
 from __future__ import annotations
 
@@ -8,11 +10,15 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import trio
 from daemon import Daemon
+from fake_systemd import FakeSystemd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guest import vm
@@ -119,3 +125,74 @@ def test_sigkill_in_the_middle_of_guest_io(tmp_path, packed, kills):
         # QEMU cannot ask a killed daemon where a packed ring stood and sends
         # a stale base: the region set it right.
         assert any("event=inflight.base_corrected" in log for log in logs)
+
+
+class ServiceManagerThread:
+    """The stand-in for systemd on its own thread (the guest console is read
+    on this one), so notifications are taken while the test waits."""
+
+    def __init__(self, workdir: Path, command: list[str]) -> None:
+        self.manager: FakeSystemd | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=trio.run, args=(self._main, workdir, command))
+        self._thread.start()
+        self._ready.wait(30)
+        assert self.manager is not None
+
+    async def _main(self, workdir: Path, command: list[str]) -> None:
+        self._done = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        async with FakeSystemd(workdir, command) as manager:
+            self.manager = manager
+            self._ready.set()
+            await self._done.wait()
+
+    def run(self, function: Callable[[], Awaitable[object]]) -> object:
+        return trio.from_thread.run(function, trio_token=self._token)
+
+    def close(self) -> None:
+        trio.from_thread.run_sync(self._done.set, trio_token=self._token)
+        self._thread.join(30)
+
+
+def test_restart_through_the_fd_store_needs_no_reconnect(tmp_path):
+    """systemctl restart of the back end under a running guest: QEMU's
+    chardev has no reconnect=1, so a disconnect would end the disk; with the
+    fd store the connection never drops and the guest sees no error."""
+    image = str(tmp_path / "disk.img")
+    socket_path = str(tmp_path / "blk.sock")
+    restarts = 3
+    restart_on = {f"ROUND {1 + 3 * n}" for n in range(restarts)}
+    command = [
+        sys.executable,
+        *("-m", "vfiouserd", "vhost-user-blk", "--fdstore", "--socket-path", socket_path),
+        *("--blk-file", image, "--size", "64M"),
+    ]
+    service = ServiceManagerThread(tmp_path, command)
+    manager = service.manager
+    assert manager is not None
+    restarted = []
+
+    def on_line(line: str) -> None:
+        if line.strip() in restart_on:
+            service.run(manager.restart)
+            restarted.append(line)
+
+    try:
+        service.run(manager.start)
+        run = vm.boot(
+            WRITE_VERIFY_ROUNDS.format(rounds=3 * restarts + 3),
+            on_line=on_line,
+            timeout=300,
+            devices=vm.vhost_user_device("vhost-user-blk-pci", socket_path, "b"),
+        )
+        assert service.run(manager.stop) == 0
+    finally:
+        service.close()
+    assert len(restarted) == restarts
+    assert run.exit_statuses == [0], run.output[-3000:]
+    assert run.result("verified") == str(3 * restarts + 3)
+    assert run.result("ioerrors") == "0", run.output[-3000:]
+    log = manager.log()
+    assert log.count("event=handover.restored") == restarts, log
+    assert log.count("event=session.start") == 1 + restarts, log  # one connection
