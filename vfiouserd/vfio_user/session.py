@@ -330,7 +330,12 @@ class VfioUserSession:
             )
         for kind_name, saved in document["irqs"].items():
             lines = device.irqs.lines[IrqKind[kind_name]]
-            if len(saved["eventfds"]) != lines.count:
+            if (
+                not len(saved["eventfds"])
+                == len(saved["masked"])
+                == len(saved["pending"])
+                == (lines.count)
+            ):
                 raise ValueError(f"{kind_name}: {len(saved['eventfds'])} vectors")
             for vector, name in enumerate(saved["eventfds"]):
                 lines.set_eventfd(vector, fd(name))
