@@ -172,8 +172,10 @@ class VfioUserSession:
                     nursery.start_soon(self._read_loop, self.twin, None, nursery.cancel_scope)
                 nursery.start_soon(self._process_loop, receive, nursery.cancel_scope)
         except ConnectionClosed as exc:
+            self.ending = True
             log.info("session.closed", reason=str(exc) or "end of stream")
         except (FramingError, ProtocolViolation, vfu.VersionError) as exc:
+            self.ending = True
             log.error("session.fatal", reason=str(exc))
         finally:
             # Commands read ahead but never processed still own their fds.
@@ -182,9 +184,9 @@ class VfioUserSession:
                     receive.receive_nowait().close_fds()
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
-            self.ending = not self._parked
+            self.ending = self.ending or not self._parked
             self._finished.set()
-            if not self._parked:
+            if self.ending:
                 self.close()
 
     def close(self) -> None:
@@ -225,6 +227,8 @@ class VfioUserSession:
             assert self._nursery is not None
             self._nursery.cancel_scope.cancel()  # readers, watchers, ring tasks
             await self._finished.wait()
+            if self.ending:  # the client hung up just then: nothing to hand over
+                return False
             log.info("session.paused")
             return True
         if not self.ending:

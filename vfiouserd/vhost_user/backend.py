@@ -204,20 +204,23 @@ class VhostUserBackend:
                 try:
                     await self._message_loop()
                 except ConnectionClosed as exc:
+                    self.ending = True  # even if a handover parked it meanwhile
                     log.info("session.closed", reason=str(exc) or "end of stream")
                 except (FramingError, ProtocolViolation) as exc:
+                    self.ending = True
                     log.error("session.fatal", reason=str(exc))
                 except trio.TooSlowError:
+                    self.ending = True
                     log.error(
                         "session.fatal",
                         reason=f"no message within {FIRST_MESSAGE_TIMEOUT:g} s of connecting",
                     )
-                self.ending = not self._parked
+                self.ending = self.ending or not self._parked
                 nursery.cancel_scope.cancel()
         finally:
-            self.ending = not self._parked
+            self.ending = self.ending or not self._parked
             self._finished.set()
-            if not self._parked:
+            if self.ending:
                 self.close()
 
     async def _message_loop(self) -> None:
@@ -252,6 +255,8 @@ class VhostUserBackend:
             if self._idle_scope is not None:
                 self._idle_scope.cancel()
             await self._finished.wait()
+            if self.ending:  # the VMM hung up just then: nothing to hand over
+                return False
             log.info("session.paused")
             return True
         return False
