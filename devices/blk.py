@@ -20,6 +20,7 @@ from vfiouserd._native import ffi, lib
 from vfiouserd.devices.virtio import (
     ConfigWriteError,
     DeviceId,
+    NativeHandler,
     Request,
     VirtioDevice,
     bit,
@@ -96,7 +97,8 @@ class VirtioBlk(VirtioDevice):
     max_segment_size = 1 << 20
     max_discard_sectors = (1 << 32) - 1
     max_discard_segments = 256
-    syscalls = frozenset({"preadv2", "pwritev2", "fallocate", "fdatasync"})
+    # preadv/pwritev: the native fast path's; the 2 variants: Python's.
+    syscalls = frozenset({"preadv2", "pwritev2", "preadv", "pwritev", "fallocate", "fdatasync"})
     state = Schema(1, Field("capacity", c.Int64ul), Field("writeback", c.Flag))
 
     def __init__(
@@ -122,9 +124,14 @@ class VirtioBlk(VirtioDevice):
             features |= bit(BlkFeature.RO)
         if num_queues > 1:
             features |= bit(BlkFeature.MQ)
+        # What the native fast path reads on every request (see
+        # blk_fastpath.c): the fields below live in it.
+        self._native = ffi.new("struct vfu_blk *")
         super().__init__(features=features, num_queues=num_queues)
         self.fd = fd
+        self._native.fd = fd
         self.read_only = read_only
+        self._native.read_only = int(read_only)
         self.serial = serial.encode()[:ID_BYTES]
         # The config is read before any ring exists; seg_max assumes QEMU's
         # default vhost-user-blk queue size (bigger rings only waste a little).
@@ -133,6 +140,25 @@ class VirtioBlk(VirtioDevice):
         # Size in 512-byte sectors (a partial last sector is not exposed);
         # read again only on reload, not per request.
         self.capacity = image_size(fd) // SECTOR
+
+    @property
+    def writeback(self) -> bool:
+        return bool(self._native.writeback)
+
+    @writeback.setter
+    def writeback(self, enabled: bool) -> None:
+        self._native.writeback = int(enabled)
+
+    @property
+    def capacity(self) -> int:
+        return int(self._native.capacity)
+
+    @capacity.setter
+    def capacity(self, sectors: int) -> None:
+        self._native.capacity = sectors
+
+    def native_handler(self) -> NativeHandler:
+        return NativeHandler(lib.vfu_blk_check, lib.vfu_blk_serve, self._native)
 
     # -- plugin wiring ------------------------------------------------------
 

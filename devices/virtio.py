@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import enum
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 from vfiouserd.state import Schema
@@ -149,6 +150,17 @@ def split_buffers(
     return before, middle, after
 
 
+@dataclass(frozen=True)
+class NativeHandler:
+    """A device's C request handler for the split-ring fast path (see
+    vfiouserd/fastpath.c): ``check`` says whether it serves a request,
+    ``serve`` serves it, ``device`` is their first argument."""
+
+    check: Any
+    serve: Any
+    device: Any
+
+
 class VirtioDevice:
     """Base class of virtio device plugins.
 
@@ -233,6 +245,13 @@ class VirtioDevice:
     # Whether the config space can change under a running driver (the
     # transport then sets up a way to tell it: BACKEND_REQ, a config IRQ).
     config_can_change: ClassVar[bool] = False
+    # Whether rings may use the device's native handler (off: everything in
+    # Python, for comparison and debugging).
+    use_fast_path: bool = True
+
+    def native_handler(self) -> NativeHandler | None:
+        """The device's C handler for the fast path, if it has one."""
+        return None
 
     def reload(self) -> None:
         """Re-read host-side state (the daemon got SIGHUP); call

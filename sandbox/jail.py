@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import importlib
 import os
 import resource
@@ -57,6 +58,7 @@ MAX_THREADS = 64  # the event loop, trio's worker threads, and some slack
 
 # Modules imported lazily by the standard library or trio at run time: load
 # them now, while there is a file system to load them from.
+_LIBRARIES: list[ctypes.CDLL] = []  # loaded before the jail, kept loaded
 PRELOAD = (
     "trio._core._io_epoll",
     "trio._threads",
@@ -112,6 +114,11 @@ def close_inherited_fds(keep: Iterable[int]) -> None:
 def _preload() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
+    # glibc loads libgcc_s the first time a thread exits through
+    # pthread_exit (Python ends daemon threads that way at exit); in the
+    # empty root it could not, and aborts. Loaded now, it is found by name.
+    with contextlib.suppress(OSError):
+        _LIBRARIES.append(ctypes.CDLL("libgcc_s.so.1"))
     sys.dont_write_bytecode = True  # nothing to write to any more
 
 

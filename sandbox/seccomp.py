@@ -51,6 +51,8 @@ BASE: dict[str, str] = {
     "epoll_create1": "trio's event loop",
     "epoll_ctl": "trio's event loop",
     "epoll_wait": "trio's event loop",
+    "poll": "the native fast path waiting on a ring's kick and stop eventfds",
+    "eventfd2": "the native fast path's stop eventfd, one per ring",
     "socketpair": "trio's wake-up pair, the vfio-user twin socket (AF_UNIX only)",
     "recvmsg": "messages and fds from the VMM",
     "sendmsg": "replies and fds to the VMM",

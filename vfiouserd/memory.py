@@ -23,6 +23,7 @@ import contextlib
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -302,6 +303,7 @@ class GuestMemory:
         self._regions: list[MemoryRegion] = []  # sorted by guest address
         self._starts: list[int] = []  # their guest addresses, for bisect
         self.generation = 0
+        self.listeners: list[Callable[[], None]] = []  # told of every layout change
         self.has_unmapped = False  # some region is reachable only through ``remote``
         self.remote: RemoteAccess | None = None
         self.dirty: DirtyLog | None = None  # set while the VMM tracks our writes
@@ -377,6 +379,8 @@ class GuestMemory:
         return region
 
     def _changed(self) -> None:
+        for listener in self.listeners:  # before anything old is unmapped
+            listener()
         self._regions.sort(key=lambda r: r.guest_address)
         self._starts = [r.guest_address for r in self._regions]
         self.has_unmapped = any(r.mapping is None for r in self._regions)

@@ -19,16 +19,18 @@ import contextlib
 import enum
 import errno
 import os
+import stat
 import struct
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from vfiouserd._native import lib
-from vfiouserd.devices.virtio import Feature, Request, VirtioDevice, bit
+from vfiouserd._native import ffi, lib
+from vfiouserd.devices.virtio import Feature, NativeHandler, Request, VirtioDevice, bit
 from vfiouserd.inflight import (
     InflightError,
     PackedInflight,
@@ -520,9 +522,31 @@ class Virtqueue:
         self.index = index
         self.memory = memory
         self.address_space = address_space
+        # The native fast path (fastpath.c): the device's C handler, the
+        # running loop's parameters, held by its worker thread while it runs.
+        self.native: NativeHandler | None = None
+        self._native_queue: Any = None
+        self._native_exports: list[Any] = []
+        self._native_lock = threading.Lock()
+        self._native_stop_fd: int | None = None
+        self._native_request: Any = None
+        self._enabled = False
+        self._kick_is_eventfd = False
         self.reset()
 
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, enabled: bool) -> None:
+        if not enabled:
+            self._pause_native()
+        self._enabled = enabled
+
     def reset(self) -> None:
+        self._pause_native()
+        self._native_off = False  # set when the fast path cannot wait on the kick fd
         self.size = 0
         self.desc_address = self.avail_address = self.used_address = 0
         self.addresses_set = False
@@ -635,9 +659,11 @@ class Virtqueue:
 
     def invalidate(self) -> None:
         """Re-translate the ring before the next batch (features or addresses changed)."""
+        self._pause_native()
         self._generation = -1
 
     def current_base(self) -> int:
+        self._pause_native()  # its indexes are the ring's
         return self.ring.base() if self.ring is not None else self.base
 
     # -- running ---------------------------------------------------------------
@@ -661,6 +687,7 @@ class Virtqueue:
 
     def wake(self) -> None:
         """Re-check the ring without a kick (enable, memory change, start)."""
+        self._pause_native()  # it looks again at what changed, then goes on
         self._woken = True
         if self._wait_scope is not None:
             self._wait_scope.cancel()
@@ -738,6 +765,16 @@ class Virtqueue:
     async def _run(self, handle: Handler, scope: trio.CancelScope) -> None:
         with scope:
             while not self.broken:
+                if self._native_ready():
+                    outcome = await self._serve_native()
+                    if outcome == lib.VFU_FAST_PUNT:
+                        self.process(handle)  # what the fast path leaves to Python
+                    elif outcome == lib.VFU_FAST_FAULT:
+                        self.fail("the VMM truncated memory it shared with us")
+                    elif outcome == lib.VFU_FAST_BROKEN_FD:
+                        self._native_off = True  # Python's own wait says why
+                    await trio.lowlevel.checkpoint()
+                    continue
                 if self.memory.has_unmapped and self.memory.remote is not None:
                     # Every ring access is a round trip to the VMM: do them from a
                     # worker thread so the session keeps serving the VMM, and hold
@@ -747,8 +784,111 @@ class Virtqueue:
                         await trio.to_thread.run_sync(self._process_in_worker, handle)
                 else:
                     self.process(handle)
+                if self._native_ready():
+                    continue  # attached now: the fast path takes over
                 await self._wait()
             await trio.sleep_forever()  # a broken queue waits for stop or reset
+
+    # -- the native fast path ---------------------------------------------------------
+
+    def _native_ready(self) -> bool:
+        """The fast path serves the common case of a split ring on mapped
+        memory with eventfd notifications; Python keeps everything else
+        (packed rings, dirty logging, tracing, DMA through the VMM, a
+        transport's own interrupts, requests left over by a killed back end)."""
+        return (
+            self.native is not None
+            and not self._native_off
+            and self.notifier is None
+            and self.kick_fd is not None
+            and self._kick_is_eventfd
+            and self._enabled
+            and not self.broken
+            and isinstance(self.ring, SplitRing)
+            and not self.ring.resubmit
+            and self._generation == self.memory.generation
+            and self.memory.dirty is None
+            and not self.memory.has_unmapped
+            and self.dma_allowed()
+            and not log.is_tracing()
+        )
+
+    async def _serve_native(self) -> int:
+        q = self._native_parameters()
+        request, lock = self._native_request, self._native_lock
+
+        def run() -> int:
+            with lock:
+                if q.stop:  # paused before it started
+                    return int(lib.VFU_FAST_STOPPED)
+                return int(lib.vfu_split_serve(q, request))
+
+        try:
+            return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+        finally:
+            # Done, or cancelled (the thread may still run): out of the ring
+            # before anything else looks at it.
+            self._pause_native()
+
+    def _native_parameters(self) -> Any:
+        """The loop's parameters: the ring, the memory table, the fds. The
+        buffers stay exported as long as the loop may use them, and no
+        longer (an exported buffer cannot be unmapped): only
+        ``_native_exports`` holds them."""
+        ring, native = self.ring, self.native
+        assert isinstance(ring, SplitRing) and native is not None and self.kick_fd is not None
+        if self._native_stop_fd is None:
+            self._native_stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._native_stop_fd)  # a wake-up meant for the last run
+        if self._native_request is None:
+            self._native_request = ffi.new("struct vfu_request *")
+        regions = [r for r in self.memory.regions if r.mapping is not None]
+        table = ffi.new("struct vfu_region[]", max(len(regions), 1))
+        exports: list[Any] = [table]
+        for entry, region in zip(table, regions, strict=False):
+            exports.append(ffi.from_buffer(region.slice(0, region.size), require_writable=False))
+            entry.gpa, entry.size = region.guest_address, region.size
+            entry.hva = ffi.cast("uint8_t *", exports[-1])
+            entry.writable = int(region.writable)
+        q = ffi.new("struct vfu_split_queue *")
+        for name, view in (("desc", ring.desc), ("avail", ring.avail), ("used", ring.used16)):
+            exports.append(ffi.from_buffer(view, require_writable=False))
+            kind = "uint16_t *" if name == "avail" else "uint8_t *"
+            setattr(q, name, ffi.cast(kind, exports[-1]))
+        q.size, q.event_idx, q.indirect = ring.size, int(ring.event_idx), int(ring.indirect)
+        q.last_avail_idx, q.used_idx = ring.last_avail_idx, ring.used_idx
+        if ring.inflight is not None:
+            exports.append(ffi.from_buffer(ring.inflight.view, require_writable=False))
+            q.inflight = ffi.cast("uint8_t *", exports[-1])
+            q.inflight_counter = ring.inflight.counter
+        q.kick_fd, q.stop_fd = self.kick_fd, self._native_stop_fd
+        q.call_fd = self.call_fd if self.call_fd is not None else -1
+        q.regions, q.nregions = table, len(regions)
+        q.check, q.serve, q.device = native.check, native.serve, native.device
+        q.faults_at_start = lib.vfu_guard_hits()
+        self._native_queue, self._native_exports = q, exports
+        return q
+
+    def _pause_native(self) -> None:
+        """Stop the fast path's loop (it finishes the request in hand) and
+        take its indexes back into the Python ring."""
+        q = self._native_queue
+        if q is None:
+            return
+        self._native_queue = None
+        q.stop = 1
+        if self._native_stop_fd is not None:
+            os.eventfd_write(self._native_stop_fd, 1)
+        with self._native_lock:  # held by the worker while the loop runs
+            pass
+        self._native_exports = []
+        ring = self.ring
+        if isinstance(ring, SplitRing):
+            ring.last_avail_idx, ring.used_idx = q.last_avail_idx, q.used_idx
+            if ring.inflight is not None and q.inflight != ffi.NULL:
+                ring.inflight.counter = q.inflight_counter
+        self.requests += q.served
 
     def _process_in_worker(self, handle: Handler) -> None:
         self._in_worker = True
@@ -781,6 +921,7 @@ class Virtqueue:
         self._woken = False
 
     def stop(self) -> None:
+        self._pause_native()
         if self._scope is not None:
             self._scope.cancel()
             self._scope = None
@@ -799,18 +940,24 @@ class Virtqueue:
                     raise
 
     def set_kick(self, fd: int | None) -> None:
+        self._pause_native()  # it polls the old one
+        # The fast path polls eventfds only (a file always polls readable);
+        # Python's wait reports anything else.
+        self._kick_is_eventfd = fd is not None and stat.S_IFMT(os.fstat(fd).st_mode) == 0
         if fd is not None:
             os.set_blocking(fd, False)
         self._close(self.kick_fd)
         self.kick_fd = fd
 
     def set_call(self, fd: int | None) -> None:
+        self._pause_native()  # it writes the old one
         if fd is not None:
             os.set_blocking(fd, False)
         self._close(self.call_fd)
         self.call_fd = fd
 
     def set_err(self, fd: int | None) -> None:
+        self._pause_native()
         if fd is not None:
             os.set_blocking(fd, False)
         self._close(self.err_fd)
@@ -826,6 +973,9 @@ class Virtqueue:
         self.set_kick(None)
         self.set_call(None)
         self.set_err(None)
+        if self._native_stop_fd is not None:
+            os.close(self._native_stop_fd)
+            self._native_stop_fd = None
 
 
 class QueueSet:
@@ -847,6 +997,12 @@ class QueueSet:
         self.memory_lock = memory_lock or trio.Lock()
         self.queues = [Virtqueue(i, memory, address_space) for i in range(device.num_queues)]
         self._nursery: trio.Nursery | None = None
+        # The fast path must be out of guest memory before it is unmapped.
+        memory.listeners.append(self._memory_changing)
+
+    def _memory_changing(self) -> None:
+        for queue in self.queues:
+            queue._pause_native()
 
     def bind(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -867,6 +1023,7 @@ class QueueSet:
             return
         assert self._nursery is not None, "QueueSet.bind() first"
         queue.memory_lock = self.memory_lock
+        queue.native = self.device.native_handler() if self.device.use_fast_path else None
         # What a previous back end left in flight is taken back at the first
         # attach (SET_VRING_KICK after a reconnect, in vhost-user terms).
         queue._recover = queue.inflight is not None

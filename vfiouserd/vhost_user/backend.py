@@ -785,6 +785,7 @@ class VhostUserBackend:
         """Writes are logged while the front end asks (LOG_ALL) and a log exists."""
         logging = bool(self.acked_features & bit(vu.VHOST_F_LOG_ALL)) and self.dirty_log
         self.memory.dirty = self.dirty_log if logging else None
+        self.queue_set.memory_changed()  # the fast path does not log: rings look again
 
     def _drop_log(self) -> None:
         self.memory.dirty = None
