@@ -57,7 +57,7 @@ demo: guest
 	$(VENV)/bin/python guest/demo.py
 
 bench: guest
-	$(VENV)/bin/python bench/blk_randread.py
+	$(VENV)/bin/python bench/blk.py
 	$(VENV)/bin/python bench/downtime.py
 
 clean:

@@ -1,10 +1,12 @@
-/* The benchmark's guest driver: keeps `depth` virtio-blk reads in flight on a
- * split virtqueue and times each one, in C so that the front end is never
- * the bottleneck. The Python harness sets the device up over vhost-user and
- * hands over the ring, the guest RAM mapping and the two eventfds.
+/* The benchmark's guest driver: keeps `depth` virtio-blk reads or writes in
+ * flight on a split virtqueue and times each one, in C so that the front end
+ * is never the bottleneck. The Python harness sets the device up over
+ * vhost-user and hands over the ring, the guest RAM mapping and the two
+ * eventfds; one driver runs per queue, each on its own thread.
  *
  * Each request slot i owns descriptors 3i (header), 3i+1 (data), 3i+2
- * (status) and a 8 KiB + 4 KiB area of guest RAM.
+ * (status) and `slot_bytes` of guest RAM: the header and status in the
+ * first 4 KiB, the data after it.
  */
 #include <errno.h>
 #include <poll.h>
@@ -18,7 +20,8 @@ struct used_elem { uint32_t id; uint32_t len; };
 
 #define F_NEXT 1
 #define F_WRITE 2
-#define SLOT_BYTES (3 * 4096)
+#define VIRTIO_BLK_T_IN 0
+#define VIRTIO_BLK_T_OUT 1
 
 static uint64_t now_ns(void)
 {
@@ -48,6 +51,10 @@ struct bench_args {
     uint32_t depth;
     uint64_t duration_ns;
     uint64_t seed;
+    uint32_t slot_bytes;         /* 4 KiB + block_size, rounded up */
+    int write;                   /* OUT requests instead of IN */
+    int sequential;              /* consecutive blocks instead of random ones */
+    uint64_t next_block;         /* sequential: where the next request goes */
     uint64_t *latencies;         /* out: one entry per completed request ... */
     uint64_t max_latencies;      /* ... up to this many */
     uint64_t completed;          /* out */
@@ -58,16 +65,19 @@ struct bench_args {
 static void prepare(struct bench_args *a, uint32_t slot, uint64_t *rng, uint64_t *stamp)
 {
     struct desc *d = a->desc;
-    uint64_t base = a->slots_gpa + (uint64_t)slot * SLOT_BYTES;
+    uint64_t base = a->slots_gpa + (uint64_t)slot * a->slot_bytes;
     uint8_t *host = a->ram + (base - a->ram_gpa);
     uint64_t blocks = a->capacity_sectors / (a->block_size / 512);
-    uint64_t sector = (next_random(rng) % blocks) * (a->block_size / 512);
-    uint32_t header[4] = {0 /* IN */, 0, (uint32_t)sector, (uint32_t)(sector >> 32)};
+    uint64_t block = a->sequential ? a->next_block++ % blocks : next_random(rng) % blocks;
+    uint64_t sector = block * (a->block_size / 512);
+    uint32_t type = a->write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
+    uint32_t header[4] = {type, 0, (uint32_t)sector, (uint32_t)(sector >> 32)};
 
     memcpy(host, header, 16);
     host[16] = 0xff;
     d[3 * slot] = (struct desc){base, 16, F_NEXT, (uint16_t)(3 * slot + 1)};
-    d[3 * slot + 1] = (struct desc){base + 4096, a->block_size, F_NEXT | F_WRITE,
+    d[3 * slot + 1] = (struct desc){base + 4096, a->block_size,
+                                    (uint16_t)(F_NEXT | (a->write ? 0 : F_WRITE)),
                                     (uint16_t)(3 * slot + 2)};
     d[3 * slot + 2] = (struct desc){base + 16, 1, F_WRITE, 0};
     *stamp = now_ns();
@@ -109,7 +119,7 @@ int run_reads(struct bench_args *a)
             uint32_t head = used[last_used % a->queue_size].id;
             uint32_t slot = head / 3;
             uint64_t done = now_ns();
-            uint8_t *status = a->ram + (a->slots_gpa + (uint64_t)slot * SLOT_BYTES + 16
+            uint8_t *status = a->ram + (a->slots_gpa + (uint64_t)slot * a->slot_bytes + 16
                                         - a->ram_gpa);
             if (head % 3 || slot >= a->depth || *status != 0)
                 a->errors++;

@@ -9,37 +9,36 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "blk_randread.py"
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "blk.py"
 
 
 @pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="needs qemu-storage-daemon")
-def test_randread_benchmark_runs_against_both_back_ends():
+def test_blk_benchmark_runs_every_workload_against_every_back_end():
     done = subprocess.run(
         [
             sys.executable,
             str(BENCH),
-            "--runs",
-            "1",
-            "--seconds",
-            "0.3",
-            "--depths",
-            "1,4",
-            "--image-size",
-            "64",
+            *("--runs", "1", "--seconds", "0.2", "--depths", "1,4", "--queues", "1,2"),
+            *("--image-size", "64"),
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = [
-        line.split()
+    rows = {
+        (line[:26].strip(), *line[26:].split()[:3])
         for line in done.stdout.splitlines()
-        if line.startswith(("vfiouserd", "qemu-storage-daemon"))
-    ]
-    assert {(row[0], row[1]) for row in rows} == {
-        (kind, depth) for kind in ("vfiouserd", "qemu-storage-daemon") for depth in ("1", "4")
+        if line.startswith(("4 KiB", "128 KiB"))
     }
+    expected = {
+        (workload, queues, depth, kind)
+        for workload in ("4 KiB random read", "4 KiB random write", "128 KiB sequential read")
+        for queues in ("1", "2")
+        for depth in ("1", "4")
+        for kind in ("vfiouserd", "qsd")
+    }
+    assert {(w, q, d, k) for w, q, d, k in rows} == expected, done.stdout
 
 
 def test_downtime_benchmark_reports_every_scenario_and_blob():
