@@ -32,7 +32,7 @@ $(CACHE)/deps.stamp: Makefile
 deps: $(CACHE)/deps.stamp
 
 $(VENV)/stamp: $(CACHE)/deps.stamp pyproject.toml setup.py vfiouserd/_native_build.py \
-		vfiouserd/fastpath.c devices/blk_fastpath.c
+		vfiouserd/fastpath.c vfiouserd/fastpath.h devices/blk_fastpath.c devices/blk_fastpath.h
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'

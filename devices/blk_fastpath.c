@@ -6,18 +6,13 @@
    device's own, kept current by blk.py (SIGHUP resizes, the driver flips
    the cache mode). */
 
+#include "blk_fastpath.h"
+
 #define VFU_BLK_IN 0
 #define VFU_BLK_OUT 1
 #define VFU_BLK_FLUSH 4
 #define VFU_BLK_S_OK 0
 #define VFU_BLK_SECTOR 512
-
-struct vfu_blk {
-    int fd;
-    int read_only;
-    int writeback;
-    uint64_t capacity;  /* sectors */
-};
 
 struct vfu_blk_header {
     uint32_t type;

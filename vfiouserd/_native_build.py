@@ -10,10 +10,23 @@ from cffi import FFI
 
 ROOT = Path(__file__).resolve().parent.parent
 # The split-ring fast path (vfiouserd/) and the device handlers it calls
-# (devices/), each next to the Python it stands in for.
-FAST_PATH = (ROOT / "vfiouserd" / "fastpath.c").read_text() + (
-    ROOT / "devices" / "blk_fastpath.c"
-).read_text()
+# (devices/), each next to the Python it stands in for. Their headers are
+# the interface: compiled in, and declared to cffi as they are.
+FAST_PATH_DIRS = [ROOT / "vfiouserd", ROOT / "devices"]
+FAST_PATH_HEADERS = "".join(
+    (directory / name).read_text()
+    for directory, name in (
+        (FAST_PATH_DIRS[0], "fastpath.h"),
+        (FAST_PATH_DIRS[1], "blk_fastpath.h"),
+    )
+)
+FAST_PATH = "".join(
+    (directory / name).read_text()
+    for directory, name in (
+        (FAST_PATH_DIRS[0], "fastpath.c"),
+        (FAST_PATH_DIRS[1], "blk_fastpath.c"),
+    )
+)
 
 ffibuilder = FFI()
 
@@ -59,46 +72,13 @@ ffibuilder.cdef(
     int umount2(const char *target, int flags);
     int vfu_pivot_root(const char *new_root, const char *put_old);
 
-    struct vfu_region { uint64_t gpa; uint64_t size; uint8_t *hva; int writable; };
-    struct vfu_request { ...; };
-    typedef int (*vfu_check_fn)(void *device, const struct vfu_request *request);
-    typedef int (*vfu_serve_fn)(void *device, struct vfu_request *request, uint32_t *written);
-    struct vfu_split_queue {
-        uint8_t *desc;
-        uint16_t *avail;
-        uint8_t *used;
-        uint32_t size;
-        int event_idx;
-        int indirect;
-        uint16_t last_avail_idx;
-        uint16_t used_idx;
-        uint8_t *inflight;
-        uint64_t inflight_counter;
-        int kick_fd, call_fd, stop_fd;
-        int stop;
-        const struct vfu_region *regions;
-        int nregions;
-        vfu_check_fn check;
-        vfu_serve_fn serve;
-        void *device;
-        uint64_t served;
-        uint64_t faults_at_start;
-    };
-    #define VFU_FAST_STOPPED ...
-    #define VFU_FAST_PUNT ...
-    #define VFU_FAST_FAULT ...
-    #define VFU_FAST_BROKEN_FD ...
-    int vfu_split_serve(struct vfu_split_queue *q, struct vfu_request *r);
-
-    struct vfu_blk { int fd; int read_only; int writeback; uint64_t capacity; };
-    int vfu_blk_check(void *device, const struct vfu_request *r);
-    int vfu_blk_serve(void *device, struct vfu_request *r, uint32_t *written);
-
     int vfu_guard_install(void);
     int vfu_guard_add(void *base, size_t length);
     void vfu_guard_remove(void *base);
     uint64_t vfu_guard_hits(void);
     """
+    + FAST_PATH_HEADERS
+    + "struct vfu_request { ...; };\n"
 )
 
 ffibuilder.set_source(
@@ -231,6 +211,7 @@ ffibuilder.set_source(
     uint64_t vfu_guard_hits(void) { return __atomic_load_n(&guard_hits, __ATOMIC_RELAXED); }
     """
     + FAST_PATH,
+    include_dirs=[str(directory) for directory in FAST_PATH_DIRS],
     extra_compile_args=["-O2"],
 )
 

@@ -1,0 +1,47 @@
+/* The fast path's interface: shared by fastpath.c and cffi's declarations
+   (vfiouserd/_native_build.py), so it is written in the C subset cffi reads. */
+
+#define VFU_FAST_STOPPED 0
+#define VFU_FAST_PUNT 1
+#define VFU_FAST_FAULT 2
+#define VFU_FAST_BROKEN_FD 3
+
+struct vfu_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint8_t *hva;
+    int writable;
+};
+
+struct vfu_request;  /* a walked descriptor chain; its layout is fastpath.c's */
+
+/* check: 0 if the handler serves this request, anything else to leave it to
+   Python (nothing done yet). serve: 0 and the bytes written, or non-zero to
+   leave it to Python after all (the request must be safe to serve again). */
+typedef int (*vfu_check_fn)(void *device, const struct vfu_request *request);
+typedef int (*vfu_serve_fn)(void *device, struct vfu_request *request, uint32_t *written);
+
+struct vfu_split_queue {
+    uint8_t *desc;
+    uint16_t *avail;
+    uint8_t *used;
+    uint32_t size;
+    int event_idx;
+    int indirect;
+    uint16_t last_avail_idx;
+    uint16_t used_idx;
+    uint8_t *inflight;          /* this queue's INFLIGHT_SHMFD part, or NULL */
+    uint64_t inflight_counter;
+    int kick_fd, call_fd, stop_fd;
+    int stop;
+    const struct vfu_region *regions;
+    int nregions;
+    vfu_check_fn check;
+    vfu_serve_fn serve;
+    void *device;
+    uint64_t served;
+    uint64_t faults_at_start;
+};
+
+/* Serve until stopped or until a request needs Python; returns why. */
+int vfu_split_serve(struct vfu_split_queue *q, struct vfu_request *r);
