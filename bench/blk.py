@@ -304,7 +304,7 @@ def main() -> int:
         "queue depth per queue; ratios: vfiouserd / qemu-storage-daemon (IOPS, p50 latency)"
     )
     print(
-        f"{'workload':<26}{'Q':>2}{'QD':>4}{'back end':>20}{'IOPS (min/med/max)':>28}"
+        f"{'workload':<26}{'Q':>2}{'QD':>4}{'back end':>27}{'IOPS (min/med/max)':>28}"
         f"{'MB/s':>8}{'p50 us':>9}{'p99 us':>9}{'IOPS x':>8}{'p50 x':>7}"
     )
     for workload in workloads:
@@ -324,7 +324,7 @@ def main() -> int:
                         else ""
                     )
                     print(
-                        f"{workload.name:<26}{queues:>2}{depth:>4}{kind:>20}"
+                        f"{workload.name:<26}{queues:>2}{depth:>4}{kind:>27}"
                         f"{low:>10.0f}/{median:>8.0f}/{high:>8.0f}"
                         f"{median * workload.block_size / 1e6:>8.0f}{p50:>9.1f}{p99:>9.1f}" + ratios
                     )

@@ -530,6 +530,7 @@ class Virtqueue:
         self._native_lock = threading.Lock()
         self._native_stop_fd: int | None = None
         self._native_request: Any = None
+        self._native_limiter: trio.CapacityLimiter | None = None
         self._enabled = False
         self._kick_is_eventfd = False
         self.reset()
@@ -823,8 +824,12 @@ class Virtqueue:
                     return int(lib.VFU_FAST_STOPPED)
                 return int(lib.vfu_split_serve(q, request))
 
+        if self._native_limiter is None:  # its own thread: never queued behind other rings
+            self._native_limiter = trio.CapacityLimiter(1)
         try:
-            return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(
+                run, abandon_on_cancel=True, limiter=self._native_limiter
+            )
         finally:
             # Done, or cancelled (the thread may still run): out of the ring
             # before anything else looks at it.
