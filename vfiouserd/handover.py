@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
+
+import trio
 
 from vfiouserd import state
 from vfiouserd.log import get_logger
+from vfiouserd.memory import GuestMemoryError
 from vfiouserd.systemd import PassedFd
 
 log = get_logger("handover")
@@ -103,6 +108,39 @@ class Received:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+FdByName = Callable[[str | None], int | None]
+
+
+class TakesOver(Protocol):
+    def take_over(self, document: dict[str, Any], fd: FdByName) -> None: ...
+
+    def close(self) -> None: ...
+
+
+Session = TypeVar("Session", bound=TakesOver)
+
+
+def restore(
+    make: Callable[[trio.socket.SocketType], Session],
+    document: dict[str, Any],
+    received: Received,
+    protocol: str,
+) -> Session:
+    """A handed-over session, set up again on its own connection from the
+    fds the store gave back; HandoverError (and nothing left open of it) if
+    that cannot be done."""
+    connection = received.fd(document.get("connection"))
+    if connection is None:
+        raise HandoverError("the handed-over session names no connection")
+    session = make(trio.socket.from_stdlib_socket(socket.socket(fileno=connection)))
+    try:
+        session.take_over(document, received.fd)
+    except (KeyError, TypeError, ValueError, GuestMemoryError, OSError) as exc:
+        session.close()
+        raise HandoverError(f"the {protocol} session cannot be set up again: {exc!r}") from exc
+    return session
 
 
 def write_state(data: bytes) -> int:

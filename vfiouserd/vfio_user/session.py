@@ -28,8 +28,9 @@ from typing import Any, ClassVar
 import trio
 from construct import Construct, ConstructError, Container
 
+from vfiouserd import handover
 from vfiouserd.devices.pci import Bar, DeviceAccessError, IrqKind, PciDevice, is_eventfd_like
-from vfiouserd.handover import CONNECTION, TWIN, FdNames, HandoverError, Received
+from vfiouserd.handover import CONNECTION, TWIN, FdNames, Received
 from vfiouserd.log import get_logger
 from vfiouserd.memory import GuestMemoryError, RegionSpec, RemoteAccessError, memory_faults
 from vfiouserd.protocol import vfio_user as vfu
@@ -297,17 +298,10 @@ class VfioUserSession:
     ) -> VfioUserSession:
         """The session a previous daemon handed over (the device state is
         loaded already); HandoverError if it cannot be set up again."""
-        fd = received.fd
-        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd(document["connection"])))
-        session = cls(device, sock)
-        try:
-            session._restore(document, fd)
-        except (KeyError, TypeError, ValueError, GuestMemoryError, OSError) as exc:
-            session.close()
-            raise HandoverError(f"the vfio-user session cannot be set up again: {exc!r}") from exc
-        return session
+        return handover.restore(lambda sock: cls(device, sock), document, received, "vfio-user")
 
-    def _restore(self, document: dict[str, Any], fd: Callable[[str | None], int | None]) -> None:
+    def take_over(self, document: dict[str, Any], fd: handover.FdByName) -> None:
+        """Set up what ``document`` describes, on the fds ``fd`` gives by name."""
         self._restored = True
         twin = fd(document["twin"])
         if twin is not None:

@@ -19,9 +19,9 @@ from typing import Any
 import trio
 from construct import ConstructError, Container
 
-from vfiouserd import state
+from vfiouserd import handover, state
 from vfiouserd.devices.virtio import ConfigWriteError, Feature, VirtioDevice, bit
-from vfiouserd.handover import CONNECTION, FdNames, HandoverError, Received
+from vfiouserd.handover import CONNECTION, FdNames, Received
 from vfiouserd.inflight import PackedInflight, SplitInflight
 from vfiouserd.log import get_logger
 from vfiouserd.memory import (
@@ -328,17 +328,10 @@ class VhostUserBackend:
     ) -> VhostUserBackend:
         """The session a previous daemon handed over, set up again on the fds
         it stored; HandoverError if that cannot be done."""
-        fd = received.fd
-        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd(document["connection"])))
-        session = cls(device, sock)
-        try:
-            session._restore(document, fd)
-        except (KeyError, TypeError, ValueError, GuestMemoryError, OSError) as exc:
-            session.close()
-            raise HandoverError(f"the vhost-user session cannot be set up again: {exc!r}") from exc
-        return session
+        return handover.restore(lambda sock: cls(device, sock), document, received, "vhost-user")
 
-    def _restore(self, document: dict[str, Any], fd: Callable[[str | None], int | None]) -> None:
+    def take_over(self, document: dict[str, Any], fd: handover.FdByName) -> None:
+        """Set up what ``document`` describes, on the fds ``fd`` gives by name."""
         self.protocol_features = int(document["protocol_features"])
         self.status = int(document["status"])
         self.memory.replace(
