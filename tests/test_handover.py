@@ -9,6 +9,7 @@ none fails, the connection never closes and the data verifies.
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from pathlib import Path
@@ -186,3 +187,42 @@ async def test_a_state_the_next_daemon_cannot_load_ends_only_that_session(tmp_pa
         await again.aclose()
         assert await manager.stop() == 0
     ram.close()
+
+
+def test_a_damaged_or_incomplete_handover_is_refused_and_its_fds_closed():
+    """What the store gives back is checked like any state blob: a damaged
+    record leaves no session and no stray fds (the listener is still used)."""
+    from vfiouserd import handover
+    from vfiouserd.systemd import PassedFd
+
+    def passed(record: bytes) -> tuple[list[PassedFd], list[int]]:
+        state_fd = handover.write_state(record)
+        listener, extra = os.eventfd(0), os.eventfd(0)
+        return [
+            PassedFd(listener, handover.LISTENER),
+            PassedFd(extra, "vfu-fd-0"),
+            PassedFd(state_fd, handover.STATE),
+            PassedFd(os.eventfd(0), "socket-unit"),
+        ], [listener, extra]
+
+    good = handover.Handover("vhost-user", {"connection": "vfu-conn"}, b"").encode()
+    damaged = bytearray(good)
+    damaged[-3] ^= 0xFF
+    for record in (bytes(damaged), good[: len(good) // 2], b"not a state"):
+        fds, (listener, extra) = passed(record)
+        received, others = handover.take(fds)
+        assert received is not None and received.handover is None
+        assert list(received.fds) == [handover.LISTENER]  # the rest closed
+        with pytest.raises(OSError):
+            os.fstat(extra)
+        assert [p.name for p in others] == ["socket-unit"]
+        os.close(listener)
+        os.close(others[0].fd)
+    # A record that names an fd the store did not give back.
+    fds, (listener, extra) = passed(good)
+    received, others = handover.take(fds)
+    assert received is not None and received.handover is not None
+    with pytest.raises(handover.HandoverError, match="did not give back 'vfu-conn'"):
+        received.fd("vfu-conn")
+    received.close_unused()
+    os.close(others[0].fd)
