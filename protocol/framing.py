@@ -46,7 +46,7 @@ def close_fds(fds: list[int]) -> None:
     fds.clear()
 
 
-def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -73,7 +73,7 @@ async def receive_exactly(sock: trio.socket.SocketType, size: int) -> Received:
                 )
             except ConnectionResetError as exc:
                 raise ConnectionClosed(str(exc)) from exc
-            result.fds.extend(_fds_from_ancillary(ancdata))
+            result.fds.extend(fds_from_ancillary(ancdata))
             if msg_flags & socket.MSG_CTRUNC:
                 result.fds_truncated = True
             if not data:
@@ -87,11 +87,16 @@ async def receive_exactly(sock: trio.socket.SocketType, size: int) -> Received:
     return result
 
 
+def rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    """Ancillary data passing ``fds`` (none if the list is empty)."""
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
 async def send_all(sock: trio.socket.SocketType, data: bytes, fds: list[int] | None = None) -> None:
     """Send ``data`` with ``fds`` attached to its first byte."""
-    ancillary = []
-    if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    ancillary = rights(fds or [])
     view = memoryview(data)
     while view:
         try:

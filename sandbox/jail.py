@@ -20,7 +20,6 @@ that skips it; the daemon never silently runs unjailed.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import ctypes
 import importlib
@@ -38,6 +37,7 @@ import prctl
 
 from vfiouserd.handover import LISTENER
 from vfiouserd.log import get_logger
+from vfiouserd.protocol.framing import fds_from_ancillary
 from vfiouserd.sandbox.namespaces import (
     StepFailed,
     enter_other_namespaces,
@@ -221,12 +221,7 @@ def _pass_on(relay: int, options: JailOptions, *, drain: bool) -> bool:
                 )
             except BlockingIOError:
                 return listener
-            fds = [
-                fd
-                for level, kind, data in ancillary
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-                for fd in array.array("i", data[: len(data) - len(data) % 4])
-            ]
+            fds = fds_from_ancillary(ancillary)
             try:
                 if options.notify_fd is not None:
                     send_notification(options.notify_fd, message, fds)

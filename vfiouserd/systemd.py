@@ -3,13 +3,14 @@ and transient units confined like the template unit."""
 
 from __future__ import annotations
 
-import array
 import os
 import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
+
+from vfiouserd.protocol.framing import rights
 
 SD_LISTEN_FDS_START = 3
 
@@ -93,10 +94,7 @@ def send_notification(notify_fd: int, message: bytes, fds: list[int]) -> None:
     """One sd_notify datagram on a connected notify socket."""
     sock = socket.socket(fileno=notify_fd)
     try:
-        ancillary = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        )
-        sock.sendmsg([message], ancillary, socket.MSG_NOSIGNAL)
+        sock.sendmsg([message], rights(fds), socket.MSG_NOSIGNAL)
     finally:
         sock.detach()  # the fd stays the caller's
 

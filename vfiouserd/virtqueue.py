@@ -19,7 +19,6 @@ import contextlib
 import enum
 import errno
 import os
-import stat
 import struct
 import sys
 import threading
@@ -30,6 +29,7 @@ from typing import Any
 import trio
 
 from vfiouserd._native import ffi, lib
+from vfiouserd.devices.pci import is_eventfd_like
 from vfiouserd.devices.virtio import Feature, NativeHandler, Request, VirtioDevice, bit
 from vfiouserd.inflight import (
     InflightError,
@@ -948,7 +948,7 @@ class Virtqueue:
         self._pause_native()  # it polls the old one
         # The fast path polls eventfds only (a file always polls readable);
         # Python's wait reports anything else.
-        self._kick_is_eventfd = fd is not None and stat.S_IFMT(os.fstat(fd).st_mode) == 0
+        self._kick_is_eventfd = fd is not None and is_eventfd_like(fd)
         if fd is not None:
             os.set_blocking(fd, False)
         self._close(self.kick_fd)

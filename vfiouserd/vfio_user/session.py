@@ -116,7 +116,6 @@ class VfioUserSession:
         # Handover: readers park between messages once nothing is under way.
         self._restored = False
         self._readers_idle: dict[trio.socket.SocketType, bool] = {}
-        self._idle_scopes: dict[trio.socket.SocketType, trio.CancelScope] = {}
         self._processing = False
         self._parked = False
         self.ending = False
@@ -443,12 +442,9 @@ class VfioUserSession:
         """Route replies to the requests waiting for them; queue commands."""
         try:
             while not self._parked:
-                self._readers_idle[sock] = True
-                with trio.CancelScope() as self._idle_scopes[sock]:
-                    await trio.lowlevel.wait_readable(sock)
+                self._readers_idle[sock] = True  # a handover may park the session now
+                await trio.lowlevel.wait_readable(sock)
                 self._readers_idle[sock] = False
-                if self._idle_scopes[sock].cancelled_caught:
-                    continue
                 with trio.CancelScope(shield=True):  # never half a message
                     message = await vfu.read_message(sock, self.max_payload)
                     await self._route(message, commands)
