@@ -10,6 +10,13 @@ import time
 from pathlib import Path
 
 
+def assert_not_killed_by_its_filter(log: str) -> None:
+    """A daemon must never die by its own seccomp filter (SIGSYS): whatever
+    else a test expects of a stop, this fails it."""
+    if "event=daemon.killed signal=SIGSYS" in log:
+        raise AssertionError(f"the daemon was killed by its own seccomp filter:\n{log[-3000:]}")
+
+
 class Daemon:
     def __init__(
         self,
@@ -91,9 +98,11 @@ class Daemon:
         if self.process.poll() is None:
             self.send(sig)
         try:
-            return self.process.wait(timeout)
+            status = self.process.wait(timeout)
         finally:
             self._log.close()
+        assert_not_killed_by_its_filter(self.log())
+        return status
 
     def __enter__(self) -> Daemon:
         return self.start()

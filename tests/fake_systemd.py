@@ -12,6 +12,7 @@ program places the fds and execs the daemon, so the pid is the daemon's).
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 import trio
+from daemon import assert_not_killed_by_its_filter
 
 FD_STORE_MAX = 128
 
@@ -139,14 +141,30 @@ class FakeSystemd:
                     raise RuntimeError(f"exited with {self.process.returncode}:\n{self.log()}")
                 await trio.sleep(0.01)
 
-    async def stop(self, timeout: float = 20) -> int:
-        """ExecStop= by signal: SIGTERM, then the exit status."""
+    def _processes(self) -> list[int]:
+        """The service's processes, main first (its cgroup, as systemd sees it)."""
         assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
+        found, index = [self.process.pid], 0
+        while index < len(found):
+            pid = found[index]
+            index += 1
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                with contextlib.suppress(OSError):
+                    found += [int(c) for c in (task / "children").read_text().split()]
+        return found
+
+    async def stop(self, timeout: float = 20) -> int:
+        """ExecStop= by signal: SIGTERM to every process of the service
+        (KillMode=control-group, systemd's default), then the exit status."""
+        assert self.process is not None
+        for pid in self._processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         with trio.fail_after(timeout):
             while self.process.poll() is None:
                 await trio.sleep(0.01)
         await trio.sleep(0.05)  # notifications sent just before the exit
+        assert_not_killed_by_its_filter(self.log())
         return self.process.returncode
 
     async def restart(self) -> float:

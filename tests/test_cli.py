@@ -84,6 +84,51 @@ def test_sigterm_exits_promptly_and_removes_the_socket(tmp_path):
     client.close()
 
 
+# A stop signal arriving while the daemon stops (systemd signals the whole
+# cgroup, and the jail's parent relays the same SIGTERM): trio's own signal
+# receiver re-raised it at close with tgkill, which the jail's filter kills.
+STOP_TWICE = """
+import os, signal, trio
+from vfiouserd import log
+from vfiouserd.server import hold_stop_signals, run_until_signalled
+log.configure("info")
+hold_stop_signals()
+os.kill(os.getpid(), signal.SIGTERM)  # held until the handler is in place
+
+async def main():
+    await trio.sleep_forever()
+
+async def on_stop():
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGINT)
+    await trio.sleep(0.2)  # both arrive while the stop is under way
+
+trio.run(run_until_signalled, main, None, on_stop)
+os.kill(os.getpid(), signal.SIGTERM)  # and one more as the daemon exits
+print("exited cleanly")
+"""
+
+
+def test_stop_signals_during_the_stop_are_ignored_never_re_raised():
+    done = subprocess.run(
+        [sys.executable, "-c", STOP_TWICE], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "exited cleanly\n"
+    assert done.stderr.count("event=signal") == 1, done.stderr
+
+
+def test_a_jailed_daemon_signalled_by_systemd_and_its_parent_exits_cleanly(tmp_path):
+    """Under systemd the jailed daemon gets SIGTERM directly and again from
+    its parent, a moment later; it must never die by its own filter."""
+    for attempt in range(8):
+        daemon = Daemon("vhost-user-rng", workdir=tmp_path, name=f"d{attempt}").start()
+        os.kill(daemon.jailed_pid(), signal.SIGTERM)
+        time.sleep(0.001 * (attempt % 4))
+        assert daemon.stop(signal.SIGTERM) == 0, daemon.log()
+        assert "daemon.killed" not in daemon.log()
+
+
 async def do_io(path: str) -> None:
     ram = GuestRam([(0, 8 * MiB)])
     frontend = await VhostUserFrontend.connect(path)
@@ -206,7 +251,7 @@ async def test_vfio_user_client_comes_back_to_the_same_device_state(tmp_path):
         async with VfioUserClient.connect(daemon.socket_path, ram=ram) as client:
             await client.map_ram()
             driver = VirtioPciDriver(client, ram)
-            (queue,) = await driver.start()
+            (queue,) = await driver.start(queue_count=1)
             await BlkClient(ram, queue, arena=MiB).write(0, b"v" * 512)
             driver.close()
         # Reconnect: the spec says the device keeps its state; memory and
@@ -216,7 +261,7 @@ async def test_vfio_user_client_comes_back_to_the_same_device_state(tmp_path):
             driver = VirtioPciDriver(client, ram)
             await driver.probe()
             assert await driver.status() & 0x4  # still DRIVER_OK
-            (queue,) = await driver.start()  # a driver re-initialises
+            (queue,) = await driver.start(queue_count=1)  # a driver re-initialises
             assert await BlkClient(ram, queue, arena=MiB).read(0, 512) == b"v" * 512
             driver.close()
         ram.close()
