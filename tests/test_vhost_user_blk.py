@@ -232,6 +232,16 @@ async def test_rng_fills_buffers(ram):
         assert len(await rng.read(1 << 20)) == VirtioRng.max_bytes_per_request
 
 
+async def test_config_is_offered_only_by_a_device_with_a_config_space(image):
+    """QEMU >= 10 warns when a device without one (rng) offers CONFIG."""
+    from conftest import VirtioRng
+
+    for device, offered in ((make_blk(image), True), (VirtioRng(), False)):
+        async with served(device) as frontend:
+            protocol = await frontend.call_u64(R.GET_PROTOCOL_FEATURES)
+            assert bool(protocol & bit(vu.ProtocolFeature.CONFIG)) is offered
+
+
 async def test_rng_from_file(ram, tmp_path):
     from conftest import RngClient, VirtioRng
 

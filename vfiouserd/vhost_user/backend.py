@@ -118,7 +118,6 @@ class VhostUserBackend:
         self.offered_protocol_features = _pf(
             ProtocolFeature.MQ,
             ProtocolFeature.REPLY_ACK,
-            ProtocolFeature.CONFIG,
             ProtocolFeature.CONFIGURE_MEM_SLOTS,
             ProtocolFeature.RESET_DEVICE,
             ProtocolFeature.STATUS,
@@ -126,6 +125,8 @@ class VhostUserBackend:
             ProtocolFeature.LOG_SHMFD,
             ProtocolFeature.DEVICE_STATE,
         )
+        if device.config():  # QEMU warns of CONFIG for a device without a config space
+            self.offered_protocol_features |= bit(ProtocolFeature.CONFIG)
         if device.config_can_change:
             self.offered_protocol_features |= bit(ProtocolFeature.BACKEND_REQ)
         self._config_wakeup = trio.Event()
