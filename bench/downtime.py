@@ -96,7 +96,7 @@ async def restart_fdstore(workdir: Path, protocol: str) -> float:
             async with VfioUserClient.connect(socket_path, ram=ram) as client:
                 await client.map_ram()
                 driver = VirtioPciDriver(client, ram)
-                (queue,) = await driver.start()
+                (queue,) = await driver.start(queue_count=1)
                 downtime = await _across_restart(manager, BlkClient(ram, queue, arena=MiB))
                 driver.close()
         await manager.stop()
@@ -179,7 +179,7 @@ async def migrate_vfio_user(workdir: Path) -> float:
         async with VfioUserClient.connect(str(workdir / "src.sock"), ram=ram) as a:
             await a.map_ram()
             driver = VirtioPciDriver(a, ram)
-            (queue,) = await driver.start()
+            (queue,) = await driver.start(queue_count=1)
             blk = BlkClient(ram, queue, arena=MiB)
             await blk.write(0, b"v" * 512)
             started = trio.current_time()

@@ -184,9 +184,11 @@ class VirtioBlk(VirtioDevice):
         parser.add_argument(
             "--num-queues",
             type=int,
-            default=1,
+            default=cls.max_queues,
             metavar="N",
-            help=f"request queues offered (1-{cls.max_queues})",
+            help=f"request queues offered (1-{cls.max_queues}, default {cls.max_queues}): over "
+            "vhost-user the most the front end may use (QEMU uses one per vCPU unless told "
+            "otherwise), over vfio-user the number the guest sees (Linux uses one per vCPU)",
         )
         parser.add_argument("--serial", default=None, help="GET_ID string (20 bytes max)")
 

@@ -131,7 +131,7 @@ async def test_vfio_user_session_carries_on_across_restarts(tmp_path, fd_less):
         async with VfioUserClient.connect(str(tmp_path / "device.sock"), ram=ram) as client:
             await client.map_ram(with_fd=not fd_less)
             driver = VirtioPciDriver(client, ram)
-            (queue,) = await driver.start()
+            (queue,) = await driver.start(queue_count=1)
             blk = BlkClient(ram, queue, arena=MiB)
             done = await restart_while_io_runs(manager, blk, rounds)
             assert done == list(range(rounds))

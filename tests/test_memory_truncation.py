@@ -56,7 +56,7 @@ async def test_vfio_user_client_truncating_dma_memory(tmp_path):
             async with VfioUserClient.connect(daemon.socket_path, ram=ram) as client:
                 await client.map_ram()
                 driver = VirtioPciDriver(client, ram)
-                (queue,) = await driver.start()
+                (queue,) = await driver.start(queue_count=1)
                 await BlkClient(ram, queue, arena=MiB).write(0, b"b" * 512)
                 queue.ring.add([], [(0x10000, 1)], "lost")
                 os.ftruncate(ram.regions[0].fd, 0)

@@ -67,7 +67,7 @@ async def fd_less_io(daemon: Daemon, check: object) -> None:
     async with VfioUserClient.connect(daemon.socket_path, ram=ram) as client:
         await client.map_ram(with_fd=False)
         driver = VirtioPciDriver(client, ram)
-        (queue,) = await driver.start()
+        (queue,) = await driver.start(queue_count=1)
         blk = BlkClient(ram, queue, arena=MiB)
         await blk.write(0, b"j" * 4096)
         assert await blk.read(0, 4096) == b"j" * 4096

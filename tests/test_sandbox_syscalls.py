@@ -127,7 +127,7 @@ async def vfio_user_virtio(daemon: Daemon) -> None:
         async with VfioUserClient.connect(daemon.socket_path, ram=ram, twin_socket=twin) as client:
             await client.map_ram(with_fd=with_fd)
             driver = VirtioPciDriver(client, ram)
-            queues = await driver.start(ioeventfds=ioeventfds)
+            queues = await driver.start(ioeventfds=ioeventfds, queue_count=2)
             if rng:
                 assert len(await RngClient(ram, queues[0], arena=MiB).read(512)) == 512
             else:
@@ -264,7 +264,7 @@ async def handed_over(tmp_path: Path, protocol: str) -> Record:
             async with VfioUserClient.connect(socket_path, ram=ram) as client:
                 await client.map_ram()
                 driver = VirtioPciDriver(client, ram)
-                (queue,) = await driver.start()
+                (queue,) = await driver.start(queue_count=1)
                 blk = BlkClient(ram, queue, arena=MiB)
                 await blk.write(0, b"h" * 512)
                 manager.command = traced(2)

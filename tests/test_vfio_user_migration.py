@@ -158,7 +158,7 @@ async def test_a_stopped_device_makes_no_progress(image):
     async with vfio_served(device, ram=ram) as client:
         await client.map_ram()
         driver = VirtioPciDriver(client, ram)
-        (queue,) = await driver.start()
+        (queue,) = await driver.start(queue_count=1)
         blk = BlkClient(ram, queue, arena=MiB)
         await blk.write(0, b"a" * 512)
         await client.set_migration_state(S.STOP)
@@ -200,7 +200,7 @@ async def test_virtio_blk_moves_to_another_daemon_while_io_runs(tmp_path):
         async with VfioUserClient.connect(source.socket_path, ram=ram) as a:
             await a.map_ram()
             driver = VirtioPciDriver(a, ram)
-            (queue,) = await driver.start()
+            (queue,) = await driver.start(queue_count=1)
             blk = BlkClient(ram, queue, arena=MiB)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(io_loop, blk, rounds, done)
@@ -251,7 +251,7 @@ async def test_a_refused_state_leaves_the_source_serving(tmp_path, bad):
         async with VfioUserClient.connect(source.socket_path, ram=ram) as a:
             await a.map_ram()
             driver = VirtioPciDriver(a, ram)
-            (queue,) = await driver.start()
+            (queue,) = await driver.start(queue_count=1)
             blk = BlkClient(ram, queue, arena=MiB)
             await blk.write(0, b"s" * 512)
             blob = bytearray(await a.save_device())

@@ -75,12 +75,30 @@ async def test_blk_multiqueue_with_ioeventfd_doorbells(ram, image):
         driver.close()
 
 
+async def test_more_doorbells_than_one_message_carries_fds_for(ram, image):
+    """64 queues, a client taking 16 fds a message (QEMU's value): the first
+    16 doorbells come as ioeventfds, the others stay trapped, all work."""
+    device = VirtioPciDevice(make_blk(image, size=8 * MiB, num_queues=64))
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)
+        queues = await driver.start(ioeventfds=True, queue_size=16)
+        assert len(queues) == 64
+        assert [q.ioeventfd is not None for q in queues] == [True] * 16 + [False] * 48
+        for index in (0, 15, 16, 63):
+            blk = BlkClient(ram, queues[index], arena=256 * 1024)
+            data = bytes([index]) * 4096
+            await blk.write(index * 8, data)
+            assert await blk.read(index * 8, 4096) == data
+        driver.close()
+
+
 async def test_rng_over_vfio_user(ram):
     device = VirtioPciDevice(VirtioRng())
     async with vfio_served(device, ram=ram) as client:
         await client.map_ram()
         driver = VirtioPciDriver(client, ram)
-        (queue,) = await driver.start()
+        (queue,) = await driver.start(queue_count=1)
         rng = RngClient(ram, queue, arena=MiB)
         first, second = await rng.read(512), await rng.read(512, pieces=2)
         assert len(first) == len(second) == 512 and first != second
@@ -120,7 +138,7 @@ async def test_reset_by_status_zero_and_by_function_reset(ram, image):
     async with vfio_served(device, ram=ram) as client:
         await client.map_ram()
         driver = VirtioPciDriver(client, ram)
-        (queue,) = await driver.start()
+        (queue,) = await driver.start(queue_count=1)
         blk = BlkClient(ram, queue, arena=MiB)
         await blk.write(0, b"1" * 512)
         driver.close()
@@ -139,7 +157,7 @@ async def test_broken_ring_sets_needs_reset_and_signals_config(ram, image):
     async with vfio_served(device, ram=ram) as client:
         await client.map_ram()
         driver = VirtioPciDriver(client, ram)
-        (queue,) = await driver.start()
+        (queue,) = await driver.start(queue_count=1)
         queue.ring.add([(0x9000_0000, 16)], [(0x9000_0010, 1)], "hostile")
         await queue.kick_async()
         with trio.fail_after(5):
@@ -182,7 +200,7 @@ async def test_writes_to_read_only_common_fields_change_nothing(ram, image):
     async with vfio_served(device, ram=ram) as client:
         await client.map_ram()
         driver = VirtioPciDriver(client, ram)
-        (queue,) = await driver.start()
+        (queue,) = await driver.start(queue_count=1)
         for offset, size in [(0x1E, 2), (0x12, 2), (0x15, 1), (0x04, 4), (0x3E, 2)]:
             await driver.common_write(offset, size, 0xFFFF & ((1 << 8 * size) - 1))
         assert await driver.common_read(0x12, 2) == 1 and await driver.common_read(0x1E, 2) == 0
@@ -233,7 +251,7 @@ async def test_client_reconnects_and_the_running_device_carries_on(ram, image):
     async with vfio_served(device, ram=ram) as client:
         await client.map_ram()
         driver = VirtioPciDriver(client, ram)
-        (queue,) = await driver.start()
+        (queue,) = await driver.start(queue_count=1)
         blk = BlkClient(ram, queue, arena=MiB)
         await blk.write(1, b"first" * 100 + bytes(12))
     async with vfio_served(device, ram=ram) as client:
@@ -261,7 +279,7 @@ async def test_no_dma_while_bus_mastering_is_off(ram, image):
     async with vfio_served(device, ram=ram) as client:
         await client.map_ram()
         driver = VirtioPciDriver(client, ram)
-        (queue,) = await driver.start()
+        (queue,) = await driver.start(queue_count=1)
         await client.config_write(0x04, 2, 0x2)  # memory space only
         blk = BlkClient(ram, queue, arena=MiB)
         header = blk.scratch(16)

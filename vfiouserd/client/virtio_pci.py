@@ -172,7 +172,9 @@ class VirtioPciDriver:
         if not await self.status() & Status.FEATURES_OK:
             raise RuntimeError(f"device refused features {self.features:#x}")
 
-        count = await self.common_read(0x12, 2) if queue_count is None else queue_count
+        # Like Linux, which uses one per vCPU: at most queue_count.
+        count = await self.common_read(0x12, 2)
+        count = count if queue_count is None else min(count, queue_count)
         fds = [eventfd() for _ in range(count + 1)] if msix else [eventfd()]
         self._fds = list(fds)  # everything to close at the end
         self._irq_fds = fds
