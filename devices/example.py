@@ -57,7 +57,7 @@ class ExampleDevice(PciDevice):
         if offset in WRITABLE:
             self.registers[offset] = value
         elif offset == 0x24 and value & 1:
-            await self._copy()
+            self.run_in_background(self._copy)  # the interrupt says when it is done
         elif offset == 0x2C:
             self.lower_interrupt()
 

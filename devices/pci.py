@@ -22,16 +22,16 @@ import errno
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import construct as c
-import trio
 
 from vfiouserd.log import get_logger
 from vfiouserd.memory import GuestMemory, GuestMemoryError
 from vfiouserd.state import Bytes, Field, Schema, StateError
+from vfiouserd.turns import Turns
 
 log = get_logger("pci")
 
@@ -341,9 +341,10 @@ class PciDevice:
     def __init__(self, bars: dict[int, Bar] | None = None) -> None:
         self.bars: dict[int, Bar] = dict(bars or {})
         self.memory = GuestMemory(max_regions=65535)  # what the VMM lets us DMA to
-        # Held by whoever walks memory outside the event loop (virtqueues on
-        # unmapped memory), and by the session to change the memory layout.
-        self.memory_lock = trio.Lock()
+        # Taken in turns by the session's commands and by ring walks on memory
+        # reached through the VMM (see vfiouserd.turns).
+        self.turns = Turns()
+        self._tasks: Any = None  # the session's nursery, for work of the device's own
         self.remote_dma: RemoteDma | None = None
         self.capabilities: list[Capability] = []
         self.config = ConfigSpace(EXPRESS_CONFIG_SIZE if self.express else LEGACY_CONFIG_SIZE)
@@ -820,9 +821,29 @@ class PciDevice:
 
     def attach(self, nursery: Any) -> None:
         """A VMM connected; device tasks (virtqueues) may start in ``nursery``."""
+        self._tasks = nursery
+
+    def run_in_background(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Do ``work`` (a DMA transfer, say) once the register write that asked
+        for it is answered, as hardware does: a VMM need not serve the
+        device's DMA before that answer, and QEMU does not."""
+        if self._tasks is None:
+            raise DeviceAccessError(errno.EIO, "no VMM connected")
+
+        async def run() -> None:
+            try:
+                await work()
+            except Exception:  # a device bug must not end the session
+                log.exception("device.failed", work=getattr(work, "__name__", "work"))
+            finally:
+                self.turns.work_done()
+
+        self.turns.work_started()  # now: a command right behind this one sees it
+        self._tasks.start_soon(run)
 
     def detach(self) -> None:
         """The VMM went away: its memory and eventfds go, the device state stays."""
+        self._tasks = None
         self.irqs.close()
         self.memory.clear()
 

@@ -139,7 +139,7 @@ class VirtioPciDevice(PciDevice):
                 MODERN_BAR: Bar(0x4000, is_64bit=True, prefetchable=True),
             }
         )
-        self.queue_set = QueueSet(virtio, self.memory, AddressSpace.GUEST, self.memory_lock)
+        self.queue_set = QueueSet(virtio, self.memory, AddressSpace.GUEST, self.turns)
         self._held = False  # rings stay stopped: a handover is under way
         self.kick_fds = [
             os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in self.queue_set.queues
@@ -551,6 +551,7 @@ class VirtioPciDevice(PciDevice):
     # -- the VMM connection -----------------------------------------------------------------
 
     def attach(self, nursery: Any) -> None:
+        super().attach(nursery)
         self.queue_set.bind(nursery)
         if self.device_status & Status.DRIVER_OK:  # a client came back: carry on
             for queue in self.queue_set.queues:

@@ -8,13 +8,17 @@ capabilities of VERSION, and message framing with SCM_RIGHTS fds.
 All numbers are in the host's native byte order, as the spec says.
 
 Where implementations disagree, the choice made here:
-- DMA_READ/DMA_WRITE: ``address`` u64 then ``count`` u64, data at payload
-  offset 16 (the spec and libvfio-user). QEMU's client uses a u32 count with
-  data at offset 12 (``QemuDmaAccess``); the server recognises that layout in
-  DMA_READ replies and then writes in it (see vfio_user/session.py). It only
-  matters when guest RAM has no fd.
-- DMA_WRITE reply: the spec lists address u64 + count u32; QEMU sends the
-  header alone. Both are accepted.
+- DMA_READ/DMA_WRITE: the spec (and libvfio-user) lay both out as
+  ``address`` u64, ``count`` u64, data at payload offset 16. QEMU's client
+  (checked in 10.2) uses a C struct of address u64, count u32 and the data
+  at offset 12, padded to 16 bytes: its DMA_READ reply is the same length as
+  the spec's (data at 12, then 4 zero bytes), and it takes a DMA_WRITE only
+  if the message is 4 bytes longer than its data needs, reading the data at
+  12 (``QemuDmaAccess``, ``QEMU_DMA_PAD``). The lengths cannot tell the two
+  apart, so the server asks once per connection (``DMA_LAYOUT_PROBE``): a
+  DMA_READ whose u64 count is 8 plus 2**32. A client that reads a u32 count
+  sees 8 and answers; one that reads the spec's u64 refuses a transfer that
+  large. It only matters when guest RAM has no fd.
 - DMA_MAP flags: the spec defines READ and WRITE; libvfio-user also takes
   MMAP (4) and FILE_IO (8). We refuse bits the spec does not define (QEMU
   never sends them) and map whenever an fd comes with the request.
@@ -273,6 +277,9 @@ RegionAccess = Struct("offset" / Int64un, "region" / Int32un, "count" / Int32un)
 
 DmaAccess = Struct("address" / Int64un, "count" / Int64un)
 QemuDmaAccess = Struct("address" / Int64un, "count" / Int32un)  # QEMU's client, see above
+QEMU_DMA_PAD = 4  # QEMU's struct is 16 bytes with its padding; its data starts at 12
+# A DMA_READ count only a client that reads 32 bits of it serves: 8 bytes.
+DMA_LAYOUT_PROBE = (1 << 32) | 8
 DmaWriteReply = Struct("address" / Int64un, "count" / Int32un)
 
 WriteMultiHead = Struct("wr_cnt" / Int64un)

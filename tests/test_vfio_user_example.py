@@ -90,7 +90,9 @@ async def test_dma_engine_copies_and_raises_msi(ram, mode):
         else:  # every byte went through DMA_READ/DMA_WRITE messages
             assert client.dma_requests >= 2
             assert client.twin is not None if mode == "twin-socket" else client.twin is None
-        assert client.session.qemu_dma_layout == (mode == "qemu-layout")
+        # Asked at the first DMA message: none with fds.
+        layout = {"fd": None, "qemu-layout": True}.get(mode, False)
+        assert client.session.qemu_dma_layout is layout
         os.close(fd)
 
 
@@ -104,7 +106,8 @@ async def test_dma_in_chunks_of_the_clients_max_transfer(ram):
         await start_copy(client, SRC, DST, len(data))
         await wait_irq(fd)
         assert ram.read(DST, len(data)) == data
-        assert client.dma_requests == 3 + 3  # 10000 bytes = 3 reads and 3 writes of <= 4 KiB
+        # The layout probe, then 10000 bytes: 3 reads and 3 writes of <= 4 KiB.
+        assert client.dma_requests == 1 + 3 + 3
         os.close(fd)
 
 
@@ -134,9 +137,30 @@ async def test_dma_failures_are_reported_by_the_device(ram):
         os.close(fd)
 
 
-async def test_unmap_waits_for_dma_in_flight(ram):
-    """A DMA_UNMAP sent right behind DMA_START is answered only once the copy
-    (here slow: every byte a DMA message) has finished."""
+async def test_unmap_of_mapped_memory_waits_for_dma_in_flight(ram):
+    """The spec: no reference to a mapped region may outlive the DMA_UNMAP
+    reply. One sent right behind DMA_START is answered once the copy is done."""
+    async with vfio_served(ExampleDevice(), ram=ram) as client:
+        await client.map_ram(with_fd=True)
+        fd = await enable_msi(client)
+        data = os.urandom(1 << 20)
+        ram.write(SRC, data)
+        await client.region_write(BAR, 0x10, struct.pack("<Q", SRC))
+        await client.region_write(BAR, 0x18, struct.pack("<Q", DST - 0x2000))
+        await client.region_write(BAR, 0x20, reg(len(data)))
+        await client.region_write(BAR, 0x24, reg(1), no_reply=True)  # posted, like QEMU
+        await client.dma_unmap(0x1_0000_0000, MiB)
+        assert ram.read(DST - 0x2000, len(data)) == data  # the copy completed before the unmap
+        await wait_irq(fd)
+        assert await read(client, 0x28) == zlib.crc32(data)
+        os.close(fd)
+
+
+async def test_commands_are_answered_while_dma_through_messages_is_in_flight(ram):
+    """QEMU serves our DMA_READ/DMA_WRITE only when none of its threads waits
+    for a reply from us: a DMA_START must not hold up the next command. An
+    unmap answered meanwhile ends the copy cleanly: nothing reaches the
+    unmapped range afterwards, and the interrupt still says it is over."""
     async with vfio_served(ExampleDevice(), ram=ram) as client:
         await client.map_ram(with_fd=False)
         fd = await enable_msi(client)
@@ -145,10 +169,15 @@ async def test_unmap_waits_for_dma_in_flight(ram):
         await client.region_write(BAR, 0x10, struct.pack("<Q", SRC))
         await client.region_write(BAR, 0x18, struct.pack("<Q", DST))
         await client.region_write(BAR, 0x20, reg(len(data)))
-        await client.region_write(BAR, 0x24, reg(1), no_reply=True)  # posted, like QEMU
-        await client.dma_unmap(0x1_0000_0000, MiB)
-        assert ram.read(DST, len(data)) == data  # the copy completed before the unmap
+        client.dma_reply_delay = 0.5  # a slow VMM: the copy takes a second
+        await client.region_write(BAR, 0x24, reg(1), no_reply=True)
+        with trio.fail_after(0.4):  # long before the copy could be done
+            assert await read(client, 0x00) == 0x56460001
+            await client.dma_unmap(0x1_0000_0000, MiB)
+        after_unmap = ram.read(DST, len(data))
         await wait_irq(fd)
+        assert ram.read(DST, len(data)) == after_unmap == bytes(len(data))
+        assert await read(client, 0x28) == 0xFFFFFFFF  # the copy failed: its target went
         os.close(fd)
 
 

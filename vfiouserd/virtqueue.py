@@ -46,6 +46,7 @@ from vfiouserd.memory import (
     RemoteAccessError,
     memory_faults,
 )
+from vfiouserd.turns import Turns, WalkAbandoned
 
 if sys.byteorder != "little":  # ring fields are read through native-order casts
     raise ImportError("vfiouserd's virtqueues assume a little-endian host")
@@ -73,6 +74,10 @@ _ONE = (1).to_bytes(8, "little")
 
 class RingError(Exception):
     """The driver broke the ring protocol; this queue cannot go on."""
+
+
+class MemoryMoved(RingError):
+    """A chain met a layout the VMM was changing meanwhile: taken back, tried again."""
 
 
 class RingUnmapped(RingError):
@@ -324,6 +329,10 @@ class SplitRing(_Chains):
     def base(self) -> int:
         return self.last_avail_idx
 
+    def rewind(self, base: int) -> None:
+        """Take back a pop whose chain could not be walked (see Virtqueue.process)."""
+        self.last_avail_idx = base
+
 
 class PackedRing(_Chains):
     """Packed virtqueue: one descriptor ring plus two event-suppression areas."""
@@ -511,6 +520,10 @@ class PackedRing(_Chains):
             self.last_avail_idx | self.avail_wrap << 15 | self.used_idx << 16 | self.used_wrap << 31
         )
 
+    def rewind(self, base: int) -> None:
+        """Take back a pop whose chain could not be walked (see Virtqueue.process)."""
+        self.last_avail_idx, self.avail_wrap = base & 0x7FFF, bool(base >> 15 & 1)
+
 
 Handler = Callable[[Request], int]
 
@@ -522,6 +535,10 @@ class Virtqueue:
         self.index = index
         self.memory = memory
         self.address_space = address_space
+        self.turns: Turns | None = None  # shared with the session's commands
+        # Changed by whatever makes a walk under way stale: reset, stop,
+        # disabling, new ring parameters (see Turns).
+        self.epoch = 0
         # The native fast path (fastpath.c): the device's C handler, the
         # running loop's parameters, held by its worker thread while it runs.
         self.native: NativeHandler | None = None
@@ -543,10 +560,12 @@ class Virtqueue:
     def enabled(self, enabled: bool) -> None:
         if not enabled:
             self._pause_native()
+            self.epoch += 1
         self._enabled = enabled
 
     def reset(self) -> None:
         self._pause_native()
+        self.epoch += 1
         self._native_off = False  # set when the fast path cannot wait on the kick fd
         self.size = 0
         self.desc_address = self.avail_address = self.used_address = 0
@@ -562,7 +581,6 @@ class Virtqueue:
         # MSI-X vectors, INTx) sets these instead.
         self.notifier: Callable[[], None] | None = None
         self.error_notifier: Callable[[], None] | None = None
-        self.memory_lock: trio.Lock | None = None
         # Virtio-pci: no DMA while the driver has bus mastering switched off.
         self.dma_allowed: Callable[[], bool] = lambda: True
         self._in_worker = False
@@ -661,6 +679,7 @@ class Virtqueue:
     def invalidate(self) -> None:
         """Re-translate the ring before the next batch (features or addresses changed)."""
         self._pause_native()
+        self.epoch += 1
         self._generation = -1
 
     def current_base(self) -> int:
@@ -706,8 +725,19 @@ class Virtqueue:
             ring = self.ring
             assert ring is not None
             mark = ring.used_mark()
+            generation = self.memory.generation
             for _ in range(ring.size):  # bounded so other queues get their turn
-                request = ring.pop()
+                position = ring.base()
+                try:
+                    request = ring.pop()
+                except RingError as exc:
+                    if self._in_worker and self.memory.generation != generation:
+                        # The VMM changed the layout while this walk waited for
+                        # it (a memory transaction: unmap, then map again): try
+                        # the chain again on the new layout, not a broken ring.
+                        ring.rewind(position)
+                        raise MemoryMoved(str(exc)) from exc
+                    raise
                 if request is None:
                     if ring.arm():
                         continue
@@ -722,6 +752,8 @@ class Virtqueue:
                     )
                 try:
                     written = handle(request)
+                except WalkAbandoned:
+                    raise
                 except Exception as exc:  # a device bug must not take the daemon down
                     log.exception("device.failed", queue=self.index)
                     raise RingError(f"device handler failed: {exc!r}") from exc
@@ -738,6 +770,11 @@ class Virtqueue:
                 self.memory.dirty.kick()
             if ring.should_notify(mark):
                 self.signal_call()
+        except WalkAbandoned:
+            log.info("ring.walk_abandoned", queue=self.index)
+        except MemoryMoved as exc:
+            log.info("ring.memory_moved", queue=self.index, reason=str(exc))
+            self.wake()  # the new layout is there already: look again
         except RingUnmapped as exc:
             if self.ring is not None:
                 self.base = self.ring.base()
@@ -777,11 +814,11 @@ class Virtqueue:
                     await trio.lowlevel.checkpoint()
                     continue
                 if self.memory.has_unmapped and self.memory.remote is not None:
-                    # Every ring access is a round trip to the VMM: do them from a
-                    # worker thread so the session keeps serving the VMM, and hold
-                    # the memory lock so no DMA_UNMAP lands in the middle.
-                    assert self.memory_lock is not None
-                    async with self.memory_lock:
+                    # Every ring access is a round trip to the VMM: walk on a
+                    # worker thread that gives its turn up for each one, so the
+                    # session keeps serving the VMM (see Turns).
+                    assert self.turns is not None
+                    async with self.turns.walk():
                         await trio.to_thread.run_sync(self._process_in_worker, handle)
                 else:
                     self.process(handle)
@@ -896,9 +933,11 @@ class Virtqueue:
         self.requests += q.served
 
     def _process_in_worker(self, handle: Handler) -> None:
+        assert self.turns is not None
+        epoch = self.epoch
         self._in_worker = True
         try:
-            self.process(handle)
+            self.turns.run_walk(lambda: self.epoch == epoch, lambda: self.process(handle))
         finally:
             self._in_worker = False
 
@@ -927,6 +966,7 @@ class Virtqueue:
 
     def stop(self) -> None:
         self._pause_native()
+        self.epoch += 1
         if self._scope is not None:
             self._scope.cancel()
             self._scope = None
@@ -995,11 +1035,11 @@ class QueueSet:
         device: VirtioDevice,
         memory: GuestMemory,
         address_space: AddressSpace,
-        memory_lock: trio.Lock | None = None,
+        turns: Turns | None = None,
     ) -> None:
         self.device = device
         self.memory = memory
-        self.memory_lock = memory_lock or trio.Lock()
+        self.turns = turns or Turns()
         self.queues = [Virtqueue(i, memory, address_space) for i in range(device.num_queues)]
         self._nursery: trio.Nursery | None = None
         # The fast path must be out of guest memory before it is unmapped.
@@ -1027,7 +1067,7 @@ class QueueSet:
             queue.wake()
             return
         assert self._nursery is not None, "QueueSet.bind() first"
-        queue.memory_lock = self.memory_lock
+        queue.turns = self.turns
         queue.native = self.device.native_handler() if self.device.use_fast_path else None
         # What a previous back end left in flight is taken back at the first
         # attach (SET_VRING_KICK after a reconnect, in vhost-user terms).

@@ -11,7 +11,9 @@ memory while its own requests are outstanding (twin socket when asked for).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import math
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -79,10 +81,14 @@ class VfioUserClient:
         self.version = (0, 0)
         self.windows: list[DmaWindow] = []
         self.dma_requests = 0  # DMA_READ/DMA_WRITE served, for tests
+        self.dma_reply_delay = 0.0  # seconds, to play a slow VMM in tests
         self._next_id = 0
         self._pending: dict[int, trio.MemorySendChannel[Message]] = {}
         self._send_locks: dict[int, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
+        self._server_requests, self._server_requests_queue = trio.open_memory_channel[
+            tuple[trio.socket.SocketType, Message]
+        ](math.inf)
 
     # -- connection ------------------------------------------------------------------
 
@@ -114,6 +120,7 @@ class VfioUserClient:
             await client.negotiate(twin_socket=twin_socket, capabilities=capabilities, minor=minor)
             async with trio.open_nursery() as nursery:
                 client._nursery = nursery
+                nursery.start_soon(client._serve_server_requests)
                 nursery.start_soon(client._receive, client.sock)
                 if client.twin is not None:
                     nursery.start_soon(client._receive, client.twin)
@@ -198,29 +205,43 @@ class VfioUserClient:
                         message.close_fds()
                         continue
                     waiter.send_nowait(message)
-                else:
-                    await self._serve_server_request(sock, message)
+                else:  # served in order on their own task, as QEMU does
+                    self._server_requests.send_nowait((sock, message))
         except (ConnectionClosed, FramingError, OSError):
             for waiter in self._pending.values():
                 waiter.close()
             self._pending.clear()
 
+    async def _serve_server_requests(self) -> None:
+        async for sock, message in self._server_requests_queue:
+            with contextlib.suppress(ConnectionClosed, OSError):
+                await self._serve_server_request(sock, message)
+
     async def _serve_server_request(self, sock: trio.socket.SocketType, message: Message) -> None:
-        """DMA_READ / DMA_WRITE from the server, answered from our memory."""
+        """DMA_READ / DMA_WRITE from the server, answered from our memory
+        (in QEMU's layout with ``qemu_dma_layout``, see protocol/vfio_user.py)."""
         message.close_fds()
+        if self.dma_reply_delay:
+            await trio.sleep(self.dma_reply_delay)
         error = None
         payload = b""
         layout = vfu.QemuDmaAccess if self.qemu_dma_layout else vfu.DmaAccess
+        # QEMU's struct ends in padding: its messages are 4 bytes longer.
+        pad = vfu.QEMU_DMA_PAD if self.qemu_dma_layout else 0
         try:
             request = layout.parse(message.payload)
-            if not self._dma_allowed(request.address, request.count):
+            if request.count > CLIENT_MAX_DATA_XFER:
+                error = errno.E2BIG
+            elif not self._dma_allowed(request.address, request.count):
                 error = errno.EFAULT
             elif message.command == Command.DMA_READ and self.ram is not None:
                 data = self.ram.read(request.address, request.count)
-                payload = layout.build(dict(request)) + data
+                payload = layout.build(dict(request)) + data + bytes(pad)
             elif message.command == Command.DMA_WRITE and self.ram is not None:
-                data = message.payload[layout.sizeof() :]
-                if len(data) != request.count:
+                data = message.payload[layout.sizeof() : layout.sizeof() + request.count]
+                if self.qemu_dma_layout and request.count > len(message.payload) - 16:
+                    error = errno.E2BIG  # QEMU's own check, padding included
+                elif not self.qemu_dma_layout and len(message.payload) != 16 + request.count:
                     error = errno.EINVAL
                 else:
                     self.ram.write(request.address, data)

@@ -76,20 +76,21 @@ Handler = Callable[[Message], Awaitable[Reply]]
 
 
 class ThreadedRemote:
-    """Blocking DMA_READ/DMA_WRITE for code running in a worker thread."""
+    """Blocking DMA_READ/DMA_WRITE for a ring walk on a worker thread, which
+    gives its turn up while the VMM answers (see vfiouserd.turns)."""
 
     def __init__(self, session: VfioUserSession) -> None:
         self.session = session
 
     def read(self, address: int, size: int) -> bytes:
         try:
-            return trio.from_thread.run(self.session.dma_read, address, size)
+            return self.session.device.turns.round_trip(self.session.dma_read, address, size)
         except trio.RunFinishedError as exc:
             raise RemoteAccessError("the session ended") from exc
 
     def write(self, address: int, data: bytes) -> None:
         try:
-            trio.from_thread.run(self.session.dma_write, address, data)
+            self.session.device.turns.round_trip(self.session.dma_write, address, data)
         except trio.RunFinishedError as exc:
             raise RemoteAccessError("the session ended") from exc
 
@@ -108,7 +109,8 @@ class VfioUserSession:
         self._twin_send_lock = trio.Lock()
         self._next_msg_id = 0
         self._waiting: dict[int, trio.MemorySendChannel[Message]] = {}
-        self.qemu_dma_layout = False
+        # How the client lays out DMA_READ/DMA_WRITE: asked at the first one.
+        self.qemu_dma_layout: bool | None = None
         self._timed_out: set[int] = set()
         self._nursery: trio.Nursery | None = None
         self._intx_unmask_scope: trio.CancelScope | None = None
@@ -117,6 +119,7 @@ class VfioUserSession:
         self._restored = False
         self._readers_idle: dict[trio.socket.SocketType, bool] = {}
         self._processing = False
+        self._ahead: Message | None = None  # taken from the queue, not yet processed
         self._parked = False
         self.ending = False
         self._finished = trio.Event()
@@ -179,6 +182,9 @@ class VfioUserSession:
             log.error("session.fatal", reason=str(exc))
         finally:
             # Commands read ahead but never processed still own their fds.
+            if self._ahead is not None:
+                self._ahead.close_fds()
+                self._ahead = None
             while receive is not None:
                 try:
                     receive.receive_nowait().close_fds()
@@ -210,6 +216,7 @@ class VfioUserSession:
             all(self._readers_idle.values())
             and not self._processing
             and not self._waiting
+            and self._ahead is None
             and self._commands.statistics().current_buffer_used == 0
         )
 
@@ -217,7 +224,7 @@ class VfioUserSession:
         with trio.move_on_after(timeout):
             # Rings first, while the readers still route the replies a ring
             # walk over unmapped memory waits for; they stay stopped.
-            async with self.device.memory_lock:
+            async with self.device.turns.quiet():
                 self.device.hold()
             while not self._quiescent():
                 if self.ending:
@@ -310,7 +317,8 @@ class VfioUserSession:
         self.client = vfu.Capabilities(**client)
         self.page_size = int(document["page_size"])
         self._next_msg_id = int(document["next_msg_id"])
-        self.qemu_dma_layout = bool(document["qemu_dma_layout"])
+        layout = document["qemu_dma_layout"]
+        self.qemu_dma_layout = None if layout is None else bool(layout)
         device = self.device
         device.adopt_handover_fds({key: fd(name) for key, name in document["device_fds"].items()})
         for region in document["dma"]:
@@ -487,15 +495,36 @@ class VfioUserSession:
         self, commands: trio.MemoryReceiveChannel[Message], scope: trio.CancelScope
     ) -> None:
         faults = memory_faults()
-        async for message in commands:
+        turns = self.device.turns
+        while True:
+            if self._ahead is None:
+                try:
+                    self._ahead = await commands.receive()
+                except trio.EndOfChannel:
+                    return
+            message: Message | None = self._ahead
+            self._ahead = None
             self._processing = True
             try:
                 # Commands and ring walks over unmapped memory (worker threads)
-                # take turns: no reset, IRQ change or unmap lands mid-walk.
-                async with self.device.memory_lock:
-                    await self._process(message)
+                # take turns (vfiouserd.turns). Commands already queued go in
+                # the same turn, so a walk never sees a memory transaction
+                # (unmap, then map again) half done.
+                assert message is not None
+                quiet = self._needs_quiet(message)
+                async with turns.quiet() if quiet else turns.command():
+                    while message is not None:
+                        await self._process(message)
+                        message = None
+                        if quiet:
+                            break
+                        with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                            self._ahead = commands.receive_nowait()
+                            if not self._needs_quiet(self._ahead):
+                                message, self._ahead = self._ahead, None
             except BaseException:
-                message.close_fds()  # e.g. cancelled while waiting for the lock
+                if message is not None:
+                    message.close_fds()  # e.g. cancelled while waiting for its turn
                 raise
             finally:
                 self._processing = False
@@ -503,6 +532,16 @@ class VfioUserSession:
                 log.error("session.fatal", reason="the VMM truncated memory it shared with us")
                 scope.cancel()
                 return
+
+    def _needs_quiet(self, message: Message) -> bool:
+        """Commands that wait until no ring walk is under way: a migration
+        step (the device must stop between requests), and an unmap of memory
+        the daemon has mapped (the spec: no reference may outlive the reply)."""
+        if message.command == Command.DEVICE_FEATURE:
+            return True
+        return message.command == Command.DMA_UNMAP and any(
+            region.mapping is not None for region in self.device.memory.regions
+        )
 
     async def _process(self, message: Message) -> None:
         try:
@@ -681,16 +720,22 @@ class VfioUserSession:
         )
         return Reply(message.payload[: vfu.DmaUnmap.sizeof()])
 
-    # DMA_READ/DMA_WRITE layout. The spec (and libvfio-user) say address u64,
-    # count u64, data at payload offset 16; QEMU's client uses a u32 count
-    # with data at 12. A DMA_READ reply tells them apart by its length (16 +
-    # count or 12 + count); requests are built in the spec layout until a
-    # client has shown it uses QEMU's. A DMA_READ request reads the same in
-    # both (the count is little-endian). DMA_WRITE replies are accepted with
-    # any payload up to 16 bytes (QEMU sends none).
+    # DMA_READ/DMA_WRITE layout: the spec's or QEMU's (protocol/vfio_user.py
+    # says how they differ). Asked once per connection, at the first access.
+
+    async def _learn_dma_layout(self, address: int) -> bool:
+        if self.qemu_dma_layout is None:
+            probe = vfu.DmaAccess.build({"address": address, "count": vfu.DMA_LAYOUT_PROBE})
+            reply = await self._request(Command.DMA_READ, probe, refused_ok=True)
+            self.qemu_dma_layout = not reply.is_error
+            log.info("dma.layout", layout="qemu" if self.qemu_dma_layout else "spec")
+        return self.qemu_dma_layout
 
     async def dma_read(self, address: int, size: int) -> bytes:
         """Read client memory that has no fd, through DMA_READ requests."""
+        qemu = await self._learn_dma_layout(address)
+        data_at = vfu.QemuDmaAccess.sizeof() if qemu else vfu.DmaAccess.sizeof()
+        pad = vfu.QEMU_DMA_PAD if qemu else 0
         chunks = []
         limit = self._dma_chunk
         for offset in range(0, size, limit):
@@ -698,24 +743,21 @@ class VfioUserSession:
             reply = await self._request(
                 Command.DMA_READ, vfu.DmaAccess.build({"address": address + offset, "count": count})
             )
-            if len(reply.payload) == 16 + count:
-                data_at = 16
-            elif len(reply.payload) == 12 + count:
-                data_at = 12
-                self.qemu_dma_layout = True
-            else:
+            if len(reply.payload) != data_at + count + pad:
                 raise RemoteAccessError(f"DMA_READ reply of {len(reply.payload)} bytes for {count}")
             chunks.append(reply.payload[data_at : data_at + count])
         return b"".join(chunks)
 
     async def dma_write(self, address: int, data: bytes) -> None:
+        qemu = await self._learn_dma_layout(address)
+        layout = vfu.QemuDmaAccess if qemu else vfu.DmaAccess
+        pad = bytes(vfu.QEMU_DMA_PAD if qemu else 0)
         limit = self._dma_chunk
         for offset in range(0, len(data), limit):
             chunk = data[offset : offset + limit]
-            layout = vfu.QemuDmaAccess if self.qemu_dma_layout else vfu.DmaAccess
             reply = await self._request(
                 Command.DMA_WRITE,
-                layout.build({"address": address + offset, "count": len(chunk)}) + chunk,
+                layout.build({"address": address + offset, "count": len(chunk)}) + chunk + pad,
             )
             if len(reply.payload) > 16:
                 raise RemoteAccessError(f"DMA_WRITE reply of {len(reply.payload)} bytes")
@@ -726,13 +768,16 @@ class VfioUserSession:
         # DMA_READ reply must fit in a message we accept.
         return min(self.client.max_data_xfer_size, self.config.max_data_xfer_size)
 
-    async def _request(self, command: Command, payload: bytes) -> Message:
+    async def _request(self, command: Command, payload: bytes, refused_ok: bool = False) -> Message:
         self._next_msg_id = (self._next_msg_id + 1) & 0xFFFF
         msg_id = self._next_msg_id
         send, receive = trio.open_memory_channel[Message](1)
         self._waiting[msg_id] = send
         try:
-            await self._send(vfu.encode(msg_id, command, payload), twin=True)
+            try:
+                await self._send(vfu.encode(msg_id, command, payload), twin=True)
+            except ConnectionClosed as exc:
+                raise RemoteAccessError(f"connection lost before {command.name}") from exc
             with trio.fail_after(DMA_REPLY_TIMEOUT):
                 try:
                     reply = await receive.receive()
@@ -744,7 +789,7 @@ class VfioUserSession:
         finally:
             self._waiting.pop(msg_id, None)
         reply.close_fds()
-        if reply.is_error or reply.command != command:
+        if reply.command != command or (reply.is_error and not refused_ok):
             raise RemoteAccessError(f"{command.name} failed: errno {reply.error}")
         return reply
 
@@ -808,7 +853,9 @@ class VfioUserSession:
         size, bar = self._region(request.index)
         if bar is None or not size:
             raise RequestError(errno.EINVAL, f"region {request.index} has no I/O fds")
-        subregions = self.device.io_eventfds(request.index)
+        # As many as one message may carry: the rest of the region stays
+        # trapped (REGION_WRITE), which works the same, only slower.
+        subregions = self.device.io_eventfds(request.index)[: self.client.max_msg_fds]
         entries = b"".join(
             vfu.SubRegionIoFd.build(
                 {
@@ -829,11 +876,6 @@ class VfioUserSession:
         )
         if not fits:
             return Reply(header)
-        if len(subregions) > self.client.max_msg_fds:
-            raise RequestError(
-                errno.ENOSPC,
-                f"{len(subregions)} fds exceed the client's max_msg_fds {self.client.max_msg_fds}",
-            )
         return Reply(header + entries, [os.dup(fd) for _, _, fd in subregions])
 
     async def _get_irq_info(self, message: Message) -> Reply:
