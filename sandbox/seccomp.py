@@ -26,6 +26,7 @@ from vfiouserd._native import lib
 AT_EMPTY_PATH = 0x1000
 PROT_EXEC = 0x4
 PR_SET_NAME = 15
+KCMP_FILE = 0
 
 # name: why the daemon needs it after jailing
 BASE: dict[str, str] = {
@@ -65,6 +66,7 @@ BASE: dict[str, str] = {
     "ioctl": "FIONBIO only: making sockets non-blocking",
     "getrandom": "entropy for the rng device and Python's hashing",
     "memfd_create": "the inflight region handed to the front end (GET_INFLIGHT_FD)",
+    "kcmp": "KCMP_FILE only: fds sharing one open file, stored once in systemd's fd store",
     "ftruncate": "sizing that region",
 }
 
@@ -79,6 +81,8 @@ RARE: dict[str, str] = {
     "lseek": "the size of an image that is a block device (the tests use files)",
     "brk": "glibc's malloc growing its main heap under a larger load",
     "madvise": "glibc's malloc returning freed memory under a larger load",
+    "getpeername": "the repr of a socket object, which Python builds even for an ignored "
+    "ResourceWarning (a socket left to the garbage collector)",
 }
 
 # Refused with an errno rather than a kill: Python looks files up by itself
@@ -112,6 +116,7 @@ CONDITIONS: dict[str, list[sc.Arg]] = {
     # also admits lookups relative to a directory fd: the jailed daemon holds
     # none (inherited fds are closed, memory fds must be regular files).
     "newfstatat": [sc.Arg(3, sc.MASKED_EQ, AT_EMPTY_PATH, AT_EMPTY_PATH)],
+    "kcmp": [sc.Arg(2, sc.EQ, KCMP_FILE)],
 }
 
 

@@ -3,7 +3,8 @@
 PID 1 on the test machines is not systemd, so this plays its part for one
 service: it listens on a notify socket (NOTIFY_SOCKET) for READY=1,
 FDSTORE=1 (with FDNAME= and the fds attached), FDSTOREREMOVE=1 and FDPOLL=,
-keeps the fd store across restarts like FileDescriptorStoreMax= does, and
+keeps the fd store across restarts like FileDescriptorStoreMax= does (one
+entry per open file, as systemd keeps them), and
 starts the service with the stored fds at 3, 4, ... and LISTEN_FDS,
 LISTEN_FDNAMES and LISTEN_PID set to the service's own pid (a small
 program places the fds and execs the daemon, so the pid is the daemon's).
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import trio
 from daemon import assert_not_killed_by_its_filter
+
+from vfiouserd.handover import same_file
 
 FD_STORE_MAX = 128
 
@@ -99,6 +102,8 @@ class FakeSystemd:
             for fd in fds:
                 if len(self.store) >= FD_STORE_MAX:
                     os.close(fd)  # what systemd does beyond FileDescriptorStoreMax=
+                elif any(same_file(fd, stored) for _, stored in self.store):
+                    os.close(fd)  # systemd keeps an open file once (its same_fd())
                 else:
                     self.store.append((name, fd))
             fds = []

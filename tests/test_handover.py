@@ -9,9 +9,12 @@ none fails, the connection never closes and the data verifies.
 
 from __future__ import annotations
 
+import gc
 import os
+import socket
 import struct
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -129,7 +132,9 @@ async def test_vfio_user_session_carries_on_across_restarts(tmp_path, fd_less):
     async with FakeSystemd(tmp_path, blk_command(tmp_path, "vfio-user")) as manager:
         await manager.start()
         async with VfioUserClient.connect(str(tmp_path / "device.sock"), ram=ram) as client:
-            await client.map_ram(with_fd=not fd_less)
+            # In three maps of one memfd, as QEMU shares guest RAM: systemd
+            # stores that open file once.
+            await client.map_ram(with_fd=not fd_less, pieces=3)
             driver = VirtioPciDriver(client, ram)
             (queue,) = await driver.start(queue_count=1)
             blk = BlkClient(ram, queue, arena=MiB)
@@ -226,3 +231,32 @@ def test_a_damaged_or_incomplete_handover_is_refused_and_its_fds_closed():
         received.fd("vfu-conn")
     received.close_unused()
     os.close(others[0].fd)
+
+
+async def test_a_session_whose_fds_did_not_all_come_back_is_closed_not_left_to_the_gc():
+    """A socket left to the garbage collector warns (ResourceWarning), and
+    Python builds the warning's text with the socket's repr: getpeername,
+    which a jailed daemon was killed for after such a refused handover."""
+    from vfiouserd import handover
+
+    ours, theirs = socket.socketpair()
+    received = handover.Received(None, {"vfu-conn": ours.detach()}, ["vfu-conn"])
+
+    class Session:
+        def __init__(self, sock) -> None:
+            self.sock = sock
+
+        def take_over(self, document, fd) -> None:
+            fd("vfu-fd-7")
+
+        def close(self) -> None:
+            self.sock.close()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(handover.HandoverError, match="vfu-fd-7"):
+            handover.restore(Session, {"connection": "vfu-conn"}, received, "vhost-user")
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    received.close_unused()
+    theirs.close()

@@ -71,6 +71,7 @@ ffibuilder.cdef(
               unsigned long flags, const void *data);
     int umount2(const char *target, int flags);
     int vfu_pivot_root(const char *new_root, const char *put_old);
+    int vfu_same_file(int a, int b);
 
     int vfu_guard_install(void);
     int vfu_guard_add(void *base, size_t length);
@@ -97,6 +98,15 @@ ffibuilder.set_source(
     int vfu_pivot_root(const char *new_root, const char *put_old)
     {
         return (int)syscall(SYS_pivot_root, new_root, put_old);
+    }
+
+    /* 1 if two fds of this process share one open file (as systemd's fd
+       store judges, keeping only the first), 0 if not, -1 with errno. */
+    int vfu_same_file(int a, int b)
+    {
+        pid_t self = getpid();
+        long order = syscall(SYS_kcmp, self, self, 0 /* KCMP_FILE */, a, b);
+        return order < 0 ? -1 : order == 0;
     }
 
     /* Virtqueue ordering points: the driver runs on another CPU, so the

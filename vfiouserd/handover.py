@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from vfiouserd import state
+from vfiouserd._native import ffi, lib
 from vfiouserd.log import get_logger
 from vfiouserd.memory import GuestMemoryError
 from vfiouserd.systemd import PassedFd
@@ -48,7 +49,12 @@ class HandoverError(Exception):
 
 
 class FdNames:
-    """Store names for the fds a session snapshot refers to."""
+    """Store names for the fds a session snapshot refers to.
+
+    systemd keeps one entry per open file: an fd sharing its open file with
+    one already stored is dropped (QEMU's vfio-user client sends the guest's
+    RAM memfd once per DMA region, each a dup of the same file). Such fds
+    get the name of the first, and the next daemon dups it for each use."""
 
     def __init__(self) -> None:
         self.named: dict[str, int] = {}
@@ -58,10 +64,19 @@ class FdNames:
         if fd is None:
             return None
         if fd not in self._by_fd:
-            chosen = name or f"{PREFIX}fd-{len(self.named)}"
+            same = next((n for n, other in self.named.items() if same_file(fd, other)), None)
+            chosen = same or name or f"{PREFIX}fd-{len(self.named)}"
             self._by_fd[fd] = chosen
-            self.named[chosen] = fd
+            self.named.setdefault(chosen, fd)
         return self._by_fd[fd]
+
+
+def same_file(a: int, b: int) -> bool:
+    """Whether two fds share one open file (kcmp, as systemd judges)."""
+    result = lib.vfu_same_file(a, b)
+    if result < 0:
+        raise OSError(ffi.errno, f"kcmp: {os.strerror(ffi.errno)}")
+    return bool(result)
 
 
 @dataclass
@@ -97,17 +112,27 @@ class Received:
     fds: dict[str, int] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)  # all that came, for FDSTOREREMOVE
 
+    # A copy of each fd given out, for a name used again (one open file,
+    # several uses); closed with what is left over.
+    taken: dict[str, int] = field(default_factory=dict)
+
     def fd(self, name: str | None) -> int | None:
+        """The fd stored under ``name``, the caller's to keep."""
         if name is None:
             return None
+        if name in self.taken:
+            return os.dup(self.taken[name])
         if name not in self.fds:
             raise HandoverError(f"the fd store did not give back {name!r}")
-        return self.fds.pop(name)  # ours now: what is left over gets closed
+        fd = self.fds.pop(name)
+        self.taken[name] = os.dup(fd)
+        return fd
 
     def close_unused(self) -> None:
-        for fd in self.fds.values():
+        for fd in [*self.fds.values(), *self.taken.values()]:
             os.close(fd)
         self.fds.clear()
+        self.taken.clear()
 
 
 FdByName = Callable[[str | None], int | None]
@@ -137,6 +162,9 @@ def restore(
     session = make(trio.socket.from_stdlib_socket(socket.socket(fileno=connection)))
     try:
         session.take_over(document, received.fd)
+    except HandoverError:
+        session.close()  # never left to the garbage collector (see sandbox/seccomp.py)
+        raise
     except (KeyError, TypeError, ValueError, GuestMemoryError, OSError) as exc:
         session.close()
         raise HandoverError(f"the {protocol} session cannot be set up again: {exc!r}") from exc

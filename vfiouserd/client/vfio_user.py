@@ -317,11 +317,17 @@ class VfioUserClient:
         (await self.call(Command.DMA_MAP, payload, [fd] if fd is not None else None)).close_fds()
         self.windows.append(DmaWindow(address, size, fd is not None))
 
-    async def map_ram(self, *, with_fd: bool = True) -> None:
-        """Share every region of the guest RAM, as QEMU does at start-up."""
+    async def map_ram(self, *, with_fd: bool = True, pieces: int = 1) -> None:
+        """Share every region of the guest RAM, as QEMU does at start-up. With
+        ``pieces``, each region goes in that many maps of the same fd, as QEMU
+        shares RAM split by its memory map (each map's fd a dup of one file)."""
         assert self.ram is not None
         for region in self.ram.regions:
-            await self.dma_map(region.guest_address, region.size, fd=region.fd if with_fd else None)
+            step = region.size // pieces // vfu.PAGE_SIZE * vfu.PAGE_SIZE
+            for start in range(0, region.size, step):
+                length = min(step, region.size - start)
+                fd = region.fd if with_fd else None
+                await self.dma_map(region.guest_address + start, length, fd=fd, offset=start)
 
     async def dma_unmap(self, address: int, size: int, flags: int = 0) -> bytes:
         payload = vfu.DmaUnmap.build(
