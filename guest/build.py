@@ -28,7 +28,9 @@ DEBS = CACHE / "debs"
 OUT = CACHE / "guest"
 KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
-MODULES = ["virtio_pci", "virtio_blk", "virtio_rng"]
+# uio_pci_generic: a generic driver that counts a PCI device's INTx interrupts
+# (the example device has no driver of its own); loaded by the tests that use it.
+MODULES = ["virtio_pci", "virtio_blk", "virtio_rng", "uio_pci_generic"]
 HOST_TOOLS = ["/usr/sbin/blkdiscard"]
 
 

@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import trio
@@ -19,6 +21,8 @@ from vfiouserd.devices.virtio import Feature, VirtioDevice, bit
 from vfiouserd.vhost_user.backend import VhostUserBackend
 
 MiB = 1 << 20
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # guest/: the test guest and the QEMU the project builds
 
 # Two regions with a hole between them, and user addresses that differ from
 # guest-physical ones, so address-space mix-ups show.
@@ -31,6 +35,24 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def open_fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture(scope="session")
+def qemu_new() -> str:
+    """The QEMU >= 10.1 the project builds from Debian's source package (it has
+    vfio-user-pci); built on first use, then cached outside the clone."""
+    from guest import qemu_build
+
+    return str(qemu_build.ensure())
+
+
+@pytest.fixture(params=["7.2", "new"], ids=["qemu-7.2", "qemu-new"])
+def vhost_user_qemu(request) -> str:
+    """Each vhost-user front end the project tests: Debian's QEMU 7.2 and the
+    project-built QEMU >= 10.1."""
+    from guest import vm
+
+    return vm.QEMU if request.param == "7.2" else request.getfixturevalue("qemu_new")
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from daemon import Daemon
+from guest_helpers import WRITE_READ_VERIFY, image_md5, qemu_messages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guest import vm
@@ -22,21 +23,6 @@ pytestmark = [
 ]
 
 MiB = 1 << 20
-
-# Writes 4 MiB of random data at 1 MiB, reads it back with O_DIRECT, compares.
-WRITE_READ_VERIFY = """
-dd if=/dev/urandom of=/tmp/pattern bs=1M count=4 2>/dev/null
-dd if=/tmp/pattern of=/dev/vda bs=1M seek=1 oflag=direct conv=fsync 2>/dev/null || exit 10
-dd if=/dev/vda of=/tmp/back bs=1M skip=1 count=4 iflag=direct 2>/dev/null || exit 11
-echo "RESULT written $(md5 < /tmp/pattern)"
-echo "RESULT read $(md5 < /tmp/back)"
-"""
-
-
-def image_md5(path: str, offset: int, size: int) -> str:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return hashlib.md5(f.read(size)).hexdigest()
 
 
 @pytest.fixture
@@ -50,14 +36,16 @@ def blk_daemon(tmp_path, image: str, *args: str, size: str = "64M", name: str = 
     )
 
 
-def test_write_read_verify_and_data_in_image(tmp_path, blk_image):
+def test_write_read_verify_and_data_in_image(tmp_path, blk_image, vhost_user_qemu):
     with blk_daemon(tmp_path, blk_image) as daemon:
         run = vm.boot(
             WRITE_READ_VERIFY + "cat /sys/block/vda/size | sed 's/^/RESULT sectors /'",
             devices=vm.vhost_user_device("vhost-user-blk-pci", daemon.socket_path, "b"),
+            qemu=vhost_user_qemu,
         )
         assert daemon.stop() == 0
     assert run.exit_statuses == [0], run.output[-2000:]
+    assert qemu_messages(run.output) == []
     assert run.result("written") == run.result("read")
     assert image_md5(blk_image, MiB, 4 * MiB) == run.result("written")
     assert int(run.result("sectors")) == 64 * MiB // 512
@@ -118,7 +106,7 @@ def test_read_only_disk_rejects_writes(tmp_path, blk_image):
         assert f.read() == b"R" * 8 * MiB
 
 
-def test_rng_gives_bytes_via_hwrng(tmp_path):
+def test_rng_gives_bytes_via_hwrng(tmp_path, vhost_user_qemu):
     script = """
     echo "RESULT current $(cat /sys/class/misc/hw_random/rng_current)"
     head -c 4096 /dev/hwrng > /tmp/a || exit 10
@@ -130,16 +118,20 @@ def test_rng_gives_bytes_via_hwrng(tmp_path):
     # QEMU 7.2's vhost-user-rng must not use reconnect=1: connect once.
     with Daemon("vhost-user-rng", workdir=tmp_path, name="rng") as daemon:
         run = vm.boot(
-            script, devices=vm.vhost_user_device("vhost-user-rng-pci", daemon.socket_path, "r")
+            script,
+            devices=vm.vhost_user_device("vhost-user-rng-pci", daemon.socket_path, "r"),
+            qemu=vhost_user_qemu,
         )
         assert daemon.stop() == 0
     assert run.exit_statuses == [0], run.output[-2000:]
+    # QEMU >= 10 warns when a device without a config space offers CONFIG.
+    assert qemu_messages(run.output) == []
     assert run.result("current").startswith("virtio_rng")
     assert run.result("size") == "4096"
     assert run.result("a") != run.result("b")
 
 
-def test_two_queues_with_two_cpus(tmp_path, blk_image):
+def test_two_queues_with_two_cpus(tmp_path, blk_image, vhost_user_qemu):
     script = """
     echo "RESULT hw_queues $(ls /sys/block/vda/mq | wc -l)"
     for cpu in 0 1; do
@@ -153,13 +145,13 @@ def test_two_queues_with_two_cpus(tmp_path, blk_image):
     done
     echo "RESULT verified yes"
     """
-    with blk_daemon(tmp_path, blk_image, "--num-queues", "2") as daemon:
+    # Both sides left at their defaults: QEMU asks for one queue per vCPU.
+    with blk_daemon(tmp_path, blk_image) as daemon:
         run = vm.boot(
             script,
             smp=2,
-            devices=vm.vhost_user_device(
-                "vhost-user-blk-pci", daemon.socket_path, "b", num_queues=2
-            ),
+            devices=vm.vhost_user_device("vhost-user-blk-pci", daemon.socket_path, "b"),
+            qemu=vhost_user_qemu,
         )
         assert daemon.stop() == 0
         log = daemon.log()
@@ -174,7 +166,7 @@ def test_two_queues_with_two_cpus(tmp_path, blk_image):
         assert served and max(served) > 0, f"queue {queue} served nothing:\n{log}"
 
 
-def test_packed_ring_negotiated_and_working(tmp_path, blk_image):
+def test_packed_ring_negotiated_and_working(tmp_path, blk_image, vhost_user_qemu):
     script = (
         WRITE_READ_VERIFY
         + """
@@ -189,6 +181,7 @@ def test_packed_ring_negotiated_and_working(tmp_path, blk_image):
             devices=vm.vhost_user_device(
                 "vhost-user-blk-pci", daemon.socket_path, "b", packed="on"
             ),
+            qemu=vhost_user_qemu,
         )
         assert daemon.stop() == 0
         log = daemon.log()
@@ -229,8 +222,9 @@ def test_guest_reboot_resets_and_sets_up_the_device_again(tmp_path, blk_image):
     assert log.count("event=ring.start") >= 2  # set up again after the reset
 
 
-def test_reconnecting_qemu_gets_a_fresh_session(tmp_path, blk_image):
-    """Restart the daemon while the guest is idle: QEMU (reconnect=1) connects
+def test_reconnecting_qemu_gets_a_fresh_session(tmp_path, blk_image, vhost_user_qemu):
+    """Restart the daemon while the guest is idle: QEMU (reconnect=1, or
+    reconnect-ms=1000 from QEMU 9.2 on) connects
     again, sets the device up from scratch and the guest's disk keeps working."""
     script = (
         WRITE_READ_VERIFY
@@ -265,10 +259,11 @@ def test_reconnecting_qemu_gets_a_fresh_session(tmp_path, blk_image):
             on_line=on_line,
             devices=[
                 "-chardev",
-                f"socket,id=b,path={first.socket_path},reconnect=1",
+                f"socket,id=b,path={first.socket_path},{vm.reconnect_option(vhost_user_qemu)}",
                 "-device",
                 "vhost-user-blk-pci,chardev=b",
             ],
+            qemu=vhost_user_qemu,
         )
     finally:
         if second.process is not None:

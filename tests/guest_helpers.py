@@ -1,0 +1,109 @@
+"""What the real-QEMU tests share: guest scripts, checks of the image, the
+service manager stand-in on a thread of its own, and a hard kill."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+from daemon import Daemon
+from fake_systemd import FakeSystemd
+
+MiB = 1 << 20
+
+# Writes 4 MiB of random data at 1 MiB, reads it back with O_DIRECT, compares.
+WRITE_READ_VERIFY = """
+dd if=/dev/urandom of=/tmp/pattern bs=1M count=4 2>/dev/null
+dd if=/tmp/pattern of=/dev/vda bs=1M seek=1 oflag=direct conv=fsync 2>/dev/null || exit 10
+dd if=/dev/vda of=/tmp/back bs=1M skip=1 count=4 iflag=direct 2>/dev/null || exit 11
+echo "RESULT written $(md5 < /tmp/pattern)"
+echo "RESULT read $(md5 < /tmp/back)"
+"""
+
+
+def qemu_messages(output: str, *expected: str) -> list[str]:
+    """What QEMU itself printed (warnings, errors) on the console, except the
+    ``expected`` ones."""
+    return [
+        line
+        for line in output.splitlines()
+        if line.startswith("qemu-system-x86_64:") and not any(e in line for e in expected)
+    ]
+
+
+def image_md5(path: str, offset: int, size: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return hashlib.md5(f.read(size)).hexdigest()
+
+
+# Each round writes 1 MiB of fresh random data at its own offset, reads it
+# back with O_DIRECT and compares; at the end every round is read again.
+WRITE_VERIFY_ROUNDS = """
+rounds={rounds}
+i=0
+while [ $i -lt $rounds ]; do
+    echo "ROUND $i"
+    dd if=/dev/urandom of=/tmp/p bs=64k count=16 2>/dev/null
+    dd if=/tmp/p of=/dev/vda bs=64k seek=$((i * 16)) oflag=direct 2>/dev/null \\
+        || {{ echo "RESULT failed write $i"; exit 10; }}
+    dd if=/dev/vda of=/tmp/b bs=64k skip=$((i * 16)) count=16 iflag=direct 2>/dev/null \\
+        || {{ echo "RESULT failed read $i"; exit 11; }}
+    cmp -s /tmp/p /tmp/b || {{ echo "RESULT mismatch $i"; exit 12; }}
+    md5 < /tmp/p > /tmp/sum$i
+    i=$((i + 1))
+done
+i=0
+while [ $i -lt $rounds ]; do
+    dd if=/dev/vda bs=64k skip=$((i * 16)) count=16 iflag=direct 2>/dev/null | md5 > /tmp/again
+    cmp -s /tmp/sum$i /tmp/again || {{ echo "RESULT lost $i"; exit 13; }}
+    i=$((i + 1))
+done
+echo "RESULT ioerrors $(dmesg | grep -ci 'i/o error')"
+echo "RESULT verified $rounds"
+"""
+
+
+def kill_hard(daemon: Daemon) -> None:
+    """SIGKILL, as a crash or the OOM killer would; wait until the jailed
+    child (PID 1 of its namespace, killed with its parent) is gone too."""
+    jailed = daemon.jailed_pid()
+    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{jailed}") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not os.path.exists(f"/proc/{jailed}")
+
+
+class ServiceManagerThread:
+    """The stand-in for systemd on its own thread (the guest console is read
+    on this one), so notifications are taken while the test waits."""
+
+    def __init__(self, workdir: Path, command: list[str]) -> None:
+        self.manager: FakeSystemd | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=trio.run, args=(self._main, workdir, command))
+        self._thread.start()
+        self._ready.wait(30)
+        assert self.manager is not None
+
+    async def _main(self, workdir: Path, command: list[str]) -> None:
+        self._done = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        async with FakeSystemd(workdir, command) as manager:
+            self.manager = manager
+            self._ready.set()
+            await self._done.wait()
+
+    def run(self, function: Callable[[], Awaitable[object]]) -> object:
+        return trio.from_thread.run(function, trio_token=self._token)
+
+    def close(self) -> None:
+        trio.from_thread.run_sync(self._done.set, trio_token=self._token)
+        self._thread.join(30)

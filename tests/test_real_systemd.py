@@ -1,0 +1,328 @@
+"""vfiouserd under a real systemd (tests/real_systemd.py): the template unit
+and socket unit as shipped, `vfiouserd systemd-run` for real, and restarts
+through the fd store under QEMU guests that write and verify all along."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from guest_helpers import WRITE_READ_VERIFY, WRITE_VERIFY_ROUNDS, image_md5, qemu_messages
+from real_systemd import RealSystemd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from guest import vm
+
+pytestmark = pytest.mark.qemu
+
+MiB = 1 << 20
+IMAGES = "/var/lib/private/vfiouserd"  # StateDirectory= of a DynamicUser= unit
+
+
+def kernel_log_lines() -> list[str]:
+    return subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def systemd(tmp_path_factory) -> Iterator[RealSystemd]:
+    with RealSystemd(tmp_path_factory.mktemp("systemd")) as manager:
+        yield manager
+
+
+@pytest.fixture
+def no_daemon_killed(systemd: RealSystemd) -> Iterator[None]:
+    """Whatever a test does, no daemon dies by a signal: none by its own
+    seccomp filter (the kernel logs those), none the jail's parent saw die."""
+    before = len(kernel_log_lines())
+    yield
+    kills = [
+        line for line in kernel_log_lines()[before:] if "type=1326" in line and "sig=31" in line
+    ]
+    assert kills == [], "\n".join(kills)
+    journal = systemd.run("journalctl", "--no-pager", "-o", "cat", check=False).stdout
+    assert "event=daemon.killed" not in journal, journal[-3000:]
+
+
+def configure(systemd: RealSystemd, name: str, command: str, **options: object) -> None:
+    lines = [f'command = "{command}"'] + [
+        f"{key.replace('_', '-')} = {json.dumps(value)}" for key, value in options.items()
+    ]
+    systemd.write(f"/etc/vfiouserd/{name}.toml", "\n".join(lines) + "\n")
+
+
+def socket_path(name: str) -> str:
+    return f"/run/vfiouserd/{name}/vhost-user.sock"
+
+
+def start(systemd: RealSystemd, name: str, command: str, **options: object) -> None:
+    configure(systemd, name, command, socket_path=socket_path(name), **options)
+    systemd.systemctl("start", f"vfiouserd@{name}.service")
+
+
+def stop(systemd: RealSystemd, unit: str) -> None:
+    """`systemctl stop`, which must end the daemon cleanly."""
+    systemd.systemctl("stop", unit)
+    assert systemd.show(unit, "Result") == "success"
+    assert systemd.show(unit, "ExecMainStatus") == "0"
+
+
+def test_the_service_runs_jailed_and_is_rated_ok_while_it_runs(systemd, no_daemon_killed):
+    start(systemd, "disk0", "vhost-user-blk", blk_file="/var/lib/vfiouserd/disk0.img", size="64M")
+    unit = "vfiouserd@disk0.service"
+    try:
+        assert systemd.show(unit, "ActiveState") == "active"
+        assert systemd.show(unit, "Type") == "notify"
+        main = systemd.show(unit, "MainPID")
+        children = systemd.run("cat", f"/proc/{main}/task/{main}/children").stdout.split()
+        assert len(children) == 1, children  # the jailed daemon
+        status = systemd.run("cat", f"/proc/{children[0]}/status").stdout
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        assert fields["Seccomp"].strip() == "2" and fields["NoNewPrivs"].strip() == "1"
+        assert fields["CapEff"].strip() == fields["CapBnd"].strip() == "0000000000000000"
+        assert fields["NSpid"].split()[-1] == "1"  # PID 1 of its own namespace
+        user = systemd.show(unit, "User")  # a dynamic user, not root
+        assert systemd.run("id", "-u", user).stdout.strip() != "0"
+        rating = systemd.run("systemd-analyze", "security", "--no-pager", unit).stdout
+        exposure = re.search(r"Overall exposure level for \S+: ([0-9.]+)", rating)
+        assert exposure is not None and float(exposure.group(1)) <= 2.0, rating[-2000:]
+    finally:
+        stop(systemd, unit)
+    assert not os.path.exists(systemd.path(socket_path("disk0")))
+
+
+@pytest.mark.parametrize("protocol", ["vhost-user", "vfio-user"])
+def test_systemctl_restart_under_a_writing_guest(systemd, no_daemon_killed, protocol, request):
+    """Three restarts while a guest writes and verifies; QEMU's connection
+    has no reconnection of any kind (vhost-user chardev without reconnect,
+    vfio-user has none): only the fd store keeps it."""
+    name = f"restart-{protocol}"
+    unit = f"vfiouserd@{name}.service"
+    start(systemd, name, f"{protocol}-blk", blk_file=f"/var/lib/vfiouserd/{name}.img", size="64M")
+    path = systemd.path(socket_path(name))
+    if protocol == "vhost-user":
+        qemu, devices = vm.QEMU, vm.vhost_user_device("vhost-user-blk-pci", path, "b")
+    else:
+        qemu, devices = request.getfixturevalue("qemu_new"), vm.vfio_user_device(path)
+    restarts = 3
+    restart_on = {f"ROUND {1 + 3 * n}" for n in range(restarts)}
+    restarted = []
+
+    def on_line(line: str) -> None:
+        if line.strip() in restart_on:
+            systemd.systemctl("restart", unit)
+            assert systemd.show(unit, "ActiveState") == "active"
+            restarted.append(line)
+
+    try:
+        run = vm.boot(
+            WRITE_VERIFY_ROUNDS.format(rounds=3 * restarts + 3),
+            on_line=on_line,
+            timeout=300,
+            devices=devices,
+            qemu=qemu,
+        )
+    finally:
+        stop(systemd, unit)
+    journal = systemd.journal(unit)
+    assert len(restarted) == restarts
+    assert run.exit_statuses == [0], run.output[-3000:]
+    assert run.result("verified") == str(3 * restarts + 3)
+    assert run.result("ioerrors") == "0", run.output[-3000:]
+    assert journal.count("event=handover.restored") == restarts, journal[-3000:]
+    assert journal.count("event=session.start") == 1 + restarts, journal[-3000:]  # one connection
+
+
+def test_socket_activation_reload_and_stop(systemd, no_daemon_killed):
+    """The VMM connects to the socket unit's socket first; systemd starts the
+    service. `systemctl reload` grows the disk under the running guest."""
+    name = "activated"
+    configure(
+        systemd, name, "vhost-user-blk", blk_file=f"/var/lib/vfiouserd/{name}.img", size="64M"
+    )
+    systemd.systemctl("start", f"vfiouserd@{name}.socket")
+    unit = f"vfiouserd@{name}.service"
+    assert systemd.show(unit, "ActiveState") == "inactive"
+    script = (
+        WRITE_READ_VERIFY
+        + """
+    echo "RESULT before $(cat /sys/block/vda/size)"
+    for i in $(seq 100); do
+        [ "$(cat /sys/block/vda/size)" != "131072" ] && break
+        sleep 0.2
+    done
+    echo "RESULT after $(cat /sys/block/vda/size)"
+    """
+    )
+    image = systemd.path(f"{IMAGES}/{name}.img")
+
+    def on_line(line: str) -> None:
+        if line.startswith("RESULT before"):
+            assert systemd.show(unit, "ActiveState") == "active"  # started by the connection
+            os.truncate(image, 128 * MiB)
+            systemd.systemctl("reload", unit)
+
+    try:
+        run = vm.boot(
+            script,
+            on_line=on_line,
+            devices=vm.vhost_user_device(
+                "vhost-user-blk-pci", systemd.path(f"/run/vfiouserd/{name}.sock"), "b"
+            ),
+        )
+    finally:
+        stop(systemd, unit)
+        systemd.systemctl("stop", f"vfiouserd@{name}.socket")
+    assert run.exit_statuses == [0], run.output[-3000:]
+    assert run.result("written") == run.result("read")
+    assert run.result("before") == str(64 * MiB // 512)
+    assert run.result("after") == str(128 * MiB // 512)
+    assert "event=config.change_announced" in systemd.journal(unit)
+
+
+def test_vfiouserd_systemd_run_for_real(systemd, no_daemon_killed):
+    """`vfiouserd systemd-run` starts a transient unit confined like the
+    template and returns once the daemon is ready; a guest then uses it."""
+    done = systemd.run(
+        "/usr/local/bin/vfiouserd",
+        *("systemd-run", "rng0", "--", "vhost-user-rng"),
+        f"--socket-path={socket_path('rng0')}",
+    )
+    unit = "vfiouserd-rng0.service"
+    try:
+        assert systemd.show(unit, "ActiveState") == "active", done.stdout + done.stderr
+        assert systemd.show(unit, "DynamicUser") == "yes"
+        assert systemd.show(unit, "NoNewPrivileges") == "yes"
+        script = """
+        head -c 4096 /dev/hwrng > /tmp/a || exit 10
+        echo "RESULT size $(wc -c < /tmp/a)"
+        """
+        run = vm.boot(
+            script,
+            devices=vm.vhost_user_device(
+                "vhost-user-rng-pci", systemd.path(socket_path("rng0")), "r"
+            ),
+        )
+    finally:
+        stop(systemd, unit)
+    assert run.result("size") == "4096"
+    assert qemu_messages(run.output) == []
+
+
+def test_a_unit_that_cannot_start_says_why_in_the_journal(systemd):
+    name = "broken"
+    configure(
+        systemd,
+        name,
+        "vhost-user-blk",
+        socket_path=socket_path(name),
+        blk_file="/var/lib/vfiouserd/no-such.img",
+    )
+    unit = f"vfiouserd@{name}.service"
+    assert systemd.systemctl("start", unit, check=False).returncode != 0
+    deadline = time.monotonic() + 10
+    while "give --size to create it" not in (journal := systemd.journal(unit)):
+        assert time.monotonic() < deadline, journal
+        time.sleep(0.1)
+    assert systemd.show(unit, "ActiveState") in ("failed", "activating")
+    systemd.systemctl("stop", unit, check=False)
+    systemd.systemctl("reset-failed", unit, check=False)
+
+
+def test_image_data_written_by_the_guest_is_in_the_image(systemd, no_daemon_killed):
+    name = "data"
+    start(systemd, name, "vhost-user-blk", blk_file=f"/var/lib/vfiouserd/{name}.img", size="64M")
+    unit = f"vfiouserd@{name}.service"
+    try:
+        run = vm.boot(
+            WRITE_READ_VERIFY,
+            devices=vm.vhost_user_device(
+                "vhost-user-blk-pci", systemd.path(socket_path(name)), "b"
+            ),
+        )
+    finally:
+        stop(systemd, unit)
+    assert run.result("written") == run.result("read")
+    assert image_md5(systemd.path(f"{IMAGES}/{name}.img"), MiB, 4 * MiB) == run.result("written")
+
+
+def readme_domain() -> str:
+    """The libvirt domain the README shows, as it is."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("**libvirt**") :]
+    return section.split("```xml\n", 1)[1].split("```", 1)[0]
+
+
+LIBVIRT_GUEST = """
+marker=$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 6)
+if [ "$marker" != "PHASE1" ]; then
+    dd if=/dev/urandom of=/tmp/p bs=1M count=2 2>/dev/null
+    dd if=/tmp/p of=/dev/vda bs=1M seek=1 oflag=direct 2>/dev/null || exit 10
+    echo "RESULT before $(md5 < /tmp/p)"
+    printf 'PHASE1' | dd of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null
+    echo "RESULT phase 1"
+    sleep 600  # virsh destroy ends this boot
+fi
+echo "RESULT phase 2"
+echo "RESULT after $(dd if=/dev/vda bs=1M skip=1 count=2 iflag=direct 2>/dev/null | md5)"
+"""
+
+
+def test_libvirt_domain_with_a_vhostuser_disk_on_the_socket_unit(systemd, no_daemon_killed):
+    """libvirtd under the real systemd defines and starts the README's domain;
+    its disk is vfiouserd@vm1-disk, started by the socket unit when QEMU
+    connects. `virsh destroy`, then `virsh start`: the same daemon serves the
+    new QEMU and the data of the first boot is there."""
+    from guest.build import build, script_archive
+    from guest.vm import SCRIPT_PRELUDE
+
+    configure(
+        systemd, "vm1-disk", "vhost-user-blk", blk_file="/var/lib/vfiouserd/vm1.img", size="64M"
+    )
+    systemd.systemctl("start", "vfiouserd@vm1-disk.socket", "libvirtd.service")
+    kernel, initramfs = build()
+    systemd.run("mkdir", "-p", "/var/lib/libvirt/images")
+    Path(systemd.path("/var/lib/libvirt/images/vm1-vmlinuz")).write_bytes(kernel.read_bytes())
+    Path(systemd.path("/var/lib/libvirt/images/vm1-initrd.img")).write_bytes(
+        initramfs.read_bytes() + script_archive(SCRIPT_PRELUDE + LIBVIRT_GUEST)
+    )
+    systemd.write("/etc/libvirt/qemu/vm1-test.xml", readme_domain())
+    virsh = ("virsh", "-c", "qemu:///system")
+    console = Path(systemd.path("/var/log/libvirt/qemu/vm1-console.log"))
+    service = "vfiouserd@vm1-disk.service"
+
+    def wait_for(text: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            output = console.read_text(errors="replace") if console.exists() else ""
+            if text in output:
+                return output
+            assert time.monotonic() < deadline, f"{text!r} never came:\n{output[-3000:]}"
+            time.sleep(0.2)
+
+    try:
+        systemd.run(*virsh, "define", "/etc/libvirt/qemu/vm1-test.xml")
+        systemd.run(*virsh, "start", "vm1")
+        first = wait_for("RESULT phase 1")
+        pid = systemd.show(service, "MainPID")
+        systemd.run(*virsh, "destroy", "vm1")
+        console.unlink()
+        systemd.run(*virsh, "start", "vm1")
+        second = wait_for("VFIOUSERD-GUEST-EXIT")
+        assert systemd.show(service, "MainPID") == pid  # the same daemon all along
+    finally:
+        systemd.run(*virsh, "destroy", "vm1", check=False)
+        systemd.run(*virsh, "undefine", "vm1", check=False)
+        stop(systemd, service)
+        systemd.systemctl("stop", "vfiouserd@vm1-disk.socket")
+    before = vm.parse_results(first)["before"][-1]
+    assert vm.parse_results(second)["after"][-1] == before
+    assert "VFIOUSERD-GUEST-EXIT 0" in second, second[-3000:]
+    assert image_md5(systemd.path(f"{IMAGES}/vm1.img"), MiB, 2 * MiB) == before
+    assert systemd.journal(service).count("event=session.start") == 2
