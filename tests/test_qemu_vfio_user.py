@@ -316,11 +316,13 @@ def test_example_device_driven_from_the_guest(tmp_path, qemu_new, shared):
 
 
 def test_a_daemon_that_dies_under_a_vfio_user_client(tmp_path, qemu_new):
-    """vfio-user has no reconnection: QEMU cannot get the device back. The
-    guest must see I/O errors, never hang. QEMU 10.2 aborts instead when the
-    server's socket is reset under it (error_setv assertion in its
-    vfio-user receive path): the whole VM goes, which this test reports as
-    an expected failure until the project builds a QEMU that fixed it."""
+    """vfio-user has no reconnection: QEMU cannot get the device back, and
+    the guest should see I/O errors, never hang. QEMU 10.2 does neither:
+    when the server's socket is reset under it, it aborts (error_setv
+    assertion in its vfio-user receive path) and the VM goes; when the
+    socket just closes, it keeps the device's requests waiting forever. The
+    test reports either as an expected failure, for exactly that outcome,
+    until the project builds a QEMU that fixed it."""
     script = """
     i=0
     while [ $i -lt 100 ]; do
@@ -335,20 +337,25 @@ def test_a_daemon_that_dies_under_a_vfio_user_client(tmp_path, qemu_new):
     """
     image = str(tmp_path / "disk.img")
     daemon = blk_daemon(tmp_path, image).start()
-    killed = []
+    killed: list[float] = []
 
     def on_line(line: str) -> None:
         if line.strip() == "ROUND 3" and not killed:
             os.kill(daemon.pid, signal.SIGKILL)
             killed.append(time.monotonic())
 
-    run = vm.boot(
-        script,
-        devices=vm.vfio_user_device(daemon.socket_path),
-        qemu=qemu_new,
-        on_line=on_line,
-        check=False,
+    guest = vm.Guest(
+        script, devices=vm.vfio_user_device(daemon.socket_path), qemu=qemu_new, on_line=on_line
     )
+    try:
+        run = guest.wait(60, check=False)
+    except TimeoutError:  # the guest is stuck: QEMU never gave it the device back
+        if killed and "failed to read header: EOF" in guest.output:
+            version = ".".join(map(str, vm.qemu_version(qemu_new)))
+            pytest.xfail(f"QEMU {version} keeps the requests of a dead vfio-user server waiting")
+        raise
+    finally:
+        daemon.stop()  # reaps it (SIGKILLed above)
     assert killed
     known_qemu_abort(run, qemu_new, "error_setv: Assertion", "when its vfio-user server goes away")
     assert run.exit_statuses == [0], run.output[-3000:]

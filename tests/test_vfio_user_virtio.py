@@ -17,6 +17,8 @@ from vfiouserd.devices.blk import CONFIG, BlkStatus, RequestType
 from vfiouserd.devices.rng import VirtioRng
 from vfiouserd.devices.virtio import Feature, Status, bit
 from vfiouserd.devices.virtio_pci import VirtioPciDevice
+from vfiouserd.protocol import vfio_user as vfu
+from vfiouserd.protocol.vfio_user import Command
 
 
 @pytest.fixture
@@ -313,4 +315,92 @@ async def test_indirect_tables_are_capped(ram, image):
         with trio.fail_after(5):
             await trio.lowlevel.wait_readable(driver.config_fd)
         assert await driver.status() & Status.DEVICE_NEEDS_RESET
+        driver.close()
+
+
+async def fd_less_blk(client, ram, want: int = ~0) -> tuple[VirtioPciDriver, BlkClient]:
+    """virtio-blk on guest memory without fds: every ring access a DMA message."""
+    await client.map_ram(with_fd=False)
+    driver = VirtioPciDriver(client, ram)
+    (queue,) = await driver.start(queue_count=1, want=want)
+    blk = BlkClient(ram, queue, arena=MiB)
+    await blk.write(0, b"w" * 4096)  # the DMA layout is asked for here
+    return driver, blk
+
+
+async def test_commands_are_served_while_a_ring_walk_waits_for_the_vmm(ram, image):
+    """QEMU answers the daemon's DMA messages only when none of its threads
+    waits for a reply from the daemon: a command must never wait for a walk
+    that waits for the VMM. Here every DMA reply takes 0.3 s."""
+    device = VirtioPciDevice(make_blk(image, size=8 * MiB))
+    async with vfio_served(device, ram=ram) as client:
+        driver, blk = await fd_less_blk(client, ram)
+        client.dma_reply_delay = 0.3
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blk.write, 8, b"x" * 4096)  # a walk of several round trips
+            await trio.sleep(0.1)
+            with trio.fail_after(0.25):
+                assert await driver.status() & Status.DRIVER_OK
+                await client.dma_map(0x2_0000_0000, MiB)
+        client.dma_reply_delay = 0
+        assert await blk.read(8, 4096) == b"x" * 4096
+        driver.close()
+
+
+async def test_a_reset_while_a_walk_waits_for_the_vmm_ends_the_walk(ram, image):
+    """The reset is served at once; the walk, back from its round trip,
+    finds its queue reset and makes no further DMA; the driver starts over."""
+    device = VirtioPciDevice(make_blk(image, size=8 * MiB))
+    async with vfio_served(device, ram=ram) as client:
+        driver, blk = await fd_less_blk(client, ram)
+        client.dma_reply_delay = 0.3
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blk.write, 8, b"x" * 4096)
+            await trio.sleep(0.1)
+            with trio.fail_after(0.25):
+                await driver.common_write(0x14, 1, 0)  # device reset
+            after_reset = client.dma_requests
+            await trio.sleep(1.0)
+            assert client.dma_requests <= after_reset + 1  # the one in flight
+            nursery.cancel_scope.cancel()  # that request is gone with the reset
+        client.dma_reply_delay = 0
+        driver.close()
+        driver = VirtioPciDriver(client, ram)
+        (queue,) = await driver.start(queue_count=1)
+        blk = BlkClient(ram, queue, arena=MiB)
+        await blk.write(16, b"y" * 4096)
+        assert await blk.read(16, 4096) == b"y" * 4096
+        driver.close()
+
+
+async def test_a_chain_that_meets_a_memory_transaction_is_tried_again(ram, image):
+    """QEMU changes its memory map as a transaction: unmap, then map again.
+    A walk that comes back in between finds a hole where its buffers were:
+    it takes the chain back and serves it on the new layout, and the ring
+    is not broken. (A split ring: the walk looks its buffers up right after
+    reading the descriptor that the unmap came behind.)"""
+    device = VirtioPciDevice(make_blk(image, size=8 * MiB))
+    async with vfio_served(device, ram=ram) as client:
+        driver, blk = await fd_less_blk(client, ram, want=no(Feature.RING_PACKED))
+        unmapped = trio.Event()
+
+        async def unmap_during_a_descriptor_read(message) -> None:
+            request = vfu.DmaAccess.parse(message.payload)
+            if (
+                message.command == Command.DMA_READ
+                and request.count == 16
+                and not unmapped.is_set()
+            ):
+                await client.dma_unmap(0, 32 * MiB)  # the walk resumes after this
+                unmapped.set()
+
+        client.before_dma_reply = unmap_during_a_descriptor_read
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blk.write, 8, b"z" * 4096)
+            await unmapped.wait()
+            await trio.sleep(0.2)
+            client.before_dma_reply = None
+            await client.dma_map(0, 32 * MiB)  # the transaction completes
+        assert await blk.read(8, 4096) == b"z" * 4096
+        assert not device.queue_set.queues[0].broken
         driver.close()

@@ -16,7 +16,7 @@ import errno
 import math
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +82,9 @@ class VfioUserClient:
         self.windows: list[DmaWindow] = []
         self.dma_requests = 0  # DMA_READ/DMA_WRITE served, for tests
         self.dma_reply_delay = 0.0  # seconds, to play a slow VMM in tests
+        # Called with each DMA request from the server once its answer is
+        # ready, before it goes out (what a VMM does meanwhile, in tests).
+        self.before_dma_reply: Callable[[Message], Awaitable[None]] | None = None
         self._next_id = 0
         self._pending: dict[int, trio.MemorySendChannel[Message]] = {}
         self._send_locks: dict[int, trio.Lock] = {}
@@ -254,6 +257,8 @@ class VfioUserClient:
         except Exception:  # any bad request is refused, not fatal
             error = errno.EINVAL
         self.dma_requests += 1
+        if self.before_dma_reply is not None:
+            await self.before_dma_reply(message)
         await self._send(
             sock, vfu.encode(message.msg_id, message.command, payload, reply=True, error=error)
         )

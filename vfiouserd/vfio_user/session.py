@@ -111,7 +111,7 @@ class VfioUserSession:
         self._waiting: dict[int, trio.MemorySendChannel[Message]] = {}
         # How the client lays out DMA_READ/DMA_WRITE: asked at the first one.
         self.qemu_dma_layout: bool | None = None
-        self._timed_out: set[int] = set()
+        self._given_up: set[int] = set()  # our requests whose replies may come late
         self._nursery: trio.Nursery | None = None
         self._intx_unmask_scope: trio.CancelScope | None = None
         self._intx_unmask_fd: int | None = None
@@ -476,8 +476,8 @@ class VfioUserSession:
                 waiter.send_nowait(message)
                 return
             message.close_fds()
-            if message.msg_id in self._timed_out:
-                self._timed_out.discard(message.msg_id)  # late, already given up
+            if message.msg_id in self._given_up:
+                self._given_up.discard(message.msg_id)  # late, already given up
                 return
             # Answering would be worse: message IDs belong to the sender,
             # so an error reply could fail an unrelated request of its own.
@@ -634,16 +634,16 @@ class VfioUserSession:
     # -- DMA ----------------------------------------------------------------------------
 
     async def _dma_map(self, message: Message) -> Reply:
-        reply = await self._dma_map_locked(message)
+        reply = await self._map_dma(message)
         self.device.memory_changed()
         return reply
 
     async def _dma_unmap(self, message: Message) -> Reply:
-        reply = await self._dma_unmap_locked(message)
+        reply = await self._unmap_dma(message)
         self.device.memory_changed()
         return reply
 
-    async def _dma_map_locked(self, message: Message) -> Reply:
+    async def _map_dma(self, message: Message) -> Reply:
         request = self._parse(message, vfu.DmaMap, "DMA_MAP")
         # Here argsz is the size of the request structure itself.
         if request.argsz != vfu.DmaMap.sizeof() or len(message.payload) != request.argsz:
@@ -694,7 +694,7 @@ class VfioUserSession:
         )
         return Reply()
 
-    async def _dma_unmap_locked(self, message: Message) -> Reply:
+    async def _unmap_dma(self, message: Message) -> Reply:
         request = self._parse(message, vfu.DmaUnmap, "DMA_UNMAP")
         self._check_argsz(request.argsz, vfu.DmaUnmap.sizeof(), "DMA_UNMAP")
         memory = self.device.memory
@@ -709,8 +709,9 @@ class VfioUserSession:
                 region = memory.find_exact(request.address, request.size)
             except GuestMemoryError as exc:
                 raise RequestError(errno.ENOENT, str(exc)) from exc
-            # Commands run in order and ring walks hold the memory lock, so no
-            # DMA into this region is in flight.
+            # Memory the daemon maps is unmapped only once no ring walk or
+            # device work is under way (_needs_quiet): nothing of it is in
+            # use. Memory reached through messages holds nothing of ours.
             memory.remove(region)
         log.debug(
             "dma.unmap",
@@ -784,10 +785,12 @@ class VfioUserSession:
                 except trio.EndOfChannel:
                     raise RemoteAccessError(f"connection lost during {command.name}") from None
         except trio.TooSlowError as exc:
-            self._timed_out.add(msg_id)
             raise RemoteAccessError(f"{command.name} got no reply") from exc
         finally:
-            self._waiting.pop(msg_id, None)
+            # Given up (timed out, or the walk was cancelled by a reset or a
+            # stop) before the reply came: it may still come, and is dropped.
+            if self._waiting.pop(msg_id, None) is not None and not self.ending:
+                self._given_up.add(msg_id)
         reply.close_fds()
         if reply.command != command or (reply.is_error and not refused_ok):
             raise RemoteAccessError(f"{command.name} failed: errno {reply.error}")
