@@ -27,6 +27,53 @@ echo "RESULT read $(md5 < /tmp/back)"
 """
 
 
+# Phase 1 writes, marks the disk and reboots; phase 2 reads back, then
+# WRITE_READ_VERIFY: the device set up again after the reset keeps working.
+REBOOT_AND_VERIFY = (
+    """
+    marker=$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 6)
+    if [ "$marker" != "PHASE1" ]; then
+        echo "RESULT phase 1"
+        dd if=/dev/urandom of=/tmp/p bs=1M count=1 2>/dev/null
+        dd if=/tmp/p of=/dev/vda bs=1M seek=1 oflag=direct 2>/dev/null || exit 10
+        echo "RESULT before $(md5 < /tmp/p)"
+        printf 'PHASE1' | dd of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null
+        reboot -f
+    fi
+    echo "RESULT phase 2"
+    echo "RESULT after $(dd if=/dev/vda bs=1M skip=1 count=1 iflag=direct 2>/dev/null | md5)"
+"""
+    + WRITE_READ_VERIFY
+)
+
+# Waits until the 64 MiB disk has grown (the daemon announced a config change).
+WAIT_FOR_GROWTH = """
+    echo "RESULT before $(cat /sys/block/vda/size)"
+    for i in $(seq 100); do
+        [ "$(cat /sys/block/vda/size)" != "131072" ] && break
+        sleep 0.2
+    done
+    echo "RESULT after $(cat /sys/block/vda/size)"
+"""
+
+
+# On a two-vCPU guest: how many queues the disk has, and I/O from each vCPU
+# (so from each queue), verified.
+EACH_VCPU_WRITES_AND_VERIFIES = """
+    echo "RESULT hw_queues $(ls /sys/block/vda/mq | wc -l)"
+    for cpu in 0 1; do
+        dd if=/dev/urandom of=/tmp/p$cpu bs=1M count=2 2>/dev/null
+        at=$((cpu * 2))
+        taskset -c $cpu dd if=/tmp/p$cpu of=/dev/vda bs=1M seek=$at oflag=direct 2>/dev/null \\
+            || exit 10
+        taskset -c $cpu dd if=/dev/vda of=/tmp/b$cpu bs=1M skip=$at count=2 iflag=direct \\
+            2>/dev/null || exit 11
+        cmp /tmp/p$cpu /tmp/b$cpu || exit 12
+    done
+    echo "RESULT verified yes"
+"""
+
+
 def qemu_messages(output: str, *expected: str) -> list[str]:
     """What QEMU itself printed (warnings, errors) on the console, except the
     ``expected`` ones."""

@@ -91,6 +91,7 @@ class RealSystemd:
             for old in INSTALL_CACHE.glob("*"):  # one cached installation is enough
                 shutil.rmtree(old, ignore_errors=True)
         self.install.mkdir(parents=True, exist_ok=True)
+        self._stderr = open(self.layers / "unshare.err", "wb")  # noqa: SIM115 - closed in stop()
         init = self.layers / "init.sh"
         init.write_text(INIT)
         init.chmod(0o755)
@@ -103,7 +104,7 @@ class RealSystemd:
             },
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=open(self.layers / "unshare.err", "wb"),  # noqa: SIM115
+            stderr=self._stderr,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
@@ -141,6 +142,7 @@ class RealSystemd:
             os.kill(self.pid, signal.SIGKILL)
         if self.unshare is not None:
             self.unshare.wait(30)
+            self._stderr.close()
         self.pid = 0
 
     def __enter__(self) -> RealSystemd:
@@ -182,10 +184,6 @@ class RealSystemd:
     def journal(self, unit: str) -> str:
         return self.run("journalctl", "--no-pager", "-o", "cat", "-u", unit).stdout
 
-    def kernel_log(self) -> str:
-        """What the kernel logged (SECCOMP kills among it), as journald saw it."""
-        return self.run("journalctl", "--no-pager", "-k", "-o", "cat", check=False).stdout
-
     def path(self, inside: str) -> str:
         """A path inside the namespace as the host reaches it."""
         return f"/proc/{self.pid}/root{inside}"
@@ -198,17 +196,27 @@ class RealSystemd:
 
     def _install_vfiouserd(self) -> None:
         """A venv of Debian's Python with the package (not editable), in the
-        /usr/local overlay whose upper layer is the cache."""
-        pip_cache = os.environ.get("PIP_CACHE_DIR", str(ROOT / ".cache" / "pip"))
+        /usr/local overlay whose upper layer is the cache. The sources are
+        copied next to it first: the clone may be under /tmp, which the
+        namespace does not see."""
+        source = self.install / "source"
+        shutil.rmtree(source, ignore_errors=True)
+        source.mkdir()
+        junk = shutil.ignore_patterns("__pycache__", "*.so", "*.o", "*.egg-info")
+        for name in [*PACKAGE_SOURCES, "README.md"]:
+            if (ROOT / name).is_dir():
+                shutil.copytree(ROOT / name, source / name, ignore=junk)
+            else:
+                shutil.copy(ROOT / name, source / name)
         self.run("/usr/bin/python3", "-m", "venv", VENV)
         self.run(
             "env",
-            f"PIP_CACHE_DIR={pip_cache}",
+            f"PIP_CACHE_DIR={CACHE / 'pip'}",
             "PIP_DISABLE_PIP_VERSION_CHECK=1",
             f"{VENV}/bin/pip",
             "install",
             "-q",
-            str(ROOT),
+            str(source),
             timeout=600,
         )
         self.run("ln", "-sf", f"{VENV}/bin/vfiouserd", "/usr/local/bin/vfiouserd")
@@ -217,7 +225,6 @@ class RealSystemd:
     def _install_units(self) -> None:
         for unit in ("vfiouserd@.service", "vfiouserd@.socket"):
             self.write(f"/etc/systemd/system/{unit}", (ROOT / "systemd" / unit).read_text())
-        self.run("getent", "group", "kvm", check=False).returncode == 0 or self.run(
-            "groupadd", "--system", "kvm"
-        )
+        if self.run("getent", "group", "kvm", check=False).returncode != 0:
+            self.run("groupadd", "--system", "kvm")  # the socket unit's SocketGroup=
         self.systemctl("daemon-reload")

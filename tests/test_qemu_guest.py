@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 from daemon import Daemon
-from guest_helpers import WRITE_READ_VERIFY, image_md5, qemu_messages
+from guest_helpers import (
+    EACH_VCPU_WRITES_AND_VERIFIES,
+    REBOOT_AND_VERIFY,
+    WAIT_FOR_GROWTH,
+    WRITE_READ_VERIFY,
+    image_md5,
+    qemu_messages,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guest import vm
@@ -132,19 +139,7 @@ def test_rng_gives_bytes_via_hwrng(tmp_path, vhost_user_qemu):
 
 
 def test_two_queues_with_two_cpus(tmp_path, blk_image, vhost_user_qemu):
-    script = """
-    echo "RESULT hw_queues $(ls /sys/block/vda/mq | wc -l)"
-    for cpu in 0 1; do
-        dd if=/dev/urandom of=/tmp/p$cpu bs=1M count=2 2>/dev/null
-        at=$((cpu * 2))
-        taskset -c $cpu dd if=/tmp/p$cpu of=/dev/vda bs=1M seek=$at oflag=direct 2>/dev/null \\
-            || exit 10
-        taskset -c $cpu dd if=/dev/vda of=/tmp/b$cpu bs=1M skip=$at count=2 iflag=direct \\
-            2>/dev/null || exit 11
-        cmp /tmp/p$cpu /tmp/b$cpu || exit 12
-    done
-    echo "RESULT verified yes"
-    """
+    script = EACH_VCPU_WRITES_AND_VERIFIES
     # Both sides left at their defaults: QEMU asks for one queue per vCPU.
     with blk_daemon(tmp_path, blk_image) as daemon:
         run = vm.boot(
@@ -192,22 +187,7 @@ def test_packed_ring_negotiated_and_working(tmp_path, blk_image, vhost_user_qemu
 
 
 def test_guest_reboot_resets_and_sets_up_the_device_again(tmp_path, blk_image):
-    script = (
-        """
-    marker=$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 6)
-    if [ "$marker" != "PHASE1" ]; then
-        echo "RESULT phase 1"
-        dd if=/dev/urandom of=/tmp/p bs=1M count=1 2>/dev/null
-        dd if=/tmp/p of=/dev/vda bs=1M seek=1 oflag=direct 2>/dev/null || exit 10
-        echo "RESULT before $(md5 < /tmp/p)"
-        printf 'PHASE1' | dd of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null
-        reboot -f
-    fi
-    echo "RESULT phase 2"
-    echo "RESULT after $(dd if=/dev/vda bs=1M skip=1 count=1 iflag=direct 2>/dev/null | md5)"
-    """
-        + WRITE_READ_VERIFY
-    )
+    script = REBOOT_AND_VERIFY
     with blk_daemon(tmp_path, blk_image) as daemon:
         run = vm.boot(
             script,
@@ -277,18 +257,15 @@ def test_reconnecting_qemu_gets_a_fresh_session(tmp_path, blk_image, vhost_user_
 
 def test_disk_grows_online_after_sighup(tmp_path, blk_image):
     """BACKEND_REQ: the daemon tells QEMU the config changed; the guest sees it."""
-    script = """
-    echo "RESULT before $(cat /sys/block/vda/size)"
-    for i in $(seq 100); do
-        [ "$(cat /sys/block/vda/size)" != "131072" ] && break
-        sleep 0.2
-    done
-    echo "RESULT after $(cat /sys/block/vda/size)"
+    script = (
+        WAIT_FOR_GROWTH
+        + """
     dd if=/dev/urandom of=/tmp/p bs=1M count=1 2>/dev/null
     dd if=/tmp/p of=/dev/vda bs=1M seek=100 oflag=direct 2>/dev/null || exit 10
     dd if=/dev/vda of=/tmp/b bs=1M skip=100 count=1 iflag=direct 2>/dev/null || exit 11
     cmp /tmp/p /tmp/b || exit 12
     """
+    )
     with blk_daemon(tmp_path, blk_image, size="64M") as daemon:
 
         def on_line(line: str) -> None:

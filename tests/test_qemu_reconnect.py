@@ -93,19 +93,25 @@ def test_sigkill_in_the_middle_of_guest_io(tmp_path, packed, vhost_user_qemu):
         assert any("event=inflight.base_corrected" in log for log in logs)
 
 
-def test_restart_through_the_fd_store_needs_no_reconnect(tmp_path):
-    """systemctl restart of the back end under a running guest: QEMU's
-    chardev has no reconnect=1, so a disconnect would end the disk; with the
-    fd store the connection never drops and the guest sees no error."""
+@pytest.mark.parametrize("protocol", ["vhost-user", "vfio-user"])
+def test_restart_through_the_fd_store_needs_no_reconnect(tmp_path, protocol, request):
+    """systemctl restart of the back end under a running guest. QEMU 7.2's
+    vhost-user chardev has no reconnect=1, and QEMU 10's vfio-user client
+    cannot reconnect at all: a disconnect would end the disk. With the fd
+    store the connection never drops and the guest sees no error."""
     image = str(tmp_path / "disk.img")
     socket_path = str(tmp_path / "blk.sock")
     restarts = 3
     restart_on = {f"ROUND {1 + 3 * n}" for n in range(restarts)}
     command = [
         sys.executable,
-        *("-m", "vfiouserd", "vhost-user-blk", "--fdstore", "--socket-path", socket_path),
+        *("-m", "vfiouserd", f"{protocol}-blk", "--fdstore", "--socket-path", socket_path),
         *("--blk-file", image, "--size", "64M"),
     ]
+    if protocol == "vhost-user":
+        qemu, devices = vm.QEMU, vm.vhost_user_device("vhost-user-blk-pci", socket_path, "b")
+    else:
+        qemu, devices = request.getfixturevalue("qemu_new"), vm.vfio_user_device(socket_path)
     service = ServiceManagerThread(tmp_path, command)
     manager = service.manager
     assert manager is not None
@@ -122,7 +128,8 @@ def test_restart_through_the_fd_store_needs_no_reconnect(tmp_path):
             WRITE_VERIFY_ROUNDS.format(rounds=3 * restarts + 3),
             on_line=on_line,
             timeout=300,
-            devices=vm.vhost_user_device("vhost-user-blk-pci", socket_path, "b"),
+            devices=devices,
+            qemu=qemu,
         )
         assert service.run(manager.stop) == 0
     finally:

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from daemon import Daemon
 from guest_helpers import (
+    EACH_VCPU_WRITES_AND_VERIFIES,
+    REBOOT_AND_VERIFY,
     WRITE_READ_VERIFY,
-    WRITE_VERIFY_ROUNDS,
-    ServiceManagerThread,
     image_md5,
     qemu_messages,
 )
@@ -87,19 +87,7 @@ def test_rng(tmp_path, qemu_new):
 
 def test_two_queues_on_two_vcpus(tmp_path, qemu_new):
     """The daemon's default offers many queues; the guest takes one per vCPU."""
-    script = """
-    echo "RESULT hw_queues $(ls /sys/block/vda/mq | wc -l)"
-    for cpu in 0 1; do
-        dd if=/dev/urandom of=/tmp/p$cpu bs=1M count=2 2>/dev/null
-        at=$((cpu * 2))
-        taskset -c $cpu dd if=/tmp/p$cpu of=/dev/vda bs=1M seek=$at oflag=direct 2>/dev/null \\
-            || exit 10
-        taskset -c $cpu dd if=/dev/vda of=/tmp/b$cpu bs=1M skip=$at count=2 iflag=direct \\
-            2>/dev/null || exit 11
-        cmp /tmp/p$cpu /tmp/b$cpu || exit 12
-    done
-    echo "RESULT verified yes"
-    """
+    script = EACH_VCPU_WRITES_AND_VERIFIES
     image = str(tmp_path / "disk.img")
     with blk_daemon(tmp_path, image, "--log-level", "trace") as daemon:
         run = vm.boot(script, smp=2, devices=vm.vfio_user_device(daemon.socket_path), qemu=qemu_new)
@@ -112,22 +100,7 @@ def test_two_queues_on_two_vcpus(tmp_path, qemu_new):
 
 
 def test_guest_reboot_resets_and_sets_up_the_device_again(tmp_path, qemu_new):
-    script = (
-        """
-    marker=$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 6)
-    if [ "$marker" != "PHASE1" ]; then
-        echo "RESULT phase 1"
-        dd if=/dev/urandom of=/tmp/p bs=1M count=1 2>/dev/null
-        dd if=/tmp/p of=/dev/vda bs=1M seek=1 oflag=direct 2>/dev/null || exit 10
-        echo "RESULT before $(md5 < /tmp/p)"
-        printf 'PHASE1' | dd of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null
-        reboot -f
-    fi
-    echo "RESULT phase 2"
-    echo "RESULT after $(dd if=/dev/vda bs=1M skip=1 count=1 iflag=direct 2>/dev/null | md5)"
-    """
-        + WRITE_READ_VERIFY
-    )
+    script = REBOOT_AND_VERIFY
     image = str(tmp_path / "disk.img")
     with blk_daemon(tmp_path, image) as daemon:
         run = vm.boot(
@@ -361,47 +334,3 @@ def test_a_daemon_that_dies_under_a_vfio_user_client(tmp_path, qemu_new):
     assert run.exit_statuses == [0], run.output[-3000:]
     assert run.results["failed"], run.output[-3000:]
     assert int(run.result("rounds")) < 100
-
-
-def test_restart_through_the_fd_store_under_a_live_guest(tmp_path, qemu_new):
-    """vfio-user clients cannot reconnect at all: with the fd store the
-    daemon restarts under a guest writing and verifying, and QEMU never
-    sees the connection drop."""
-    image = str(tmp_path / "disk.img")
-    socket_path = str(tmp_path / "blk.sock")
-    restarts = 3
-    restart_on = {f"ROUND {1 + 3 * n}" for n in range(restarts)}
-    command = [
-        sys.executable,
-        *("-m", "vfiouserd", "vfio-user-blk", "--fdstore", "--socket-path", socket_path),
-        *("--blk-file", image, "--size", "64M"),
-    ]
-    service = ServiceManagerThread(tmp_path, command)
-    manager = service.manager
-    assert manager is not None
-    restarted = []
-
-    def on_line(line: str) -> None:
-        if line.strip() in restart_on:
-            service.run(manager.restart)
-            restarted.append(line)
-
-    try:
-        service.run(manager.start)
-        run = vm.boot(
-            WRITE_VERIFY_ROUNDS.format(rounds=3 * restarts + 3),
-            on_line=on_line,
-            timeout=300,
-            devices=vm.vfio_user_device(socket_path),
-            qemu=qemu_new,
-        )
-        assert service.run(manager.stop) == 0
-    finally:
-        service.close()
-    assert len(restarted) == restarts
-    assert run.exit_statuses == [0], run.output[-3000:]
-    assert run.result("verified") == str(3 * restarts + 3)
-    assert run.result("ioerrors") == "0", run.output[-3000:]
-    log = manager.log()
-    assert log.count("event=handover.restored") == restarts, log
-    assert log.count("event=session.start") == 1 + restarts, log  # one connection

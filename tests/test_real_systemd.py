@@ -14,7 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from guest_helpers import WRITE_READ_VERIFY, WRITE_VERIFY_ROUNDS, image_md5, qemu_messages
+from guest_helpers import (
+    WAIT_FOR_GROWTH,
+    WRITE_READ_VERIFY,
+    WRITE_VERIFY_ROUNDS,
+    image_md5,
+    qemu_messages,
+)
 from real_systemd import RealSystemd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -149,17 +155,7 @@ def test_socket_activation_reload_and_stop(systemd, no_daemon_killed):
     systemd.systemctl("start", f"vfiouserd@{name}.socket")
     unit = f"vfiouserd@{name}.service"
     assert systemd.show(unit, "ActiveState") == "inactive"
-    script = (
-        WRITE_READ_VERIFY
-        + """
-    echo "RESULT before $(cat /sys/block/vda/size)"
-    for i in $(seq 100); do
-        [ "$(cat /sys/block/vda/size)" != "131072" ] && break
-        sleep 0.2
-    done
-    echo "RESULT after $(cat /sys/block/vda/size)"
-    """
-    )
+    script = WRITE_READ_VERIFY + WAIT_FOR_GROWTH
     image = systemd.path(f"{IMAGES}/{name}.img")
 
     def on_line(line: str) -> None:
