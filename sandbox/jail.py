@@ -54,7 +54,9 @@ log = get_logger("sandbox")
 MODES = ("strict", "namespace", "none")
 SECCOMP_ACTIONS = ("kill", "log", "trap", "none")
 MAX_FDS = 4096
-MAX_THREADS = 64  # the event loop, trio's worker threads, and some slack
+# The event loop, a fast-path thread per ring (64 queues at most), trio's
+# worker threads (40 at most), and some slack.
+MAX_THREADS = 160
 
 # Modules imported lazily by the standard library or trio at run time: load
 # them now, while there is a file system to load them from.

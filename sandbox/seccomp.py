@@ -83,6 +83,8 @@ RARE: dict[str, str] = {
     "madvise": "glibc's malloc returning freed memory under a larger load",
     "getpeername": "the repr of a socket object, which Python builds even for an ignored "
     "ResourceWarning (a socket left to the garbage collector)",
+    "sched_getaffinity": "of the daemon itself (pid 0): glibc's malloc sizing its arenas "
+    "once many threads allocate (a 64-queue device in use)",
 }
 
 # Refused with an errno rather than a kill: Python looks files up by itself
@@ -117,6 +119,7 @@ CONDITIONS: dict[str, list[sc.Arg]] = {
     # none (inherited fds are closed, memory fds must be regular files).
     "newfstatat": [sc.Arg(3, sc.MASKED_EQ, AT_EMPTY_PATH, AT_EMPTY_PATH)],
     "kcmp": [sc.Arg(2, sc.EQ, KCMP_FILE)],
+    "sched_getaffinity": [sc.Arg(0, sc.EQ, 0)],
 }
 
 

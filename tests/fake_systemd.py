@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,7 +27,14 @@ from daemon import assert_not_killed_by_its_filter
 
 from vfiouserd.handover import same_file
 
-FD_STORE_MAX = 128
+# FileDescriptorStoreMax= of the unit the project ships.
+FD_STORE_MAX = int(
+    re.search(
+        r"^FileDescriptorStoreMax=(\d+)$",
+        (Path(__file__).resolve().parent.parent / "systemd" / "vfiouserd@.service").read_text(),
+        re.MULTILINE,
+    ).group(1)  # type: ignore[union-attr]
+)
 
 # What systemd does between fork and exec: the fds to 3, 4, ... (moved out
 # of the way first, as sources and targets may overlap), LISTEN_FDS and

@@ -122,6 +122,29 @@ async def test_vhost_user_session_carries_on_across_restarts(tmp_path, packed):
     ram.close()
 
 
+async def test_a_session_using_all_its_queues_fits_in_the_units_fd_store(tmp_path):
+    """A front end using all 64 queues the daemon offers by default (QEMU on
+    64 vCPUs) gives three eventfds a queue: the handover needs them all in
+    the store the unit allows (the stand-in keeps as many as the shipped
+    unit's FileDescriptorStoreMax= and drops the rest, as systemd does)."""
+    ram = GuestRam([(0, 160 * MiB)])
+    async with FakeSystemd(tmp_path, blk_command(tmp_path, "vhost-user")) as manager:
+        await manager.start()
+        frontend = await VhostUserFrontend.connect(str(tmp_path / "device.sock"))
+        queues = await start_device(frontend, ram, queues=64, size=8, inflight=True)
+        await queues[0].write(1, b"a" * 512)
+        await manager.restart()
+        for number, blk in ((2, queues[0]), (3, queues[63])):
+            await blk.write(number, bytes([number]) * 512)
+            assert await blk.read(number, 512) == bytes([number]) * 512
+        await frontend.aclose()
+        assert await manager.stop() == 0
+    log = manager.log()
+    assert log.count("event=handover.restored") == 1 and "handover.refused" not in log, log
+    assert len(manager.messages) < 1000
+    ram.close()
+
+
 @pytest.mark.parametrize("fd_less", [False, True], ids=["mapped", "dma-messages"])
 async def test_vfio_user_session_carries_on_across_restarts(tmp_path, fd_less):
     """vfio-user clients cannot reconnect at all: without the store a

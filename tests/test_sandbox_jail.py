@@ -158,7 +158,7 @@ STRICT = {name: None for name in ATTEMPTS} | {"open-host-file": errno.EACCES}
 
 # Without seccomp the namespaces and dropped capabilities still refuse what
 # they cover. New processes are what only seccomp stops: without it a fork
-# works (RLIMIT_NPROC bounds threads and processes together, 64).
+# works (RLIMIT_NPROC bounds threads and processes together, 160).
 NAMESPACE_ONLY = {
     "unshare": errno.ENOSPC,  # no new namespaces of any type in the jail
     "new-process": 0,
