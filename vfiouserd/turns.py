@@ -11,11 +11,13 @@ for each round trip to the VMM; commands take their turn in between.
 
 A walk that comes back from a round trip to a queue that was reset, stopped
 or re-configured meanwhile is abandoned: ``WalkAbandoned``, and the request
-in hand is dropped, as a device reset drops it. Regions unmapped meanwhile
-stay mapped until no walk is under way (``GuestMemory.pin``), so a view a
-walk holds never outlives its mapping. A pause (a handover, a migration
-stopping the device) is different: ``quiet`` lets the walks under way finish
-and starts no new one until it ends.
+in hand is dropped, as a device reset drops it. A chain that meets a
+memory layout changed meanwhile is taken back and tried again (see
+``Virtqueue.process``). What must not happen under a walk at all waits in
+``quiet``, which lets the walks under way (and device work started on the
+event loop) finish and starts no new one until it ends: a pause (a
+handover, a migration stopping the device), and the unmap of memory the
+daemon has mapped, so no view a walk holds outlives its mapping.
 """
 
 from __future__ import annotations
