@@ -278,6 +278,14 @@ RegionAccess = Struct("offset" / Int64un, "region" / Int32un, "count" / Int32un)
 DmaAccess = Struct("address" / Int64un, "count" / Int64un)
 QemuDmaAccess = Struct("address" / Int64un, "count" / Int32un)  # QEMU's client, see above
 QEMU_DMA_PAD = 4  # QEMU's struct is 16 bytes with its padding; its data starts at 12
+
+
+def dma_access_layout(qemu: bool) -> tuple[Struct, int]:
+    """The head of a DMA_READ/DMA_WRITE message carrying data, and the padding
+    after the data: the spec's, or QEMU's client's (see above)."""
+    return (QemuDmaAccess, QEMU_DMA_PAD) if qemu else (DmaAccess, 0)
+
+
 # A DMA_READ count only a client that reads 32 bits of it serves: 8 bytes.
 DMA_LAYOUT_PROBE = (1 << 32) | 8
 DmaWriteReply = Struct("address" / Int64un, "count" / Int32un)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -14,6 +15,9 @@ from pathlib import Path
 import trio
 from daemon import Daemon
 from fake_systemd import FakeSystemd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from guest import vm
 
 MiB = 1 << 20
 
@@ -72,6 +76,63 @@ EACH_VCPU_WRITES_AND_VERIFIES = """
     done
     echo "RESULT verified yes"
 """
+
+
+# Reads the entropy device twice: the two reads must differ.
+READ_HWRNG_TWICE = """
+    echo "RESULT current $(cat /sys/class/misc/hw_random/rng_current)"
+    head -c 4096 /dev/hwrng > /tmp/a || exit 10
+    head -c 4096 /dev/hwrng > /tmp/b || exit 11
+    echo "RESULT size $(wc -c < /tmp/a)"
+    echo "RESULT a $(md5 < /tmp/a)"
+    echo "RESULT b $(md5 < /tmp/b)"
+"""
+
+RESTARTS = 3
+
+
+def blk_front_end(
+    protocol: str, socket_path: str, qemu_new: Callable[[], str]
+) -> tuple[str, list[str]]:
+    """The QEMU and its -device arguments for a disk served over ``protocol``
+    by a front end that cannot reconnect: QEMU 7.2's vhost-user chardev
+    without reconnect, or QEMU 10's vfio-user client (``qemu_new`` gives it)."""
+    if protocol == "vhost-user":
+        return vm.QEMU, vm.vhost_user_device("vhost-user-blk-pci", socket_path, "b")
+    return qemu_new(), vm.vfio_user_device(socket_path)
+
+
+def write_and_verify_across_restarts(
+    restart: Callable[[], object], qemu: str, devices: list[str]
+) -> None:
+    """A guest writes and verifies in rounds while ``restart`` restarts the
+    back end RESTARTS times under it; every round must verify, no I/O error."""
+    restart_on = {f"ROUND {1 + 3 * n}" for n in range(RESTARTS)}
+    restarted = []
+
+    def on_line(line: str) -> None:
+        if line.strip() in restart_on:
+            restart()
+            restarted.append(line)
+
+    rounds = 3 * RESTARTS + 3
+    run = vm.boot(
+        WRITE_VERIFY_ROUNDS.format(rounds=rounds),
+        on_line=on_line,
+        timeout=300,
+        devices=devices,
+        qemu=qemu,
+    )
+    assert len(restarted) == RESTARTS
+    assert run.exit_statuses == [0], run.output[-3000:]
+    assert run.result("verified") == str(rounds)
+    assert run.result("ioerrors") == "0", run.output[-3000:]
+
+
+def assert_one_connection_across_restarts(log: str) -> None:
+    """Each restarted daemon took the session over; the VMM connected once."""
+    assert log.count("event=handover.restored") == RESTARTS, log[-3000:]
+    assert log.count("event=session.start") == 1 + RESTARTS, log[-3000:]
 
 
 def qemu_messages(output: str, *expected: str) -> list[str]:

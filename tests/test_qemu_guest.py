@@ -14,6 +14,7 @@ import pytest
 from daemon import Daemon
 from guest_helpers import (
     EACH_VCPU_WRITES_AND_VERIFIES,
+    READ_HWRNG_TWICE,
     REBOOT_AND_VERIFY,
     WAIT_FOR_GROWTH,
     WRITE_READ_VERIFY,
@@ -114,14 +115,7 @@ def test_read_only_disk_rejects_writes(tmp_path, blk_image):
 
 
 def test_rng_gives_bytes_via_hwrng(tmp_path, vhost_user_qemu):
-    script = """
-    echo "RESULT current $(cat /sys/class/misc/hw_random/rng_current)"
-    head -c 4096 /dev/hwrng > /tmp/a || exit 10
-    head -c 4096 /dev/hwrng > /tmp/b || exit 11
-    echo "RESULT size $(wc -c < /tmp/a)"
-    echo "RESULT a $(md5 < /tmp/a)"
-    echo "RESULT b $(md5 < /tmp/b)"
-    """
+    script = READ_HWRNG_TWICE
     # QEMU 7.2's vhost-user-rng must not use reconnect=1: connect once.
     with Daemon("vhost-user-rng", workdir=tmp_path, name="rng") as daemon:
         run = vm.boot(

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 from daemon import Daemon
-from guest_helpers import WRITE_VERIFY_ROUNDS, ServiceManagerThread, kill_hard
+from guest_helpers import (
+    WRITE_VERIFY_ROUNDS,
+    ServiceManagerThread,
+    assert_one_connection_across_restarts,
+    blk_front_end,
+    kill_hard,
+    write_and_verify_across_restarts,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guest import vm
@@ -101,43 +108,21 @@ def test_restart_through_the_fd_store_needs_no_reconnect(tmp_path, protocol, req
     store the connection never drops and the guest sees no error."""
     image = str(tmp_path / "disk.img")
     socket_path = str(tmp_path / "blk.sock")
-    restarts = 3
-    restart_on = {f"ROUND {1 + 3 * n}" for n in range(restarts)}
     command = [
         sys.executable,
         *("-m", "vfiouserd", f"{protocol}-blk", "--fdstore", "--socket-path", socket_path),
         *("--blk-file", image, "--size", "64M"),
     ]
-    if protocol == "vhost-user":
-        qemu, devices = vm.QEMU, vm.vhost_user_device("vhost-user-blk-pci", socket_path, "b")
-    else:
-        qemu, devices = request.getfixturevalue("qemu_new"), vm.vfio_user_device(socket_path)
+    qemu, devices = blk_front_end(
+        protocol, socket_path, lambda: request.getfixturevalue("qemu_new")
+    )
     service = ServiceManagerThread(tmp_path, command)
     manager = service.manager
     assert manager is not None
-    restarted = []
-
-    def on_line(line: str) -> None:
-        if line.strip() in restart_on:
-            service.run(manager.restart)
-            restarted.append(line)
-
     try:
         service.run(manager.start)
-        run = vm.boot(
-            WRITE_VERIFY_ROUNDS.format(rounds=3 * restarts + 3),
-            on_line=on_line,
-            timeout=300,
-            devices=devices,
-            qemu=qemu,
-        )
+        write_and_verify_across_restarts(lambda: service.run(manager.restart), qemu, devices)
         assert service.run(manager.stop) == 0
     finally:
         service.close()
-    assert len(restarted) == restarts
-    assert run.exit_statuses == [0], run.output[-3000:]
-    assert run.result("verified") == str(3 * restarts + 3)
-    assert run.result("ioerrors") == "0", run.output[-3000:]
-    log = manager.log()
-    assert log.count("event=handover.restored") == restarts, log
-    assert log.count("event=session.start") == 1 + restarts, log  # one connection
+    assert_one_connection_across_restarts(manager.log())

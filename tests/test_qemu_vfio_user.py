@@ -19,6 +19,7 @@ import pytest
 from daemon import Daemon
 from guest_helpers import (
     EACH_VCPU_WRITES_AND_VERIFIES,
+    READ_HWRNG_TWICE,
     REBOOT_AND_VERIFY,
     WRITE_READ_VERIFY,
     image_md5,
@@ -67,14 +68,7 @@ def test_blk_write_read_verify_and_data_in_image(tmp_path, qemu_new, shared):
 
 
 def test_rng(tmp_path, qemu_new):
-    script = """
-    echo "RESULT current $(cat /sys/class/misc/hw_random/rng_current)"
-    head -c 4096 /dev/hwrng > /tmp/a || exit 10
-    head -c 4096 /dev/hwrng > /tmp/b || exit 11
-    echo "RESULT size $(wc -c < /tmp/a)"
-    echo "RESULT a $(md5 < /tmp/a)"
-    echo "RESULT b $(md5 < /tmp/b)"
-    """
+    script = READ_HWRNG_TWICE
     with Daemon("vfio-user-rng", workdir=tmp_path, name="rng") as daemon:
         run = vm.boot(script, devices=vm.vfio_user_device(daemon.socket_path), qemu=qemu_new)
         assert daemon.stop() == 0

@@ -17,9 +17,11 @@ import pytest
 from guest_helpers import (
     WAIT_FOR_GROWTH,
     WRITE_READ_VERIFY,
-    WRITE_VERIFY_ROUNDS,
+    assert_one_connection_across_restarts,
+    blk_front_end,
     image_md5,
     qemu_messages,
+    write_and_verify_across_restarts,
 )
 from real_systemd import RealSystemd
 
@@ -111,38 +113,19 @@ def test_systemctl_restart_under_a_writing_guest(systemd, no_daemon_killed, prot
     name = f"restart-{protocol}"
     unit = f"vfiouserd@{name}.service"
     start(systemd, name, f"{protocol}-blk", blk_file=f"/var/lib/vfiouserd/{name}.img", size="64M")
-    path = systemd.path(socket_path(name))
-    if protocol == "vhost-user":
-        qemu, devices = vm.QEMU, vm.vhost_user_device("vhost-user-blk-pci", path, "b")
-    else:
-        qemu, devices = request.getfixturevalue("qemu_new"), vm.vfio_user_device(path)
-    restarts = 3
-    restart_on = {f"ROUND {1 + 3 * n}" for n in range(restarts)}
-    restarted = []
+    qemu, devices = blk_front_end(
+        protocol, systemd.path(socket_path(name)), lambda: request.getfixturevalue("qemu_new")
+    )
 
-    def on_line(line: str) -> None:
-        if line.strip() in restart_on:
-            systemd.systemctl("restart", unit)
-            assert systemd.show(unit, "ActiveState") == "active"
-            restarted.append(line)
+    def restart() -> None:
+        systemd.systemctl("restart", unit)
+        assert systemd.show(unit, "ActiveState") == "active"
 
     try:
-        run = vm.boot(
-            WRITE_VERIFY_ROUNDS.format(rounds=3 * restarts + 3),
-            on_line=on_line,
-            timeout=300,
-            devices=devices,
-            qemu=qemu,
-        )
+        write_and_verify_across_restarts(restart, qemu, devices)
     finally:
         stop(systemd, unit)
-    journal = systemd.journal(unit)
-    assert len(restarted) == restarts
-    assert run.exit_statuses == [0], run.output[-3000:]
-    assert run.result("verified") == str(3 * restarts + 3)
-    assert run.result("ioerrors") == "0", run.output[-3000:]
-    assert journal.count("event=handover.restored") == restarts, journal[-3000:]
-    assert journal.count("event=session.start") == 1 + restarts, journal[-3000:]  # one connection
+    assert_one_connection_across_restarts(systemd.journal(unit))
 
 
 def test_socket_activation_reload_and_stop(systemd, no_daemon_killed):

@@ -228,9 +228,8 @@ class VfioUserClient:
             await trio.sleep(self.dma_reply_delay)
         error = None
         payload = b""
-        layout = vfu.QemuDmaAccess if self.qemu_dma_layout else vfu.DmaAccess
         # QEMU's struct ends in padding: its messages are 4 bytes longer.
-        pad = vfu.QEMU_DMA_PAD if self.qemu_dma_layout else 0
+        layout, pad = vfu.dma_access_layout(self.qemu_dma_layout)
         try:
             request = layout.parse(message.payload)
             if request.count > CLIENT_MAX_DATA_XFER:
@@ -242,9 +241,10 @@ class VfioUserClient:
                 payload = layout.build(dict(request)) + data + bytes(pad)
             elif message.command == Command.DMA_WRITE and self.ram is not None:
                 data = message.payload[layout.sizeof() : layout.sizeof() + request.count]
-                if self.qemu_dma_layout and request.count > len(message.payload) - 16:
+                room = len(message.payload) - layout.sizeof() - pad
+                if self.qemu_dma_layout and request.count > room:
                     error = errno.E2BIG  # QEMU's own check, padding included
-                elif not self.qemu_dma_layout and len(message.payload) != 16 + request.count:
+                elif not self.qemu_dma_layout and room != request.count:
                     error = errno.EINVAL
                 else:
                     self.ram.write(request.address, data)

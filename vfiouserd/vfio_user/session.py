@@ -734,9 +734,8 @@ class VfioUserSession:
 
     async def dma_read(self, address: int, size: int) -> bytes:
         """Read client memory that has no fd, through DMA_READ requests."""
-        qemu = await self._learn_dma_layout(address)
-        data_at = vfu.QemuDmaAccess.sizeof() if qemu else vfu.DmaAccess.sizeof()
-        pad = vfu.QEMU_DMA_PAD if qemu else 0
+        layout, pad = vfu.dma_access_layout(await self._learn_dma_layout(address))
+        data_at = layout.sizeof()
         chunks = []
         limit = self._dma_chunk
         for offset in range(0, size, limit):
@@ -750,15 +749,15 @@ class VfioUserSession:
         return b"".join(chunks)
 
     async def dma_write(self, address: int, data: bytes) -> None:
-        qemu = await self._learn_dma_layout(address)
-        layout = vfu.QemuDmaAccess if qemu else vfu.DmaAccess
-        pad = bytes(vfu.QEMU_DMA_PAD if qemu else 0)
+        layout, pad = vfu.dma_access_layout(await self._learn_dma_layout(address))
         limit = self._dma_chunk
         for offset in range(0, len(data), limit):
             chunk = data[offset : offset + limit]
             reply = await self._request(
                 Command.DMA_WRITE,
-                layout.build({"address": address + offset, "count": len(chunk)}) + chunk + pad,
+                layout.build({"address": address + offset, "count": len(chunk)})
+                + chunk
+                + bytes(pad),
             )
             if len(reply.payload) > 16:
                 raise RemoteAccessError(f"DMA_WRITE reply of {len(reply.payload)} bytes")
