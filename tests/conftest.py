@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -31,6 +32,34 @@ DEFAULT_LAYOUT = [(0x0, 32 * MiB), (0x1_0000_0000, 16 * MiB)]
 
 def pytest_configure(config: pytest.Config) -> None:
     log.configure(os.environ.get("VFIOUSERD_TEST_LOG", "warning"))
+
+
+# Events that only a bug of ours logs: an unexpected exception that ended a
+# session or broke a queue. Any test that sees one fails.
+CRASH_EVENTS = ("session.crashed", "ring.crashed")
+
+
+class _CrashRecorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() in CRASH_EVENTS:
+            self.lines.append(log.LogfmtFormatter().format(record))
+
+
+@pytest.fixture(autouse=True)
+def no_crash_logged(request: pytest.FixtureRequest) -> Iterator[None]:
+    recorder = _CrashRecorder()
+    logger = logging.getLogger("vfiouserd")
+    logger.addHandler(recorder)
+    try:
+        yield
+    finally:
+        logger.removeHandler(recorder)
+    if recorder.lines and request.node.get_closest_marker("crash_expected") is None:
+        pytest.fail("a bug was logged:\n" + "\n".join(recorder.lines), pytrace=False)
 
 
 def open_fds() -> set[int]:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import trio
-from daemon import assert_not_killed_by_its_filter
+from daemon import assert_no_bug_logged
 
 from vfiouserd.handover import same_file
 
@@ -177,7 +177,7 @@ class FakeSystemd:
             while self.process.poll() is None:
                 await trio.sleep(0.01)
         await trio.sleep(0.05)  # notifications sent just before the exit
-        assert_not_killed_by_its_filter(self.log())
+        assert_no_bug_logged(self.log())
         return self.process.returncode
 
     async def restart(self) -> float:

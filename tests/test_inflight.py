@@ -266,3 +266,50 @@ async def test_a_region_a_front_end_scribbled_on_breaks_only_that_queue(ram, ima
         await frontend.aclose()
         region.close()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("when", ["before-start", "while-running"])
+async def test_an_inflight_region_that_does_not_add_up_breaks_only_its_queue(
+    ram, image, packed, when
+):
+    """The front end can write the region at any time: garbage there is
+    refused or breaks the queue, never the session."""
+    from vfiouserd.client.blk import BlkClient
+
+    device = make_blk(image)
+    device.use_fast_path = False  # the Python walker keeps the region here
+    async with trio.open_nursery() as nursery:
+        frontend, died = await connect(device, nursery)
+        await frontend.negotiate(want_features=ring_features(packed))
+        await frontend.set_features()
+        region = await frontend.get_inflight(1, QUEUE_SIZE)
+        garbage = b"\xff\x7f" * (region.size // 2)
+        if when == "before-start":
+            os.pwrite(region.fd, garbage, region.offset)
+        await frontend.set_inflight(region)
+        await frontend.share_memory(ram)
+        ring = frontend.make_ring(ram, QUEUE_SIZE)
+        try:
+            queue = await frontend.start_queue(0, ring)
+        except BackendError:
+            assert when == "before-start"  # refused: fine, as long as the session lives
+        else:
+            if when == "while-running":
+                os.pwrite(region.fd, garbage, region.offset)
+            blk = BlkClient(ram, queue, arena=MiB)
+            for number in range(4):
+                write_request(blk, ram, ring, number)
+            queue.kick_now()
+            with trio.fail_after(5):
+                if packed:  # the region's free list leads nowhere: the queue breaks
+                    await trio.lowlevel.wait_readable(queue.err)
+                else:  # a split ring only writes its region while running
+                    completed: list = []
+                    while len(completed) < 4:
+                        await queue.wait_call()
+                        completed += ring.collect()
+        assert await frontend.call_u64(R.GET_FEATURES)
+        assert not died.is_set()
+        await frontend.aclose()
+        region.close()

@@ -272,3 +272,35 @@ async def test_a_refused_state_leaves_the_source_serving(tmp_path, bad):
         assert reason in destination.log()
     ram.close()
     os.remove(image)
+
+
+@pytest.mark.parametrize("left_in", [S.STOP, S.STOP_COPY, S.RESUMING, S.PRE_COPY])
+async def test_a_device_reset_returns_to_running(image, left_in):
+    """A VMM that left the device mid-migration and went away: the next one
+    resets it and finds it RUNNING and serving (the kernel uAPI's rule;
+    a reset is also how a RESUMING session is aborted)."""
+    ram = GuestRam([(0, 8 * MiB)])
+    device = VirtioPciDevice(make_blk(image))
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram()
+        await VirtioPciDriver(client, ram).start(queue_count=1)
+        await client.set_migration_state(left_in)
+        if left_in is S.RESUMING:
+            await client.migration_write(b"half of a state")
+        elif left_in is S.STOP_COPY:
+            await client.migration_read(16)
+    async with vfio_served(device, ram=ram) as client:
+        assert await client.migration_state() is left_in  # a reconnect alone keeps it
+        await client.reset()
+        assert await client.migration_state() is S.RUNNING
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)
+        (queue,) = await driver.start(queue_count=1)
+        blk = BlkClient(ram, queue, arena=MiB)
+        with trio.fail_after(5):
+            await blk.write(0, b"r" * 512)
+            assert await blk.read(0, 512) == b"r" * 512
+        await client.set_migration_state(S.STOP_COPY)  # and migrates again
+        assert await client.migration_read(1 << 20)
+        driver.close()
+    ram.close()

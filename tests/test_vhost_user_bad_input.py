@@ -604,3 +604,22 @@ async def test_a_broken_queue_works_again_after_the_ring_is_restarted(image, ram
         fresh = BlkClient(ram, await frontend.start_queue(0, frontend.make_ring(ram, 64)))
         await fresh.write(0, b"again" * 100 + bytes(12))
         assert (await fresh.read(0, 512))[:5] == b"again"
+
+
+async def test_backend_channel_that_is_not_a_socket_is_refused_and_closed(image, tmp_path):
+    """A file or a pipe as the back-end channel: an error ack, the session
+    goes on and the fd is closed (it used to end the session and leak)."""
+    before = open_fds()
+    device = make_blk(image)
+    async with served(device) as frontend:
+        await frontend.negotiate()
+        read_end, write_end = os.pipe()
+        regular = os.open(tmp_path / "not-a-socket", os.O_RDWR | os.O_CREAT)
+        for fd in (read_end, write_end, regular):
+            assert await failed_ack(frontend, R.SET_BACKEND_REQ_FD, b"", [fd]) == 1
+            os.close(fd)
+        await still_alive(frontend)
+        channel = await frontend.open_backend_channel()  # a socket still works
+        channel.close()
+    device.close()
+    assert open_fds() == before

@@ -174,6 +174,8 @@ class PackedInflight:
         return list(INFLIGHT_PACKED_DESC.unpack_from(self.view, offset))
 
     def _set_desc(self, index: int, fields: list[int]) -> None:
+        if index >= self.queue_size:
+            raise InflightError(f"inflight entry {index} is outside a queue of {self.queue_size}")
         offset = INFLIGHT_PACKED_QUEUE.size + index * INFLIGHT_PACKED_DESC.size
         INFLIGHT_PACKED_DESC.pack_into(self.view, offset, *fields)
 

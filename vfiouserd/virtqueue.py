@@ -783,8 +783,13 @@ class Virtqueue:
             log.warning("ring.unmapped", queue=self.index, reason=str(exc))
         except RingError as exc:
             self.fail(str(exc))
+        except InflightError as exc:  # the front end can rewrite the region any time
+            self.fail(f"inflight region: {exc}")
         except GuestMemoryError as exc:  # unmapped memory the VMM failed to serve
             self.fail(f"guest memory access failed: {exc}")
+        except Exception as exc:  # a bug of ours: the queue breaks, not the session
+            log.exception("ring.crashed", queue=self.index)
+            self.fail(f"internal error: {exc!r}")
         if memory_faults() != faults:
             self.fail("the VMM truncated memory it shared with us")
 

@@ -12,6 +12,7 @@ checks it before anything is applied.
 
 from __future__ import annotations
 
+import base64
 import errno
 import weakref
 from collections import deque
@@ -143,57 +144,132 @@ class Migration:
         self.incoming += data
 
     def reset(self) -> None:
-        """DEVICE_RESET: out of ERROR; otherwise the state stays."""
-        if self.state is S.ERROR:
-            self.state = S.RUNNING
+        """DEVICE_RESET (after the device's own reset): back to RUNNING from
+        any state, as a reset does in the kernel's uAPI; it is also the way
+        to abort a RESUMING or a saving session. Partial state is dropped."""
+        self.outgoing = memoryview(b"")
+        self.incoming = bytearray()
+        if self.device.stopped:
+            self.device.resume()  # nothing starts: the reset cleared DRIVER_OK
+        if self.state is not S.RUNNING:
+            log.info("migration.state", state=S.RUNNING.name, reason="device reset")
+        self.state = S.RUNNING
 
 
 class DirtyBitmaps:
-    """DMA logging: one bitmap per logged range of client memory, a bit per
-    ``page_size`` page. REPORT hands out a range's bits and clears them."""
+    """DMA logging: a bit per ``page_size`` page of each logged range of
+    client memory; REPORT hands out a range's bits and clears them.
+
+    The client chooses the ranges (QEMU asks for the span of guest memory,
+    holes included), so the bits are kept in chunks made when the device
+    first writes to them: memory is spent on what the device dirtied, not on
+    what was asked for. Past ``MAX_BITMAP_BYTES`` of chunks the log
+    saturates: every page reads as dirty until logging stops, which costs a
+    migration some copying but never misses a page.
+    """
+
+    CHUNK_BYTES = 4096  # the bits of 32768 pages
+    MAX_BITMAP_BYTES = 64 << 20  # 2 TiB written at 4 KiB pages
 
     def __init__(self, page_size: int, ranges: list[tuple[int, int]]) -> None:
         self.page_size = page_size
         self.ranges = sorted(ranges)
-        self.bitmaps = [bytearray((length // page_size + 7) // 8) for _, length in self.ranges]
+        self.chunks: dict[tuple[int, int], bytearray] = {}  # (range, chunk) -> bits
+        self.saturated = False
+
+    def _bits_of(self, index: int, page: int, create: bool) -> tuple[bytearray | None, int]:
+        chunk, bit = divmod(page, self.CHUNK_BYTES * 8)
+        bits = self.chunks.get((index, chunk))
+        if bits is None and create and not self.saturated:
+            if (len(self.chunks) + 1) * self.CHUNK_BYTES > self.MAX_BITMAP_BYTES:
+                self.saturated = True
+                self.chunks.clear()
+                log.warning("dma_logging.saturated", limit=self.MAX_BITMAP_BYTES)
+            else:
+                bits = self.chunks[(index, chunk)] = bytearray(self.CHUNK_BYTES)
+        return bits, bit
 
     def mark(self, address: int, length: int) -> None:
-        if length <= 0:
+        if length <= 0 or self.saturated:
             return
         end = address + length
-        for (start, size), bitmap in zip(self.ranges, self.bitmaps, strict=True):
+        for index, (start, size) in enumerate(self.ranges):
             low, high = max(address, start), min(end, start + size)
             if low >= high:
                 continue
             first, last = (low - start) // self.page_size, (high - 1 - start) // self.page_size
             for page in range(first, last + 1):
-                bitmap[page // 8] |= 1 << page % 8
+                bits, bit = self._bits_of(index, page, create=True)
+                if bits is None:
+                    return  # saturated: everything is dirty now
+                bits[bit // 8] |= 1 << bit % 8
 
     def kick(self) -> None:
         pass
 
+    def _take(self, index: int, page: int) -> bool:
+        """Whether the page is dirty; it is clean afterwards."""
+        if self.saturated:
+            return True
+        bits, bit = self._bits_of(index, page, create=False)
+        if bits is None or not bits[bit // 8] >> bit % 8 & 1:
+            return False
+        bits[bit // 8] &= ~(1 << bit % 8) & 0xFF
+        return True
+
     def report(self, iova: int, length: int, page_size: int) -> bytes:
         """The dirty bits of ``[iova, iova+length)`` at ``page_size``
         granularity (u64 words, least significant bit first), cleared here."""
-        for index, (start, size) in enumerate(self.ranges):
-            if start <= iova and iova + length <= start + size:
-                bitmap = self.bitmaps[index]
-                break
-        else:
+        holding = [
+            i
+            for i, (start, size) in enumerate(self.ranges)
+            if start <= iova <= iova + length <= start + size
+        ]
+        if not holding:
             raise MigrationError(errno.EINVAL, f"{iova:#x}+{length:#x} is not a logged range")
+        index = holding[0]
+        start = self.ranges[index][0]
         pages = (length + page_size - 1) // page_size
         out = bytearray((pages + 63) // 64 * 8)
         first = (iova - start) // self.page_size
         last = (iova + length - 1 - start) // self.page_size
         for page in range(first, last + 1):
-            if bitmap[page // 8] >> page % 8 & 1:
-                bitmap[page // 8] &= ~(1 << page % 8) & 0xFF
+            if self._take(index, page):
                 address = start + page * self.page_size
                 low = max(address, iova) - iova
                 high = min(address + self.page_size, iova + length) - 1 - iova
                 for bit in range(low // page_size, high // page_size + 1):
                     out[bit // 8] |= 1 << bit % 8
         return bytes(out)
+
+    # -- handover ------------------------------------------------------------------------
+
+    def to_document(self) -> dict[str, object]:
+        return {
+            "page_size": self.page_size,
+            "ranges": self.ranges,
+            "saturated": self.saturated,
+            "chunks": [
+                [i, c, base64.b64encode(bits).decode()] for (i, c), bits in self.chunks.items()
+            ],
+        }
+
+    @classmethod
+    def from_document(cls, document: dict) -> DirtyBitmaps:
+        bitmaps = cls(int(document["page_size"]), [(int(a), int(b)) for a, b in document["ranges"]])
+        bitmaps.saturated = bool(document.get("saturated", False))
+        for index, chunk, bits in document.get("chunks", []):
+            bitmaps.chunks[(int(index), int(chunk))] = bytearray(base64.b64decode(bits))
+        # A daemon before sparse bitmaps handed over one dense bitmap per range.
+        for index, dense in enumerate(document.get("bitmaps", [])):
+            data = base64.b64decode(dense)
+            for offset in range(0, len(data), cls.CHUNK_BYTES):
+                bits = bytearray(
+                    data[offset : offset + cls.CHUNK_BYTES].ljust(cls.CHUNK_BYTES, b"\0")
+                )
+                if any(bits):
+                    bitmaps.chunks[(index, offset // cls.CHUNK_BYTES)] = bits
+        return bitmaps
 
 
 def logged_ranges(memory: GuestMemory, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

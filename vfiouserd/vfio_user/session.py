@@ -287,15 +287,7 @@ class VfioUserSession:
                 "outgoing": base64.b64encode(migration.outgoing).decode(),
                 "incoming": base64.b64encode(migration.incoming).decode(),
             },
-            "dma_logging": (
-                {
-                    "page_size": self.dirty.page_size,
-                    "ranges": self.dirty.ranges,
-                    "bitmaps": [base64.b64encode(b).decode() for b in self.dirty.bitmaps],
-                }
-                if self.dirty is not None
-                else None
-            ),
+            "dma_logging": self.dirty.to_document() if self.dirty is not None else None,
         }
 
     @classmethod
@@ -355,10 +347,7 @@ class VfioUserSession:
             device.quiesce()  # it was stopped for a migration: it stays so
         logging = document["dma_logging"]
         if logging is not None:
-            self.dirty = DirtyBitmaps(
-                int(logging["page_size"]), [(int(a), int(b)) for a, b in logging["ranges"]]
-            )
-            self.dirty.bitmaps = [bytearray(base64.b64decode(b)) for b in logging["bitmaps"]]
+            self.dirty = DirtyBitmaps.from_document(logging)
             device.memory.dirty = self.dirty
 
     async def _negotiate(self) -> None:

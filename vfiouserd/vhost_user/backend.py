@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import struct
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -1040,7 +1041,12 @@ class VhostUserBackend:
         log.info("config.change_announced")
 
     def _set_backend_req_fd(self, message: Message) -> None:
+        # Checked before the fd changes hands: a socket object refuses a
+        # file or a pipe, and the fd must then stay the message's to close.
+        if not stat.S_ISSOCK(os.fstat(message.fds[-1]).st_mode):
+            raise RequestFailed("the back-end channel fd is not a socket")
+        fd = message.fds.pop()
+        channel = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
         if self.backend_channel is not None:
             self.backend_channel.close()
-        fd = message.fds.pop()
-        self.backend_channel = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        self.backend_channel = channel
