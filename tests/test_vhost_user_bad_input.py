@@ -623,3 +623,30 @@ async def test_backend_channel_that_is_not_a_socket_is_refused_and_closed(image,
         channel.close()
     device.close()
     assert open_fds() == before
+
+
+async def test_a_kick_fd_swapped_then_the_ring_stopped_is_never_read_after_its_close(image, ram):
+    """A pipe at end of file as the kick fd is always readable: the ring task
+    is woken over and over, and GET_VRING_BASE closes the fd between a
+    wake-up and the task running (the fuzzer saw EBADF there, on a number
+    that could by then have been another file)."""
+    device = make_blk(image)
+    async with served(device) as frontend:
+        (blk,) = await start_device(frontend, ram)
+        frontend.queues.remove(blk.queue)
+        blk.queue.close()
+        for _ in range(40):
+            read_end, write_end = os.pipe()
+            os.close(write_end)
+            await frontend.call(R.SET_VRING_KICK, vu.U64.build({"value": 0}), [read_end])
+            os.close(read_end)
+            await trio.sleep(0.002)
+            await frontend.stop_queue(0)
+            queue = await frontend.start_queue(0, frontend.make_ring(ram, 64))
+            frontend.queues.remove(queue)
+            queue.close()
+        await frontend.stop_queue(0)
+        fresh = BlkClient(ram, await frontend.start_queue(0, frontend.make_ring(ram, 64)))
+        await fresh.write(0, b"kick" * 128)
+        assert (await fresh.read(0, 512))[:4] == b"kick"
+        await still_alive(frontend)

@@ -550,7 +550,18 @@ class Virtqueue:
         self._native_limiter: trio.CapacityLimiter | None = None
         self._enabled = False
         self._kick_is_eventfd = False
+        self._kick_fd: int | None = None
+        self._kick_generation = 0  # which kick fd a waiter woke for
         self.reset()
+
+    @property
+    def kick_fd(self) -> int | None:
+        return self._kick_fd
+
+    @kick_fd.setter
+    def kick_fd(self, fd: int | None) -> None:
+        self._kick_fd = fd
+        self._kick_generation += 1
 
     @property
     def enabled(self) -> bool:
@@ -574,7 +585,7 @@ class Virtqueue:
         self.flags = 0
         self.base = 0  # SET_VRING_BASE value, layout-specific
         self.features = 0
-        self.kick_fd: int | None = None
+        self.kick_fd = None
         self.call_fd: int | None = None
         self.err_fd: int | None = None
         # A transport that does not notify through eventfds (virtio-pci:
@@ -952,7 +963,7 @@ class Virtqueue:
                 if self.kick_fd is None:
                     await trio.sleep(POLL_INTERVAL)
                 else:
-                    kick_fd = self.kick_fd
+                    kick_fd, kick_generation = self.kick_fd, self._kick_generation
                     try:
                         await trio.lowlevel.wait_readable(kick_fd)
                     except trio.ClosedResourceError:
@@ -963,7 +974,11 @@ class Virtqueue:
                     except OSError as exc:  # e.g. a regular file: epoll refuses it
                         self.fail(f"kick fd {kick_fd} cannot be waited on: {exc.strerror}")
                     else:
-                        _eventfd_drain(kick_fd)
+                        # Woken, but other tasks ran first: the fd may have
+                        # been replaced and closed since (its number even
+                        # reused). Then the new fd's kick is not ours to eat.
+                        if kick_generation == self._kick_generation:
+                            _eventfd_drain(kick_fd)
             self._wait_scope = None
         else:
             await trio.lowlevel.checkpoint()

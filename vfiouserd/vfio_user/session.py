@@ -36,11 +36,17 @@ from vfiouserd.memory import GuestMemoryError, RegionSpec, RemoteAccessError, me
 from vfiouserd.protocol import vfio_user as vfu
 from vfiouserd.protocol.framing import ConnectionClosed, FramingError, close_fds
 from vfiouserd.protocol.vfio_user import Command, Message
+from vfiouserd.vfio_user.backlog import BacklogOverflow, CommandBacklog
 from vfiouserd.vfio_user.migration import DirtyBitmaps, Migration, MigrationError, logged_ranges
 
 log = get_logger("vfio_user")
 
-COMMAND_QUEUE = 256  # pipelined commands read ahead while one is processed
+# Pipelined commands read ahead while one is processed: past the first
+# number the reader waits, unless the device waits for a reply from the
+# client; past the others the client is broken (see backlog.py).
+COMMAND_QUEUE = 256
+COMMAND_BACKLOG_LIMIT = 4096
+COMMAND_BACKLOG_BYTES = 64 << 20
 DMA_REPLY_TIMEOUT = 10.0
 NEGOTIATION_TIMEOUT = 10.0  # an idle peer must not hold the device from its VMM
 PAUSE_POLL = 0.001  # how often a handover looks for a moment with nothing under way
@@ -109,6 +115,7 @@ class VfioUserSession:
         self._twin_send_lock = trio.Lock()
         self._next_msg_id = 0
         self._waiting: dict[int, trio.MemorySendChannel[Message]] = {}
+        self._commands = CommandBacklog(COMMAND_QUEUE, COMMAND_BACKLOG_LIMIT, COMMAND_BACKLOG_BYTES)
         # How the client lays out DMA_READ/DMA_WRITE: asked at the first one.
         self.qemu_dma_layout: bool | None = None
         self._given_up: set[int] = set()  # our requests whose replies may come late
@@ -151,7 +158,6 @@ class VfioUserSession:
     # -- connection -------------------------------------------------------------
 
     async def serve(self) -> None:
-        receive: trio.MemoryReceiveChannel[Message] | None = None
         try:
             if not self._restored:
                 try:
@@ -168,12 +174,11 @@ class VfioUserSession:
                 self.device.attach(nursery)
                 if self._intx_unmask_fd is not None:
                     self._watch_intx_unmask(self._intx_unmask_fd)
-                send, receive = trio.open_memory_channel[Message](COMMAND_QUEUE)
-                self._commands = receive
-                nursery.start_soon(self._read_loop, self.sock, send, nursery.cancel_scope)
+                commands = self._commands
+                nursery.start_soon(self._read_loop, self.sock, commands, nursery.cancel_scope)
                 if self.twin is not None:
                     nursery.start_soon(self._read_loop, self.twin, None, nursery.cancel_scope)
-                nursery.start_soon(self._process_loop, receive, nursery.cancel_scope)
+                nursery.start_soon(self._process_loop, commands, nursery.cancel_scope)
         except ConnectionClosed as exc:
             self.ending = True
             log.info("session.closed", reason=str(exc) or "end of stream")
@@ -185,11 +190,7 @@ class VfioUserSession:
             if self._ahead is not None:
                 self._ahead.close_fds()
                 self._ahead = None
-            while receive is not None:
-                try:
-                    receive.receive_nowait().close_fds()
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
+            self._commands.discard()
             self.ending = self.ending or not self._parked
             self._finished.set()
             if self.ending:
@@ -217,7 +218,7 @@ class VfioUserSession:
             and not self._processing
             and not self._waiting
             and self._ahead is None
-            and self._commands.statistics().current_buffer_used == 0
+            and not self._commands
         )
 
     async def pause(self, timeout: float) -> bool:
@@ -433,22 +434,27 @@ class VfioUserSession:
     async def _read_loop(
         self,
         sock: trio.socket.SocketType,
-        commands: trio.MemorySendChannel[Message] | None,
+        commands: CommandBacklog | None,
         scope: trio.CancelScope,
     ) -> None:
-        """Route replies to the requests waiting for them; queue commands."""
+        """Route replies to the requests waiting for them; queue commands.
+
+        Reading never waits for the device: a reply a ring walk waits for
+        comes on this socket, behind whatever the client pipelined."""
         try:
             while not self._parked:
+                if commands is not None:
+                    await commands.wait_for_room(lambda: bool(self._waiting))
                 self._readers_idle[sock] = True  # a handover may park the session now
                 await trio.lowlevel.wait_readable(sock)
                 self._readers_idle[sock] = False
                 with trio.CancelScope(shield=True):  # never half a message
                     message = await vfu.read_message(sock, self.max_payload)
-                    await self._route(message, commands)
+                self._route(message, commands)
             return  # parked for a handover
         except ConnectionClosed as exc:
             log.info("session.closed", reason=str(exc) or "end of stream")
-        except (FramingError, ProtocolViolation) as exc:
+        except (FramingError, ProtocolViolation, BacklogOverflow) as exc:
             log.error("session.fatal", reason=str(exc))
         self.ending = True
         for waiter in self._waiting.values():  # no reply can come any more
@@ -456,9 +462,7 @@ class VfioUserSession:
         self._waiting.clear()
         scope.cancel()
 
-    async def _route(
-        self, message: Message, commands: trio.MemorySendChannel[Message] | None
-    ) -> None:
+    def _route(self, message: Message, commands: CommandBacklog | None) -> None:
         if message.kind == vfu.TYPE_REPLY:
             waiter = self._waiting.pop(message.msg_id, None)
             if waiter is not None:
@@ -474,21 +478,23 @@ class VfioUserSession:
         if commands is None:
             message.close_fds()
             raise ProtocolViolation("command on the twin socket")
-        try:
-            await commands.send(message)
-        except BaseException:
-            message.close_fds()
-            raise
+        commands.put(message)
 
-    async def _process_loop(
-        self, commands: trio.MemoryReceiveChannel[Message], scope: trio.CancelScope
-    ) -> None:
+    async def _process_loop(self, commands: CommandBacklog, scope: trio.CancelScope) -> None:
+        try:
+            await self._process_commands(commands, scope)
+        except ConnectionClosed as exc:  # a reply found the client gone
+            log.info("session.closed", reason=str(exc) or "end of stream")
+            self.ending = True
+            scope.cancel()
+
+    async def _process_commands(self, commands: CommandBacklog, scope: trio.CancelScope) -> None:
         faults = memory_faults()
         turns = self.device.turns
         while True:
             if self._ahead is None:
                 try:
-                    self._ahead = await commands.receive()
+                    self._ahead = await commands.get()
                 except trio.EndOfChannel:
                     return
             message: Message | None = self._ahead
@@ -508,7 +514,7 @@ class VfioUserSession:
                         if quiet:
                             break
                         with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
-                            self._ahead = commands.receive_nowait()
+                            self._ahead = commands.get_nowait()
                             if not self._needs_quiet(self._ahead):
                                 message, self._ahead = self._ahead, None
             except BaseException:
@@ -762,6 +768,7 @@ class VfioUserSession:
         msg_id = self._next_msg_id
         send, receive = trio.open_memory_channel[Message](1)
         self._waiting[msg_id] = send
+        self._commands.poke()  # the reader must not wait for room now
         try:
             try:
                 await self._send(vfu.encode(msg_id, command, payload), twin=True)
