@@ -404,3 +404,47 @@ async def test_a_chain_that_meets_a_memory_transaction_is_tried_again(ram, image
         assert await blk.read(8, 4096) == b"z" * 4096
         assert not device.queue_set.queues[0].broken
         driver.close()
+
+
+async def test_a_driver_reset_while_a_ring_lies_outside_memory_breaks_nothing(
+    ram, image, monkeypatch
+):
+    """Memory without fds, a queue whose avail ring is in a hole of guest
+    memory (the walk on the worker thread finds it unmapped), new memory
+    mapped and unmapped meanwhile (so the walk looks again), and driver
+    resets among it all: the guest's to do, so it must never crash the
+    session (the fuzzer saw an AssertionError there), and a driver that sets
+    the device up properly afterwards is served."""
+    from vfiouserd.client import guest, virtio_pci
+
+    class RingInAHole(guest.DriverSplitRing):
+        @property
+        def areas(self) -> tuple[int, int, int]:
+            return self.desc_address, 0x8000_0000, self.used_address
+
+    device = VirtioPciDevice(make_blk(image, size=MiB))
+    extra = GuestRam([(0x2_0000_0000, MiB)])
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram(with_fd=False)
+        for attempt in range(12):
+            driver = VirtioPciDriver(client, ram)
+            with monkeypatch.context() as patch:
+                patch.setattr(virtio_pci, "DriverSplitRing", RingInAHole)
+                (queue,) = await driver.start(
+                    want=no(Feature.RING_PACKED), queue_count=1, queue_size=16
+                )
+            for step in range(attempt % 4 + 1):
+                await queue.kick_async()
+                await client.dma_map(0x2_0000_0000, MiB)  # the walk looks again
+                if step == attempt % 3:
+                    await driver.common_write(0x14, 1, 0)  # the driver resets
+                await client.dma_unmap(0x2_0000_0000, MiB)
+            await driver.common_write(0x14, 1, 0)
+            driver.close()
+        driver = VirtioPciDriver(client, ram)
+        (queue,) = await driver.start(want=no(Feature.RING_PACKED), queue_size=16)
+        blk = BlkClient(ram, queue, arena=MiB)
+        await blk.write(0, b"after" * 100 + bytes(12))
+        assert (await blk.read(0, 512))[:5] == b"after"
+        driver.close()
+    extra.close()

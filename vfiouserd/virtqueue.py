@@ -141,6 +141,12 @@ def _mark_written(memory: GuestMemory, ranges: list[tuple[int, int]], written: i
         written -= length
 
 
+def _on_worker_thread() -> bool:
+    """A ring walk over memory without fds runs on a worker thread, where
+    the event loop's state is reached through ``trio.from_thread``."""
+    return not trio.lowlevel.in_trio_run()
+
+
 def _eventfd_drain(fd: int) -> None:
     with contextlib.suppress(BlockingIOError):
         os.read(fd, 8)
@@ -594,7 +600,6 @@ class Virtqueue:
         self.error_notifier: Callable[[], None] | None = None
         # Virtio-pci: no DMA while the driver has bus mastering switched off.
         self.dma_allowed: Callable[[], bool] = lambda: True
-        self._in_worker = False
         self.enabled = False
         self.started = False
         self.broken = False
@@ -620,7 +625,7 @@ class Virtqueue:
             return self.memory.user_to_guest(address, length)
         return address
 
-    def attach(self) -> None:
+    def attach(self) -> SplitRing | PackedRing:
         """Translate the ring areas; RingError if the driver's setup is bad."""
         if not self.addresses_set or self.size == 0:
             raise RingError("ring started before its size and addresses were set")
@@ -631,9 +636,10 @@ class Virtqueue:
         # Keep the indexes a running ring has reached when re-attaching.
         previous = self.ring
         base = previous.base() if previous is not None else self.base
+        ring: SplitRing | PackedRing
         try:
             if self.packed:
-                self.ring = PackedRing(
+                ring = PackedRing(
                     self.memory,
                     self.size,
                     self._gpa(self.desc_address, 16 * self.size),
@@ -644,7 +650,7 @@ class Virtqueue:
                     base=base,
                 )
             else:
-                self.ring = SplitRing(
+                ring = SplitRing(
                     self.memory,
                     self.size,
                     self._gpa(self.desc_address, 16 * self.size),
@@ -658,9 +664,11 @@ class Virtqueue:
             raise RingError(f"ring area: {exc}") from exc
         except GuestMemoryError as exc:
             raise RingUnmapped(f"ring area: {exc}") from exc
+        self.ring = ring
         if self.inflight is not None:
             self._track_inflight(previous)
         self._generation = self.memory.generation
+        return ring
 
     def _track_inflight(self, previous: SplitRing | PackedRing | None) -> None:
         ring, tracker = self.ring, self.inflight
@@ -703,7 +711,7 @@ class Virtqueue:
         """Run ``action`` on the event loop, also when called from the worker
         thread that walks rings on unmapped memory (device state and the
         VMM's eventfds belong to the loop)."""
-        if self._in_worker:
+        if _on_worker_thread():
             trio.from_thread.run_sync(action)
         else:
             action()
@@ -729,12 +737,14 @@ class Virtqueue:
             return
         faults = memory_faults()
         try:
-            if self._generation != self.memory.generation or self.ring is None:
-                if self.ring is None and self._generation == self.memory.generation:
-                    return  # unmapped ring, memory unchanged: keep waiting
-                self.attach()
+            # The walk keeps the ring it started with in hand: a reset on
+            # the event loop may drop ``self.ring`` meanwhile (the walk then
+            # finds out at its next round trip, see Turns).
             ring = self.ring
-            assert ring is not None
+            if self._generation != self.memory.generation or ring is None:
+                if ring is None and self._generation == self.memory.generation:
+                    return  # unmapped ring, memory unchanged: keep waiting
+                ring = self.attach()
             mark = ring.used_mark()
             generation = self.memory.generation
             for _ in range(ring.size):  # bounded so other queues get their turn
@@ -742,7 +752,7 @@ class Virtqueue:
                 try:
                     request = ring.pop()
                 except RingError as exc:
-                    if self._in_worker and self.memory.generation != generation:
+                    if _on_worker_thread() and self.memory.generation != generation:
                         # The VMM changed the layout while this walk waited for
                         # it (a memory transaction: unmap, then map again): try
                         # the chain again on the new layout, not a broken ring.
@@ -951,11 +961,7 @@ class Virtqueue:
     def _process_in_worker(self, handle: Handler) -> None:
         assert self.turns is not None
         epoch = self.epoch
-        self._in_worker = True
-        try:
-            self.turns.run_walk(lambda: self.epoch == epoch, lambda: self.process(handle))
-        finally:
-            self._in_worker = False
+        self.turns.run_walk(lambda: self.epoch == epoch, lambda: self.process(handle))
 
     async def _wait(self) -> None:
         if not self._woken:
