@@ -8,6 +8,7 @@ import errno
 import itertools
 import os
 import struct
+import tracemalloc
 
 import pytest
 import trio
@@ -304,3 +305,53 @@ async def test_a_device_reset_returns_to_running(image, left_in):
         assert await client.migration_read(1 << 20)
         driver.close()
     ram.close()
+
+
+async def test_dma_logging_of_huge_ranges_costs_what_the_device_writes():
+    """With 1 MiB mapped, START for 1 TiB and 8 TiB ranges used to allocate
+    their whole bitmaps (the daemon grew by 300 MB); the bits are now kept
+    for what the device wrote, and a report too large for one reply is
+    refused rather than built."""
+    ram = GuestRam([(0, MiB)])
+    device = ExampleDevice()
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram()
+        await client.config_write(0x04, 2, 0x6)
+        tracemalloc.start()
+        try:
+            await client.dma_logging_start(PAGE, [(0, 1 << 40), (1 << 41, 8 << 40)])
+            ram.write(0x1000, b"d" * 3 * PAGE)
+            await client.region_write(0, 0x10, struct.pack("<Q", 0x1000))
+            await client.region_write(0, 0x18, struct.pack("<II", 0x8000, 0))
+            await client.region_write(0, 0x20, struct.pack("<I", 3 * PAGE))
+            await client.region_write(0, 0x24, struct.pack("<I", 1))
+            with pytest.raises(VfioUserError):  # a 32 MiB bitmap
+                await client.dma_logging_report(0, 1 << 40, PAGE)
+            assert await client.dma_logging_report(0, MiB, PAGE) == {8, 9, 10}
+            assert await client.dma_logging_report(1 << 41, 1 << 30, 1 << 20) == set()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * MiB
+        await client.dma_logging_stop()
+    ram.close()
+
+
+def test_a_dirty_log_past_its_memory_limit_reports_every_page(monkeypatch):
+    """Saturated, the log errs on the safe side: all pages dirty (a migration
+    copies more), never a page missed."""
+    from vfiouserd.vfio_user.migration import DirtyBitmaps
+
+    monkeypatch.setattr(DirtyBitmaps, "MAX_BITMAP_BYTES", 2 * DirtyBitmaps.CHUNK_BYTES)
+    span = DirtyBitmaps.CHUNK_BYTES * 8 * PAGE  # the pages one chunk covers
+    log = DirtyBitmaps(PAGE, [(0, 4 * span)])
+    log.mark(0, PAGE)
+    log.mark(span, PAGE)
+    assert not log.saturated
+    assert log.report(0, 64 * PAGE, PAGE) == b"\x01" + bytes(7)
+    log.mark(2 * span, PAGE)  # a third chunk: past the limit
+    assert log.saturated and not log.chunks
+    assert log.report(0, 64 * PAGE, PAGE) == b"\xff" * 8
+    assert log.report(0, 61 * PAGE, PAGE) == b"\xff" * 7 + b"\x1f"
+    restored = DirtyBitmaps.from_document(log.to_document())
+    assert restored.saturated

@@ -207,15 +207,25 @@ class DirtyBitmaps:
     def kick(self) -> None:
         pass
 
-    def _take(self, index: int, page: int) -> bool:
-        """Whether the page is dirty; it is clean afterwards."""
-        if self.saturated:
-            return True
-        bits, bit = self._bits_of(index, page, create=False)
-        if bits is None or not bits[bit // 8] >> bit % 8 & 1:
-            return False
-        bits[bit // 8] &= ~(1 << bit % 8) & 0xFF
-        return True
+    def _take_dirty(self, index: int, first: int, last: int) -> list[int]:
+        """The dirty pages ``first..last`` of range ``index``, cleared. Only
+        chunks the device wrote exist, so this costs what was dirtied, not
+        what was asked for."""
+        per_chunk = self.CHUNK_BYTES * 8
+        pages = []
+        for (range_index, chunk), bits in self.chunks.items():
+            low = chunk * per_chunk
+            if range_index != index or low + per_chunk <= first or low > last:
+                continue
+            for at, byte in enumerate(bits):
+                if not byte:
+                    continue
+                for bit in range(8):
+                    page = low + at * 8 + bit
+                    if byte >> bit & 1 and first <= page <= last:
+                        pages.append(page)
+                        bits[at] &= ~(1 << bit) & 0xFF
+        return pages
 
     def report(self, iova: int, length: int, page_size: int) -> bytes:
         """The dirty bits of ``[iova, iova+length)`` at ``page_size``
@@ -231,15 +241,16 @@ class DirtyBitmaps:
         start = self.ranges[index][0]
         pages = (length + page_size - 1) // page_size
         out = bytearray((pages + 63) // 64 * 8)
+        if self.saturated:  # every page counts as dirty
+            _set_bits(out, 0, pages - 1)
+            return bytes(out)
         first = (iova - start) // self.page_size
         last = (iova + length - 1 - start) // self.page_size
-        for page in range(first, last + 1):
-            if self._take(index, page):
-                address = start + page * self.page_size
-                low = max(address, iova) - iova
-                high = min(address + self.page_size, iova + length) - 1 - iova
-                for bit in range(low // page_size, high // page_size + 1):
-                    out[bit // 8] |= 1 << bit % 8
+        for page in self._take_dirty(index, first, last):
+            address = start + page * self.page_size
+            low = max(address, iova) - iova
+            high = min(address + self.page_size, iova + length) - 1 - iova
+            _set_bits(out, low // page_size, high // page_size)
         return bytes(out)
 
     # -- handover ------------------------------------------------------------------------
@@ -270,6 +281,20 @@ class DirtyBitmaps:
                 if any(bits):
                     bitmaps.chunks[(index, offset // cls.CHUNK_BYTES)] = bits
         return bitmaps
+
+
+def _set_bits(bitmap: bytearray, first: int, last: int) -> None:
+    """Set bits ``first..last`` (least significant bit first)."""
+    while first <= last and first % 8:
+        bitmap[first // 8] |= 1 << first % 8
+        first += 1
+    whole = (last + 1 - first) // 8
+    if whole > 0:
+        bitmap[first // 8 : first // 8 + whole] = b"\xff" * whole
+        first += whole * 8
+    while first <= last:
+        bitmap[first // 8] |= 1 << first % 8
+        first += 1
 
 
 def logged_ranges(memory: GuestMemory, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -1207,6 +1207,10 @@ class VfioUserSession:
             raise RequestError(errno.EINVAL, f"report of {length} bytes in pages of {page_size}")
         pages = (length + page_size - 1) // page_size
         bitmap_size = (pages + 63) // 64 * 8
+        if bitmap_size > self._dma_chunk:  # the reply must fit a message
+            raise RequestError(
+                errno.E2BIG, f"a bitmap of {bitmap_size} bytes: report at most {self._dma_chunk}"
+            )
         self._check_argsz(
             head.argsz,
             vfu.DeviceFeatureHead.sizeof() + vfu.DmaLoggingReport.sizeof() + bitmap_size,
