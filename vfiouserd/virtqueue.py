@@ -432,7 +432,8 @@ class PackedRing(_Chains):
         request.head = resubmit.descriptors[-1].buffer_id
         request.ndescs = len(resubmit.descriptors)
         request.inflight_entry = resubmit.entry
-        assert self.inflight is not None
+        if self.inflight is None:  # the front end took the region away meanwhile
+            raise InflightError("requests to resubmit without an inflight region")
         self.inflight.resubmitted(resubmit.entry)
         return request
 
