@@ -35,8 +35,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Events that only a bug of ours logs: an unexpected exception that ended a
-# session or broke a queue. Any test that sees one fails.
-CRASH_EVENTS = ("session.crashed", "ring.crashed")
+# session, broke a queue or failed a device. Any test that sees one fails
+# unless it is marked crash_expected (a test of the containment itself).
+CRASH_EVENTS = ("session.crashed", "ring.crashed", "device.failed")
 
 
 class _CrashRecorder(logging.Handler):

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 # Logged only for a bug of ours (see conftest.CRASH_EVENTS).
-CRASH_MARKS = ("event=session.crashed", "event=ring.crashed")
+CRASH_MARKS = ("event=session.crashed", "event=ring.crashed", "event=device.failed")
 
 
 def assert_no_bug_logged(log: str) -> None:
