@@ -627,10 +627,10 @@ async def test_backend_channel_that_is_not_a_socket_is_refused_and_closed(image,
 
 
 async def test_a_kick_fd_swapped_then_the_ring_stopped_is_never_read_after_its_close(image, ram):
-    """A pipe at end of file as the kick fd is always readable: the ring task
-    is woken over and over, and GET_VRING_BASE closes the fd between a
-    wake-up and the task running (the fuzzer saw EBADF there, on a number
-    that could by then have been another file)."""
+    """A pipe full of bytes as the kick fd stays readable: the ring task is
+    woken over and over, and GET_VRING_BASE closes the fd between a wake-up
+    and the task running (the fuzzer saw EBADF there, on a number that could
+    by then have been another file)."""
     device = make_blk(image)
     async with served(device) as frontend:
         (blk,) = await start_device(frontend, ram)
@@ -638,9 +638,10 @@ async def test_a_kick_fd_swapped_then_the_ring_stopped_is_never_read_after_its_c
         blk.queue.close()
         for _ in range(40):
             read_end, write_end = os.pipe()
-            os.close(write_end)
+            os.write(write_end, bytes(32768))
             await frontend.call(R.SET_VRING_KICK, vu.U64.build({"value": 0}), [read_end])
             os.close(read_end)
+            os.close(write_end)
             await trio.sleep(0.002)
             await frontend.stop_queue(0)
             queue = await frontend.start_queue(0, frontend.make_ring(ram, 64))
@@ -650,4 +651,24 @@ async def test_a_kick_fd_swapped_then_the_ring_stopped_is_never_read_after_its_c
         fresh = BlkClient(ram, await frontend.start_queue(0, frontend.make_ring(ram, 64)))
         await fresh.write(0, b"kick" * 128)
         assert (await fresh.read(0, 512))[:4] == b"kick"
+        await still_alive(frontend)
+
+
+@pytest.mark.parametrize("kind", ["pipe-write-end", "pipe-at-eof"])
+async def test_a_kick_fd_that_cannot_deliver_kicks_breaks_only_its_queue(image, ram, kind):
+    """A pipe's write end polls as an error and cannot be read (the fuzzer
+    found EBADF there); a pipe at end of file polls readable for ever (the
+    ring would spin). Either breaks its queue; the session goes on."""
+    device = make_blk(image, num_queues=2)
+    async with served(device) as frontend:
+        good, bad = await start_device(frontend, ram, queues=2)
+        read_end, write_end = os.pipe()
+        given, kept = (write_end, read_end) if kind == "pipe-write-end" else (read_end, write_end)
+        os.close(kept)
+        await frontend.call(R.SET_VRING_KICK, vu.U64.build({"value": 1}), [given], ack=True)
+        os.close(given)
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(bad.queue.err)
+        await good.write(0, b"g" * 512)
+        assert await good.read(0, 512) == b"g" * 512
         await still_alive(frontend)

@@ -147,9 +147,16 @@ def _on_worker_thread() -> bool:
     return not trio.lowlevel.in_trio_run()
 
 
-def _eventfd_drain(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError):
-        os.read(fd, 8)
+def _kick_drain(fd: int) -> str | None:
+    """Take a kick; None, or why ``fd`` cannot serve as a kick fd (the VMM
+    may send any fd: a pipe's write end, a pipe at end of file)."""
+    try:
+        data = os.read(fd, 8)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    return None if data else "is at end of file"
 
 
 class _Chains:
@@ -985,7 +992,9 @@ class Virtqueue:
                         # been replaced and closed since (its number even
                         # reused). Then the new fd's kick is not ours to eat.
                         if kick_generation == self._kick_generation:
-                            _eventfd_drain(kick_fd)
+                            unusable = _kick_drain(kick_fd)
+                            if unusable is not None:
+                                self.fail(f"kick fd {kick_fd} {unusable}")
             self._wait_scope = None
         else:
             await trio.lowlevel.checkpoint()
