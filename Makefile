@@ -3,6 +3,8 @@
 #   make test   - lint and the whole test suite (unit tests, real QEMU guests, a real systemd,
 #                 libvirt)
 #   make bench  - vfiouserd against qemu-storage-daemon, side by side
+#   make fuzz   - the stateful fuzzer against each device's real daemon, DURATION seconds
+#                 each (default 600), SEED=N (default 1); findings under .cache/fuzz/
 # Downloads are cached under .cache/ (pip, Debian packages, the guest build); the QEMU
 # with vfio-user-pci that the project builds (make qemu, about 6 minutes on 2 cores the
 # first time) under ~/.cache/vfiouserd (VFIOUSERD_CACHE), keyed by version.
@@ -18,7 +20,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils gcc libcap-dev libseccomp2 util-linux
 export PIP_CACHE_DIR := $(CURDIR)/$(CACHE)/pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all test unit lint demo bench deps venv guest qemu clean
+.PHONY: all test unit lint demo bench fuzz deps venv guest qemu clean
 
 all: test
 
@@ -73,6 +75,20 @@ demo: guest
 bench: guest
 	$(VENV)/bin/python bench/blk.py
 	$(VENV)/bin/python bench/downtime.py
+
+# Every device gets its turn even when an earlier one had findings; the
+# target fails if any had. Replay a finding with the command its FINDING line
+# prints (run from the top of the tree with $(VENV)/bin/python).
+DURATION ?= 600
+SEED ?= 1
+FUZZ_DEVICES := vhost-user-blk vhost-user-rng vfio-user-blk vfio-user-example
+
+fuzz: $(VENV)/stamp
+	@status=0; for device in $(FUZZ_DEVICES); do \
+		mkdir -p $(CACHE)/fuzz/$$device; \
+		$(VENV)/bin/python -m fuzz.run --device $$device --duration $(DURATION) --seed $(SEED) \
+			--workdir $(CACHE)/fuzz/$$device || status=1; \
+	done; exit $$status
 
 clean:
 	rm -rf $(VENV) $(CACHE)/guest build *.egg-info
