@@ -113,6 +113,14 @@ class DriverSplitRing:
         self.desc_address = ram.alloc(16 * size, 16, region)
         self.avail_address = ram.alloc(6 + 2 * size, 2, region)
         self.used_address = ram.alloc(6 + 8 * size, 4, region)
+        # A driver starts from zeroed rings (memory a device wrote before
+        # may have been handed out again).
+        for address, length in (
+            (self.desc_address, 16 * size),
+            (self.avail_address, 6 + 2 * size),
+            (self.used_address, 6 + 8 * size),
+        ):
+            ram.write(address, bytes(length))
         self.desc = ram.view(self.desc_address, 16 * size)
         self.avail = ram.view(self.avail_address, 6 + 2 * size).cast("H")
         used = ram.view(self.used_address, 6 + 8 * size)
@@ -216,6 +224,12 @@ class DriverPackedRing:
         self.desc_address = ram.alloc(16 * size, 16, region)
         self.driver_address = ram.alloc(4, 4, region)
         self.device_address = ram.alloc(4, 4, region)
+        for address, length in (
+            (self.desc_address, 16 * size),
+            (self.driver_address, 4),
+            (self.device_address, 4),
+        ):
+            ram.write(address, bytes(length))  # zeroed, as a driver starts
         self.desc = ram.view(self.desc_address, 16 * size)
         self.driver_event = ram.view(self.driver_address, 4).cast("H")
         self.device_event = ram.view(self.device_address, 4).cast("H")
