@@ -1614,19 +1614,19 @@ def version_payloads(rng: random.Random) -> list[tuple[str, bytes, str | None]]:
         ("twin socket", caps(twin_socket={"supported": True}), "accept"),
         ("major 1", head(1, 0) + vfu.encode_version_data(good), "refuse"),
         ("short", head()[: rng.randrange(4)], "refuse"),
-        ("max_msg_fds 0", caps(max_msg_fds=0), "refuse"),
-        ("max_msg_fds true", caps(max_msg_fds=True), "refuse"),
-        ("max_data_xfer huge", caps(max_data_xfer_size=1 << 40), "refuse"),
+        ("max_msg_fds 0", caps(max_msg_fds=0), None),
+        ("max_msg_fds true", caps(max_msg_fds=True), None),
+        ("max_data_xfer huge", caps(max_data_xfer_size=1 << 40), None),
         ("pgsizes 512", caps(pgsizes=512), "refuse"),
-        ("pgsizes string", caps(pgsizes="4096"), "refuse"),
-        ("twin socket 1", caps(twin_socket=1), "refuse"),
-        ("fd_index -1", caps(twin_socket={"supported": True, "fd_index": -1}), "refuse"),
-        ("no NUL", head() + json.dumps({"capabilities": good}).encode(), "refuse"),
-        ("NUL inside", head() + b'{"capabilities":{}}\0\0', "refuse"),
+        ("pgsizes string", caps(pgsizes="4096"), None),
+        ("twin socket 1", caps(twin_socket=1), None),
+        ("fd_index -1", caps(twin_socket={"supported": True, "fd_index": -1}), None),
+        ("no NUL", head() + json.dumps({"capabilities": good}).encode(), None),
+        ("NUL inside", head() + b'{"capabilities":{}}\0\0', None),
         ("not JSON", head() + b"{capabilities\0", "refuse"),
         ("array", head() + b"[1,2]\0", "refuse"),
         ("not UTF-8", head() + b'{"\xff":1}\0', "refuse"),
-        ("capabilities list", head() + b'{"capabilities":[1]}\0', "refuse"),
+        ("capabilities list", head() + b'{"capabilities":[1]}\0', None),
         ("deep", head() + b"[" * 5000 + b"]" * 5000 + b"\0", "refuse"),
         ("big", caps(padding="x" * 60000), None),
         ("random", head() + rng.randbytes(rng.randint(1, 200)), None),
@@ -1653,7 +1653,7 @@ async def case_version(ctx: CaseContext) -> None:
                 "GET_INFO",
             )
         elif roll < 0.2:
-            fds, verdict, what = [ctx.eventfd()], "refuse", f"{what} with an fd"
+            fds, verdict, what = [ctx.eventfd()], None, f"{what} with an fd"
         elif roll < 0.25:
             flags, verdict = vfu.FLAG_NO_REPLY, "refuse"
         elif roll < 0.3:
@@ -2086,18 +2086,19 @@ async def case_reset_mid_io(ctx: CaseContext) -> None:
 
 async def case_migration(ctx: CaseContext) -> None:
     """The migration state machine walked at random (GET after every SET),
-    data read in STOP_COPY, garbage written in RESUMING, guest work in
-    between; a hang-up in any state, then a reset that must bring I/O back."""
+    data read in STOP_COPY, garbage or a damaged saved state written in
+    RESUMING, guest work in between; a hang-up in any state, then a reset
+    that must bring I/O back."""
     rng = ctx.rng
     guest = new_guest(ctx)
     session = Session(ctx, guest)
-    blob = b""
+    blob = b""  # what STOP_COPY gave
     async with session.connected():
         client = session.c
         if rng.random() < 0.6:
             await client.reset()
         await session.setup(rng.randint(1, 3))
-        written = b""
+        written, only_random = 0, True  # written in RESUMING since the last state change
         for _ in range(rng.randint(1, 10)):
             roll = rng.random()
             if roll < 0.4:
@@ -2107,8 +2108,8 @@ async def case_migration(ctx: CaseContext) -> None:
                     await client.set_migration_state(target)  # type: ignore[arg-type]
                 except VfioUserError as exc:
                     ctx.note(f"state {before.name} -> {target}: {exc}")
-                    if target == S.STOP and before == S.RESUMING and written:
-                        written = b""  # the load failed; the data is gone
+                    if before == S.RESUMING and target in (S.STOP, S.RUNNING):
+                        written, only_random = 0, True  # a refused load drops its data
                     continue
                 now = await client.migration_state()
                 ctx.note(f"state {before.name} -> {now.name}")
@@ -2116,25 +2117,31 @@ async def case_migration(ctx: CaseContext) -> None:
                     ctx.violation(
                         f"SET state {target} from {before.name} succeeded, now {now.name}"
                     )
-                if before == S.RESUMING and now != S.RESUMING and written and not blob:
-                    ctx.violation(f"{len(written)} bytes of random garbage loaded as device state")
-                written = b""
-            elif roll < 0.6:
+                if before == S.RESUMING and now != S.RESUMING and written >= 16 and only_random:
+                    ctx.violation(f"{written} bytes of random garbage loaded as device state")
+                written, only_random = 0, True
+            elif roll < 0.5:
                 size = rng.choice((1, 16, 4096, MiB, 0))
                 head = vfu.MigDataHead.build({"argsz": 8 + size, "size": size})
-                pending = await session.send(Command.MIG_DATA_READ, head)
+                await session.send(Command.MIG_DATA_READ, head)  # its reply judged
                 await session.settle(2.0)
-                if pending is not None and size >= MiB and not session.outstanding:
-                    with contextlib.suppress(VfioUserError):
-                        blob += await client.migration_read(MiB)
+            elif roll < 0.6:
+                with contextlib.suppress(VfioUserError):
+                    blob += await client.migration_read(rng.choice((16, 4096, MiB)))
+                ctx.note(f"saved state so far: {len(blob)} bytes")
             elif roll < 0.8:
                 if blob and rng.random() < 0.5:
-                    data = mutate_bytes(rng, blob)
+                    data = mutate_bytes(rng, blob)[:65536]
+                    random_data = False
                 else:
-                    data, blob = rng.randbytes(rng.choice((1, 16, 200, 4096))), b""
-                with contextlib.suppress(VfioUserError):
-                    await client.migration_write(data[:65536])
-                    written += data[:65536]
+                    data, random_data = rng.randbytes(rng.choice((1, 16, 200, 4096))), True
+                try:
+                    await client.migration_write(data)
+                except VfioUserError as exc:
+                    ctx.note(f"{len(data)} bytes written: {exc}")
+                else:
+                    written += len(data)
+                    only_random = only_random and random_data
             else:
                 with contextlib.suppress(VfioUserError):
                     await session.exercise()
