@@ -352,8 +352,8 @@ def parse_version_data(data: bytes) -> Capabilities:
         raise VersionError("NUL inside the version data")
     try:
         document = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VersionError(f"version data is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, too deep, too many digits
+        raise VersionError(f"version data is not JSON: {str(exc)[:200]}") from exc
     if not isinstance(document, dict):
         raise VersionError("version data is not a JSON object")
     offered = document.get("capabilities", {})

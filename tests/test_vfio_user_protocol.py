@@ -185,6 +185,10 @@ async def test_version_without_json_and_newer_minor():
         version(data=b'{"capabilities": {"max_data_xfer_size": 0}}\0'),
         version(data=b'{"capabilities": {"twin_socket": true}}\0'),
         version(data=b'{"capabilities": {"pgsizes": 65536}}\0'),  # no page size in common
+        # Found by our fuzzer: JSON nested past Python's recursion limit, and
+        # an integer past its digit limit, both raised outside the JSON errors.
+        version(data=b"[" * 100_000 + b"\0"),
+        version(data=b'{"capabilities": {"max_msg_fds": 1' + b"0" * 5000 + b"}}\0"),
     ],
     ids=[
         "short",
@@ -198,6 +202,8 @@ async def test_version_without_json_and_newer_minor():
         "xfer-zero",
         "twin-not-object",
         "pgsizes",
+        "deep-json",
+        "huge-int",
     ],
 )
 async def test_bad_version_gets_einval_then_a_closed_connection(payload):
