@@ -313,3 +313,34 @@ async def test_an_inflight_region_that_does_not_add_up_breaks_only_its_queue(
         assert not died.is_set()
         await frontend.aclose()
         region.close()
+
+
+@pytest.mark.parametrize("field", ["used", "old-used", "free"])
+async def test_a_packed_inflight_header_pointing_outside_the_queue_is_refused(ram, image, field):
+    """A well-formed header (version, size) whose indexes lie outside the
+    queue: the ring start is refused, the session lives (our fuzzer found
+    the ring read at such an index as a crashed session)."""
+    device = make_blk(image)
+    async with trio.open_nursery() as nursery:
+        frontend, died = await connect(device, nursery)
+        await frontend.negotiate(want_features=ring_features(True))
+        await frontend.set_features()
+        region = await frontend.get_inflight(1, QUEUE_SIZE)
+        used, old_used, free = 3, 2, 0
+        if field == "used":
+            used = 37466
+        elif field == "old-used":
+            old_used = 37466
+        else:
+            free = 600
+        header = vu.INFLIGHT_PACKED_QUEUE.pack(0, 1, QUEUE_SIZE, free, free, used, old_used, 1, 1)
+        os.pwrite(region.fd, header, region.offset)
+        await frontend.set_inflight(region)
+        await frontend.share_memory(ram)
+        with pytest.raises(BackendError):
+            await frontend.start_queue(0, frontend.make_ring(ram, QUEUE_SIZE))
+        assert await frontend.call_u64(R.GET_FEATURES)
+        assert not died.is_set()
+        await frontend.aclose()
+        region.close()
+        nursery.cancel_scope.cancel()

@@ -271,6 +271,17 @@ class PackedInflight:
             raise InflightError(
                 f"region tracks {header[2]} descriptors, the queue has {self.queue_size}"
             )
+        for field, limit in (
+            (self.USED, 1),
+            (self.OLD_USED, 1),
+            (self.FREE, 0),
+            (self.OLD_FREE, 0),
+        ):
+            if header[field] > self.queue_size - limit:  # a free list may end at the size
+                raise InflightError(
+                    f"inflight header field {field} is {header[field]}, the queue has"
+                    f" {self.queue_size} descriptors"
+                )
         if header[self.USED] != header[self.OLD_USED] and slot_published(
             header[self.OLD_USED], bool(header[self.OLD_WRAP])
         ):
