@@ -448,3 +448,40 @@ async def test_a_driver_reset_while_a_ring_lies_outside_memory_breaks_nothing(
         assert (await blk.read(0, 512))[:5] == b"after"
         driver.close()
     extra.close()
+
+
+async def test_memory_unmapped_while_a_ring_attaches_through_the_vmm(ram, image):
+    """Attaching a packed ring over memory without fds writes to it (a round
+    trip); the VMM unmapping all memory meanwhile left a ring built on the
+    old layout that the next walk used on the event loop (found by our
+    fuzzer as a crashed ring). The walk must see the new layout; the device
+    serves a driver that starts over on memory mapped again."""
+    device = VirtioPciDevice(make_blk(image, size=MiB))
+    async with vfio_served(device, ram=ram) as client:
+        await client.map_ram(with_fd=False)
+        driver = VirtioPciDriver(client, ram)
+        unmapped = trio.Event()
+
+        async def unmap_all_during_the_first_write(message) -> None:
+            if message.command == Command.DMA_WRITE and not unmapped.is_set():
+                unmapped.set()
+                windows = list(client.windows)
+                await client.dma_unmap(0, 0, flags=vfu.DMA_UNMAP_FLAG_ALL)
+                client.windows = windows  # a VMM that still answers for it
+
+        client.before_dma_reply = unmap_all_during_the_first_write
+        (queue,) = await driver.start(queue_count=1, queue_size=16)  # packed: offered
+        with trio.fail_after(5):
+            await unmapped.wait()
+        client.before_dma_reply = None
+        for _ in range(3):
+            await queue.kick_async()
+            await trio.sleep(0.1)
+        driver.close()
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)  # the driver resets and starts over
+        (queue,) = await driver.start(queue_count=1, queue_size=16)
+        blk = BlkClient(ram, queue, arena=MiB)
+        await blk.write(0, b"remap" * 100 + bytes(12))
+        assert (await blk.read(0, 512))[:5] == b"remap"
+        driver.close()

@@ -390,6 +390,8 @@ class PackedRing(_Chains):
     def slot_published(self, index: int, wrap: bool) -> bool:
         """Whether the device marked ring slot ``index`` used (for ``wrap``):
         its flags are no longer those of an available descriptor."""
+        if not 0 <= index < self.size:
+            raise RingError(f"ring slot {index} outside a queue of {self.size}")
         flags = _load(PACKED_DESCRIPTOR, self.desc, index * 16)[3]
         available = (bool(flags & PACKED_DESC_F_AVAIL), bool(flags & PACKED_DESC_F_USED))
         return available != (wrap, not wrap)
@@ -641,6 +643,10 @@ class Virtqueue:
             raise RingError(f"queue size {self.size} exceeds {MAX_QUEUE_SIZE}")
         indirect = bool(self.features & bit(Feature.RING_INDIRECT_DESC))
         event_idx = bool(self.features & bit(Feature.RING_EVENT_IDX))
+        # The layout this ring is built on: building it over memory reached
+        # through the VMM takes round trips, during which the layout may
+        # change again (then the next walk must attach anew).
+        generation = self.memory.generation
         # Keep the indexes a running ring has reached when re-attaching.
         previous = self.ring
         base = previous.base() if previous is not None else self.base
@@ -675,7 +681,7 @@ class Virtqueue:
         self.ring = ring
         if self.inflight is not None:
             self._track_inflight(previous)
-        self._generation = self.memory.generation
+        self._generation = generation
         return ring
 
     def _track_inflight(self, previous: SplitRing | PackedRing | None) -> None:
@@ -840,26 +846,34 @@ class Virtqueue:
                 if self._native_ready():
                     outcome = await self._serve_native()
                     if outcome == lib.VFU_FAST_PUNT:
-                        self.process(handle)  # what the fast path leaves to Python
+                        await self._process_anywhere(handle)  # what it leaves to Python
                     elif outcome == lib.VFU_FAST_FAULT:
                         self.fail("the VMM truncated memory it shared with us")
                     elif outcome == lib.VFU_FAST_BROKEN_FD:
                         self._native_off = True  # Python's own wait says why
                     await trio.lowlevel.checkpoint()
                     continue
-                if self.memory.has_unmapped and self.memory.remote is not None:
-                    # Every ring access is a round trip to the VMM: walk on a
-                    # worker thread that gives its turn up for each one, so the
-                    # session keeps serving the VMM (see Turns).
-                    assert self.turns is not None
-                    async with self.turns.walk():
-                        await trio.to_thread.run_sync(self._process_in_worker, handle)
-                else:
-                    self.process(handle)
+                await self._process_anywhere(handle)
                 if self._native_ready():
                     continue  # attached now: the fast path takes over
                 await self._wait()
             await trio.sleep_forever()  # a broken queue waits for stop or reset
+
+    async def _process_anywhere(self, handle: Handler) -> None:
+        """``process`` where the memory allows: on the event loop, or, when
+        part of it is reached through the VMM (memory may have changed while
+        the fast path ran), on a worker thread."""
+        if self.memory.has_unmapped and self.memory.remote is not None:
+            # Every ring access is a round trip to the VMM: walk on a worker
+            # thread that gives its turn up for each one, so the session
+            # keeps serving the VMM (see Turns).
+            if self.turns is None:
+                self.fail("memory reached through the VMM, but no session to reach it")
+                return
+            async with self.turns.walk():
+                await trio.to_thread.run_sync(self._process_in_worker, handle)
+        else:
+            self.process(handle)
 
     # -- the native fast path ---------------------------------------------------------
 

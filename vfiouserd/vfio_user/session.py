@@ -88,13 +88,23 @@ class ThreadedRemote:
     def __init__(self, session: VfioUserSession) -> None:
         self.session = session
 
+    @staticmethod
+    def _check_thread() -> None:
+        # Round trips block: only a walk's worker thread may make them. On
+        # the event loop this is a bug of ours (the queue breaks, the log
+        # says ring.crashed), and the message says which.
+        if trio.lowlevel.in_trio_run():
+            raise RuntimeError("memory reached through the VMM from the event loop")
+
     def read(self, address: int, size: int) -> bytes:
+        self._check_thread()
         try:
             return self.session.device.turns.round_trip(self.session.dma_read, address, size)
         except trio.RunFinishedError as exc:
             raise RemoteAccessError("the session ended") from exc
 
     def write(self, address: int, data: bytes) -> None:
+        self._check_thread()
         try:
             self.session.device.turns.round_trip(self.session.dma_write, address, data)
         except trio.RunFinishedError as exc:
