@@ -485,3 +485,33 @@ async def test_memory_unmapped_while_a_ring_attaches_through_the_vmm(ram, image)
         await blk.write(0, b"remap" * 100 + bytes(12))
         assert (await blk.read(0, 512))[:5] == b"remap"
         driver.close()
+
+
+@pytest.mark.parametrize("qemu_layout", [False, True], ids=["spec-layout", "qemu-layout"])
+async def test_the_dma_layout_is_probed_once_when_queues_start_together(ram, image, qemu_layout):
+    """Two walks reaching memory through the VMM at once used to send two
+    probes, and the second answer overturned the first (our fuzzer: a QEMU-
+    layout client then had its DMA replies misread, and I/O stopped)."""
+    device = VirtioPciDevice(make_blk(image, size=MiB, num_queues=2))
+    async with vfio_served(device, ram=ram, qemu_dma_layout=qemu_layout) as client:
+        probes = 0
+
+        async def count_probes(message) -> None:
+            nonlocal probes
+            fields = vfu.DmaAccess.parse(message.payload[: vfu.DmaAccess.sizeof()])
+            if message.command == Command.DMA_READ and fields.count == vfu.DMA_LAYOUT_PROBE:
+                probes += 1
+
+        client.before_dma_reply = count_probes
+        client.dma_reply_delay = 0.05  # both walks ask before the first answer
+        await client.map_ram(with_fd=False)
+        driver = VirtioPciDriver(client, ram)
+        queues = await driver.start(queue_count=2, queue_size=16)
+        await trio.sleep(0.2)  # the walks' first round trips
+        client.dma_reply_delay = 0
+        for index, queue in enumerate(queues):
+            blk = BlkClient(ram, queue, arena=MiB // 2)
+            await blk.write(index * 8, bytes([index + 1]) * 4096)
+            assert await blk.read(index * 8, 4096) == bytes([index + 1]) * 4096
+        assert probes == 1
+        driver.close()

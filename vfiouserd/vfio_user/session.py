@@ -128,6 +128,7 @@ class VfioUserSession:
         self._commands = CommandBacklog(COMMAND_QUEUE, COMMAND_BACKLOG_LIMIT, COMMAND_BACKLOG_BYTES)
         # How the client lays out DMA_READ/DMA_WRITE: asked at the first one.
         self.qemu_dma_layout: bool | None = None
+        self._layout_lock = trio.Lock()
         self._given_up: set[int] = set()  # our requests whose replies may come late
         self._nursery: trio.Nursery | None = None
         self._intx_unmask_scope: trio.CancelScope | None = None
@@ -730,12 +731,15 @@ class VfioUserSession:
     # says how they differ). Asked once per connection, at the first access.
 
     async def _learn_dma_layout(self, address: int) -> bool:
-        if self.qemu_dma_layout is None:
-            probe = vfu.DmaAccess.build({"address": address, "count": vfu.DMA_LAYOUT_PROBE})
-            reply = await self._request(Command.DMA_READ, probe, refused_ok=True)
-            self.qemu_dma_layout = not reply.is_error
-            log.info("dma.layout", layout="qemu" if self.qemu_dma_layout else "spec")
-        return self.qemu_dma_layout
+        # Two walks may ask at once: one probe, whose answer stands (a second
+        # one, answered differently, used to overturn it mid-connection).
+        async with self._layout_lock:
+            if self.qemu_dma_layout is None:
+                probe = vfu.DmaAccess.build({"address": address, "count": vfu.DMA_LAYOUT_PROBE})
+                reply = await self._request(Command.DMA_READ, probe, refused_ok=True)
+                self.qemu_dma_layout = not reply.is_error
+                log.info("dma.layout", layout="qemu" if self.qemu_dma_layout else "spec")
+            return self.qemu_dma_layout
 
     async def dma_read(self, address: int, size: int) -> bytes:
         """Read client memory that has no fd, through DMA_READ requests."""
