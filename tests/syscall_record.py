@@ -54,13 +54,24 @@ def parse(trace: Path) -> Record:
     unfinished: dict[int, tuple[str, str]] = {}  # pid -> (name, args) of a call in progress
     first_pid: int | None = None
     seen: set[int] = set()
+    # Inside the daemon's PID namespace a clone returns the new thread's id
+    # there, not the one strace prints: such a thread is jailed when it first
+    # shows up, whether before its creator's clone returns or after.
+    adopted_early = 0  # threads first seen while a jailed clone was under way
+    awaited = 0  # jailed clones returned, their threads not seen yet
 
     def finished(pid: int, name: str, args: str, rest: str) -> None:
+        nonlocal adopted_early, awaited
         result = _result(rest)
         if _is_filter_load(name, args) and result == 0:
             jailed.add(pid)
         elif name in CLONES and pid in jailed and result is not None and result > 0:
             jailed.add(result)
+            if result not in seen:  # an id in the daemon's namespace
+                if adopted_early:
+                    adopted_early -= 1
+                else:
+                    awaited += 1
 
     for line in trace.read_text(errors="replace").splitlines():
         resumed = RESUMED.match(line)
@@ -77,10 +88,12 @@ def parse(trace: Path) -> Record:
             first_pid = pid
         if pid not in seen:
             seen.add(pid)
-            # A thread's first calls can come before its creator's clone
-            # returns: it is jailed if a jailed thread is creating one.
             if any(p in jailed and n in CLONES for p, (n, _) in unfinished.items()):
                 jailed.add(pid)
+                adopted_early += 1
+            elif awaited:
+                jailed.add(pid)
+                awaited -= 1
         if pid in jailed:
             (record.reaper if pid == first_pid else record.daemon).add(name)
         if rest.endswith("<unfinished ...>"):
