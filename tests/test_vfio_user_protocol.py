@@ -998,3 +998,32 @@ async def test_power_states_not_offered_are_ignored():
         for state, expected in [(3, 3), (1, 3), (2, 3), (0, 0)]:
             await client.config_write(pm + 4, 2, state)
             assert await client.config_read(pm + 4, 2) & 0x3 == expected
+
+
+@pytest.mark.parametrize("offered", [True, False], ids=["max_msg_fds-said", "unsaid"])
+async def test_a_client_sends_no_more_fds_than_our_version_reply_allowed(offered, image):
+    """Our reply names max_msg_fds only when the client's VERSION did; unsaid,
+    the spec's default (1) is our limit, and more fds are refused (found by
+    our fuzzer: two eventfds were taken anyway)."""
+    caps = dict(QEMU_CAPS) if offered else {"max_data_xfer_size": 1 << 20}
+    if not offered:
+        caps.pop("max_msg_fds", None)
+    from conftest import make_blk
+    from vfiouserd.devices.virtio_pci import VirtioPciDevice
+
+    async with raw_session(VirtioPciDevice(make_blk(image, size=MiB))) as raw:
+        await raw.negotiate(caps)
+        fds = [eventfd() for _ in range(2)]
+        head = vfu.IrqSetHead.build(
+            {
+                "argsz": 20,
+                "flags": vfu.IrqSetFlag.DATA_EVENTFD | vfu.IrqSetFlag.ACTION_TRIGGER,
+                "index": vfu.PciIrq.MSIX,
+                "start": 0,
+                "count": 2,
+            }
+        )
+        expected = 0 if offered else errno.EINVAL
+        assert await raw.errno_of(Command.DEVICE_SET_IRQS, head, fds) == expected
+        for fd in fds:
+            os.close(fd)

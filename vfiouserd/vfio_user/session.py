@@ -152,7 +152,7 @@ class VfioUserSession:
             Command.DEVICE_GET_REGION_INFO: (self._get_region_info, 0),
             Command.DEVICE_GET_REGION_IO_FDS: (self._get_region_io_fds, 0),
             Command.DEVICE_GET_IRQ_INFO: (self._get_irq_info, 0),
-            Command.DEVICE_SET_IRQS: (self._set_irqs, self.config.max_msg_fds),
+            Command.DEVICE_SET_IRQS: (self._set_irqs, -1),  # what we advertised
             Command.REGION_READ: (self._region_read, 0),
             Command.REGION_WRITE: (self._region_write, 0),
             Command.DEVICE_RESET: (self._reset, 0),
@@ -161,6 +161,14 @@ class VfioUserSession:
             Command.MIG_DATA_READ: (self._mig_data, 0),
             Command.MIG_DATA_WRITE: (self._mig_data, 0),
         }
+
+    @property
+    def max_fds_in(self) -> int:
+        """Fds the client may send in one message: what our VERSION reply
+        said, which is the spec's default when it said nothing."""
+        if "max_msg_fds" in self.client.present:
+            return self.config.max_msg_fds
+        return vfu.Capabilities().max_msg_fds
 
     @property
     def max_payload(self) -> int:
@@ -604,6 +612,8 @@ class VfioUserSession:
                 errno.EINVAL, f"command {message.command} is not a client-to-server command"
             )
         handler, max_fds = entry
+        if max_fds < 0:
+            max_fds = self.max_fds_in
         if message.fds_truncated or len(message.fds) > max_fds:
             raise RequestError(errno.EINVAL, f"{len(message.fds)} fds, at most {max_fds}")
         try:
