@@ -429,12 +429,8 @@ class Session:
         self.client = client
         try:
             async with trio.open_nursery() as nursery:
-                client._nursery = nursery
                 client.aside = nursery
-                nursery.start_soon(client._serve_server_requests)
-                nursery.start_soon(client._receive, client.sock)
-                if client.twin is not None:
-                    nursery.start_soon(client._receive, client.twin)
+                client.start_serving(nursery)
                 try:
                     yield client
                 finally:

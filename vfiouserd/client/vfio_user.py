@@ -122,17 +122,22 @@ class VfioUserClient:
         try:
             await client.negotiate(twin_socket=twin_socket, capabilities=capabilities, minor=minor)
             async with trio.open_nursery() as nursery:
-                client._nursery = nursery
-                nursery.start_soon(client._serve_server_requests)
-                nursery.start_soon(client._receive, client.sock)
-                if client.twin is not None:
-                    nursery.start_soon(client._receive, client.twin)
+                client.start_serving(nursery)
                 try:
                     yield client
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
             client.close()
+
+    def start_serving(self, nursery: trio.Nursery) -> None:
+        """Route replies and answer the server's requests from tasks of
+        ``nursery`` (after negotiation, which may bring a twin socket)."""
+        self._nursery = nursery
+        nursery.start_soon(self._serve_server_requests)
+        nursery.start_soon(self._receive, self.sock)
+        if self.twin is not None:
+            nursery.start_soon(self._receive, self.twin)
 
     def close(self) -> None:
         self.sock.close()
