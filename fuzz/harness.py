@@ -99,6 +99,12 @@ class DeviceSpec:
 
 
 DISK = ("--blk-file", "{workdir}/disk.img", "--size", "16M")
+DISK_SECTORS = 16 * MiB // 512
+
+# The guest every case builds: two RAM regions with a hole between them.
+LAYOUT = [(0x0, 8 * MiB), (0x1_0000_0000, 4 * MiB)]
+HOLE = 0x8000_0000
+SCRATCH = 2 * MiB  # request buffers, carved round-robin
 DEVICES: dict[str, DeviceSpec] = {
     spec.name: spec
     for spec in (

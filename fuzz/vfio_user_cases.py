@@ -47,6 +47,10 @@ import trio
 from construct import ConstructError
 
 from fuzz.harness import (
+    DISK_SECTORS,
+    HOLE,
+    LAYOUT,
+    SCRATCH,
     CaseContext,
     CaseSet,
     MiB,
@@ -72,13 +76,9 @@ from vfiouserd.protocol.vfio_user import Command, Message
 from vfiouserd.protocol.vfio_user import MigrationState as S
 from vfiouserd.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 
-# Two regions with a hole between them; a third range the client never maps.
-LAYOUT = [(0x0, 8 * MiB), (0x1_0000_0000, 4 * MiB)]
-HOLE = 0x8000_0000
+# A range the client never maps (beside the harness's LAYOUT).
 NEVER_MAPPED = 0x2_0000_0000
-SCRATCH = 2 * MiB  # request buffers, carved round-robin
 CHECK_AREA = 64 * 1024
-DISK_SECTORS = 16 * MiB // 512
 PAGE = vfu.PAGE_SIZE
 CONFIG_REGION = vfu.PciRegion.CONFIG
 MODERN_BAR = 4  # virtio-pci: common, ISR, device config, notify (devices/virtio_pci.py)

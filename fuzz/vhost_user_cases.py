@@ -28,6 +28,10 @@ from collections.abc import Callable
 import trio
 
 from fuzz.harness import (
+    DISK_SECTORS,
+    HOLE,
+    LAYOUT,
+    SCRATCH,
     CaseContext,
     CaseSet,
     MiB,
@@ -62,11 +66,6 @@ from vfiouserd.virtqueue import (
     PACKED_DESC_F_USED,
 )
 
-# Two regions with a hole between them, user addresses unlike guest ones.
-LAYOUT = [(0x0, 8 * MiB), (0x1_0000_0000, 4 * MiB)]
-HOLE = 0x8000_0000
-SCRATCH = 2 * MiB  # request buffers, carved round-robin
-DISK_SECTORS = 16 * MiB // 512
 Raw = tuple[int, int, bytes, list[int]]  # request, flags, payload, fds
 
 

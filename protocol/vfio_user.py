@@ -16,9 +16,11 @@ Where implementations disagree, the choice made here:
   if the message is 4 bytes longer than its data needs, reading the data at
   12 (``QemuDmaAccess``, ``QEMU_DMA_PAD``). The lengths cannot tell the two
   apart, so the server asks once per connection (``DMA_LAYOUT_PROBE``): a
-  DMA_READ whose u64 count is 8 plus 2**32. A client that reads a u32 count
-  sees 8 and answers; one that reads the spec's u64 refuses a transfer that
-  large. It only matters when guest RAM has no fd.
+  DMA_READ whose u64 count is 8 plus 2**32, at the start of a region the
+  client mapped without an fd. A client that reads a u32 count sees 8 and
+  answers; one that reads the spec's u64 refuses a transfer that large. (At
+  an address the client does not serve, both refuse: the probe never goes
+  where a guest pointed.) It only matters when guest RAM has no fd.
 - DMA_MAP flags: the spec defines READ and WRITE; libvfio-user also takes
   MMAP (4) and FILE_IO (8). We refuse bits the spec does not define (QEMU
   never sends them) and map whenever an fd comes with the request.

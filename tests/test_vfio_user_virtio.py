@@ -9,6 +9,7 @@ import struct
 import pytest
 import trio
 
+import vfiouserd.client.virtio_pci as virtio_pci
 from conftest import MiB, make_blk, vfio_served
 from vfiouserd.client.blk import BlkClient, RngClient
 from vfiouserd.client.guest import GuestRam
@@ -514,4 +515,39 @@ async def test_the_dma_layout_is_probed_once_when_queues_start_together(ram, ima
             await blk.write(index * 8, bytes([index + 1]) * 4096)
             assert await blk.read(index * 8, 4096) == bytes([index + 1]) * 4096
         assert probes == 1
+        driver.close()
+
+
+@pytest.mark.parametrize("qemu_layout", [False, True], ids=["spec-layout", "qemu-layout"])
+async def test_a_ring_at_the_end_of_memory_does_not_decide_the_dma_layout(
+    ram, image, qemu_layout, monkeypatch
+):
+    """The layout probe used to ask at the device's first access, wherever
+    the guest pointed: a ring area in the last bytes of a region made the
+    probe reach past it, a QEMU-layout client refused, the daemon took it
+    for the spec's layout and misread every DMA reply after it; the driver
+    starting over got no completion and nothing was logged (our fuzzer)."""
+    end = 0x1_0000_0000 + 16 * MiB  # the end of the second region
+
+    class RingAtTheEnd(virtio_pci.DriverPackedRing):
+        @property
+        def areas(self) -> tuple[int, int, int]:
+            return self.desc_address, self.driver_address, end - 4
+
+    device = VirtioPciDevice(make_blk(image, size=MiB))
+    async with vfio_served(device, ram=ram, qemu_dma_layout=qemu_layout) as client:
+        await client.map_ram(with_fd=False)
+        with monkeypatch.context() as patch:
+            patch.setattr(virtio_pci, "DriverPackedRing", RingAtTheEnd)
+            driver = VirtioPciDriver(client, ram)
+            (queue,) = await driver.start(queue_count=1, queue_size=16)
+        await queue.kick_async()
+        await trio.sleep(0.2)  # the device's first accesses
+        driver.close()
+        driver = VirtioPciDriver(client, ram)  # the driver resets and starts over
+        (queue,) = await driver.start(want=no(Feature.RING_PACKED), queue_size=16)
+        blk = BlkClient(ram, queue, arena=MiB)
+        with trio.fail_after(10):
+            await blk.write(0, b"again" * 100 + bytes(12))
+            assert (await blk.read(0, 512))[:5] == b"again"
         driver.close()

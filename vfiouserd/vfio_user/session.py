@@ -48,6 +48,7 @@ COMMAND_QUEUE = 256
 COMMAND_BACKLOG_LIMIT = 4096
 COMMAND_BACKLOG_BYTES = 64 << 20
 DMA_REPLY_TIMEOUT = 10.0
+LAYOUT_PROBE_TRIES = 8  # a probe whose memory changed meanwhile is asked again
 NEGOTIATION_TIMEOUT = 10.0  # an idle peer must not hold the device from its VMM
 PAUSE_POLL = 0.001  # how often a handover looks for a moment with nothing under way
 
@@ -144,15 +145,15 @@ class VfioUserSession:
         self.device.memory.max_regions = self.config.max_dma_maps
         self.migration = Migration.of(device)
         self.dirty: DirtyBitmaps | None = None  # DMA logging of this client's memory
-        self._handlers: dict[int, tuple[Handler, int]] = {
-            # command: (handler, most fds it may carry)
+        self._handlers: dict[int, tuple[Handler, int | None]] = {
+            # command: (handler, most fds it may carry; None: what VERSION allowed)
             Command.DMA_MAP: (self._dma_map, 1),
             Command.DMA_UNMAP: (self._dma_unmap, 0),
             Command.DEVICE_GET_INFO: (self._get_info, 0),
             Command.DEVICE_GET_REGION_INFO: (self._get_region_info, 0),
             Command.DEVICE_GET_REGION_IO_FDS: (self._get_region_io_fds, 0),
             Command.DEVICE_GET_IRQ_INFO: (self._get_irq_info, 0),
-            Command.DEVICE_SET_IRQS: (self._set_irqs, -1),  # what we advertised
+            Command.DEVICE_SET_IRQS: (self._set_irqs, None),
             Command.REGION_READ: (self._region_read, 0),
             Command.REGION_WRITE: (self._region_write, 0),
             Command.DEVICE_RESET: (self._reset, 0),
@@ -612,7 +613,7 @@ class VfioUserSession:
                 errno.EINVAL, f"command {message.command} is not a client-to-server command"
             )
         handler, max_fds = entry
-        if max_fds < 0:
+        if max_fds is None:
             max_fds = self.max_fds_in
         if message.fds_truncated or len(message.fds) > max_fds:
             raise RequestError(errno.EINVAL, f"{len(message.fds)} fds, at most {max_fds}")
@@ -738,22 +739,41 @@ class VfioUserSession:
         return Reply(message.payload[: vfu.DmaUnmap.sizeof()])
 
     # DMA_READ/DMA_WRITE layout: the spec's or QEMU's (protocol/vfio_user.py
-    # says how they differ). Asked once per connection, at the first access.
+    # says how they differ). Asked once per connection, before the first access.
 
-    async def _learn_dma_layout(self, address: int) -> bool:
+    async def _learn_dma_layout(self) -> bool:
         # Two walks may ask at once: one probe, whose answer stands (a second
         # one, answered differently, used to overturn it mid-connection).
         async with self._layout_lock:
-            if self.qemu_dma_layout is None:
-                probe = vfu.DmaAccess.build({"address": address, "count": vfu.DMA_LAYOUT_PROBE})
+            memory = self.device.memory
+            for _ in range(LAYOUT_PROBE_TRIES):
+                if self.qemu_dma_layout is not None:
+                    break
+                # Asked about memory the client certainly serves: a refusal
+                # must mean the layout, never a bad address (the first access
+                # may be a guest's, anywhere; our fuzzer: a ring at the end
+                # of a region made a QEMU client refuse, read as "spec", and
+                # every DMA reply after it was misread).
+                remote = [r for r in memory.regions if r.mapping is None]
+                if not remote:
+                    raise RemoteAccessError("no memory is reached through the client")
+                region = next((r for r in remote if r.readable), remote[0])
+                generation = memory.generation
+                probe = vfu.DmaAccess.build(
+                    {"address": region.guest_address, "count": vfu.DMA_LAYOUT_PROBE}
+                )
                 reply = await self._request(Command.DMA_READ, probe, refused_ok=True)
+                if memory.generation != generation:
+                    continue  # the region may be gone: its refusal tells nothing
                 self.qemu_dma_layout = not reply.is_error
                 log.info("dma.layout", layout="qemu" if self.qemu_dma_layout else "spec")
+            if self.qemu_dma_layout is None:
+                raise RemoteAccessError("client memory changed during every layout probe")
             return self.qemu_dma_layout
 
     async def dma_read(self, address: int, size: int) -> bytes:
         """Read client memory that has no fd, through DMA_READ requests."""
-        layout, pad = vfu.dma_access_layout(await self._learn_dma_layout(address))
+        layout, pad = vfu.dma_access_layout(await self._learn_dma_layout())
         data_at = layout.sizeof()
         chunks = []
         limit = self._dma_chunk
@@ -768,7 +788,7 @@ class VfioUserSession:
         return b"".join(chunks)
 
     async def dma_write(self, address: int, data: bytes) -> None:
-        layout, pad = vfu.dma_access_layout(await self._learn_dma_layout(address))
+        layout, pad = vfu.dma_access_layout(await self._learn_dma_layout())
         limit = self._dma_chunk
         for offset in range(0, len(data), limit):
             chunk = data[offset : offset + limit]
