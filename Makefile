@@ -20,7 +20,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils gcc libcap-dev libseccomp2 util-linux
 export PIP_CACHE_DIR := $(CURDIR)/$(CACHE)/pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all test unit lint demo bench fuzz deps venv guest qemu clean
+.PHONY: all test unit lint demo bench fuzz descriptors deps venv guest qemu clean
 
 all: test
 
@@ -58,6 +58,11 @@ guest: $(VENV)/stamp
 # and cached outside the clone; nothing is built when the cache has it.
 qemu: $(VENV)/stamp
 	$(VENV)/bin/python guest/qemu_build.py
+
+# The vhost-user descriptors in systemd/ come from the plugin registry;
+# tests/test_descriptors.py fails when they are out of date.
+descriptors: $(VENV)/stamp
+	$(VENV)/bin/vfiouserd descriptors --bin-dir /usr/local/bin --output systemd
 
 lint: $(VENV)/stamp
 	$(VENV)/bin/ruff check .

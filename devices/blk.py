@@ -14,8 +14,6 @@ import stat
 import struct
 from typing import Any, ClassVar, Self
 
-import construct as c
-
 from vfiouserd._native import ffi, lib
 from vfiouserd.devices.virtio import (
     ConfigWriteError,
@@ -27,7 +25,7 @@ from vfiouserd.devices.virtio import (
     split_buffers,
 )
 from vfiouserd.log import get_logger
-from vfiouserd.state import Field, Schema, StateError
+from vfiouserd.state import BOOL, U64, Field, Schema, StateError
 
 log = get_logger("blk")
 
@@ -99,7 +97,7 @@ class VirtioBlk(VirtioDevice):
     max_discard_segments = 256
     # preadv/pwritev: the native fast path's; the 2 variants: Python's.
     syscalls = frozenset({"preadv2", "pwritev2", "preadv", "pwritev", "fallocate", "fdatasync"})
-    state = Schema(1, Field("capacity", c.Int64ul), Field("writeback", c.Flag))
+    state = Schema(1, Field("capacity", U64), Field("writeback", BOOL))
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ import zlib
 
 from vfiouserd.devices.pci import Bar, PciDevice
 from vfiouserd.memory import GuestMemoryError
-from vfiouserd.state import Field, IntMap, Schema
+from vfiouserd.state import INT_MAP, Field, Schema
 
 WRITABLE = (0x04, 0x08, 0x10, 0x14, 0x18, 0x1C, 0x20)
 
@@ -31,7 +31,7 @@ class ExampleDevice(PciDevice):
     device_id = 0x5646
     msi_vectors = 1
     register_width = 4
-    state = Schema(1, Field("registers", IntMap))  # what migrates with the device
+    state = Schema(1, Field("registers", INT_MAP))  # what migrates with the device
 
     def __init__(self) -> None:
         super().__init__({0: Bar(4096)})

@@ -26,11 +26,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-import construct as c
-
 from vfiouserd.log import get_logger
 from vfiouserd.memory import GuestMemory, GuestMemoryError
-from vfiouserd.state import Bytes, Field, Schema, StateError
+from vfiouserd.state import BOOL, BYTES, Field, Schema, StateError
 from vfiouserd.turns import Turns
 
 log = get_logger("pci")
@@ -132,9 +130,9 @@ class Bar:
 # What every PCI function carries in its state blob, around the plugin's own.
 PCI_STATE = Schema(
     1,
-    Field("config", Bytes),
-    Field("msix_table", Bytes),
-    Field("intx_asserted", c.Flag),
+    Field("config", BYTES),
+    Field("msix_table", BYTES),
+    Field("intx_asserted", BOOL),
 )
 
 

@@ -20,10 +20,50 @@ from vfiouserd.state import Schema
 
 
 class DeviceId(enum.IntEnum):
+    """Virtio device IDs (virtio 1.3, section 5 "Device Types")."""
+
     NET = 1
     BLOCK = 2
     CONSOLE = 3
     ENTROPY = 4
+    BALLOON_TRADITIONAL = 5
+    IO_MEMORY = 6
+    RPMSG = 7
+    SCSI_HOST = 8
+    NINE_P = 9  # 9P transport
+    MAC80211_WLAN = 10
+    RPROC_SERIAL = 11
+    CAIF = 12
+    BALLOON = 13
+    GPU = 16
+    CLOCK = 17  # timer/clock
+    INPUT = 18
+    SOCKET = 19  # vsock
+    CRYPTO = 20
+    SIGNAL_DISTRIBUTION = 21
+    PSTORE = 22
+    IOMMU = 23
+    MEMORY = 24
+    SOUND = 25
+    FILE_SYSTEM = 26
+    PMEM = 27
+    RPMB = 28
+    MAC80211_HWSIM = 29
+    VIDEO_ENCODER = 30
+    VIDEO_DECODER = 31
+    SCMI = 32
+    NITRO_SECURE_MODULE = 33
+    I2C_ADAPTER = 34
+    WATCHDOG = 35
+    CAN = 36
+    PARAMETER_SERVER = 38
+    AUDIO_POLICY = 39
+    BLUETOOTH = 40
+    GPIO = 41
+    RDMA = 42
+    CAMERA = 43
+    ISM = 44
+    SPI_CONTROLLER = 45
 
 
 class Feature(enum.IntEnum):

@@ -23,8 +23,6 @@ import os
 import struct
 from typing import Any
 
-import construct as c
-
 from vfiouserd.devices.pci import Bar, IrqKind, PciDevice
 from vfiouserd.devices.virtio import (
     ConfigWriteError,
@@ -35,7 +33,7 @@ from vfiouserd.devices.virtio import (
     bit,
 )
 from vfiouserd.log import get_logger
-from vfiouserd.state import Field, Schema, StateError
+from vfiouserd.state import BOOL, U8, U16, U32, U64, Field, Schema, StateError, records
 from vfiouserd.virtqueue import AddressSpace, QueueSet, RingError, Virtqueue
 
 log = get_logger("virtio_pci")
@@ -86,26 +84,26 @@ COMMON_FIELDS: dict[int, tuple[str, int]] = {
 
 # What the transport holds of the driver's set-up: the common configuration,
 # and for each queue its set-up and where the ring stands.
-QUEUE_STATE = c.Struct(
-    "size" / c.Int16ul,
-    "enabled" / c.Flag,
-    "vector" / c.Int16ul,
-    "desc" / c.Int64ul,
-    "driver" / c.Int64ul,
-    "device" / c.Int64ul,
-    "base" / c.Int32ul,
+QUEUE_STATE = records(
+    size=U16,
+    enabled=BOOL,
+    vector=U16,
+    desc=U64,
+    driver=U64,
+    device=U64,
+    base=U32,
 )
 TRANSPORT_STATE = Schema(
     1,
-    Field("device_feature_select", c.Int32ul),
-    Field("driver_feature_select", c.Int32ul),
-    Field("driver_features", c.Int64ul),
-    Field("config_msix_vector", c.Int16ul),
-    Field("device_status", c.Int8ul),
-    Field("config_generation", c.Int8ul),
-    Field("queue_select", c.Int16ul),
-    Field("isr", c.Int8ul),
-    Field("queues", c.PrefixedArray(c.Int16ul, QUEUE_STATE)),
+    Field("device_feature_select", U32),
+    Field("driver_feature_select", U32),
+    Field("driver_features", U64),
+    Field("config_msix_vector", U16),
+    Field("device_status", U8),
+    Field("config_generation", U8),
+    Field("queue_select", U16),
+    Field("isr", U8),
+    Field("queues", QUEUE_STATE),
 )
 
 

@@ -7,7 +7,6 @@ import os
 import struct
 import zlib
 
-import construct as c
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,7 +15,7 @@ from conftest import MiB
 from vfiouserd import state
 from vfiouserd.devices.blk import VirtioBlk
 from vfiouserd.devices.rng import VirtioRng
-from vfiouserd.state import HEADER_SIZE, Blob, Field, Schema, StateError
+from vfiouserd.state import HEADER_SIZE, U16, U32, Blob, Field, Schema, StateError
 
 
 def blk(size: int = MiB) -> VirtioBlk:
@@ -100,8 +99,8 @@ def test_a_missing_section_is_refused():
 
 
 def test_fields_added_later_take_their_default_from_an_older_blob():
-    v1 = Schema(1, Field("a", c.Int32ul))
-    v2 = Schema(2, Field("a", c.Int32ul), Field("b", c.Int16ul, since=2, default=7))
+    v1 = Schema(1, Field("a", U32))
+    v2 = Schema(2, Field("a", U32), Field("b", U16, since=2, default=7))
     old = v1.encode({"a": 5})
     assert v2.decode(old, 1, "s") == {"a": 5, "b": 7}
     assert v2.decode(v2.encode({"a": 5, "b": 9}), 2, "s") == {"a": 5, "b": 9}

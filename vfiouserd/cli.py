@@ -16,11 +16,12 @@ import shlex
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
 
-from vfiouserd import __version__, handover, state, systemd
+from vfiouserd import __version__, descriptors, handover, state, systemd
 from vfiouserd import log as logging
 from vfiouserd.config import ConfigError, arguments_from_file
 from vfiouserd.devices.pci import PciDevice
@@ -333,6 +334,25 @@ def _probe(args: argparse.Namespace) -> int:
     return trio.run(probe, args.socket, args.json)
 
 
+def _descriptors(args: argparse.Namespace) -> int:
+    plugins = device_plugins()
+    if args.link_programs:
+        bin_dir = Path(args.bin_dir)
+        target = bin_dir / "vfiouserd"
+        if not target.exists():
+            print(f"vfiouserd: no {target} to link to", file=sys.stderr)
+            return 1
+        for link in descriptors.link_programs(plugins, bin_dir, target):
+            print(f"linked {link} -> {target}", file=sys.stderr)
+    if args.output is not None:
+        for path in descriptors.write(plugins, args.bin_dir, args.output):
+            print(f"wrote {path}", file=sys.stderr)
+    elif not args.link_programs:
+        documents = descriptors.descriptors(plugins, args.bin_dir)
+        print(json.dumps({name: json.loads(text) for name, text in documents.items()}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfiouserd",
@@ -343,6 +363,24 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("devices", help="list device plugins and their features")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=_list_devices)
+    described = commands.add_parser(
+        "descriptors",
+        help="vhost-user back-end descriptors (JSON) and program names for the device plugins",
+        description="Prints, or writes into --output, a QEMU vhost-user descriptor for every "
+        "virtio device plugin; install them in /usr/share/qemu/vhost-user/ or "
+        "/etc/qemu/vhost-user/. Each names the program vfiouserd-vhost-user-DEVICE in "
+        "--bin-dir, which --link-programs creates there (links to vfiouserd).",
+    )
+    described.add_argument(
+        "--bin-dir",
+        default=str(Path(sys.argv[0]).absolute().parent),
+        help="where the programs are (default: this program's directory)",
+    )
+    described.add_argument("--output", type=Path, help="write one file per device here")
+    described.add_argument(
+        "--link-programs", action="store_true", help="make the program links in --bin-dir"
+    )
+    described.set_defaults(run=_descriptors)
     probe = commands.add_parser(
         "probe", help="connect to a vfio-user server and describe its device like lspci -vv"
     )
@@ -395,7 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        # Run as vfiouserd-vhost-user-DEVICE (a vhost-user descriptor's
+        # program, which gets no subcommand): that subcommand.
+        implied = descriptors.subcommand_of_program(sys.argv[0])
+        argv = [implied, *sys.argv[1:]] if implied else sys.argv[1:]
+    argv = list(argv)
     # The conventions say --print-capabilities ignores every other argument.
     if "--print-capabilities" in argv and argv and argv[0].startswith("vhost-user-"):
         device = device_plugins().get(argv[0].removeprefix("vhost-user-"))
@@ -417,11 +460,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if daemon_args:
         args.daemon_args = daemon_args
     return int(args.run(args))
-
-
-def vhost_user_blk_main() -> int:
-    return main(["vhost-user-blk", *sys.argv[1:]])
-
-
-def vhost_user_rng_main() -> int:
-    return main(["vhost-user-rng", *sys.argv[1:]])

@@ -61,14 +61,28 @@ class _IntMap(c.Adapter):
         return [[key, value] for key, value in sorted(obj.items())]
 
 
-IntMap = _IntMap(c.PrefixedArray(c.Int16ul, c.Sequence(c.Int32ul, c.Int64ul)))
-Bytes = c.Prefixed(c.Int32ul, c.GreedyBytes)  # bytes of any length
+# Field kinds: what a device declares its state with. Devices name these
+# and never see the wire format (construct) behind them.
+Kind = c.Construct
+U8: Kind = c.Int8ul
+U16: Kind = c.Int16ul
+U32: Kind = c.Int32ul
+U64: Kind = c.Int64ul
+BOOL: Kind = c.Flag
+BYTES: Kind = c.Prefixed(c.Int32ul, c.GreedyBytes)  # bytes of any length
+INT_MAP: Kind = _IntMap(c.PrefixedArray(c.Int16ul, c.Sequence(c.Int32ul, c.Int64ul)))
+
+
+def records(**fields: Kind) -> Kind:
+    """A list (up to 65,535) of records, dicts with these fields in this
+    order, e.g. one per queue: ``records(size=U16, enabled=BOOL)``."""
+    return c.PrefixedArray(c.Int16ul, c.Struct(*(name / kind for name, kind in fields.items())))
 
 
 @dataclass(frozen=True)
 class Field:
     name: str
-    kind: c.Construct
+    kind: Kind  # U8 ... INT_MAP, records(...)
     since: int = 1  # the layout version that added the field
     default: Any = None  # its value when loading an older layout
 

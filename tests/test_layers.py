@@ -1,0 +1,52 @@
+"""The folders are the architecture: what each layer may not import."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# folder: module prefixes its code never imports
+FORBIDDEN = {
+    # Bytes only: nothing of devices, sessions or the server.
+    "protocol": (
+        "vfiouserd.devices",
+        "vfiouserd.vhost_user",
+        "vfiouserd.vfio_user",
+        "vfiouserd.server",
+        "vfiouserd.virtqueue",
+    ),
+    # Device semantics only: no wire formats (state is declared with
+    # vfiouserd.state's field kinds), no sockets, no protocol.
+    "devices": (
+        "construct",
+        "socket",
+        "vfiouserd.protocol",
+        "vfiouserd.vhost_user",
+        "vfiouserd.vfio_user",
+        "vfiouserd.server",
+    ),
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            modules.add(node.module)
+    return modules
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_a_layer_imports_nothing_it_should_not_know(folder):
+    found = {
+        f"{path.relative_to(ROOT)}: {module}"
+        for path in sorted((ROOT / folder).glob("*.py"))
+        for module in imported_modules(path)
+        if any(module == bad or module.startswith(bad + ".") for bad in FORBIDDEN[folder])
+    }
+    assert not found
