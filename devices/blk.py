@@ -12,6 +12,7 @@ import errno
 import os
 import stat
 import struct
+from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
 from vfiouserd._native import ffi, lib
@@ -399,11 +400,16 @@ def _iov_batches(buffers: list[memoryview]) -> list[list[memoryview]]:
     return [buffers[i : i + IOV_MAX] for i in range(0, len(buffers), IOV_MAX)] or [[]]
 
 
-def _retry(call: object, fd: int, buffers: list[memoryview], offset: int) -> int:
+def _retry(
+    call: Callable[[int, list[memoryview], int], int],
+    fd: int,
+    buffers: list[memoryview],
+    offset: int,
+) -> int:
     if not buffers:
         return 0
     try:
-        return call(fd, buffers, offset)  # type: ignore[operator]
+        return call(fd, buffers, offset)
     except OSError as exc:
         raise BlkError(BlkStatus.IOERR, f"image I/O at {offset}: {exc.strerror}") from exc
 
@@ -411,7 +417,7 @@ def _retry(call: object, fd: int, buffers: list[memoryview], offset: int) -> int
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
     if lib.fallocate(fd, mode, offset, length) == 0:
         return 0
-    return ffi.errno
+    return int(ffi.errno)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

@@ -315,26 +315,28 @@ class PciDevice:
     BARs that are not made of registers).
     """
 
-    name: ClassVar[str]
-    description: ClassVar[str]
+    # Class attributes a plugin sets; a transport wrapping another device
+    # model (virtio-pci) sets some per instance instead.
+    name: str
+    description: str
     vendor_id: ClassVar[int]
-    device_id: ClassVar[int]
+    device_id: int
     subsystem_vendor_id: ClassVar[int] = 0
     subsystem_id: ClassVar[int] = 0
-    class_code: ClassVar[int] = 0xFF0000  # unclassified
+    class_code: int = 0xFF0000  # unclassified
     revision: ClassVar[int] = 0
     interrupt_pin: ClassVar[int] = 1  # INTA; 0 for none
     express: ClassVar[bool] = True
     msi_vectors: ClassVar[int] = 0
-    msix_vectors: ClassVar[int] = 0
+    msix_vectors: int = 0
     msix_bar: ClassVar[int] = 0  # where the MSI-X table (at 0) and PBA live
     register_width: ClassVar[int] = 8  # 4: 8-byte accesses become two 4-byte ones
-    syscalls: ClassVar[frozenset[str]] = frozenset()  # beyond the daemon's own, for the jail
+    syscalls: frozenset[str] = frozenset()  # beyond the daemon's own, for the jail
     # Migration and restarts (vfiouserd.state): the plugin's own fields,
     # declared once; config space and MSI-X table come with every device.
     # ``abi_version`` pins what the guest sees: raise it when that changes.
-    abi_version: ClassVar[int] = 1
-    state: ClassVar[Schema] = Schema(1)
+    abi_version: int = 1
+    state: Schema = Schema(1)
 
     def __init__(self, bars: dict[int, Bar] | None = None) -> None:
         self.bars: dict[int, Bar] = dict(bars or {})

@@ -445,18 +445,16 @@ def encode(
     if error is not None:
         flags |= FLAG_ERROR
         payload = b""  # an error reply is the header only
-    return (
-        Header.build(
-            {
-                "msg_id": msg_id,
-                "command": command,
-                "msg_size": HEADER_SIZE + len(payload),
-                "flags": flags,
-                "error": error or 0,
-            }
-        )
-        + payload
+    header = Header.build(
+        {
+            "msg_id": msg_id,
+            "command": command,
+            "msg_size": HEADER_SIZE + len(payload),
+            "flags": flags,
+            "error": error or 0,
+        }
     )
+    return bytes(header) + payload
 
 
 async def read_message(sock: trio.socket.SocketType, max_payload: int) -> Message:

@@ -277,11 +277,11 @@ class RequestRule:
         if self.payload is Payload.OPAQUE:
             return True
         if self.payload is Payload.CONFIG:
-            return size >= ConfigHeader.sizeof()
+            return bool(size >= ConfigHeader.sizeof())
         if self.payload is Payload.MEMORY_TABLE:
             return size >= 8
         assert isinstance(self.payload, Construct)
-        return size == self.payload.sizeof()
+        return bool(size == self.payload.sizeof())
 
 
 _N = Payload.NONE
@@ -381,7 +381,7 @@ def encode(
     request: int, payload: bytes = b"", *, reply: bool = False, need_reply: bool = False
 ) -> bytes:
     flags = VERSION | (REPLY_FLAG if reply else 0) | (NEED_REPLY_FLAG if need_reply else 0)
-    return Header.build({"request": request, "flags": flags, "size": len(payload)}) + payload
+    return bytes(Header.build({"request": request, "flags": flags, "size": len(payload)})) + payload
 
 
 def encode_u64(request: int, value: int, *, reply: bool = False, need_reply: bool = False) -> bytes:

@@ -51,7 +51,7 @@ SECTION_HEAD = c.Struct(
 )
 
 
-class _IntMap(c.Adapter):
+class _IntMap(c.Adapter):  # type: ignore[misc]  # construct has no types
     """A dict of small integers (register offset: value) as pairs."""
 
     def _decode(self, obj: Any, context: Any, path: Any) -> dict[int, int]:
@@ -63,7 +63,14 @@ class _IntMap(c.Adapter):
 
 # Field kinds: what a device declares its state with. Devices name these
 # and never see the wire format (construct) behind them.
-Kind = c.Construct
+class Kind(Protocol):
+    """What a field kind does (construct's objects, typed for our use)."""
+
+    def build(self, obj: Any) -> bytes: ...
+
+    def parse(self, data: bytes) -> Any: ...
+
+
 U8: Kind = c.Int8ul
 U16: Kind = c.Int16ul
 U32: Kind = c.Int32ul
@@ -76,7 +83,10 @@ INT_MAP: Kind = _IntMap(c.PrefixedArray(c.Int16ul, c.Sequence(c.Int32ul, c.Int64
 def records(**fields: Kind) -> Kind:
     """A list (up to 65,535) of records, dicts with these fields in this
     order, e.g. one per queue: ``records(size=U16, enabled=BOOL)``."""
-    return c.PrefixedArray(c.Int16ul, c.Struct(*(name / kind for name, kind in fields.items())))
+    kind: Kind = c.PrefixedArray(
+        c.Int16ul, c.Struct(*(c.Renamed(kind, newname=name) for name, kind in fields.items()))
+    )
+    return kind
 
 
 @dataclass(frozen=True)
@@ -143,7 +153,7 @@ class Blob:
                 "checksum": zlib.crc32(payload),
             }
         )
-        return header + payload
+        return bytes(header) + payload
 
     @classmethod
     def decode(cls, blob: bytes, *, device_type: str, max_abi: int) -> Blob:

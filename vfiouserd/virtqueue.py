@@ -111,14 +111,14 @@ def packed_need_event(
 def _load(layout: struct.Struct, area: Area, offset: int) -> tuple[Any, ...]:
     if type(area) is memoryview:
         return layout.unpack_from(area, offset)
-    return area.unpack(layout, offset)  # type: ignore[union-attr]
+    return area.unpack(layout, offset)
 
 
 def _store(layout: struct.Struct, area: Area, offset: int, *values: Any) -> None:
     if type(area) is memoryview:
         layout.pack_into(area, offset, *values)
     else:
-        area.pack(layout, offset, *values)  # type: ignore[union-attr]
+        area.pack(layout, offset, *values)
 
 
 def _eventfd_signal(fd: int | None) -> None:
@@ -698,7 +698,7 @@ class Virtqueue:
             )
             return
         if previous is not None and not self._recover:
-            ring.resubmit = previous.resubmit  # type: ignore[union-attr, assignment]
+            ring.resubmit = previous.resubmit  # type: ignore[union-attr]
         sent = ring.base()  # type: ignore[union-attr]
         ring.track(tracker, self._recover)  # type: ignore[union-attr, arg-type]
         if self._recover and ring.base() != sent:  # type: ignore[union-attr]
