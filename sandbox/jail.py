@@ -46,7 +46,8 @@ from vfiouserd.sandbox.namespaces import (
     pivot_to_empty_root,
 )
 from vfiouserd.sandbox.seccomp import daemon_policy, reaper_policy
-from vfiouserd.server import STOP_SIGNALS, SocketFile, hold_stop_signals, release_stop_signals
+from vfiouserd.signals import STOP_SIGNALS, hold_stop_signals, release_stop_signals
+from vfiouserd.sockets import SocketFile
 from vfiouserd.systemd import FdStore, send_notification
 
 log = get_logger("sandbox")

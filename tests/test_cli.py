@@ -90,7 +90,7 @@ def test_sigterm_exits_promptly_and_removes_the_socket(tmp_path):
 STOP_TWICE = """
 import os, signal, trio
 from vfiouserd import log
-from vfiouserd.server import hold_stop_signals, run_until_signalled
+from vfiouserd.signals import hold_stop_signals, run_until_signalled
 log.configure("info")
 hold_stop_signals()
 os.kill(os.getpid(), signal.SIGTERM)  # held until the handler is in place

@@ -20,6 +20,14 @@ FORBIDDEN = {
     ),
     # Device semantics only: no wire formats (state is declared with
     # vfiouserd.state's field kinds), no sockets, no protocol.
+    # The jail confines whatever runs; it knows nothing of what it serves.
+    "sandbox": (
+        "vfiouserd.server",
+        "vfiouserd.vhost_user",
+        "vfiouserd.vfio_user",
+        "vfiouserd.devices",
+        "vfiouserd.cli",
+    ),
     "devices": (
         "construct",
         "socket",

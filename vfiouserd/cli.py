@@ -29,16 +29,9 @@ from vfiouserd.devices.virtio import TRANSPORT_FEATURES, Feature, VirtioDevice
 from vfiouserd.devices.virtio_pci import VirtioPciDevice
 from vfiouserd.plugins import DeviceClass, device_plugins
 from vfiouserd.sandbox import jail
-from vfiouserd.server import (
-    LiveSession,
-    Service,
-    SocketFile,
-    hold_stop_signals,
-    is_listening,
-    listen_on_path,
-    run_until_signalled,
-    socket_from_fd,
-)
+from vfiouserd.server import LiveSession, Service
+from vfiouserd.signals import hold_stop_signals, run_until_signalled
+from vfiouserd.sockets import SocketFile, is_listening, listen_on_path, socket_from_fd
 from vfiouserd.systemd import PassedFd
 from vfiouserd.vfio_user.session import VfioUserSession
 from vfiouserd.vhost_user.backend import VhostUserBackend
