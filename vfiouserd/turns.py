@@ -29,6 +29,8 @@ from typing import TypeVar
 
 import trio
 
+from vfiouserd.changes import Changes
+
 T = TypeVar("T")
 
 
@@ -41,12 +43,8 @@ class Turns:
         self._turn = trio.Semaphore(1)  # whoever works on device state now
         self._walks = 0  # walks under way, in or out of their turn
         self._quiet = 0  # pauses waiting for, or holding, a time without walks
-        self._changed = trio.Event()
+        self._changed = Changes()
         self._local = threading.local()  # per worker thread: its walk's check
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
 
     # -- the event loop's side ---------------------------------------------------------
 
@@ -60,15 +58,14 @@ class Turns:
     async def walk(self) -> AsyncIterator[None]:
         """A walk's turn (given up for round trips, see ``round_trip``);
         waits while a pause wants the walks to stop."""
-        while self._quiet:
-            await self._changed.wait()
+        await self._changed.until(lambda: not self._quiet)
         self._walks += 1
         try:
             async with self._turn:
                 yield
         finally:
             self._walks -= 1
-            self._notify()
+            self._changed.notify()
 
     def work_started(self) -> None:
         """Device work on the event loop began (a DMA transfer a register
@@ -78,7 +75,7 @@ class Turns:
 
     def work_done(self) -> None:
         self._walks -= 1
-        self._notify()
+        self._changed.notify()
 
     @asynccontextmanager
     async def quiet(self) -> AsyncIterator[None]:
@@ -86,13 +83,12 @@ class Turns:
         served meanwhile, as their round trips need), no new one starts."""
         self._quiet += 1
         try:
-            while self._walks:
-                await self._changed.wait()
+            await self._changed.until(lambda: not self._walks)
             async with self._turn:
                 yield
         finally:
             self._quiet -= 1
-            self._notify()
+            self._changed.notify()
 
     @property
     def walking(self) -> bool:

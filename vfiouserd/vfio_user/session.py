@@ -29,6 +29,7 @@ import trio
 from construct import Construct, ConstructError, Container
 
 from vfiouserd import handover
+from vfiouserd.changes import Changes
 from vfiouserd.devices.pci import Bar, DeviceAccessError, IrqKind, PciDevice, is_eventfd_like
 from vfiouserd.handover import CONNECTION, TWIN, FdNames, Received
 from vfiouserd.log import get_logger
@@ -50,7 +51,6 @@ COMMAND_BACKLOG_BYTES = 64 << 20
 DMA_REPLY_TIMEOUT = 10.0
 LAYOUT_PROBE_TRIES = 8  # a probe whose memory changed meanwhile is asked again
 NEGOTIATION_TIMEOUT = 10.0  # an idle peer must not hold the device from its VMM
-PAUSE_POLL = 0.001  # how often a handover looks for a moment with nothing under way
 
 
 class RequestError(Exception):
@@ -136,11 +136,13 @@ class VfioUserSession:
         self._intx_unmask_fd: int | None = None
         # Handover: readers park between messages once nothing is under way.
         self._restored = False
+        # What a pause waits for (``_quiescent``) changed: each change wakes it.
+        self._changes = Changes()
         self._readers_idle: dict[trio.socket.SocketType, bool] = {}
-        self._processing = False
-        self._ahead: Message | None = None  # taken from the queue, not yet processed
+        self._processing_now = False
+        self._ahead_now: Message | None = None  # taken from the queue, not yet processed
         self._parked = False
-        self.ending = False
+        self._ending = False
         self._finished = trio.Event()
         self.device.memory.max_regions = self.config.max_dma_maps
         self.migration = Migration.of(device)
@@ -230,6 +232,33 @@ class VfioUserSession:
 
     # -- handover (restart without disconnect) ------------------------------------------
 
+    @property
+    def _processing(self) -> bool:
+        return self._processing_now
+
+    @_processing.setter
+    def _processing(self, processing: bool) -> None:
+        self._processing_now = processing
+        self._changes.notify()
+
+    @property
+    def _ahead(self) -> Message | None:
+        return self._ahead_now
+
+    @_ahead.setter
+    def _ahead(self, message: Message | None) -> None:
+        self._ahead_now = message
+        self._changes.notify()
+
+    @property
+    def ending(self) -> bool:
+        return self._ending
+
+    @ending.setter
+    def ending(self, ending: bool) -> None:
+        self._ending = ending
+        self._changes.notify()
+
     def _quiescent(self) -> bool:
         """Between messages everywhere: readers waiting, nothing queued or
         being processed, no request of ours waiting for its reply."""
@@ -247,10 +276,9 @@ class VfioUserSession:
             # walk over unmapped memory waits for; they stay stopped.
             async with self.device.turns.quiet():
                 self.device.hold()
-            while not self._quiescent():
-                if self.ending:
-                    return False
-                await trio.sleep(PAUSE_POLL)
+            await self._changes.until(lambda: self.ending or self._quiescent())
+            if self.ending:
+                return False
             self._parked = True
             assert self._nursery is not None
             self._nursery.cancel_scope.cancel()  # readers, watchers, ring tasks
@@ -466,11 +494,13 @@ class VfioUserSession:
                 if commands is not None:
                     await commands.wait_for_room(lambda: bool(self._waiting))
                 self._readers_idle[sock] = True  # a handover may park the session now
+                self._changes.notify()
                 await trio.lowlevel.wait_readable(sock)
                 self._readers_idle[sock] = False
                 with trio.CancelScope(shield=True):  # never half a message
                     message = await vfu.read_message(sock, self.max_payload)
                 self._route(message, commands)
+                self._changes.notify()  # a reply came, or a command is queued
             return  # parked for a handover
         except ConnectionClosed as exc:
             log.info("session.closed", reason=str(exc) or "end of stream")
@@ -830,6 +860,7 @@ class VfioUserSession:
             # stop) before the reply came: it may still come, and is dropped.
             if self._waiting.pop(msg_id, None) is not None and not self.ending:
                 self._given_up.add(msg_id)
+            self._changes.notify()
         reply.close_fds()
         if reply.command != command or (reply.is_error and not refused_ok):
             raise RemoteAccessError(f"{command.name} failed: errno {reply.error}")

@@ -21,6 +21,7 @@ import trio
 from construct import ConstructError, Container
 
 from vfiouserd import handover, state
+from vfiouserd.changes import Changes
 from vfiouserd.devices.virtio import ConfigWriteError, Feature, VirtioDevice, bit
 from vfiouserd.handover import CONNECTION, FdNames, Received
 from vfiouserd.inflight import PackedInflight, SplitInflight
@@ -51,7 +52,6 @@ log = get_logger("vhost_user")
 FIRST_MESSAGE_TIMEOUT = 10.0  # an idle peer must not hold the device from its VMM
 MAX_STATE_SIZE = 16 << 20  # a device-state blob is small; refuse to buffer more
 MAX_MEM_SLOTS = 509  # what libvhost-user and rust-vmm advertise; QEMU allows 512
-PAUSE_POLL = 0.001  # how often a handover looks for a gap between messages
 
 
 class RequestFailed(Exception):
@@ -109,11 +109,12 @@ class VhostUserBackend:
         self._log_description: tuple[int, int] | None = None  # size, offset
         # Handover: the loop parks between messages; queues a previous
         # daemon had running start with the session.
-        self._idle = False
+        self._changes = Changes()  # what a handover's pause waits on changed
+        self._idle_now = False
         self._idle_scope: trio.CancelScope | None = None
-        self._announcing = False
+        self._announcing_now = False
         self._parked = False
-        self.ending = False
+        self._ending = False
         self._finished = trio.Event()
         self._restored_queues: list[tuple[Virtqueue, bool]] = []
         self.offered_protocol_features = _pf(
@@ -247,12 +248,40 @@ class VhostUserBackend:
 
     # -- handover (restart without disconnect) ------------------------------------
 
+    # What a pause waits for: between messages, no config change announced,
+    # or the connection over. Each change wakes it.
+    @property
+    def _idle(self) -> bool:
+        return self._idle_now
+
+    @_idle.setter
+    def _idle(self, idle: bool) -> None:
+        self._idle_now = idle
+        self._changes.notify()
+
+    @property
+    def _announcing(self) -> bool:
+        return self._announcing_now
+
+    @_announcing.setter
+    def _announcing(self, announcing: bool) -> None:
+        self._announcing_now = announcing
+        self._changes.notify()
+
+    @property
+    def ending(self) -> bool:
+        return self._ending
+
+    @ending.setter
+    def ending(self, ending: bool) -> None:
+        self._ending = ending
+        self._changes.notify()
+
     async def pause(self, timeout: float) -> bool:
         with trio.move_on_after(timeout):
-            while not (self._idle and not self._announcing):
-                if self.ending:
-                    return False
-                await trio.sleep(PAUSE_POLL)
+            await self._changes.until(lambda: self.ending or (self._idle and not self._announcing))
+            if self.ending:
+                return False
             self._parked = True
             if self._idle_scope is not None:
                 self._idle_scope.cancel()
