@@ -45,8 +45,8 @@ from vfiouserd.client.virtio_pci import VirtioPciDriver  # noqa: E402
 from vfiouserd.devices.blk import VirtioBlk, open_image  # noqa: E402
 from vfiouserd.devices.example import ExampleDevice  # noqa: E402
 from vfiouserd.devices.rng import VirtioRng  # noqa: E402
-from vfiouserd.devices.virtio_pci import VirtioPciDevice  # noqa: E402
 from vfiouserd.protocol.vfio_user import MigrationState  # noqa: E402
+from vfiouserd.virtio_pci import VirtioPciDevice  # noqa: E402
 
 MiB = 1 << 20
 QUEUE_SIZE = 64

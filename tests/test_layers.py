@@ -30,6 +30,8 @@ FORBIDDEN = {
     ),
     "devices": (
         "construct",
+        "vfiouserd.virtqueue",
+        "vfiouserd.virtio_pci",
         "socket",
         "vfiouserd.protocol",
         "vfiouserd.vhost_user",

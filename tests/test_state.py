@@ -140,7 +140,7 @@ async def test_virtio_pci_round_trip_keeps_the_driver_set_up():
     from conftest import vfio_served
     from vfiouserd.client.guest import GuestRam
     from vfiouserd.client.virtio_pci import VirtioPciDriver
-    from vfiouserd.devices.virtio_pci import VirtioPciDevice
+    from vfiouserd.virtio_pci import VirtioPciDevice
 
     ram = GuestRam([(0, 8 * MiB)])
     source = VirtioPciDevice(blk())

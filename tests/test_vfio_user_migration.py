@@ -20,10 +20,10 @@ from vfiouserd.client.guest import GuestRam
 from vfiouserd.client.vfio_user import VfioUserClient, VfioUserError
 from vfiouserd.client.virtio_pci import VirtioPciDriver
 from vfiouserd.devices.example import ExampleDevice
-from vfiouserd.devices.virtio_pci import VirtioPciDevice
 from vfiouserd.protocol import vfio_user as vfu
 from vfiouserd.protocol.vfio_user import MigrationState as S
 from vfiouserd.vfio_user.migration import path
+from vfiouserd.virtio_pci import VirtioPciDevice
 
 PAGE = 4096
 

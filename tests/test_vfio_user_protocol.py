@@ -1009,7 +1009,7 @@ async def test_a_client_sends_no_more_fds_than_our_version_reply_allowed(offered
     if not offered:
         caps.pop("max_msg_fds", None)
     from conftest import make_blk
-    from vfiouserd.devices.virtio_pci import VirtioPciDevice
+    from vfiouserd.virtio_pci import VirtioPciDevice
 
     async with raw_session(VirtioPciDevice(make_blk(image, size=MiB))) as raw:
         await raw.negotiate(caps)

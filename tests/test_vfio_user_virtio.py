@@ -17,9 +17,9 @@ from vfiouserd.client.virtio_pci import VirtioPciDriver
 from vfiouserd.devices.blk import CONFIG, BlkStatus, RequestType
 from vfiouserd.devices.rng import VirtioRng
 from vfiouserd.devices.virtio import Feature, Status, bit
-from vfiouserd.devices.virtio_pci import VirtioPciDevice
 from vfiouserd.protocol import vfio_user as vfu
 from vfiouserd.protocol.vfio_user import Command
+from vfiouserd.virtio_pci import VirtioPciDevice
 
 
 @pytest.fixture

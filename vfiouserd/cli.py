@@ -26,7 +26,6 @@ from vfiouserd import log as logging
 from vfiouserd.config import ConfigError, arguments_from_file
 from vfiouserd.devices.pci import PciDevice
 from vfiouserd.devices.virtio import TRANSPORT_FEATURES, Feature, VirtioDevice
-from vfiouserd.devices.virtio_pci import VirtioPciDevice
 from vfiouserd.plugins import DeviceClass, device_plugins
 from vfiouserd.sandbox import jail
 from vfiouserd.server import LiveSession, Service
@@ -35,6 +34,7 @@ from vfiouserd.sockets import SocketFile, is_listening, listen_on_path, socket_f
 from vfiouserd.systemd import PassedFd
 from vfiouserd.vfio_user.session import VfioUserSession
 from vfiouserd.vhost_user.backend import VhostUserBackend
+from vfiouserd.virtio_pci import VirtioPciDevice
 
 log = logging.get_logger("cli")
 
