@@ -220,8 +220,11 @@ class Stateful(Protocol):
     """What a device offers to be saved and loaded (``VirtioDevice`` and
     ``PciDevice`` implement it; a plugin only declares its ``state``)."""
 
-    name: str
-    abi_version: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def abi_version(self) -> int: ...
 
     def state_sections(self) -> dict[str, Schema]: ...
 
