@@ -112,6 +112,7 @@ class Request:
     """One descriptor chain: device-readable buffers, then device-writable ones."""
 
     __slots__ = (
+        "chain",
         "dirty_ranges",
         "head",
         "inflight_entry",
@@ -140,6 +141,10 @@ class Request:
         # Bounce buffers for memory the daemon could not map, written back
         # by the ring after the device is done (devices never look at it).
         self.writeback = writeback
+        # The chain's (guest address, length, device-writable) descriptors,
+        # kept by rings whose buffers wait for the host: no view of guest
+        # memory outlives a walk, so a waiting buffer is looked up again.
+        self.chain: list[tuple[int, int, bool]] | None = None
 
     @property
     def readable_size(self) -> int:
@@ -229,6 +234,7 @@ class VirtioDevice:
         self.num_queues = num_queues
         self.driver_features = 0
         self._config_listeners: list[Callable[[], None]] = []
+        self._data_listeners: list[Callable[[int], None]] = []
 
     # -- plugin wiring ------------------------------------------------------
 
@@ -279,6 +285,41 @@ class VirtioDevice:
     def reset(self) -> None:
         """Device reset: forget driver-negotiated state."""
         self.driver_features = 0
+
+    # -- buffers that wait for the host --------------------------------------
+
+    # Queues whose buffers wait for the host (receive and event queues): the
+    # daemon keeps what the driver gives them, in order, and while
+    # ``has_data`` says so calls ``fill`` with the oldest. ``handle`` is
+    # never called for them. A stop, a migration or a handover gives the
+    # buffers back to the ring unfilled; a reset drops them.
+    host_fed_queues: ClassVar[frozenset[int]] = frozenset()
+
+    def has_data(self, queue: int) -> bool:
+        """Whether ``fill`` has something for the driver on host-fed ``queue``."""
+        return False
+
+    def fill(self, queue: int, request: Request) -> int | None:
+        """Write what the host has for the driver into ``request.writable``
+        (the oldest buffer the driver gave ``queue``); return the bytes
+        written, or None to keep the buffer for later. Runs where
+        ``handle`` runs."""
+        return None
+
+    def data_ready(self, queue: int) -> None:
+        """The host has something for host-fed ``queue``: the daemon looks at
+        its buffers again. Call it on the event loop (the device's tasks)."""
+        for listener in list(self._data_listeners):
+            listener(queue)
+
+    def add_data_listener(self, listener: Callable[[int], None]) -> None:
+        self._data_listeners.append(listener)
+
+    async def run(self) -> None:
+        """The device's own work while a driver runs it, such as waiting on
+        host event sources (fds opened before the jail). Started with the
+        first ring, cancelled at a device reset or when every ring stopped
+        (then started again with the next ring)."""
 
     # -- host-side changes -------------------------------------------------
 

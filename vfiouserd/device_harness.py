@@ -66,6 +66,8 @@ class DeviceHarness(Generic[D]):
         what the device did not write)."""
         if not 0 <= queue < self.device.num_queues:
             raise HarnessError(f"queue {queue}: the device has {self.device.num_queues}")
+        if queue in self.device.host_fed_queues:
+            raise HarnessError(f"queue {queue} is host-fed: its buffers go to fill(), see take()")
         areas = [bytearray(b"\xaa" * size) for size in writable]
         request = Request(
             [memoryview(bytes(data)) for data in readable],
@@ -76,6 +78,25 @@ class DeviceHarness(Generic[D]):
         if not isinstance(written, int) or not 0 <= written <= request.writable_size:
             raise HarnessError(
                 f"handle() reported {written!r} bytes written of {request.writable_size}"
+            )
+        return Completion(written, [bytes(area) for area in areas])
+
+    def take(self, queue: int, *sizes: int) -> Completion | None:
+        """Offer a host-fed queue one buffer of these sizes, as the daemon
+        offers the oldest waiting one: what the device filled, or None if
+        it has nothing (or kept the buffer)."""
+        if queue not in self.device.host_fed_queues:
+            raise HarnessError(f"queue {queue} is not host-fed")
+        if not self.device.has_data(queue):
+            return None
+        areas = [bytearray(b"\xaa" * size) for size in sizes]
+        request = Request([], [memoryview(area) for area in areas], ndescs=max(len(sizes), 1))
+        written = self.device.fill(queue, request)
+        if written is None:
+            return None
+        if not isinstance(written, int) or not 0 <= written <= request.writable_size:
+            raise HarnessError(
+                f"fill() reported {written!r} bytes written of {request.writable_size}"
             )
         return Completion(written, [bytes(area) for area in areas])
 

@@ -24,6 +24,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -83,6 +84,18 @@ class MemoryMoved(RingError):
 class RingUnmapped(RingError):
     """The ring areas are not (or no longer) in shared memory. Not fatal by
     itself: the queue waits for the next memory layout change."""
+
+
+@dataclass(frozen=True)
+class HeldBuffer:
+    """A buffer the driver gave a host-fed queue, waiting for the host:
+    where it lies in guest memory, not a view of it (see ``Request.chain``)."""
+
+    head: int
+    ndescs: int
+    inflight_entry: int
+    chain: list[tuple[int, int, bool]]
+    position: int  # the ring's base() before it was taken: how to give it back
 
 
 class AddressSpace(enum.Enum):
@@ -166,6 +179,7 @@ class _Chains:
         self.memory = memory
         self.size = size
         self.indirect = indirect
+        self.keep_chains = False  # set on rings whose buffers wait for the host
 
     def buffers(self, request: Request, address: int, length: int, flags: int) -> None:
         writable = bool(flags & DESC_F_WRITE)
@@ -178,6 +192,8 @@ class _Chains:
         except GuestMemoryError as exc:
             raise RingError(f"descriptor buffer {address:#x}+{length:#x}: {exc}") from exc
         (request.writable if writable else request.readable).extend(views)
+        if request.chain is not None:
+            request.chain.append((address, length, writable))
         if writable and self.memory.dirty is not None:
             if request.dirty_ranges is None:
                 request.dirty_ranges = []
@@ -185,6 +201,20 @@ class _Chains:
 
     def _writeback(self) -> list[tuple[int, memoryview]] | None:
         return [] if self.memory.has_unmapped else None
+
+    def _new_request(self, head: int = 0) -> Request:
+        request = Request([], [], head=head, writeback=self._writeback())
+        if self.keep_chains:
+            request.chain = []
+        return request
+
+    def rebuild(self, held: HeldBuffer) -> Request:
+        """A held buffer's request, its views made now (on the current memory)."""
+        request = Request([], [], head=held.head, ndescs=held.ndescs, writeback=self._writeback())
+        request.inflight_entry = held.inflight_entry
+        for address, length, writable in held.chain:
+            self.buffers(request, address, length, DESC_F_WRITE if writable else 0)
+        return request
 
     def indirect_table(self, address: int, length: int, flags: int) -> Area:
         if not self.indirect:
@@ -285,7 +315,7 @@ class SplitRing(_Chains):
     def _walk(self, head: int) -> Request:
         if head >= self.size:
             raise RingError(f"head descriptor {head} is outside a queue of {self.size}")
-        request = Request([], [], head=head, writeback=self._writeback())
+        request = self._new_request(head)
         table, table_size, index, seen = self.desc, self.size, head, 0
         while True:
             seen += 1
@@ -341,6 +371,10 @@ class SplitRing(_Chains):
 
     def base(self) -> int:
         return self.last_avail_idx
+
+    def base_at(self, position: int) -> int:
+        """The base once the pops since ``position`` (a ``base()``) are given back."""
+        return position & 0xFFFF
 
     def rewind(self, base: int) -> None:
         """Take back a pop whose chain could not be walked (see Virtqueue.process)."""
@@ -429,7 +463,7 @@ class PackedRing(_Chains):
 
     def _pop_resubmitted(self) -> Request:
         resubmit = self.resubmit.popleft()
-        request = Request([], [], writeback=self._writeback())
+        request = self._new_request()
         for stored in resubmit.descriptors:
             if stored.flags & DESC_F_INDIRECT:
                 if len(resubmit.descriptors) != 1:
@@ -452,7 +486,7 @@ class PackedRing(_Chains):
         if not self.has_available():
             return None
         lib.vfu_fence_acquire()  # the descriptor body only after its flags
-        request = Request([], [], writeback=self._writeback())
+        request = self._new_request()
         index, count = self.last_avail_idx, 0
         chain: list[StoredDescriptor] = []
         while True:
@@ -536,12 +570,19 @@ class PackedRing(_Chains):
             self.last_avail_idx | self.avail_wrap << 15 | self.used_idx << 16 | self.used_wrap << 31
         )
 
+    def base_at(self, position: int) -> int:
+        """The base once the pops since ``position`` (a ``base()``) are given
+        back: the avail side from then, the used side from now."""
+        return position & 0xFFFF | self.base() & 0xFFFF_0000
+
     def rewind(self, base: int) -> None:
         """Take back a pop whose chain could not be walked (see Virtqueue.process)."""
         self.last_avail_idx, self.avail_wrap = base & 0x7FFF, bool(base >> 15 & 1)
 
 
 Handler = Callable[[Request], int]
+# A host-fed queue's filler: bytes written into the request, None to keep it.
+Filler = Callable[[Request], int | None]
 
 
 class Virtqueue:
@@ -615,6 +656,13 @@ class Virtqueue:
         self.broken = False
         self.requests = 0  # served since the ring started, for logs and tests
         self.ring: SplitRing | PackedRing | None = None
+        # A host-fed queue (receive, events): the device fills the driver's
+        # buffers when the host has something; they wait here, oldest first.
+        # Everything taken from such a ring waits until filled, so the held
+        # buffers are always the newest pops and a stop gives them back.
+        self.fill: Filler | None = None
+        self.has_data: Callable[[], bool] = lambda: False
+        self.held: deque[HeldBuffer] = deque()
         # vhost-user INFLIGHT_SHMFD: where this queue records what is in
         # flight; recovery from it runs once per ring start.
         self.inflight: SplitInflight | PackedInflight | None = None
@@ -678,6 +726,7 @@ class Virtqueue:
             raise RingError(f"ring area: {exc}") from exc
         except GuestMemoryError as exc:
             raise RingUnmapped(f"ring area: {exc}") from exc
+        ring.keep_chains = self.fill is not None
         self.ring = ring
         if self.inflight is not None:
             self._track_inflight(previous)
@@ -716,8 +765,14 @@ class Virtqueue:
         self._generation = -1
 
     def current_base(self) -> int:
+        """Where the ring stands, held buffers given back (a stop, a
+        migration or a handover hands them to whoever serves the ring next)."""
         self._pause_native()  # its indexes are the ring's
-        return self.ring.base() if self.ring is not None else self.base
+        if self.ring is None:
+            return self.base
+        if self.held:
+            return self.ring.base_at(self.held[0].position)
+        return self.ring.base()
 
     # -- running ---------------------------------------------------------------
 
@@ -761,46 +816,10 @@ class Virtqueue:
                 ring = self.attach()
             mark = ring.used_mark()
             generation = self.memory.generation
-            for _ in range(ring.size):  # bounded so other queues get their turn
-                position = ring.base()
-                try:
-                    request = ring.pop()
-                except RingError as exc:
-                    if _on_worker_thread() and self.memory.generation != generation:
-                        # The VMM changed the layout while this walk waited for
-                        # it (a memory transaction: unmap, then map again): try
-                        # the chain again on the new layout, not a broken ring.
-                        ring.rewind(position)
-                        raise MemoryMoved(str(exc)) from exc
-                    raise
-                if request is None:
-                    if ring.arm():
-                        continue
-                    break
-                if log.is_tracing():
-                    log.trace(
-                        "request",
-                        queue=self.index,
-                        head=request.head,
-                        readable=request.readable_size,
-                        writable=request.writable_size,
-                    )
-                try:
-                    written = handle(request)
-                except WalkAbandoned:
-                    raise
-                except Exception as exc:  # a device bug must not take the daemon down
-                    log.exception("device.failed", queue=self.index)
-                    raise RingError(f"device handler failed: {exc!r}") from exc
-                self.requests += 1
-                if request.writeback:  # unmapped buffers: data before the used entry
-                    self.memory.flush(request.writeback)
-                written = min(written, request.writable_size)
-                if request.dirty_ranges:
-                    _mark_written(self.memory, request.dirty_ranges, written)
-                ring.push(request, written)
+            if self.fill is not None:
+                self._serve_held(ring, self.fill, generation)
             else:
-                self.wake()
+                self._serve(ring, handle, generation)
             if self.memory.dirty is not None:
                 self.memory.dirty.kick()
             if ring.should_notify(mark):
@@ -812,7 +831,8 @@ class Virtqueue:
             self.wake()  # the new layout is there already: look again
         except RingUnmapped as exc:
             if self.ring is not None:
-                self.base = self.ring.base()
+                self.base = self.current_base()
+                self.held.clear()
                 self.ring = None
             self._generation = self.memory.generation  # retry on the next layout change
             log.warning("ring.unmapped", queue=self.index, reason=str(exc))
@@ -827,6 +847,76 @@ class Virtqueue:
             self.fail(f"internal error: {exc!r}")
         if memory_faults() != faults:
             self.fail("the VMM truncated memory it shared with us")
+
+    def _pop(self, ring: SplitRing | PackedRing, generation: int) -> tuple[int, Request | None]:
+        """(the ring's base before, the next request or None)."""
+        position = ring.base()
+        try:
+            return position, ring.pop()
+        except RingError as exc:
+            if _on_worker_thread() and self.memory.generation != generation:
+                # The VMM changed the layout while this walk waited for it (a
+                # memory transaction: unmap, then map again): try the chain
+                # again on the new layout, not a broken ring.
+                ring.rewind(position)
+                raise MemoryMoved(str(exc)) from exc
+            raise
+
+    def _complete(self, ring: SplitRing | PackedRing, request: Request, written: int) -> None:
+        self.requests += 1
+        if request.writeback:  # unmapped buffers: data before the used entry
+            self.memory.flush(request.writeback)
+        written = min(written, request.writable_size)
+        if request.dirty_ranges:
+            _mark_written(self.memory, request.dirty_ranges, written)
+        ring.push(request, written)
+
+    def _serve(self, ring: SplitRing | PackedRing, handle: Handler, generation: int) -> None:
+        for _ in range(ring.size):  # bounded so other queues get their turn
+            _, request = self._pop(ring, generation)
+            if request is None:
+                if ring.arm():
+                    continue
+                return
+            if log.is_tracing():
+                log.trace(
+                    "request",
+                    queue=self.index,
+                    head=request.head,
+                    readable=request.readable_size,
+                    writable=request.writable_size,
+                )
+            self._complete(ring, request, self._call_device(handle, request))
+        self.wake()  # more may be waiting: after the other queues
+
+    def _serve_held(self, ring: SplitRing | PackedRing, fill: Filler, generation: int) -> None:
+        # Take every buffer the driver made available: they wait, in order.
+        while len(self.held) < ring.size:
+            position, request = self._pop(ring, generation)
+            if request is None:
+                if ring.arm():
+                    continue
+                break
+            chain = request.chain if request.chain is not None else []
+            held = HeldBuffer(request.head, request.ndescs, request.inflight_entry, chain, position)
+            self.held.append(held)
+        # The oldest first, while the device has something for them.
+        while self.held and self.has_data():
+            request = ring.rebuild(self.held[0])
+            written = self._call_device(fill, request)
+            if written is None:
+                break
+            self.held.popleft()
+            self._complete(ring, request, written)
+
+    def _call_device(self, call: Callable[[Request], Any], request: Request) -> Any:
+        try:
+            return call(request)
+        except WalkAbandoned:
+            raise
+        except Exception as exc:  # a device bug must not take the daemon down
+            log.exception("device.failed", queue=self.index)
+            raise RingError(f"device handler failed: {exc!r}") from exc
 
     def start(self, handle: Handler, nursery: trio.Nursery) -> None:
         """Serve the queue from a task of ``nursery`` until ``stop``.
@@ -884,6 +974,7 @@ class Virtqueue:
         transport's own interrupts, requests left over by a killed back end)."""
         return (
             self.native is not None
+            and self.fill is None
             and not self._native_off
             and self.notifier is None
             and self.kick_fd is not None
@@ -1092,6 +1183,8 @@ class QueueSet:
         self.turns = turns or Turns()
         self.queues = [Virtqueue(i, memory, address_space) for i in range(device.num_queues)]
         self._nursery: trio.Nursery | None = None
+        self._device_task: trio.CancelScope | None = None  # the device's run()
+        device.add_data_listener(self._data_ready)
         # The fast path must be out of guest memory before it is unmapped.
         memory.listeners.append(self._memory_changing)
 
@@ -1101,6 +1194,36 @@ class QueueSet:
 
     def bind(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        self._device_task = None  # one of the last session's, ended with it
+
+    def _data_ready(self, index: int) -> None:
+        if not 0 <= index < len(self.queues):
+            return
+        queue = self.queues[index]
+        if _on_worker_thread():  # from handle() on a walk over unmapped memory
+            trio.from_thread.run_sync(self._data_ready, index)
+        elif queue.started:
+            queue.wake()
+
+    def _start_device_task(self) -> None:
+        if self._device_task is not None or type(self.device).run is VirtioDevice.run:
+            return
+        assert self._nursery is not None
+        scope = self._device_task = trio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                try:
+                    await self.device.run()
+                except Exception:  # a device bug must not end the session
+                    log.exception("device.failed", task="run")
+
+        self._nursery.start_soon(run)
+
+    def _stop_device_task(self) -> None:
+        if self._device_task is not None:
+            self._device_task.cancel()
+            self._device_task = None
 
     def set_features(self, features: int) -> None:
         self.device.set_driver_features(features)
@@ -1119,6 +1242,12 @@ class QueueSet:
         assert self._nursery is not None, "QueueSet.bind() first"
         queue.turns = self.turns
         queue.native = self.device.native_handler() if self.device.use_fast_path else None
+        index = queue.index
+        if index in self.device.host_fed_queues:
+            queue.fill = lambda request: self.device.fill(index, request)
+            queue.has_data = lambda: self.device.has_data(index)
+        else:
+            queue.fill = None
         # What a previous back end left in flight is taken back at the first
         # attach (SET_VRING_KICK after a reconnect, in vhost-user terms).
         queue._recover = queue.inflight is not None
@@ -1128,12 +1257,12 @@ class QueueSet:
             except RingUnmapped:
                 if not wait_for_memory:
                     raise
-        index = queue.index
 
         def handle(request: Request) -> int:
             return self.device.handle(index, request)
 
         queue.start(handle, self._nursery)
+        self._start_device_task()
         log.info(
             "ring.start",
             queue=index,
@@ -1144,15 +1273,25 @@ class QueueSet:
 
     def stop(self, queue: Virtqueue) -> int:
         """Stop serving; returns the ring base to resume from."""
-        base = queue.current_base()
+        base = queue.current_base()  # held buffers given back
         if queue.started:
             queue.stop()
-            log.info("ring.stop", queue=queue.index, base=base, requests=queue.requests)
+            log.info(
+                "ring.stop",
+                queue=queue.index,
+                base=base,
+                requests=queue.requests,
+                **({"given_back": len(queue.held)} if queue.held else {}),
+            )
         queue.base = base
         queue.ring = None
+        queue.held.clear()
+        if not any(q.started for q in self.queues):
+            self._stop_device_task()
         return base
 
     def reset(self) -> None:
+        self._stop_device_task()
         for queue in self.queues:
             self.stop(queue)
             queue.close_fds()
