@@ -19,7 +19,8 @@ FORBIDDEN = {
         "vfiouserd.virtqueue",
     ),
     # Device semantics only: no wire formats (state is declared with
-    # vfiouserd.state's field kinds), no sockets, no protocol.
+    # vfiouserd.state's field kinds), no protocol, no VMM connection (host
+    # sockets a device serves, a console's say, are its own).
     # The jail confines whatever runs; it knows nothing of what it serves.
     "sandbox": (
         "vfiouserd.server",
@@ -32,7 +33,6 @@ FORBIDDEN = {
         "construct",
         "vfiouserd.virtqueue",
         "vfiouserd.virtio_pci",
-        "socket",
         "vfiouserd.protocol",
         "vfiouserd.vhost_user",
         "vfiouserd.vfio_user",
