@@ -182,3 +182,41 @@ def test_config_writes_past_select_and_subsel_change_nothing(kind):
     name = selected(harness, Select.ID_NAME)
     harness.write_config(0, bytes([Select.ID_NAME, 0]) + b"\xff" * (CONFIG_SIZE - 2))
     assert harness.config()[8 : 8 + len(name)] == name
+
+
+async def test_a_client_that_vanishes_mid_record_leaves_the_device_serving_the_next(tmp_path):
+    """Half a record then a hang-up: the half is dropped, the next client's
+    events arrive whole and in order, and the LEDs are told to it first."""
+    path = str(tmp_path / "events.sock")
+    device = VirtioInput.from_args(
+        type("Args", (), {"kind": "keyboard", "events_socket": path, "serial": ""})()
+    )
+    device.leds = {LED_CAPSL: 1}
+    ram = GuestRam([(0, 8 * MiB)])
+    try:
+        async with served(device) as frontend:
+            await frontend.negotiate(want_features=~bit(Feature.RING_PACKED))
+            await frontend.set_features()
+            await frontend.share_memory(ram)
+            events_ring = frontend.make_ring(ram, 16)
+            events = await frontend.start_queue(EVENT_QUEUE, events_ring)
+            driver = Driver(ram, events_ring, events.kick_async)
+            await driver.post(*[8] * 4)
+            first = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await first.connect(path)
+            with trio.fail_after(5):
+                assert await first.recv(8) == EVENT.pack(EV_LED, LED_CAPSL, 1)
+            await first.send(EVENT.pack(EV_KEY, KEY_A, 1) + b"\x01\x00\x1e")
+            first.close()
+            assert [data for _, data in await driver.received(1)] == [EVENT.pack(EV_KEY, KEY_A, 1)]
+            second = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with trio.fail_after(5):
+                await second.connect(path)
+                assert await second.recv(8) == EVENT.pack(EV_LED, LED_CAPSL, 1)
+            await second.send(EVENT.pack(EV_KEY, KEY_A, 0))
+            done = await driver.received(2)
+            assert done[1][1] == EVENT.pack(EV_KEY, KEY_A, 0)
+            second.close()
+    finally:
+        ram.close()
+        device.close()
