@@ -149,6 +149,50 @@ async def vfio_user_virtio(daemon: Daemon) -> None:
     ram.close()
 
 
+async def input_device(daemon: Daemon) -> None:
+    """Events from the events socket into buffers waiting for them (over
+    vfio-user also filled on a worker thread, memory reached through DMA),
+    an LED back to the client, a client that leaves and one that comes."""
+    from test_host_fed import Driver
+
+    from vfiouserd.devices.input import EV_KEY, EV_LED, EVENT
+
+    path = daemon.command[daemon.command.index("--events-socket") + 1]
+    ram = GuestRam([(0, 16 * MiB)])
+
+    async def exchange(events, status) -> None:
+        driver = Driver(ram, events.ring, events.kick_async)
+        await driver.post(8, 8)
+        for _ in range(2):  # a client, then the next one
+            client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await client.connect(path)
+            await client.send(EVENT.pack(EV_KEY, 30, 1))
+            await driver.received(len(driver.done) + 1)
+            led = ram.alloc(8, 64)
+            ram.write(led, EVENT.pack(EV_LED, 1, 1))
+            status.ring.add([(led, 8)], [], "led")
+            await status.kick_async()
+            with trio.fail_after(5):
+                while EVENT.unpack(await client.recv(8)) != (EV_LED, 1, 1):
+                    pass
+            client.close()
+
+    if "vhost-user-input" in daemon.command:
+        frontend = await VhostUserFrontend.connect(daemon.socket_path)
+        events, status = await start_device(frontend, ram, queues=2, size=16)
+        await exchange(events.queue, status.queue)
+        await frontend.aclose()
+    else:
+        for with_fd in (True, False):
+            async with VfioUserClient.connect(daemon.socket_path, ram=ram) as client:
+                await client.map_ram(with_fd=with_fd)
+                driver = VirtioPciDriver(client, ram)
+                events, status = await driver.start(queue_count=2)
+                await exchange(events, status)
+                driver.close()
+    ram.close()
+
+
 async def vfio_user_example(daemon: Daemon) -> None:
     ram = GuestRam([(0, 4 * MiB)])
     for with_fd in (True, False):
@@ -294,6 +338,8 @@ WORKLOADS: list[tuple[tuple[str, ...], Workload]] = [
     (("vfio-user-blk", "--size", "16M"), vfio_user_virtio),
     (("vfio-user-rng",), vfio_user_virtio),
     (("vfio-user-example",), vfio_user_example),
+    (("vhost-user-input",), input_device),
+    (("vfio-user-input",), input_device),
 ]
 
 
@@ -304,7 +350,9 @@ def recorded(tmp_path_factory) -> Record:
     for number, (args, workload) in enumerate(WORKLOADS):
         trace = tmp_path / f"{number}.trace"
         image = tmp_path / f"{number}.img"
-        extra = ("--blk-file", str(image)) if "blk" in args[0] else ()
+        extra: tuple[str, ...] = ("--blk-file", str(image)) if "blk" in args[0] else ()
+        if "input" in args[0]:
+            extra = ("--events-socket", str(tmp_path / f"{number}.events"))
         if "--read-only" in args:
             os.truncate(os.open(image, os.O_CREAT | os.O_WRONLY, 0o644), 8 * MiB)
         daemon = recorded_daemon(tmp_path, trace, *args, *extra, name=f"w{number}")
