@@ -283,3 +283,60 @@ async def test_a_session_whose_fds_did_not_all_come_back_is_closed_not_left_to_t
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
     received.close_unused()
     theirs.close()
+
+
+@pytest.mark.parametrize("protocol", ["vhost-user", "vfio-user"])
+async def test_buffers_waiting_for_the_host_are_handed_over(tmp_path, protocol):
+    """virtio-input across restarts through the fd store: the driver's
+    event buffers still waiting go to the next daemon with the session
+    (given back to the ring, taken again), and each one is filled once,
+    in order, by the events the host types between restarts."""
+    from test_host_fed import Driver
+
+    from vfiouserd.devices.input import EV_KEY, EVENT
+
+    events_path = str(tmp_path / "events.sock")
+    command = daemon_command(tmp_path, f"{protocol}-input", "--events-socket", events_path)
+    total = RESTARTS + 1
+    ram = GuestRam([(0, 8 * MiB)])
+
+    async def type_across_restarts(manager: FakeSystemd, queue) -> None:
+        driver = Driver(ram, queue.ring, queue.kick_async)
+        await driver.post(*[8] * (total + 2))  # more than will be filled
+        for number in range(total):
+            client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with trio.fail_after(10):
+                while True:  # the restarted daemon's events socket
+                    try:
+                        await client.connect(events_path)
+                        break
+                    except OSError:
+                        await trio.sleep(0.05)
+            await client.send(EVENT.pack(EV_KEY, 30, number))
+            await driver.received(number + 1)
+            client.close()
+            if number < RESTARTS:
+                await manager.restart()
+        await trio.sleep(0.2)
+        values = [EVENT.unpack(data)[2] for _, data in driver.collect()]
+        assert values == list(range(total))  # once each, in order
+
+    async with FakeSystemd(tmp_path, command) as manager:
+        await manager.start()
+        socket_path = str(tmp_path / "device.sock")
+        if protocol == "vhost-user":
+            frontend = await VhostUserFrontend.connect(socket_path)
+            events, _ = await start_device(frontend, ram, queues=2, size=16)
+            await type_across_restarts(manager, events.queue)
+            assert await frontend.stop_queue(0) == total  # two still waiting: given back
+            await frontend.aclose()
+        else:
+            async with VfioUserClient.connect(socket_path, ram=ram) as vmm:
+                await vmm.map_ram()
+                pci = VirtioPciDriver(vmm, ram)
+                queue, _ = await pci.start(queue_count=2, queue_size=16)
+                await type_across_restarts(manager, queue)
+                pci.close()
+        assert await manager.stop() == 0
+        assert_handed_over(manager)
+    ram.close()
