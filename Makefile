@@ -92,6 +92,7 @@ demo: guest
 bench: guest
 	$(VENV)/bin/python bench/blk.py
 	$(VENV)/bin/python bench/downtime.py
+	$(VENV)/bin/python bench/input.py
 
 # Every device gets its turn even when an earlier one had findings; the
 # target fails if any had. Replay a finding with the command its FINDING line

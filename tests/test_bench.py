@@ -53,3 +53,15 @@ def test_downtime_benchmark_reports_every_scenario_and_blob():
         assert scenario in done.stdout
     for blob in ("vhost-user blk", "vfio-user example", "handed-over vfio-user blk session"):
         assert blob in done.stdout
+
+
+def test_input_latency_benchmark_runs():
+    done = subprocess.run(
+        [sys.executable, str(BENCH.parent / "input.py"), "--events", "20"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = [line.split("  ")[0] for line in done.stdout.splitlines()[2:]]
+    assert names == ["relay process (reference)", "vhost-user-input", "vfio-user-input"]
