@@ -25,7 +25,7 @@ import trio
 from vfiouserd.devices.virtio import DeviceId, Request, VirtioDevice
 from vfiouserd.log import get_logger
 from vfiouserd.sockets import listen_on_path
-from vfiouserd.state import INT_MAP, Field, Schema
+from vfiouserd.state import BYTES, INT_MAP, Field, Schema
 
 log = get_logger("input")
 
@@ -117,8 +117,9 @@ class VirtioInput(VirtioDevice):
     max_queues = 2
     host_fed_queues = frozenset({EVENT_QUEUE})
     config_can_change = False
-    # The LEDs the driver set: a restarted daemon tells its client again.
-    state = Schema(1, Field("leds", INT_MAP))
+    # The LEDs the driver set (a restarted daemon tells its client again),
+    # and the events read from the host that no buffer took yet.
+    state = Schema(2, Field("leds", INT_MAP), Field("pending_events", BYTES, since=2, default=b""))
     kind_names: ClassVar[tuple[str, ...]] = tuple(KINDS)
 
     def __init__(
@@ -226,6 +227,15 @@ class VirtioInput(VirtioDevice):
         if self.outgoing and self._loop is not None:
             self._loop.run_sync_soon(lambda: self._to_send.set())
         return 0
+
+    @property
+    def pending_events(self) -> bytes:
+        return b"".join(self.pending)
+
+    @pending_events.setter
+    def pending_events(self, data: bytes) -> None:
+        whole = len(data) - len(data) % EVENT.size
+        self.pending = deque(data[at : at + EVENT.size] for at in range(0, whole, EVENT.size))
 
     # -- the events socket --------------------------------------------------------
 

@@ -340,3 +340,33 @@ async def test_buffers_waiting_for_the_host_are_handed_over(tmp_path, protocol):
         assert await manager.stop() == 0
         assert_handed_over(manager)
     ram.close()
+
+
+async def test_host_events_no_buffer_took_yet_go_with_the_device_state(tmp_path):
+    """Events read from the host while the driver had no buffer out are
+    device state: after an fd-store restart they still reach the driver."""
+    from test_host_fed import Driver
+
+    from vfiouserd.devices.input import EV_KEY, EVENT
+
+    events_path = str(tmp_path / "events.sock")
+    command = daemon_command(tmp_path, "vhost-user-input", "--events-socket", events_path)
+    ram = GuestRam([(0, 8 * MiB)])
+    async with FakeSystemd(tmp_path, command) as manager:
+        await manager.start()
+        frontend = await VhostUserFrontend.connect(str(tmp_path / "device.sock"))
+        events, _ = await start_device(frontend, ram, queues=2, size=16)
+        client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await client.connect(events_path)
+        typed = [EVENT.pack(EV_KEY, 30, n) for n in range(3)]
+        await client.send(b"".join(typed))
+        await trio.sleep(0.3)  # read by the daemon, waiting for buffers
+        client.close()
+        await manager.restart()
+        driver = Driver(ram, events.queue.ring, events.queue.kick_async)
+        await driver.post(8, 8, 8)
+        assert [data for _, data in await driver.received(3)] == typed
+        await frontend.aclose()
+        assert await manager.stop() == 0
+        assert "event=handover.restored" in manager.log()
+    ram.close()

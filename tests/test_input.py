@@ -83,8 +83,10 @@ def test_events_wait_for_buffers_in_order_and_leds_are_kept():
     harness.request(STATUS_QUEUE, readable=[EVENT.pack(EV_LED, LED_CAPSL, 1)])
     assert device.leds == {LED_CAPSL: 1}
     assert list(device.outgoing) == [EVENT.pack(EV_LED, LED_CAPSL, 1)]
+    device.pending.extend(events[:2])  # read from the host, no buffer yet
     moved = harness.migrate(lambda: VirtioInput("keyboard"))
     assert moved.device.leds == {LED_CAPSL: 1}
+    assert [moved.take(EVENT_QUEUE, 8).data for _ in range(2)] == events[:2]
 
 
 async def test_over_vhost_user_with_a_host_client(tmp_path):
