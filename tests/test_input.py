@@ -222,3 +222,33 @@ async def test_a_client_that_vanishes_mid_record_leaves_the_device_serving_the_n
     finally:
         ram.close()
         device.close()
+
+
+async def test_bad_event_buffers_break_nothing_and_lose_no_event():
+    """A buffer too small for an event goes back empty (the event waits for
+    the next one); a buffer outside guest memory breaks the queue, not the
+    session: the device still answers config reads."""
+    device = VirtioInput("keyboard")
+    ram = GuestRam([(0, 8 * MiB)])
+    try:
+        async with served(device) as frontend:
+            await frontend.negotiate(want_features=~bit(Feature.RING_PACKED))
+            await frontend.set_features()
+            await frontend.share_memory(ram)
+            events_ring = frontend.make_ring(ram, 16)
+            events = await frontend.start_queue(EVENT_QUEUE, events_ring)
+            driver = Driver(ram, events_ring, events.kick_async)
+            small, fits = await driver.post(4, 8)
+            device.pending.append(EVENT.pack(EV_KEY, KEY_A, 1))
+            device.data_ready(EVENT_QUEUE)
+            assert await driver.received(2) == [
+                (small, b""),
+                (fits, EVENT.pack(EV_KEY, KEY_A, 1)),
+            ]
+            events_ring.add([], [(64 * MiB, 8)], "outside")  # past the end of memory
+            await events.kick_async()
+            with trio.fail_after(5):  # the queue is broken: its error eventfd says so
+                await trio.lowlevel.wait_readable(events.err)
+            assert len(await frontend.get_config(CONFIG_SIZE)) == CONFIG_SIZE
+    finally:
+        ram.close()
