@@ -142,6 +142,9 @@ class VirtioInput(VirtioDevice):
         self._blocked = False  # run() waits for the driver to take events
         self._room = trio.Event()
         self._to_send = trio.Event()
+        self._client: trio.socket.SocketType | None = None
+        self._partial = b""  # the start of a record the client has not finished
+        self._told_leds = False
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -223,7 +226,10 @@ class VirtioInput(VirtioDevice):
             kind, code, value = EVENT.unpack_from(data, offset)
             if kind == EV_LED and code in self.kind.events.get(EV_LED, ()):
                 self.leds[code] = value
-            self.outgoing.append(data[offset : offset + EVENT.size])
+            # A new client is told the LED state: nothing waits for it. A
+            # client that never reads loses the oldest beyond the bound.
+            if self._client is not None and len(self.outgoing) < MAX_PENDING:
+                self.outgoing.append(data[offset : offset + EVENT.size])
         if self.outgoing and self._loop is not None:
             self._loop.run_sync_soon(lambda: self._to_send.set())
         return 0
@@ -240,24 +246,30 @@ class VirtioInput(VirtioDevice):
     # -- the events socket --------------------------------------------------------
 
     async def run(self) -> None:
+        # The client's connection outlives run(): rings stopped and started
+        # again (a paused VM, a migration that did not happen) neither cut
+        # it nor lose what it sent meanwhile.
         if self._listening is None:
             return
         self._loop = trio.lowlevel.current_trio_token()
         try:
             while True:
-                client, _ = await self._listening.accept()
-                with client:
+                if self._client is None:
+                    self._client, _ = await self._listening.accept()
+                    self._partial = b""
+                    self._told_leds = False
                     log.info("input.client", kind=self.kind.name)
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._send_status, client)
-                        await self._receive_events(client)
-                        nursery.cancel_scope.cancel()
-                    log.info("input.client_gone")
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_status, self._client)
+                    await self._receive_events(self._client)
+                    nursery.cancel_scope.cancel()
+                self._client.close()
+                self._client = None
+                log.info("input.client_gone")
         finally:
             self._loop = None
 
     async def _receive_events(self, client: trio.socket.SocketType) -> None:
-        partial = b""
         while True:
             while len(self.pending) >= MAX_PENDING:  # the guest is slow: so is the client
                 self._room = trio.Event()
@@ -271,24 +283,34 @@ class VirtioInput(VirtioDevice):
                 return
             if not data:
                 return
-            partial += data
-            whole = len(partial) - len(partial) % EVENT.size
+            self._partial += data
+            whole = len(self._partial) - len(self._partial) % EVENT.size
             for offset in range(0, whole, EVENT.size):
-                self.pending.append(partial[offset : offset + EVENT.size])
-            partial = partial[whole:]
+                self.pending.append(self._partial[offset : offset + EVENT.size])
+            self._partial = self._partial[whole:]
             if whole:
                 self.data_ready(EVENT_QUEUE)
 
     async def _send_status(self, client: trio.socket.SocketType) -> None:
-        for code, value in sorted(self.leds.items()):  # where the LEDs stand
-            await client.send(EVENT.pack(EV_LED, code, value))
+        if not self._told_leds:  # a new client learns where the LEDs stand
+            self.outgoing.extendleft(
+                EVENT.pack(EV_LED, code, value)
+                for code, value in sorted(self.leds.items(), reverse=True)
+            )
+            self._told_leds = True
         while True:
             while self.outgoing:
-                await client.send(self.outgoing.popleft())
+                record = self.outgoing[0]  # taken once sent: a cancel loses nothing
+                sent = 0
+                while sent < len(record):
+                    sent += await client.send(record[sent:])
+                self.outgoing.popleft()
             self._to_send = trio.Event()
             if not self.outgoing:
                 await self._to_send.wait()
 
     def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
         if self.listener is not None:
             self.listener.close()
