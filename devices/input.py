@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import os
 import socket
 import struct
 from collections import deque
@@ -310,7 +311,8 @@ class VirtioInput(VirtioDevice):
                 await self._to_send.wait()
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        if self._client is not None:  # at exit, after the event loop: no trio close
+            os.close(self._client.detach())
+            self._client = None
         if self.listener is not None:
             self.listener.close()
