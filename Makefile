@@ -69,7 +69,7 @@ descriptors: $(VENV)/stamp
 # cannot follow: it reads a tree of links under .cache/typed instead.
 TYPED := $(CACHE)/typed
 TYPED_MODULES := -p vfiouserd.protocol -p vfiouserd.devices -m vfiouserd.virtqueue \
-	-m vfiouserd.virtio_pci -m vfiouserd.device_harness \
+	-m vfiouserd.virtio_pci -m vfiouserd.device_harness -m vfiouserd.changes \
 	-m vfiouserd.memory -m vfiouserd.inflight -m vfiouserd.state
 
 lint: $(VENV)/stamp

@@ -29,7 +29,7 @@ import trio
 from construct import Construct, ConstructError, Container
 
 from vfiouserd import handover
-from vfiouserd.changes import Changes
+from vfiouserd.changes import Changes, Watched
 from vfiouserd.devices.pci import Bar, DeviceAccessError, IrqKind, PciDevice, is_eventfd_like
 from vfiouserd.handover import CONNECTION, TWIN, FdNames, Received
 from vfiouserd.log import get_logger
@@ -113,6 +113,11 @@ class ThreadedRemote:
 
 
 class VfioUserSession:
+    # What a handover's pause waits on: each assignment wakes it.
+    _processing = Watched[bool]()
+    _ahead = Watched["Message | None"]()
+    ending = Watched[bool]()
+
     def __init__(
         self, device: PciDevice, sock: trio.socket.SocketType, config: ServerConfig | None = None
     ) -> None:
@@ -139,10 +144,10 @@ class VfioUserSession:
         # What a pause waits for (``_quiescent``) changed: each change wakes it.
         self._changes = Changes()
         self._readers_idle: dict[trio.socket.SocketType, bool] = {}
-        self._processing_now = False
-        self._ahead_now: Message | None = None  # taken from the queue, not yet processed
+        self._processing = False
+        self._ahead = None  # taken from the queue, not yet processed
         self._parked = False
-        self._ending = False
+        self.ending = False
         self._finished = trio.Event()
         self.device.memory.max_regions = self.config.max_dma_maps
         self.migration = Migration.of(device)
@@ -231,33 +236,6 @@ class VfioUserSession:
         self.device.memory.remote = None
 
     # -- handover (restart without disconnect) ------------------------------------------
-
-    @property
-    def _processing(self) -> bool:
-        return self._processing_now
-
-    @_processing.setter
-    def _processing(self, processing: bool) -> None:
-        self._processing_now = processing
-        self._changes.notify()
-
-    @property
-    def _ahead(self) -> Message | None:
-        return self._ahead_now
-
-    @_ahead.setter
-    def _ahead(self, message: Message | None) -> None:
-        self._ahead_now = message
-        self._changes.notify()
-
-    @property
-    def ending(self) -> bool:
-        return self._ending
-
-    @ending.setter
-    def ending(self, ending: bool) -> None:
-        self._ending = ending
-        self._changes.notify()
 
     def _quiescent(self) -> bool:
         """Between messages everywhere: readers waiting, nothing queued or

@@ -21,7 +21,7 @@ import trio
 from construct import ConstructError, Container
 
 from vfiouserd import handover, state
-from vfiouserd.changes import Changes
+from vfiouserd.changes import Changes, Watched
 from vfiouserd.devices.virtio import ConfigWriteError, Feature, VirtioDevice, bit
 from vfiouserd.handover import CONNECTION, FdNames, Received
 from vfiouserd.inflight import PackedInflight, SplitInflight
@@ -90,6 +90,12 @@ class WithFds:
 class VhostUserBackend:
     """Serves one connection; device state outside the queues survives it."""
 
+    # What a handover's pause waits for (between messages, no config change
+    # being announced, or the connection over): each assignment wakes it.
+    _idle = Watched[bool]()
+    _announcing = Watched[bool]()
+    ending = Watched[bool]()
+
     def __init__(self, device: VirtioDevice, sock: trio.socket.SocketType) -> None:
         self.device = device
         self.sock = sock
@@ -110,11 +116,11 @@ class VhostUserBackend:
         # Handover: the loop parks between messages; queues a previous
         # daemon had running start with the session.
         self._changes = Changes()  # what a handover's pause waits on changed
-        self._idle_now = False
+        self._idle = False
         self._idle_scope: trio.CancelScope | None = None
-        self._announcing_now = False
+        self._announcing = False
         self._parked = False
-        self._ending = False
+        self.ending = False
         self._finished = trio.Event()
         self._restored_queues: list[tuple[Virtqueue, bool]] = []
         self.offered_protocol_features = _pf(
@@ -247,35 +253,6 @@ class VhostUserBackend:
                 raise ProtocolViolation("the front end truncated memory it shared")
 
     # -- handover (restart without disconnect) ------------------------------------
-
-    # What a pause waits for: between messages, no config change announced,
-    # or the connection over. Each change wakes it.
-    @property
-    def _idle(self) -> bool:
-        return self._idle_now
-
-    @_idle.setter
-    def _idle(self, idle: bool) -> None:
-        self._idle_now = idle
-        self._changes.notify()
-
-    @property
-    def _announcing(self) -> bool:
-        return self._announcing_now
-
-    @_announcing.setter
-    def _announcing(self, announcing: bool) -> None:
-        self._announcing_now = announcing
-        self._changes.notify()
-
-    @property
-    def ending(self) -> bool:
-        return self._ending
-
-    @ending.setter
-    def ending(self, ending: bool) -> None:
-        self._ending = ending
-        self._changes.notify()
 
     async def pause(self, timeout: float) -> bool:
         with trio.move_on_after(timeout):
