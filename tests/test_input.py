@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import socket
 import struct
 
@@ -36,6 +37,21 @@ from vfiouserd.devices.virtio import Feature, bit
 from vfiouserd.virtio_pci import VirtioPciDevice
 
 KEY_A = 30
+
+
+def socket_device(tmp_path, kind: str = "keyboard") -> tuple[VirtioInput, str]:
+    path = str(tmp_path / "events.sock")
+    args = argparse.Namespace(kind=kind, events_socket=path, serial="")
+    return VirtioInput.from_args(args), path
+
+
+async def both_queues(frontend, ram: GuestRam):
+    """Negotiated like QEMU (split rings), memory shared, both queues started."""
+    await frontend.negotiate(want_features=~bit(Feature.RING_PACKED))
+    await frontend.set_features()
+    await frontend.share_memory(ram)
+    rings = [frontend.make_ring(ram, 16) for _ in (EVENT_QUEUE, STATUS_QUEUE)]
+    return [await frontend.start_queue(index, ring) for index, ring in enumerate(rings)]
 
 
 def selected(harness: DeviceHarness[VirtioInput], select: int, subsel: int = 0) -> bytes:
@@ -93,20 +109,12 @@ async def test_over_vhost_user_with_a_host_client(tmp_path):
     """A client of the events socket types; the driver gets every event in
     order, more than its buffers hold at once (the rest wait); the LED the
     driver sets reaches the client."""
-    path = str(tmp_path / "events.sock")
-    device = VirtioInput.from_args(
-        type("Args", (), {"kind": "keyboard", "events_socket": path, "serial": ""})()
-    )
+    device, path = socket_device(tmp_path, "keyboard")
     ram = GuestRam([(0, 8 * MiB)])
     try:
         async with served(device) as frontend:
-            await frontend.negotiate(want_features=~bit(Feature.RING_PACKED))
-            await frontend.set_features()
-            await frontend.share_memory(ram)
-            events_ring = frontend.make_ring(ram, 16)
-            status_ring = frontend.make_ring(ram, 16)
-            events = await frontend.start_queue(EVENT_QUEUE, events_ring)
-            status = await frontend.start_queue(STATUS_QUEUE, status_ring)
+            events, status = await both_queues(frontend, ram)
+            events_ring, status_ring = events.ring, status.ring
             driver = Driver(ram, events_ring, events.kick_async)
             client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             await client.connect(path)
@@ -135,10 +143,7 @@ async def test_over_vhost_user_with_a_host_client(tmp_path):
 async def test_a_flooding_client_waits_for_the_guest(tmp_path):
     """Past MAX_PENDING waiting events the device stops reading: the client
     blocks, nothing is dropped, and reading resumes as the driver takes them."""
-    path = str(tmp_path / "events.sock")
-    device = VirtioInput.from_args(
-        type("Args", (), {"kind": "mouse", "events_socket": path, "serial": ""})()
-    )
+    device, path = socket_device(tmp_path, "mouse")
     ram = GuestRam([(0, 16 * MiB)])
     try:
         async with vfio_served(VirtioPciDevice(device), ram=ram) as vmm:
@@ -189,19 +194,13 @@ def test_config_writes_past_select_and_subsel_change_nothing(kind):
 async def test_a_client_that_vanishes_mid_record_leaves_the_device_serving_the_next(tmp_path):
     """Half a record then a hang-up: the half is dropped, the next client's
     events arrive whole and in order, and the LEDs are told to it first."""
-    path = str(tmp_path / "events.sock")
-    device = VirtioInput.from_args(
-        type("Args", (), {"kind": "keyboard", "events_socket": path, "serial": ""})()
-    )
+    device, path = socket_device(tmp_path, "keyboard")
     device.leds = {LED_CAPSL: 1}
     ram = GuestRam([(0, 8 * MiB)])
     try:
         async with served(device) as frontend:
-            await frontend.negotiate(want_features=~bit(Feature.RING_PACKED))
-            await frontend.set_features()
-            await frontend.share_memory(ram)
-            events_ring = frontend.make_ring(ram, 16)
-            events = await frontend.start_queue(EVENT_QUEUE, events_ring)
+            events, _ = await both_queues(frontend, ram)
+            events_ring = events.ring
             driver = Driver(ram, events_ring, events.kick_async)
             await driver.post(*[8] * 4)
             first = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -232,11 +231,8 @@ async def test_bad_event_buffers_break_nothing_and_lose_no_event():
     ram = GuestRam([(0, 8 * MiB)])
     try:
         async with served(device) as frontend:
-            await frontend.negotiate(want_features=~bit(Feature.RING_PACKED))
-            await frontend.set_features()
-            await frontend.share_memory(ram)
-            events_ring = frontend.make_ring(ram, 16)
-            events = await frontend.start_queue(EVENT_QUEUE, events_ring)
+            events, _ = await both_queues(frontend, ram)
+            events_ring = events.ring
             driver = Driver(ram, events_ring, events.kick_async)
             small, fits = await driver.post(4, 8)
             device.pending.append(EVENT.pack(EV_KEY, KEY_A, 1))
@@ -258,19 +254,12 @@ async def test_the_client_stays_connected_while_the_rings_stop_and_start(tmp_pat
     """A paused VM stops the rings (GET_VRING_BASE) and the device's task;
     the events client stays connected, and what it sends meanwhile arrives
     once the rings run again."""
-    path = str(tmp_path / "events.sock")
-    device = VirtioInput.from_args(
-        type("Args", (), {"kind": "keyboard", "events_socket": path, "serial": ""})()
-    )
+    device, path = socket_device(tmp_path, "keyboard")
     ram = GuestRam([(0, 8 * MiB)])
     try:
         async with served(device) as frontend:
-            await frontend.negotiate(want_features=~bit(Feature.RING_PACKED))
-            await frontend.set_features()
-            await frontend.share_memory(ram)
-            rings = [frontend.make_ring(ram, 16) for _ in (EVENT_QUEUE, STATUS_QUEUE)]
-            events = await frontend.start_queue(EVENT_QUEUE, rings[0])
-            await frontend.start_queue(STATUS_QUEUE, rings[1])
+            events, status = await both_queues(frontend, ram)
+            rings = [events.ring, status.ring]
             driver = Driver(ram, rings[0], events.kick_async)
             await driver.post(*[8] * 4)
             client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
