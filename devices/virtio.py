@@ -234,7 +234,9 @@ class VirtioDevice:
         self.num_queues = num_queues
         self.driver_features = 0
         self._config_listeners: list[Callable[[], None]] = []
-        self._data_listeners: list[Callable[[int], None]] = []
+        # Where data_ready goes: the rings of the session serving the device
+        # now (one at a time, so one slot: an ended session is not kept).
+        self._data_sink: Callable[[int], None] | None = None
 
     # -- plugin wiring ------------------------------------------------------
 
@@ -309,11 +311,12 @@ class VirtioDevice:
     def data_ready(self, queue: int) -> None:
         """The host has something for host-fed ``queue``: the daemon looks at
         its buffers again. Call it on the event loop (the device's tasks)."""
-        for listener in list(self._data_listeners):
-            listener(queue)
+        if self._data_sink is not None:
+            self._data_sink(queue)
 
-    def add_data_listener(self, listener: Callable[[int], None]) -> None:
-        self._data_listeners.append(listener)
+    def serve_data_ready(self, sink: Callable[[int], None]) -> None:
+        """The transport's side: ``data_ready`` calls ``sink`` from now on."""
+        self._data_sink = sink
 
     async def run(self) -> None:
         """The device's own work while a driver runs it, such as waiting on

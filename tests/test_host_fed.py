@@ -291,3 +291,27 @@ def test_the_harness_offers_host_fed_buffers():
     assert harness.take(RX, 8).data == b"89"
     with pytest.raises(HarnessError, match="host-fed"):
         harness.request(RX, writable=[8])
+
+
+async def test_a_device_keeps_no_session_that_ended(ram):
+    """The device tells only the serving session's rings about host data;
+    sessions that ended are not kept alive through it (our fuzzer: the
+    daemon grew by some 40 KiB per vhost-user session)."""
+    import gc
+    import weakref
+
+    from vfiouserd.vhost_user.backend import VhostUserBackend
+
+    device = Loopback()
+    ended = []
+    for _ in range(3):
+        ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        backend = VhostUserBackend(device, theirs)
+        ended.append(weakref.ref(backend.queue_set))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.serve)
+            await trio.sleep(0.01)
+            ours.close()
+        del backend, nursery
+    gc.collect()
+    assert [ref() is None for ref in ended] == [True, True, False]  # the last one's sink stays

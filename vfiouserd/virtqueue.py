@@ -1184,7 +1184,6 @@ class QueueSet:
         self.queues = [Virtqueue(i, memory, address_space) for i in range(device.num_queues)]
         self._nursery: trio.Nursery | None = None
         self._device_task: trio.CancelScope | None = None  # the device's run()
-        device.add_data_listener(self._data_ready)
         # The fast path must be out of guest memory before it is unmapped.
         memory.listeners.append(self._memory_changing)
 
@@ -1193,8 +1192,10 @@ class QueueSet:
             queue._pause_native()
 
     def bind(self, nursery: trio.Nursery) -> None:
+        """A session starts serving the device with these rings."""
         self._nursery = nursery
         self._device_task = None  # one of the last session's, ended with it
+        self.device.serve_data_ready(self._data_ready)
 
     def _data_ready(self, index: int) -> None:
         if not 0 <= index < len(self.queues):
