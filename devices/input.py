@@ -119,8 +119,16 @@ class VirtioInput(VirtioDevice):
     host_fed_queues = frozenset({EVENT_QUEUE})
     config_can_change = False
     # The LEDs the driver set (a restarted daemon tells its client again),
-    # and the events read from the host that no buffer took yet.
-    state = Schema(2, Field("leds", INT_MAP), Field("pending_events", BYTES, since=2, default=b""))
+    # the events read from the host that no buffer took yet; for a client
+    # kept connected across a restart, the start of a record it has not
+    # finished and the status events it has not been sent yet.
+    state = Schema(
+        3,
+        Field("leds", INT_MAP),
+        Field("pending_events", BYTES, since=2, default=b""),
+        Field("partial_record", BYTES, since=3, default=b""),
+        Field("status_to_send", BYTES, since=3, default=b""),
+    )
     kind_names: ClassVar[tuple[str, ...]] = tuple(KINDS)
 
     def __init__(
@@ -244,6 +252,23 @@ class VirtioInput(VirtioDevice):
         whole = len(data) - len(data) % EVENT.size
         self.pending = deque(data[at : at + EVENT.size] for at in range(0, whole, EVENT.size))
 
+    @property
+    def partial_record(self) -> bytes:
+        return self._partial
+
+    @partial_record.setter
+    def partial_record(self, data: bytes) -> None:
+        self._partial = data[: EVENT.size - 1]
+
+    @property
+    def status_to_send(self) -> bytes:
+        return b"".join(self.outgoing)
+
+    @status_to_send.setter
+    def status_to_send(self, data: bytes) -> None:
+        whole = len(data) - len(data) % EVENT.size
+        self.outgoing = deque(data[at : at + EVENT.size] for at in range(0, whole, EVENT.size))
+
     # -- the events socket --------------------------------------------------------
 
     async def run(self) -> None:
@@ -309,6 +334,20 @@ class VirtioInput(VirtioDevice):
             self._to_send = trio.Event()
             if not self.outgoing:
                 await self._to_send.wait()
+
+    def handover_fds(self) -> dict[str, int]:
+        # The client stays connected across a restart: events it sent that
+        # were not read yet wait in its socket for the next daemon.
+        return {} if self._client is None else {"client": self._client.fileno()}
+
+    def take_handover_fds(self, fds: dict[str, int]) -> None:
+        for name, fd in fds.items():
+            if name != "client" or self._client is not None:
+                log.warning("input.handover_fd_unknown", name=name)
+                os.close(fd)
+                continue
+            self._client = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+            self._told_leds = True  # by the previous daemon
 
     def close(self) -> None:
         if self._client is not None:  # at exit, after the event loop: no trio close

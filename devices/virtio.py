@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
@@ -290,22 +291,24 @@ class VirtioDevice:
 
     # -- buffers that wait for the host --------------------------------------
 
-    # Queues whose buffers wait for the host (receive and event queues): the
-    # daemon keeps what the driver gives them, in order, and while
-    # ``has_data`` says so calls ``fill`` with the oldest. ``handle`` is
-    # never called for them. A stop, a migration or a handover gives the
-    # buffers back to the ring unfilled; a reset drops them.
+    # Queues whose buffers wait for the host: receive and event queues until
+    # it has something for them, transmit queues (where the device applies
+    # backpressure) until it has room. The daemon keeps what the driver
+    # gives them, in order, and while ``has_data`` says so calls ``fill``
+    # with the oldest. ``handle`` is never called for them. A stop, a
+    # migration or a handover gives the buffers back to the ring unfilled;
+    # a reset drops them.
     host_fed_queues: ClassVar[frozenset[int]] = frozenset()
 
     def has_data(self, queue: int) -> bool:
-        """Whether ``fill`` has something for the driver on host-fed ``queue``."""
+        """Whether ``fill`` takes a buffer of host-fed ``queue`` now."""
         return False
 
     def fill(self, queue: int, request: Request) -> int | None:
         """Write what the host has for the driver into ``request.writable``
-        (the oldest buffer the driver gave ``queue``); return the bytes
-        written, or None to keep the buffer for later. Runs where
-        ``handle`` runs."""
+        (or take what the driver wrote in ``request.readable``) of the
+        oldest buffer the driver gave ``queue``; return the bytes written,
+        or None to keep the buffer for later. Runs where ``handle`` runs."""
         return None
 
     def data_ready(self, queue: int) -> None:
@@ -351,6 +354,21 @@ class VirtioDevice:
     def remove_config_listener(self, listener: Callable[[], None]) -> None:
         if listener in self._config_listeners:
             self._config_listeners.remove(listener)
+
+    # -- a restart through the fd store ------------------------------------------
+
+    def handover_fds(self) -> dict[str, int]:
+        """Host fds the next daemon takes over when this one restarts through
+        the fd store (connections host clients keep open across it), by
+        names the device chooses. Asked once the rings stopped and ``run()``
+        was cancelled; the device still closes its own copies at exit."""
+        return {}
+
+    def take_handover_fds(self, fds: dict[str, int]) -> None:
+        """In the next daemon, after its state was loaded: the fds
+        ``handover_fds`` named, now the device's to keep and close."""
+        for fd in fds.values():
+            os.close(fd)
 
     # -- state ----------------------------------------------------------------
 

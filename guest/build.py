@@ -30,7 +30,15 @@ KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
 # uio_pci_generic: a generic driver that counts a PCI device's INTx interrupts
 # (the example device has no driver of its own); loaded by the tests that use it.
-MODULES = ["virtio_pci", "virtio_blk", "virtio_rng", "virtio_input", "evdev", "uio_pci_generic"]
+MODULES = [
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_rng",
+    "virtio_input",
+    "evdev",
+    "virtio_console",
+    "uio_pci_generic",
+]
 HOST_TOOLS = ["/usr/sbin/blkdiscard"]
 
 

@@ -370,3 +370,108 @@ async def test_host_events_no_buffer_took_yet_go_with_the_device_state(tmp_path)
         assert await manager.stop() == 0
         assert "event=handover.restored" in manager.log()
     ram.close()
+
+
+@pytest.mark.parametrize("protocol", ["vhost-user", "vfio-user"])
+async def test_console_clients_stay_connected_across_restarts(tmp_path, protocol):
+    """virtio-console across restarts through the fd store while bytes flow
+    both ways on a named port: the host's client stays connected all along
+    (its connection goes through the store with the session), and every
+    byte arrives once, in order, each way."""
+    from test_console import ConsoleDriver, connect, receive_exactly, vhost_user_console
+
+    path = str(tmp_path / "data.sock")
+    command = daemon_command(tmp_path, f"{protocol}-console", "--port", f"data={path}")
+    to_guest, to_host = os.urandom(1 << 20), os.urandom(1 << 20)
+    ram = GuestRam([(0, 16 * MiB)])
+
+    async def stream_across_restarts(manager: FakeSystemd, driver: ConsoleDriver) -> None:
+        await driver.open_all([1])
+        client = await connect(path)
+        got: dict[str, bytes] = {}
+
+        async def host_writes() -> None:
+            view = memoryview(to_guest)
+            while view:
+                view = view[await client.send(view[:4096]) :]
+                await trio.sleep(0.001)
+
+        async def host_reads() -> None:
+            got["host"] = await receive_exactly(client, len(to_host), timeout=120)
+
+        async def guest_reads() -> None:
+            got["guest"] = await driver.receive(1, len(to_guest), timeout=120)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(host_writes)
+            nursery.start_soon(host_reads)
+            nursery.start_soon(guest_reads)
+            nursery.start_soon(driver.send, 1, to_host, 120)
+            for _ in range(RESTARTS):
+                await trio.sleep(0.3)
+                await manager.restart()
+        assert got["guest"] == to_guest and got["host"] == to_host
+        client.close()
+
+    async with FakeSystemd(tmp_path, command) as manager:
+        await manager.start()
+        socket_path = str(tmp_path / "device.sock")
+        if protocol == "vhost-user":
+            frontend = await VhostUserFrontend.connect(socket_path)
+            await stream_across_restarts(manager, await vhost_user_console(frontend, ram, 6))
+            await frontend.aclose()
+        else:
+            async with VfioUserClient.connect(socket_path, ram=ram) as vmm:
+                await vmm.map_ram()
+                pci = VirtioPciDriver(vmm, ram)
+                queues = await pci.start(queue_count=6, queue_size=64)
+                await stream_across_restarts(manager, ConsoleDriver(ram, list(queues)))
+                pci.close()
+        assert await manager.stop() == 0
+        assert_handed_over(manager)
+        log = manager.log()
+        assert log.count("event=console.client port=1") == 1, log  # never reconnected
+    ram.close()
+
+
+async def test_an_events_client_stays_connected_across_restarts(tmp_path):
+    """virtio-input's events client keeps its connection through restarts,
+    even with a record cut in two by one: each event arrives once, in
+    order, and the LED the driver sets afterwards reaches the same client."""
+    from test_host_fed import Driver
+
+    from vfiouserd.devices.input import EV_KEY, EV_LED, EVENT
+
+    events_path = str(tmp_path / "events.sock")
+    command = daemon_command(tmp_path, "vhost-user-input", "--events-socket", events_path)
+    ram = GuestRam([(0, 8 * MiB)])
+    typed = [EVENT.pack(EV_KEY, 30, n) for n in range(3)]
+    async with FakeSystemd(tmp_path, command) as manager:
+        await manager.start()
+        frontend = await VhostUserFrontend.connect(str(tmp_path / "device.sock"))
+        events, status = await start_device(frontend, ram, queues=2, size=16)
+        driver = Driver(ram, events.queue.ring, events.queue.kick_async)
+        await driver.post(8, 8, 8)
+        client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await client.connect(events_path)
+        await client.send(typed[0])
+        await driver.received(1)
+        await manager.restart()
+        await client.send(typed[1][:4])
+        await trio.sleep(0.2)  # the half record is read, and kept
+        await manager.restart()
+        await client.send(typed[1][4:] + typed[2])
+        assert [data for _, data in await driver.received(3)] == typed
+        led = ram.alloc(8, 64)
+        ram.write(led, EVENT.pack(EV_LED, 1, 1))
+        status.queue.ring.add([(led, 8)], [], "led")
+        await status.queue.kick_async()
+        with trio.fail_after(5):
+            assert await client.recv(8) == EVENT.pack(EV_LED, 1, 1)
+        client.close()
+        await frontend.aclose()
+        assert await manager.stop() == 0
+        log = manager.log()
+        assert log.count("event=handover.restored") == 2, log
+        assert log.count("event=input.client ") == 1, log  # never reconnected
+    ram.close()

@@ -193,6 +193,29 @@ async def input_device(daemon: Daemon) -> None:
     ram.close()
 
 
+async def console_device(daemon: Daemon) -> None:
+    """The console and a named port: control messages, bytes both ways
+    (over vfio-user also on a worker thread, memory reached through DMA),
+    a client that leaves and the next one."""
+    from test_console import ConsoleDriver, exchange_on_a_named_port, vhost_user_console
+
+    port = daemon.command[daemon.command.index("--port") + 1].partition("=")[2]
+    ram = GuestRam([(0, 16 * MiB)])
+    if "vhost-user-console" in daemon.command:
+        frontend = await VhostUserFrontend.connect(daemon.socket_path)
+        await exchange_on_a_named_port(await vhost_user_console(frontend, ram, 6), port)
+        await frontend.aclose()
+    else:
+        for with_fd in (True, False):
+            async with VfioUserClient.connect(daemon.socket_path, ram=ram) as client:
+                await client.map_ram(with_fd=with_fd)
+                pci = VirtioPciDriver(client, ram)
+                queues = await pci.start(queue_count=6, queue_size=64)
+                await exchange_on_a_named_port(ConsoleDriver(ram, list(queues)), port)
+                pci.close()
+    ram.close()
+
+
 async def vfio_user_example(daemon: Daemon) -> None:
     ram = GuestRam([(0, 4 * MiB)])
     for with_fd in (True, False):
@@ -340,6 +363,8 @@ WORKLOADS: list[tuple[tuple[str, ...], Workload]] = [
     (("vfio-user-example",), vfio_user_example),
     (("vhost-user-input",), input_device),
     (("vfio-user-input",), input_device),
+    (("vhost-user-console",), console_device),
+    (("vfio-user-console",), console_device),
 ]
 
 
@@ -353,6 +378,9 @@ def recorded(tmp_path_factory) -> Record:
         extra: tuple[str, ...] = ("--blk-file", str(image)) if "blk" in args[0] else ()
         if "input" in args[0]:
             extra = ("--events-socket", str(tmp_path / f"{number}.events"))
+        if "console" in args[0]:
+            extra = ("--console", str(tmp_path / f"{number}.con"))
+            extra += ("--port", f"agent={tmp_path / f'{number}.agent'}")
         if "--read-only" in args:
             os.truncate(os.open(image, os.O_CREAT | os.O_WRONLY, 0o644), 8 * MiB)
         daemon = recorded_daemon(tmp_path, trace, *args, *extra, name=f"w{number}")

@@ -212,6 +212,7 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         assert isinstance(device, PciDevice)
         return VfioUserSession(device, conn)
 
+    virtio = _virtio(device)
     service = Service(
         sock,
         protocol,
@@ -219,6 +220,7 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         lambda: state.save(device),
         store=options.store if args.fdstore else None,
         store_listener=not activated,
+        device_fds=dict if virtio is None else virtio.handover_fds,
     )
 
     async def main() -> None:
@@ -227,11 +229,7 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
             session = _restore_session(protocol, device, *restored)
         await service.run(session)
 
-    reload = (
-        device.virtio.reload
-        if isinstance(device, VirtioPciDevice)
-        else (device.reload if isinstance(device, VirtioDevice) else None)
-    )
+    reload = None if virtio is None else virtio.reload
     try:
         trio.run(run_until_signalled, main, reload, service.hand_over)
     finally:
@@ -243,6 +241,13 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         device.close()
         log.info("exit", handed_over=service.handed_over)
     return 0
+
+
+def _virtio(device: Device) -> VirtioDevice | None:
+    """The virtio device itself, on either protocol."""
+    if isinstance(device, VirtioPciDevice):
+        return device.virtio
+    return device if isinstance(device, VirtioDevice) else None
 
 
 def _take_handover(
@@ -257,6 +262,14 @@ def _take_handover(
         if record.protocol != protocol:
             raise handover.HandoverError(f"a {record.protocol} session, this is {protocol}")
         state.load(device, record.device_blob)
+        virtio = _virtio(device)
+        fds = {name: received.fd(stored) for name, stored in record.device_fds.items()}
+        if virtio is not None:
+            virtio.take_handover_fds({name: fd for name, fd in fds.items() if fd is not None})
+        else:
+            for fd in fds.values():
+                if fd is not None:
+                    os.close(fd)
     except (handover.HandoverError, state.StateError) as exc:
         log.error("handover.refused", reason=str(exc))
         received.close_unused()  # the VMM sees the connection close, and may reconnect

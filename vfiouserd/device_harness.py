@@ -81,16 +81,21 @@ class DeviceHarness(Generic[D]):
             )
         return Completion(written, [bytes(area) for area in areas])
 
-    def take(self, queue: int, *sizes: int) -> Completion | None:
-        """Offer a host-fed queue one buffer of these sizes, as the daemon
-        offers the oldest waiting one: what the device filled, or None if
-        it has nothing (or kept the buffer)."""
+    def take(self, queue: int, *sizes: int, readable: Sequence[bytes] = ()) -> Completion | None:
+        """Offer a host-fed queue one buffer, as the daemon offers the oldest
+        waiting one: ``readable`` buffers with these contents (a transmit
+        queue), then writable ones of these sizes. What the device filled,
+        or None if it is not ready for it (or kept the buffer)."""
         if queue not in self.device.host_fed_queues:
             raise HarnessError(f"queue {queue} is not host-fed")
         if not self.device.has_data(queue):
             return None
         areas = [bytearray(b"\xaa" * size) for size in sizes]
-        request = Request([], [memoryview(area) for area in areas], ndescs=max(len(sizes), 1))
+        request = Request(
+            [memoryview(bytes(data)) for data in readable],
+            [memoryview(area) for area in areas],
+            ndescs=max(len(readable) + len(sizes), 1),
+        )
         written = self.device.fill(queue, request)
         if written is None:
             return None

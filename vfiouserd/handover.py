@@ -41,6 +41,7 @@ STATE = "vfu-state"
 LISTENER = "vfu-listener"
 CONNECTION = "vfu-conn"
 TWIN = "vfu-twin"
+DEVICE_FD = "vfu-dev-"  # and the device's own name for it
 PREFIX = "vfu-"
 
 
@@ -84,9 +85,12 @@ class Handover:
     protocol: str
     session: dict[str, Any]
     device_blob: bytes
+    device_fds: dict[str, str] = field(default_factory=dict)  # the device's name: store name
 
     def encode(self) -> bytes:
-        document = json.dumps({"protocol": self.protocol, "session": self.session}).encode()
+        document = json.dumps(
+            {"protocol": self.protocol, "session": self.session, "device_fds": self.device_fds}
+        ).encode()
         return state.Blob(
             HANDOVER_TYPE,
             HANDOVER_VERSION,
@@ -99,7 +103,14 @@ class Handover:
             blob = state.Blob.decode(data, device_type=HANDOVER_TYPE, max_abi=HANDOVER_VERSION)
             blob.expect_only(["session", "device"])
             document = json.loads(blob.sections["session"][1])
-            return cls(document["protocol"], document["session"], blob.sections["device"][1])
+            device_fds = document.get("device_fds", {})
+            if not isinstance(device_fds, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in device_fds.items()
+            ):
+                raise ValueError("device_fds is not a map of names")
+            return cls(
+                document["protocol"], document["session"], blob.sections["device"][1], device_fds
+            )
         except (state.StateError, KeyError, ValueError) as exc:
             raise HandoverError(f"the handed-over state cannot be read: {exc}") from exc
 

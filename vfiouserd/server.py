@@ -63,11 +63,13 @@ class Service:
         device_state: Callable[[], bytes],
         store: FdStore | None = None,
         store_listener: bool = True,
+        device_fds: Callable[[], dict[str, int]] = dict,
     ) -> None:
         self.sock = sock
         self.protocol = protocol
         self.new_session = new_session
         self.device_state = device_state
+        self.device_fds = device_fds  # the device's host fds that outlive a restart
         self.store = store
         # A socket unit's listener comes back from the unit, not the store.
         self.store_listener = store_listener
@@ -132,13 +134,18 @@ class Service:
         state_bytes = 0
         if session is not None:
             try:
-                document = session.snapshot(names)
+                document = session.snapshot(names)  # stops the rings and the device's run()
                 blob = self.device_state()
+                device_fds: dict[str, str] = {}
+                for name, fd in self.device_fds().items():
+                    stored = names.name(fd, handover.DEVICE_FD + name)
+                    assert stored is not None
+                    device_fds[name] = stored
             except Exception as exc:  # the session is lost, the next daemon starts afresh
                 log.exception("handover.failed", reason=str(exc))
                 session.close()
                 return False
-            record = handover.Handover(self.protocol, document, blob).encode()
+            record = handover.Handover(self.protocol, document, blob, device_fds).encode()
             state_bytes = len(record)
             state_fd = handover.write_state(record)
             names.name(state_fd, handover.STATE)
