@@ -16,7 +16,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DEB_PACKAGES := qemu-system-x86 qemu-utils gcc libcap-dev libseccomp2 util-linux strace systemd \
 	python3-dev python3-venv libvirt-daemon-system libvirt-clients \
 	dpkg-dev libglib2.0-dev libpixman-1-dev zlib1g-dev libfdt-dev libaio-dev flex bison \
-	gcc-multilib ninja-build pkg-config
+	gcc-multilib ninja-build pkg-config socat
 export PIP_CACHE_DIR := $(CURDIR)/$(CACHE)/pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -28,7 +28,8 @@ all: test
 # strace to record the jailed daemon's system calls; systemd, which judges the
 # units and runs them for real in the tests; Debian's Python with its headers
 # (the tests install vfiouserd with it where a dynamic user can run it); libvirt;
-# what building QEMU from Debian's source package needs (guest/qemu_build.py); and package
+# what building QEMU from Debian's source package needs (guest/qemu_build.py); socat, the
+# host side of the console tests; and package
 # lists fresh enough for `apt-get download` of the guest kernel.
 $(CACHE)/deps.stamp: Makefile
 	@mkdir -p $(CACHE)
@@ -93,6 +94,7 @@ bench: guest
 	$(VENV)/bin/python bench/blk.py
 	$(VENV)/bin/python bench/downtime.py
 	$(VENV)/bin/python bench/input.py
+	$(VENV)/bin/python bench/console.py
 
 # Every device gets its turn even when an earlier one had findings; the
 # target fails if any had. Replay a finding with the command its FINDING line

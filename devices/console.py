@@ -46,7 +46,7 @@ log = get_logger("console")
 F_SIZE, F_MULTIPORT = 0, 1
 CONFIG = struct.Struct("<HHII")  # cols, rows, max_nr_ports, emerg_wr
 CONTROL = struct.Struct("<IHH")  # port id, event, value
-RESIZE = struct.Struct("<HH")  # after a RESIZE message: rows, cols (see resize_payload)
+RESIZE = struct.Struct("<HH")  # after a RESIZE message: cols, rows (see resize_payload)
 CONTROL_RX, CONTROL_TX = 2, 3
 MAX_PORTS = 31  # 64 queues: the daemon's limit
 BUFFERED = 64 << 10  # per port and direction, see above
@@ -503,10 +503,10 @@ class VirtioConsole(VirtioDevice):
 
 
 def resize_payload(cols: int, rows: int) -> bytes:
-    # The spec says cols then rows; Linux read rows first from 2.6.35 until
-    # 2025 (then fixed, in stable kernels too). Guests on this machine:
-    # see ../shared/INTEROP-NOTES.md.
-    return RESIZE.pack(rows, cols)
+    # The spec's order. Linux read rows first from 2.6.35 until a 2025 fix
+    # that stable kernels took (Debian's 6.1.0-57 has it): an older guest
+    # sees the two swapped.
+    return RESIZE.pack(cols, rows)
 
 
 def split_messages(data: bytes) -> list[bytes]:

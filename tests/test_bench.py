@@ -65,3 +65,24 @@ def test_input_latency_benchmark_runs():
     assert done.returncode == 0, done.stdout + done.stderr
     names = [line.split("  ")[0] for line in done.stdout.splitlines()[2:]]
     assert names == ["relay process (reference)", "vhost-user-input", "vfio-user-input"]
+
+
+def test_console_throughput_benchmark_runs():
+    done = subprocess.run(
+        [sys.executable, str(BENCH.parent / "console.py"), "--size", "1", "--runs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = [line.split("  ")[0] for line in done.stdout.splitlines()[2:]]
+    assert names == [
+        "socketpair copy (reference)",
+        *(
+            f"{p}-console, {d}"
+            for p in ("vhost-user", "vfio-user")
+            for d in ("to guest", "to host")
+        ),
+    ]
+    rates = [float(line.split()[-4]) for line in done.stdout.splitlines()[2:]]
+    assert all(rate > 0 for rate in rates), done.stdout

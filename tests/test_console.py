@@ -28,7 +28,7 @@ from vfiouserd.devices.console import (
     receive_queue,
     transmit_queue,
 )
-from vfiouserd.devices.virtio import Feature, bit
+from vfiouserd.devices.virtio import ConfigWriteError, Feature, bit
 from vfiouserd.state import StateError
 from vfiouserd.virtio_pci import VirtioPciDevice
 
@@ -110,7 +110,7 @@ def test_multiport_control_messages_as_linux_and_qemu_exchange_them(tmp_path):
         control(harness, 0, Event.PORT_READY)
         assert told(harness) == [
             (0, Event.CONSOLE_PORT, 1, b""),
-            (0, Event.RESIZE, 0, struct.pack("<HH", 25, 80)),
+            (0, Event.RESIZE, 0, struct.pack("<HH", 80, 25)),
         ]
         control(harness, 1, Event.PORT_READY)
         assert told(harness) == [(1, Event.PORT_NAME, 1, b"org.qemu.guest_agent.0\0")]
@@ -446,6 +446,54 @@ async def test_two_clients_in_turn_on_a_named_port(tmp_path):
         async with served(device) as frontend:
             driver = await vhost_user_console(frontend, ram, device.num_queues)
             await exchange_on_a_named_port(driver, str(tmp_path / "agent.sock"))
+    finally:
+        ram.close()
+        device.close()
+
+
+def test_the_config_space_is_read_only(tmp_path):
+    device = console_device(tmp_path, ports=("a",), size="80x25")
+    try:
+        harness = DeviceHarness(device)
+        with pytest.raises(ConfigWriteError):
+            harness.write_config(0, b"\x10\x00")  # cols
+        with pytest.raises(ConfigWriteError):
+            harness.write_config(8, b"A\0\0\0")  # emerg_wr: not offered
+        assert harness.config() == CONFIG.pack(80, 25, 2, 0)
+    finally:
+        device.close()
+
+
+async def test_a_flooding_client_waits_for_the_guest(tmp_path):
+    """A client that writes far more than the guest reads: the device holds
+    at most BUFFERED bytes of it, the rest stays with the client (its
+    writes block), and all of it arrives once the guest reads."""
+    device = console_device(tmp_path, ports=("data",))
+    ram = GuestRam([(0, 8 * MiB)])
+    flood = os.urandom(4 * MiB)
+    try:
+        async with served(device) as frontend:
+            driver = await vhost_user_console(frontend, ram, device.num_queues)
+            await driver.open_all([1])
+            client = await connect(str(tmp_path / "data.sock"))
+            await driver.expect((1, Event.PORT_OPEN, 1))
+            sent = 0
+
+            async def flood_it() -> None:
+                nonlocal sent
+                view = memoryview(flood)
+                while view:
+                    done = await client.send(view)
+                    sent += done
+                    view = view[done:]
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flood_it)
+                await trio.sleep(0.5)  # the driver's first buffers are full, it reads no more
+                assert len(device.ports[1].to_guest) <= BUFFERED
+                assert sent < len(flood)
+                assert await driver.receive(1, len(flood), timeout=60) == flood
+            client.close()
     finally:
         ram.close()
         device.close()

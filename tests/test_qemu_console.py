@@ -33,12 +33,18 @@ SIZE = 16 << 20
 QUEUES = 6  # the console and one named port: two pairs each, and the control pair
 
 SCRIPT = f"""
+# The driver adds ports as the device's control messages come: wait for them.
+port=""
+for i in $(seq 100); do
+    for p in /sys/class/virtio-ports/vport*; do
+        [ "$(cat $p/name 2>/dev/null)" = "{AGENT}" ] && port=/dev/$(basename $p)
+    done
+    [ -n "$port" ] && [ -e /dev/hvc0 ] && break
+    usleep 100000
+done
 exec 3<>/dev/hvc0
 stty -F /dev/hvc0 raw -echo
 echo "RESULT size $(stty -F /dev/hvc0 size)"
-for p in /sys/class/virtio-ports/vport*; do
-    [ "$(cat $p/name)" = "{AGENT}" ] && port=/dev/$(basename $p)
-done
 echo "RESULT names $(cat /sys/class/virtio-ports/*/name | tr '\\n' ' ')"
 echo "RESULT port $port"
 echo "hello-from-guest" >&3
@@ -46,17 +52,19 @@ read -r line <&3
 echo "RESULT console-line $line"
 echo "RESULT phase receive"
 # A read on a port whose host side is closed ends at once: try until the
-# host's client is there, then read to the end (it closes when done).
-while [ ! -s /tmp/in ]; do cat $port >> /tmp/in; usleep 100000; done
+# host's client is there, then read to the end (it closes when done). The
+# port stays open all along: Linux drops what a port got when it closes.
+exec 4<>$port  # one open at a time: reads and writes go through it
+while [ ! -s /tmp/in ]; do cat <&4 >> /tmp/in; usleep 100000; done
 echo "RESULT received $(sha256sum < /tmp/in | cut -d' ' -f1) $(wc -c < /tmp/in)"
 rm /tmp/in
 head -c {SIZE} /dev/urandom > /tmp/out
 echo "RESULT sent $(sha256sum < /tmp/out | cut -d' ' -f1)"
 echo "RESULT phase send"
-cat /tmp/out > $port
+cat /tmp/out >&4
 echo "RESULT phase reopen"
 again=""
-while [ -z "$again" ]; do again=$(cat $port); usleep 100000; done
+while [ -z "$again" ]; do again=$(cat <&4); usleep 100000; done
 echo "RESULT reopened $again"
 """
 
@@ -139,7 +147,7 @@ FRONT_ENDS = ["vhost-user", "vfio-user"]
 
 @pytest.mark.parametrize("protocol", FRONT_ENDS)
 def test_console_and_named_port(tmp_path, qemu_new, protocol):
-    console, agent = str(tmp_path / "console.sock"), str(tmp_path / "agent.sock")
+    console, agent = str(tmp_path / "hvc0.sock"), str(tmp_path / "agent.sock")
     daemon = Daemon(
         f"{protocol}-console",
         "--console",
