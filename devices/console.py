@@ -478,12 +478,12 @@ class VirtioConsole(VirtioDevice):
         except ValueError as exc:
             raise StateError(f"control messages: {exc}") from exc
 
-    def handover_fds(self) -> dict[str, int]:
+    def host_fds(self) -> dict[str, int]:
         # The clients stay connected across a restart: what they sent and
         # did not have read waits in their sockets for the next daemon.
         return {f"port-{p.id}": p.client.fileno() for p in self.ports.values() if p.client}
 
-    def take_handover_fds(self, fds: dict[str, int]) -> None:
+    def adopt_host_fds(self, fds: dict[str, int]) -> None:
         for name, fd in fds.items():
             number = int(name.removeprefix("port-")) if name.startswith("port-") else -1
             port = self.ports.get(number)

@@ -335,12 +335,12 @@ class VirtioInput(VirtioDevice):
             if not self.outgoing:
                 await self._to_send.wait()
 
-    def handover_fds(self) -> dict[str, int]:
+    def host_fds(self) -> dict[str, int]:
         # The client stays connected across a restart: events it sent that
         # were not read yet wait in its socket for the next daemon.
         return {} if self._client is None else {"client": self._client.fileno()}
 
-    def take_handover_fds(self, fds: dict[str, int]) -> None:
+    def adopt_host_fds(self, fds: dict[str, int]) -> None:
         for name, fd in fds.items():
             if name != "client" or self._client is not None:
                 log.warning("input.handover_fd_unknown", name=name)

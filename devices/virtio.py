@@ -357,16 +357,16 @@ class VirtioDevice:
 
     # -- a restart through the fd store ------------------------------------------
 
-    def handover_fds(self) -> dict[str, int]:
+    def host_fds(self) -> dict[str, int]:
         """Host fds the next daemon takes over when this one restarts through
         the fd store (connections host clients keep open across it), by
         names the device chooses. Asked once the rings stopped and ``run()``
         was cancelled; the device still closes its own copies at exit."""
         return {}
 
-    def take_handover_fds(self, fds: dict[str, int]) -> None:
+    def adopt_host_fds(self, fds: dict[str, int]) -> None:
         """In the next daemon, after its state was loaded: the fds
-        ``handover_fds`` named, now the device's to keep and close."""
+        ``host_fds`` named, now the device's to keep and close."""
         for fd in fds.values():
             os.close(fd)
 

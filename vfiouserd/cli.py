@@ -220,7 +220,7 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         lambda: state.save(device),
         store=options.store if args.fdstore else None,
         store_listener=not activated,
-        device_fds=dict if virtio is None else virtio.handover_fds,
+        host_fds=dict if virtio is None else virtio.host_fds,
     )
 
     async def main() -> None:
@@ -263,9 +263,9 @@ def _take_handover(
             raise handover.HandoverError(f"a {record.protocol} session, this is {protocol}")
         state.load(device, record.device_blob)
         virtio = _virtio(device)
-        fds = {name: received.fd(stored) for name, stored in record.device_fds.items()}
+        fds = {name: received.fd(stored) for name, stored in record.host_fds.items()}
         if virtio is not None:
-            virtio.take_handover_fds({name: fd for name, fd in fds.items() if fd is not None})
+            virtio.adopt_host_fds({name: fd for name, fd in fds.items() if fd is not None})
         else:
             for fd in fds.values():
                 if fd is not None:

@@ -41,7 +41,7 @@ STATE = "vfu-state"
 LISTENER = "vfu-listener"
 CONNECTION = "vfu-conn"
 TWIN = "vfu-twin"
-DEVICE_FD = "vfu-dev-"  # and the device's own name for it
+HOST_FD = "vfu-host-"  # and the device's own name for it
 PREFIX = "vfu-"
 
 
@@ -85,11 +85,11 @@ class Handover:
     protocol: str
     session: dict[str, Any]
     device_blob: bytes
-    device_fds: dict[str, str] = field(default_factory=dict)  # the device's name: store name
+    host_fds: dict[str, str] = field(default_factory=dict)  # the device's name: store name
 
     def encode(self) -> bytes:
         document = json.dumps(
-            {"protocol": self.protocol, "session": self.session, "device_fds": self.device_fds}
+            {"protocol": self.protocol, "session": self.session, "host_fds": self.host_fds}
         ).encode()
         return state.Blob(
             HANDOVER_TYPE,
@@ -103,13 +103,13 @@ class Handover:
             blob = state.Blob.decode(data, device_type=HANDOVER_TYPE, max_abi=HANDOVER_VERSION)
             blob.expect_only(["session", "device"])
             document = json.loads(blob.sections["session"][1])
-            device_fds = document.get("device_fds", {})
-            if not isinstance(device_fds, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in device_fds.items()
+            host_fds = document.get("host_fds", {})
+            if not isinstance(host_fds, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in host_fds.items()
             ):
-                raise ValueError("device_fds is not a map of names")
+                raise ValueError("host_fds is not a map of names")
             return cls(
-                document["protocol"], document["session"], blob.sections["device"][1], device_fds
+                document["protocol"], document["session"], blob.sections["device"][1], host_fds
             )
         except (state.StateError, KeyError, ValueError) as exc:
             raise HandoverError(f"the handed-over state cannot be read: {exc}") from exc

@@ -63,13 +63,13 @@ class Service:
         device_state: Callable[[], bytes],
         store: FdStore | None = None,
         store_listener: bool = True,
-        device_fds: Callable[[], dict[str, int]] = dict,
+        host_fds: Callable[[], dict[str, int]] = dict,
     ) -> None:
         self.sock = sock
         self.protocol = protocol
         self.new_session = new_session
         self.device_state = device_state
-        self.device_fds = device_fds  # the device's host fds that outlive a restart
+        self.host_fds = host_fds  # the host fds of the device that outlive a restart
         self.store = store
         # A socket unit's listener comes back from the unit, not the store.
         self.store_listener = store_listener
@@ -136,16 +136,16 @@ class Service:
             try:
                 document = session.snapshot(names)  # stops the rings and the device's run()
                 blob = self.device_state()
-                device_fds: dict[str, str] = {}
-                for name, fd in self.device_fds().items():
-                    stored = names.name(fd, handover.DEVICE_FD + name)
+                host_fds: dict[str, str] = {}
+                for name, fd in self.host_fds().items():
+                    stored = names.name(fd, handover.HOST_FD + name)
                     assert stored is not None
-                    device_fds[name] = stored
+                    host_fds[name] = stored
             except Exception as exc:  # the session is lost, the next daemon starts afresh
                 log.exception("handover.failed", reason=str(exc))
                 session.close()
                 return False
-            record = handover.Handover(self.protocol, document, blob, device_fds).encode()
+            record = handover.Handover(self.protocol, document, blob, host_fds).encode()
             state_bytes = len(record)
             state_fd = handover.write_state(record)
             names.name(state_fd, handover.STATE)
