@@ -10,7 +10,9 @@ none fails, the connection never closes and the data verifies.
 from __future__ import annotations
 
 import gc
+import json
 import os
+import re
 import socket
 import struct
 import sys
@@ -475,3 +477,83 @@ async def test_an_events_client_stays_connected_across_restarts(tmp_path):
         assert log.count("event=handover.restored") == 2, log
         assert log.count("event=input.client ") == 1, log  # never reconnected
     ram.close()
+
+
+@pytest.mark.parametrize("protocol", ["vhost-user", "vfio-user"])
+def test_a_handover_record_is_checked_field_by_field(protocol):
+    """The session a previous daemon describes is input: a field of the
+    wrong type, a missing one or a wrong shape is refused with its path,
+    and a record survives its own JSON form unchanged."""
+    from vfiouserd.handover import record_from_document, record_to_document
+    from vfiouserd.vfio_user import records as vfio_records
+    from vfiouserd.vhost_user import records as vhost_records
+
+    if protocol == "vhost-user":
+        queue = vhost_records.Queue(
+            256,
+            0x1000,
+            0x2000,
+            0x3000,
+            0,
+            0,
+            True,
+            7,
+            True,
+            True,
+            False,
+            "vfu-fd-1",
+            "vfu-fd-2",
+            None,
+        )
+        record = vhost_records.Session(
+            "vfu-conn",
+            1 << 32,
+            0x3F,
+            15,
+            [vhost_records.Region(0, 1 << 20, 0x7F00, 0, "vfu-fd-0")],
+            [queue],
+            None,
+            None,
+            None,
+            None,
+        )
+        cls = vhost_records.Session
+        bad = [
+            (("queues", 0, "base"), True, "Session.queues[0].base: True is not int"),
+            (("queues", 0, "kick"), 3, "Session.queues[0].kick: 3 is not str"),
+            (("memory",), {}, "Session.memory: not a list"),
+        ]
+    else:
+        record = vfio_records.Session(
+            "vfu-conn",
+            None,
+            vfio_records.Client(16, 1 << 20, 65535, 4096, False, None, True, ["max_msg_fds"]),
+            4096,
+            9,
+            None,
+            [vfio_records.DmaRegion(0, 1 << 20, "vfu-fd-0", 0, True, True)],
+            {"MSIX": vfio_records.IrqIndex(["vfu-fd-1", None], [False, True], [False, False])},
+            None,
+            {"bar2": "vfu-fd-3"},
+            vfio_records.Migration("RUNNING", "", ""),
+            None,
+        )
+        cls = vfio_records.Session
+        bad = [
+            (("irqs", "MSIX", "masked", 1), 1, "Session.irqs.MSIX.masked[1]: 1 is not bool"),
+            (("client", "twin_socket_fd_index"), "0", "is not int"),
+            (("migration",), None, "Session.migration: not an object"),
+        ]
+    document = record_to_document(record)
+    assert record_from_document(cls, json.loads(json.dumps(document))) == record
+    for path, value, message in bad:
+        damaged = json.loads(json.dumps(document))
+        target = damaged
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        with pytest.raises(ValueError, match=re.escape(message)):
+            record_from_document(cls, damaged)
+    del document["connection"]
+    with pytest.raises(ValueError, match="Session: no connection"):
+        record_from_document(cls, document)

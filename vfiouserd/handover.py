@@ -17,12 +17,14 @@ state blob).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import trio
 
@@ -180,6 +182,54 @@ def restore(
         session.close()
         raise HandoverError(f"the {protocol} session cannot be set up again: {exc!r}") from exc
     return session
+
+
+R = TypeVar("R")
+
+
+def record_from_document(cls: type[R], data: Any, where: str = "") -> R:
+    """A handover record (a dataclass of ints, bools, strings, lists, maps,
+    optional values and other records) from its JSON form, every field
+    checked: a document another daemon wrote is input like any other."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: not an object")
+    hints = get_type_hints(cls)
+    values = {}
+    for item in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if item.name not in data:
+            raise ValueError(f"{where}: no {item.name}")
+        values[item.name] = _checked(hints[item.name], data[item.name], f"{where}.{item.name}")
+    return cls(**values)
+
+
+def _checked(hint: Any, value: Any, where: str) -> Any:
+    if hint is Any:  # a part whose owner checks it (dirty bitmaps, say)
+        return value
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _checked(inner, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: not a list")
+        return [_checked(args[0], item, f"{where}[{n}]") for n, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"{where}: not a map")
+        return {k: _checked(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return record_from_document(hint, value, where)  # type: ignore[arg-type]
+    # bool is an int in Python, not in a record
+    if hint in (int, bool, str) and type(value) is hint:
+        return value
+    raise ValueError(f"{where}: {value!r} is not {getattr(hint, '__name__', hint)}")
+
+
+def record_to_document(record: Any) -> dict[str, Any]:
+    return dataclasses.asdict(record)
 
 
 def write_state(data: bytes) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import errno
 import itertools
 import os
@@ -37,6 +36,7 @@ from vfiouserd.memory import GuestMemoryError, RegionSpec, RemoteAccessError, me
 from vfiouserd.protocol import vfio_user as vfu
 from vfiouserd.protocol.framing import ConnectionClosed, FramingError, close_fds
 from vfiouserd.protocol.vfio_user import Command, Message
+from vfiouserd.vfio_user import records
 from vfiouserd.vfio_user.backlog import BacklogOverflow, CommandBacklog
 from vfiouserd.vfio_user.migration import DirtyBitmaps, Migration, MigrationError, logged_ranges
 
@@ -271,51 +271,54 @@ class VfioUserSession:
 
     def snapshot(self, names: FdNames) -> dict[str, Any]:
         device = self.device
-        irqs = {
-            kind.name: {
-                "eventfds": [names.name(fd) for fd in lines.eventfds],
-                "masked": lines.masked,
-                "pending": lines.pending,
-            }
-            for kind, lines in device.irqs.lines.items()
-            if lines.count
-        }
+        client = self.client
         migration = self.migration
-        return {
-            "connection": names.name(self.sock.fileno(), CONNECTION),
-            "twin": names.name(self.twin.fileno() if self.twin is not None else None, TWIN),
-            "client": {
-                **{
-                    f.name: getattr(self.client, f.name)
-                    for f in dataclasses.fields(self.client)
-                    if f.name not in ("present", "unknown")
-                },
-                "present": sorted(self.client.present),
-            },
-            "page_size": self.page_size,
-            "next_msg_id": self._next_msg_id,
-            "qemu_dma_layout": self.qemu_dma_layout,
-            "dma": [
-                {
-                    "address": region.guest_address,
-                    "size": region.size,
-                    "fd": names.name(region.spec.fd),
-                    "file_offset": region.spec.file_offset,
-                    "readable": region.readable,
-                    "writable": region.writable,
-                }
+        record = records.Session(
+            connection=names.name(self.sock.fileno(), CONNECTION),
+            twin=names.name(self.twin.fileno() if self.twin is not None else None, TWIN),
+            client=records.Client(
+                max_msg_fds=client.max_msg_fds,
+                max_data_xfer_size=client.max_data_xfer_size,
+                max_dma_maps=client.max_dma_maps,
+                pgsizes=client.pgsizes,
+                twin_socket=client.twin_socket,
+                twin_socket_fd_index=client.twin_socket_fd_index,
+                write_multiple=client.write_multiple,
+                present=sorted(client.present),
+            ),
+            page_size=self.page_size,
+            next_msg_id=self._next_msg_id,
+            qemu_dma_layout=self.qemu_dma_layout,
+            dma=[
+                records.DmaRegion(
+                    address=region.guest_address,
+                    size=region.size,
+                    fd=names.name(region.spec.fd),
+                    file_offset=region.spec.file_offset,
+                    readable=region.readable,
+                    writable=region.writable,
+                )
                 for region in device.memory.regions
             ],
-            "irqs": irqs,
-            "intx_unmask": names.name(self._intx_unmask_fd),
-            "device_fds": {key: names.name(fd) for key, fd in device.handover_fds().items()},
-            "migration": {
-                "state": migration.state.name,
-                "outgoing": base64.b64encode(migration.outgoing).decode(),
-                "incoming": base64.b64encode(migration.incoming).decode(),
+            irqs={
+                kind.name: records.IrqIndex(
+                    [names.name(fd) for fd in lines.eventfds],
+                    list(lines.masked),
+                    list(lines.pending),
+                )
+                for kind, lines in device.irqs.lines.items()
+                if lines.count
             },
-            "dma_logging": self.dirty.to_document() if self.dirty is not None else None,
-        }
+            intx_unmask=names.name(self._intx_unmask_fd),
+            device_fds={key: names.name(fd) for key, fd in device.handover_fds().items()},
+            migration=records.Migration(
+                state=migration.state.name,
+                outgoing=base64.b64encode(migration.outgoing).decode(),
+                incoming=base64.b64encode(migration.incoming).decode(),
+            ),
+            dma_logging=self.dirty.to_document() if self.dirty is not None else None,
+        )
+        return handover.record_to_document(record)
 
     @classmethod
     def restore(
@@ -327,54 +330,59 @@ class VfioUserSession:
 
     def take_over(self, document: dict[str, Any], fd: handover.FdByName) -> None:
         """Set up what ``document`` describes, on the fds ``fd`` gives by name."""
+        record = handover.record_from_document(records.Session, document)
         self._restored = True
-        twin = fd(document["twin"])
+        twin = fd(record.twin)
         if twin is not None:
             self.twin = trio.socket.from_stdlib_socket(socket.socket(fileno=twin))
-        client = dict(document["client"])
-        client["present"] = set(client["present"])
-        self.client = vfu.Capabilities(**client)
-        self.page_size = int(document["page_size"])
-        self._next_msg_id = int(document["next_msg_id"])
-        layout = document["qemu_dma_layout"]
-        self.qemu_dma_layout = None if layout is None else bool(layout)
+        client = record.client
+        self.client = vfu.Capabilities(
+            max_msg_fds=client.max_msg_fds,
+            max_data_xfer_size=client.max_data_xfer_size,
+            max_dma_maps=client.max_dma_maps,
+            pgsizes=client.pgsizes,
+            twin_socket=client.twin_socket,
+            twin_socket_fd_index=client.twin_socket_fd_index,
+            write_multiple=client.write_multiple,
+            present=set(client.present),
+        )
+        self.page_size = record.page_size
+        self._next_msg_id = record.next_msg_id
+        self.qemu_dma_layout = record.qemu_dma_layout
         device = self.device
-        device.adopt_handover_fds({key: fd(name) for key, name in document["device_fds"].items()})
-        for region in document["dma"]:
-            region_fd = fd(region["fd"])
+        device.adopt_handover_fds({key: fd(name) for key, name in record.device_fds.items()})
+        for region in record.dma:
             device.memory.add_region(
                 RegionSpec(
-                    int(region["address"]),
-                    int(region["size"]),
-                    region_fd,
-                    file_offset=int(region["file_offset"]),
-                    readable=bool(region["readable"]),
-                    writable=bool(region["writable"]),
+                    region.address,
+                    region.size,
+                    fd(region.fd),
+                    file_offset=region.file_offset,
+                    readable=region.readable,
+                    writable=region.writable,
                 )
             )
-        for kind_name, saved in document["irqs"].items():
+        for kind_name, saved in record.irqs.items():
+            if kind_name not in IrqKind.__members__:
+                raise ValueError(f"no interrupt index {kind_name!r}")
             lines = device.irqs.lines[IrqKind[kind_name]]
-            if (
-                not len(saved["eventfds"])
-                == len(saved["masked"])
-                == len(saved["pending"])
-                == (lines.count)
-            ):
-                raise ValueError(f"{kind_name}: {len(saved['eventfds'])} vectors")
-            for vector, name in enumerate(saved["eventfds"]):
+            if not len(saved.eventfds) == len(saved.masked) == len(saved.pending) == lines.count:
+                raise ValueError(f"{kind_name}: {len(saved.eventfds)} vectors")
+            for vector, name in enumerate(saved.eventfds):
                 lines.set_eventfd(vector, fd(name))
-            lines.masked[:] = [bool(m) for m in saved["masked"]]
-            lines.pending[:] = [bool(p) for p in saved["pending"]]
-        self._intx_unmask_fd = fd(document["intx_unmask"])
-        migration = document["migration"]
-        self.migration.state = vfu.MigrationState[migration["state"]]
-        self.migration.outgoing = memoryview(base64.b64decode(migration["outgoing"]))
-        self.migration.incoming = bytearray(base64.b64decode(migration["incoming"]))
+            lines.masked[:] = saved.masked
+            lines.pending[:] = saved.pending
+        self._intx_unmask_fd = fd(record.intx_unmask)
+        migration = record.migration
+        if migration.state not in vfu.MigrationState.__members__:
+            raise ValueError(f"no migration state {migration.state!r}")
+        self.migration.state = vfu.MigrationState[migration.state]
+        self.migration.outgoing = memoryview(base64.b64decode(migration.outgoing))
+        self.migration.incoming = bytearray(base64.b64decode(migration.incoming))
         if self.migration.state not in (vfu.MigrationState.RUNNING, vfu.MigrationState.PRE_COPY):
             device.quiesce()  # it was stopped for a migration: it stays so
-        logging = document["dma_logging"]
-        if logging is not None:
-            self.dirty = DirtyBitmaps.from_document(logging)
+        if record.dma_logging is not None:
+            self.dirty = DirtyBitmaps.from_document(record.dma_logging)
             device.memory.dirty = self.dirty
 
     async def _negotiate(self) -> None:

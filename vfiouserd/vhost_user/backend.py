@@ -39,6 +39,7 @@ from vfiouserd.protocol import vhost_user as vu
 from vfiouserd.protocol.framing import ConnectionClosed, FramingError, close_fds
 from vfiouserd.protocol.vhost_user import FrontendRequest as R
 from vfiouserd.protocol.vhost_user import Message, ProtocolFeature
+from vfiouserd.vhost_user import records
 from vfiouserd.virtqueue import (
     MAX_QUEUE_SIZE,
     AddressSpace,
@@ -111,7 +112,8 @@ class VhostUserBackend:
         self.transfer: Transfer | None = None
         self._nursery: trio.Nursery | None = None
         self._inflight_views: list[memoryview] = []
-        self._inflight_description: dict[str, int] | None = None  # for a handover
+        # mmap size and offset, queues and their size: for a handover
+        self._inflight_description: tuple[int, int, int, int] | None = None
         self._log_description: tuple[int, int] | None = None  # size, offset
         # Handover: the loop parks between messages; queues a previous
         # daemon had running start with the session.
@@ -277,58 +279,56 @@ class VhostUserBackend:
             started = queue.started
             base = self.queue_set.stop(queue)
             queues.append(
-                {
-                    "size": queue.size,
-                    "desc": queue.desc_address,
-                    "avail": queue.avail_address,
-                    "used": queue.used_address,
-                    "log": queue.log_address,
-                    "flags": queue.flags,
-                    "addresses_set": queue.addresses_set,
-                    "base": base,
-                    "enabled": queue.enabled,
-                    "started": started,
-                    "broken": queue.broken,
-                    "kick": names.name(queue.kick_fd),
-                    "call": names.name(queue.call_fd),
-                    "err": names.name(queue.err_fd),
-                }
+                records.Queue(
+                    size=queue.size,
+                    desc=queue.desc_address,
+                    avail=queue.avail_address,
+                    used=queue.used_address,
+                    log=queue.log_address,
+                    flags=queue.flags,
+                    addresses_set=queue.addresses_set,
+                    base=base,
+                    enabled=queue.enabled,
+                    started=started,
+                    broken=queue.broken,
+                    kick=names.name(queue.kick_fd),
+                    call=names.name(queue.call_fd),
+                    err=names.name(queue.err_fd),
+                )
             )
         if self.transfer is not None:
             log.warning("handover.transfer_dropped", reason="a device-state transfer was open")
-        log_state = None
+        dirty_log = None
         if self.dirty_log is not None and self._log_description is not None:
             size, offset = self._log_description
-            log_fd = names.name(self.dirty_log.mapping.fd)
-            log_state = {"fd": log_fd, "size": size, "offset": offset}
+            dirty_log = records.DirtyLog(names.name(self.dirty_log.mapping.fd), size, offset)
+        inflight = None
+        if self.inflight is not None and self._inflight_description is not None:
+            inflight = records.Inflight(names.name(self.inflight.fd), *self._inflight_description)
         kick = self.dirty_log.kick_fd if self.dirty_log is not None else self._log_kick_fd
-        return {
-            "connection": names.name(self.sock.fileno(), CONNECTION),
-            "acked_features": self.acked_features,
-            "protocol_features": self.protocol_features,
-            "status": self.status,
-            "memory": [
-                {
-                    "guest_address": region.guest_address,
-                    "size": region.size,
-                    "user_address": region.user_address,
-                    "mmap_offset": region.mmap_offset,
-                    "fd": names.name(region.spec.fd),
-                }
+        channel = self.backend_channel
+        record = records.Session(
+            connection=names.name(self.sock.fileno(), CONNECTION),
+            acked_features=self.acked_features,
+            protocol_features=self.protocol_features,
+            status=self.status,
+            memory=[
+                records.Region(
+                    region.guest_address,
+                    region.size,
+                    region.user_address,
+                    region.mmap_offset,
+                    names.name(region.spec.fd),
+                )
                 for region in self.memory.regions
             ],
-            "queues": queues,
-            "inflight": (
-                {"fd": names.name(self.inflight.fd), **self._inflight_description}
-                if self.inflight is not None and self._inflight_description is not None
-                else None
-            ),
-            "dirty_log": log_state,
-            "log_kick": names.name(kick),
-            "backend_channel": names.name(
-                self.backend_channel.fileno() if self.backend_channel is not None else None
-            ),
-        }
+            queues=queues,
+            inflight=inflight,
+            dirty_log=dirty_log,
+            log_kick=names.name(kick),
+            backend_channel=names.name(channel.fileno() if channel is not None else None),
+        )
+        return handover.record_to_document(record)
 
     @classmethod
     def restore(
@@ -340,62 +340,68 @@ class VhostUserBackend:
 
     def take_over(self, document: dict[str, Any], fd: handover.FdByName) -> None:
         """Set up what ``document`` describes, on the fds ``fd`` gives by name."""
-        self.protocol_features = int(document["protocol_features"])
-        self.status = int(document["status"])
+        record = handover.record_from_document(records.Session, document)
+        self.protocol_features = record.protocol_features
+        self.status = record.status
         self.memory.replace(
             [
                 RegionSpec(
-                    int(region["guest_address"]),
-                    int(region["size"]),
-                    fd(region["fd"]),
-                    user_address=int(region["user_address"]),
-                    mmap_offset=int(region["mmap_offset"]),
+                    region.guest_address,
+                    region.size,
+                    fd(region.fd),
+                    user_address=region.user_address,
+                    mmap_offset=region.mmap_offset,
                 )
-                for region in document["memory"]
+                for region in record.memory
             ]
         )
-        features = int(document["acked_features"])
+        features = record.acked_features
         if features & ~self.offered_features:
             raise ValueError(f"features {features:#x} this device does not offer")
         self.acked_features = features
         self.queue_set.set_features(
             features & ~bit(vu.VHOST_USER_F_PROTOCOL_FEATURES) & ~bit(vu.VHOST_F_LOG_ALL)
         )
-        if len(document["queues"]) != len(self.queue_set.queues):
-            raise ValueError(f"{len(document['queues'])} queues for {len(self.queue_set.queues)}")
-        for queue, saved in zip(self.queue_set.queues, document["queues"], strict=True):
-            queue.size = int(saved["size"])
-            queue.desc_address, queue.avail_address = int(saved["desc"]), int(saved["avail"])
-            queue.used_address, queue.log_address = int(saved["used"]), int(saved["log"])
-            queue.flags = int(saved["flags"])
-            queue.addresses_set = bool(saved["addresses_set"])
-            queue.base = int(saved["base"])
-            queue.enabled = bool(saved["enabled"])
-            queue.set_kick(fd(saved["kick"]))
-            queue.set_call(fd(saved["call"]))
-            queue.set_err(fd(saved["err"]))
-            if saved["started"]:
-                self._restored_queues.append((queue, bool(saved["broken"])))
-        inflight = document["inflight"]
+        if len(record.queues) != len(self.queue_set.queues):
+            raise ValueError(f"{len(record.queues)} queues for {len(self.queue_set.queues)}")
+        for queue, saved in zip(self.queue_set.queues, record.queues, strict=True):
+            queue.size = saved.size
+            queue.desc_address, queue.avail_address = saved.desc, saved.avail
+            queue.used_address, queue.log_address = saved.used, saved.log
+            queue.flags = saved.flags
+            queue.addresses_set = saved.addresses_set
+            queue.base = saved.base
+            queue.enabled = saved.enabled
+            queue.set_kick(fd(saved.kick))
+            queue.set_call(fd(saved.call))
+            queue.set_err(fd(saved.err))
+            if saved.started:
+                self._restored_queues.append((queue, saved.broken))
+        inflight = record.inflight
         if inflight is not None:
+            inflight_fd = fd(inflight.fd)
+            if inflight_fd is None:
+                raise ValueError("an inflight region without its fd")
             self._map_inflight(
-                fd(inflight["fd"]),  # type: ignore[arg-type]
-                int(inflight["mmap_size"]),
-                int(inflight["mmap_offset"]),
-                int(inflight["num_queues"]),
-                int(inflight["queue_size"]),
+                inflight_fd,
+                inflight.mmap_size,
+                inflight.mmap_offset,
+                inflight.num_queues,
+                inflight.queue_size,
             )
-        dirty_log = document["dirty_log"]
-        if dirty_log is not None:
-            self._map_log(fd(dirty_log["fd"]), int(dirty_log["size"]), int(dirty_log["offset"]))  # type: ignore[arg-type]
-        kick = fd(document["log_kick"])
+        if record.dirty_log is not None:
+            log_fd = fd(record.dirty_log.fd)
+            if log_fd is None:
+                raise ValueError("a dirty log without its fd")
+            self._map_log(log_fd, record.dirty_log.size, record.dirty_log.offset)
+        kick = fd(record.log_kick)
         if kick is not None:
             if self.dirty_log is not None:
                 self.dirty_log.kick_fd = kick
             else:
                 self._log_kick_fd = kick
         self._update_logging()
-        channel = fd(document["backend_channel"])
+        channel = fd(record.backend_channel)
         if channel is not None:
             self.backend_channel = trio.socket.from_stdlib_socket(socket.socket(fileno=channel))
 
@@ -952,12 +958,7 @@ class VhostUserBackend:
             raise RequestFailed(f"inflight region: {exc}") from exc
         self._drop_inflight()
         self.inflight = mapping
-        self._inflight_description = {
-            "mmap_size": mmap_size,
-            "mmap_offset": mmap_offset,
-            "num_queues": num_queues,
-            "queue_size": queue_size,
-        }
+        self._inflight_description = (mmap_size, mmap_offset, num_queues, queue_size)
         start = mapping.lead
         for index in range(num_queues):
             view = mapping.buffer[start + index * per_queue : start + (index + 1) * per_queue]
