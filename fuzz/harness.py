@@ -91,7 +91,7 @@ class Limits:
 class DeviceSpec:
     name: str  # the subcommand
     protocol: str  # "vhost-user" or "vfio-user"
-    model: str  # "blk", "rng" or "example"
+    model: str  # "blk", "rng", "console" or "example"
     options: tuple[str, ...] = ()  # "{workdir}" is replaced
 
     def arguments(self, workdir: Path) -> list[str]:
@@ -100,6 +100,7 @@ class DeviceSpec:
 
 DISK = ("--blk-file", "{workdir}/disk.img", "--size", "16M")
 DISK_SECTORS = 16 * MiB // 512
+CONSOLE = ("--console", "{workdir}/hvc0.sock", "--port", "agent={workdir}/agent.sock")
 
 # The guest every case builds: two RAM regions with a hole between them.
 LAYOUT = [(0x0, 8 * MiB), (0x1_0000_0000, 4 * MiB)]
@@ -113,6 +114,8 @@ DEVICES: dict[str, DeviceSpec] = {
         DeviceSpec("vhost-user-rng", "vhost-user", "rng"),
         DeviceSpec("vfio-user-blk", "vfio-user", "blk", (*DISK, "--num-queues", "2")),
         DeviceSpec("vfio-user-example", "vfio-user", "example"),
+        # Host-fed queues: receive buffers wait, transmit ones wait for room.
+        DeviceSpec("vhost-user-console", "vhost-user", "console", CONSOLE),
     )
 }
 

@@ -17,6 +17,7 @@ SEED = 11
 CASES = {
     "vhost-user-blk": 150,
     "vhost-user-rng": 120,
+    "vhost-user-console": 120,
     "vfio-user-blk": 100,
     "vfio-user-example": 120,
 }
