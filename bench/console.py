@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import trio
+from common import connect
 
 from vfiouserd.client.blk import QueuePort
 from vfiouserd.client.guest import GuestRam
@@ -40,17 +41,6 @@ MiB = 1 << 20
 BUFFER = 4096
 BUFFERS = 64
 CHUNK = 64 << 10
-
-
-async def connect(path: str) -> trio.socket.SocketType:
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with trio.fail_after(20):
-        while True:
-            try:
-                await sock.connect(path)
-                return sock
-            except OSError:
-                await trio.sleep(0.02)
 
 
 async def write_all(sock: trio.socket.SocketType, size: int) -> None:

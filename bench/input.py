@@ -30,6 +30,8 @@ import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+from common import connect  # noqa: E402
+
 from conftest import start_device  # noqa: E402
 from vfiouserd.client.blk import QueuePort  # noqa: E402
 from vfiouserd.client.guest import GuestRam  # noqa: E402
@@ -50,17 +52,6 @@ async def main(listen_path, out_path):
         await out.send(data)
 trio.run(main, sys.argv[1], sys.argv[2])
 """
-
-
-async def connect(path: str) -> trio.socket.SocketType:
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with trio.fail_after(20):
-        while True:
-            try:
-                await sock.connect(path)
-                return sock
-            except OSError:
-                await trio.sleep(0.02)
 
 
 async def through_the_device(workdir: Path, protocol: str, count: int) -> list[float]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import errno
 import itertools
 import os
@@ -41,6 +42,8 @@ from vfiouserd.vfio_user.backlog import BacklogOverflow, CommandBacklog
 from vfiouserd.vfio_user.migration import DirtyBitmaps, Migration, MigrationError, logged_ranges
 
 log = get_logger("vfio_user")
+# The client's VERSION capabilities a handover record carries as they are.
+CLIENT_VALUES = [f.name for f in dataclasses.fields(records.Client) if f.name != "present"]
 
 # Pipelined commands read ahead while one is processed: past the first
 # number the reader waits, unless the device waits for a reply from the
@@ -277,13 +280,7 @@ class VfioUserSession:
             connection=names.name(self.sock.fileno(), CONNECTION),
             twin=names.name(self.twin.fileno() if self.twin is not None else None, TWIN),
             client=records.Client(
-                max_msg_fds=client.max_msg_fds,
-                max_data_xfer_size=client.max_data_xfer_size,
-                max_dma_maps=client.max_dma_maps,
-                pgsizes=client.pgsizes,
-                twin_socket=client.twin_socket,
-                twin_socket_fd_index=client.twin_socket_fd_index,
-                write_multiple=client.write_multiple,
+                **{name: getattr(client, name) for name in CLIENT_VALUES},
                 present=sorted(client.present),
             ),
             page_size=self.page_size,
@@ -337,13 +334,7 @@ class VfioUserSession:
             self.twin = trio.socket.from_stdlib_socket(socket.socket(fileno=twin))
         client = record.client
         self.client = vfu.Capabilities(
-            max_msg_fds=client.max_msg_fds,
-            max_data_xfer_size=client.max_data_xfer_size,
-            max_dma_maps=client.max_dma_maps,
-            pgsizes=client.pgsizes,
-            twin_socket=client.twin_socket,
-            twin_socket_fd_index=client.twin_socket_fd_index,
-            write_multiple=client.write_multiple,
+            **{name: getattr(client, name) for name in CLIENT_VALUES},
             present=set(client.present),
         )
         self.page_size = record.page_size
