@@ -113,11 +113,10 @@ class VirtioConsole(VirtioDevice):
     # towards it, the control receive queue for messages to the driver.
     host_fed_queues = frozenset(range(max_queues)) - {CONTROL_TX}
     config_can_change = False
-    # What the driver set up and the bytes on their way: the ports' records,
-    # whether the driver said DEVICE_READY, control messages it has not taken.
+    # What the driver set up and the bytes on their way: the ports' records
+    # and the control messages it has not taken.
     state = Schema(
         1,
-        Field("driver_ready", BOOL),
         Field("port_records", PORT_RECORD),
         Field("control_pending", BYTES),
     )
@@ -140,7 +139,6 @@ class VirtioConsole(VirtioDevice):
         for number, (name, listener) in enumerate(named.items(), 1):
             self.ports[number] = Port(number, name, listener)
         self.max_nr_ports = len(named) + 1
-        self.driver_ready = False
         self.control: deque[bytes] = deque()  # messages for the driver
         # fill() and handle() may run on a worker thread, the host side on
         # the event loop: the ports' buffers and flags change under the lock,
@@ -198,7 +196,6 @@ class VirtioConsole(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         with self._lock:
-            self.driver_ready = False
             self.control.clear()
             for port in self.ports.values():
                 port.added = port.guest_open = False
@@ -299,9 +296,8 @@ class VirtioConsole(VirtioDevice):
             if not value:
                 log.error("console.driver_failed")
                 return
-            self.driver_ready = True
-            for number in self.ports:
-                self._tell(number, Event.DEVICE_ADD)
+            for port_id in self.ports:
+                self._tell(port_id, Event.DEVICE_ADD)
             return
         port = self.ports.get(number)
         if port is None:

@@ -175,13 +175,9 @@ def test_state_round_trips_bytes_in_flight_and_control_messages(tmp_path):
             (1, Event.PORT_NAME),
         ]
         with pytest.raises(StateError, match="ports"):
-            moved.device.check_state(
-                {"port_records": [{"id": 5}], "control_pending": b"", "driver_ready": True}
-            )
+            moved.device.check_state({"port_records": [{"id": 5}], "control_pending": b""})
         with pytest.raises(StateError, match="control"):
-            moved.device.check_state(
-                {"port_records": [], "control_pending": b"\x03\x00abc", "driver_ready": True}
-            )
+            moved.device.check_state({"port_records": [], "control_pending": b"\x03\x00abc"})
     finally:
         device.close()
         if other is not None:
