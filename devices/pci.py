@@ -9,8 +9,10 @@ what every PCI function has in common, the way hardware does:
 - Capabilities: power management, MSI (64-bit, per-vector masking), MSI-X
   (table and PBA in a BAR), PCI Express (endpoint), plus any a device adds
   (virtio's vendor capabilities).
-- Interrupts as VFIO models them: INTx, MSI and MSI-X vectors deliver to
-  eventfds a VMM installs (VFIO SET_IRQS semantics), with INTx automasking.
+- Interrupts: when the function raises INTx (level, the command register's
+  disable bit, the status bit), MSI or MSI-X vectors. How they reach the VMM
+  is the transport's (``InterruptDelivery``; vfio-user's eventfds live in
+  vfiouserd.vfio_user.interrupts).
 
 Nothing here knows about sockets; the vfio-user session calls in.
 """
@@ -20,10 +22,9 @@ from __future__ import annotations
 import enum
 import errno
 import os
-import stat
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from vfiouserd.log import get_logger
@@ -180,123 +181,42 @@ class Capability:
     length: int
 
 
-@dataclass
-class IrqLines:
-    """One VFIO interrupt index: eventfds per vector, masks, pending bits."""
-
-    count: int
-    eventfds: list[int | None] = field(default_factory=list)
-    masked: list[bool] = field(default_factory=list)
-    pending: list[bool] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.eventfds = [None] * self.count
-        self.masked = [False] * self.count
-        self.pending = [False] * self.count
-
-    @property
-    def enabled(self) -> bool:
-        return any(fd is not None for fd in self.eventfds)
-
-    def set_eventfd(self, vector: int, fd: int | None) -> None:
-        old = self.eventfds[vector]
-        if old is not None:
-            os.close(old)
-        self.eventfds[vector] = fd
-
-    def close(self) -> None:
-        for vector in range(self.count):
-            self.set_eventfd(vector, None)
-            self.masked[vector] = False
-            self.pending[vector] = False
-
-
-def signal_eventfd(fd: int) -> None:
-    try:
-        os.eventfd_write(fd, 1)
-    except BlockingIOError:
-        pass  # saturated: plenty of wake-ups pending
-    except OSError as exc:  # the VMM gave us something that is not an eventfd
-        log.warning("eventfd.write_failed", fd=fd, error=os.strerror(exc.errno or 0))
-
-
-def is_eventfd_like(fd: int) -> bool:
-    """Anonymous-inode fds (eventfds) have no file type bits; files, devices,
-    pipes and sockets do. Checked with fstat, which needs no /proc."""
-    return stat.S_IFMT(os.fstat(fd).st_mode) == 0
-
-
-class Interrupts:
-    """INTx, MSI and MSI-X of one function, in VFIO's model.
-
-    The VMM installs an eventfd per vector (SET_IRQS); a vector that fires
-    writes it. At most one of the three kinds is active, as with VFIO.
-    Masking of MSI/MSI-X vectors belongs to the VMM, which emulates the
-    guest-visible MSI-X table (QEMU's vfio-pci does); INTx is level-triggered
-    and automasked until the VMM unmasks it.
-    """
-
-    def __init__(self, intx: bool, msi_vectors: int, msix_vectors: int) -> None:
-        self.lines = {
-            IrqKind.INTX: IrqLines(1 if intx else 0),
-            IrqKind.MSI: IrqLines(msi_vectors),
-            IrqKind.MSIX: IrqLines(msix_vectors),
-            IrqKind.ERR: IrqLines(0),
-            IrqKind.REQ: IrqLines(0),
-        }
-        self.intx_asserted = False
-        self.intx_disabled = False  # command register bit, kept in sync by PciDevice
-        self.on_intx_change: Callable[[bool], None] | None = None
+class InterruptDelivery(Protocol):
+    """Where a function's interrupts go: the transport's business. Over
+    vfio-user, eventfds the VMM installs (vfiouserd.vfio_user.interrupts)."""
 
     def active(self) -> IrqKind | None:
-        for kind in (IrqKind.MSIX, IrqKind.MSI, IrqKind.INTX):
-            if self.lines[kind].enabled:
-                return kind
+        """The kind the driver set up (MSI-X, MSI, INTx), None for none."""
+        ...
+
+    def fire(self, kind: IrqKind, vector: int) -> bool:
+        """Deliver ``vector`` of ``kind``; False if it is not set up."""
+        ...
+
+    def pending(self, kind: IrqKind, vector: int) -> bool:
+        """Fired while masked and not delivered yet (the MSI-X PBA)."""
+        ...
+
+    def close(self) -> None:
+        """The VMM went away: what it installed goes."""
+        ...
+
+
+class Undelivered:
+    """No transport has set interrupts up yet: nothing reaches anyone, as
+    with a function whose driver enabled no vector."""
+
+    def active(self) -> IrqKind | None:
         return None
 
     def fire(self, kind: IrqKind, vector: int) -> bool:
-        """Deliver ``vector`` of ``kind``; False if nothing is installed."""
-        lines = self.lines[kind]
-        if vector >= lines.count or lines.eventfds[vector] is None:
-            return False
-        if lines.masked[vector]:
-            lines.pending[vector] = True
-            return True
-        fd = lines.eventfds[vector]
-        assert fd is not None
-        signal_eventfd(fd)
-        if kind is IrqKind.INTX:
-            lines.masked[vector] = True  # automasked until the VMM unmasks
-        return True
+        return False
 
-    def set_intx(self, level: bool) -> None:
-        """Drive the INTx line (level triggered)."""
-        if level == self.intx_asserted:
-            return
-        self.intx_asserted = level
-        if self.on_intx_change is not None:
-            self.on_intx_change(level)
-        if level and not self.intx_disabled:
-            self.fire(IrqKind.INTX, 0)
-
-    def unmask(self, kind: IrqKind, vector: int) -> None:
-        lines = self.lines[kind]
-        lines.masked[vector] = False
-        if kind is IrqKind.INTX:
-            # A level interrupt still asserted fires again.
-            lines.pending[vector] = False
-            if self.intx_asserted and not self.intx_disabled:
-                self.fire(kind, vector)
-        elif lines.pending[vector]:
-            lines.pending[vector] = False
-            self.fire(kind, vector)
-
-    def mask(self, kind: IrqKind, vector: int) -> None:
-        self.lines[kind].masked[vector] = True
+    def pending(self, kind: IrqKind, vector: int) -> bool:
+        return False
 
     def close(self) -> None:
-        for lines in self.lines.values():
-            lines.close()
+        pass
 
 
 class RemoteDma(Protocol):
@@ -348,8 +268,10 @@ class PciDevice:
         self.remote_dma: RemoteDma | None = None
         self.capabilities: list[Capability] = []
         self.config = ConfigSpace(EXPRESS_CONFIG_SIZE if self.express else LEGACY_CONFIG_SIZE)
-        self.irqs = Interrupts(self.interrupt_pin != 0, self.msi_vectors, self.msix_vectors)
-        self.irqs.on_intx_change = self._intx_changed
+        self.irqs: InterruptDelivery = Undelivered()
+        # The INTx line (level triggered) and the command register's disable bit.
+        self.intx_asserted = False
+        self.intx_disabled = False
         self.stopped = False  # migration: no DMA, no interrupts, no progress
         self._msix_table = bytearray()
         self._msi_offset = 0
@@ -532,8 +454,8 @@ class PciDevice:
         if command != before_command:
             self.command_changed(before_command, command)
         if (before_command ^ command) & Cmd.INTX_DISABLE:
-            self.irqs.intx_disabled = bool(command & Cmd.INTX_DISABLE)
-            if not self.irqs.intx_disabled and self.irqs.intx_asserted:
+            self.intx_disabled = bool(command & Cmd.INTX_DISABLE)
+            if self.intx_up:
                 self.irqs.fire(IrqKind.INTX, 0)
         msi = self._msi_offset
         if msi and offset <= msi + 2 < offset + len(data):
@@ -548,13 +470,22 @@ class PciDevice:
 
     def _refresh_status(self) -> None:
         status = self.config.get(STATUS, "<H")
-        status = (
-            (status | Sts.INTERRUPT) if self.irqs.intx_asserted else (status & ~int(Sts.INTERRUPT))
-        )
+        status = (status | Sts.INTERRUPT) if self.intx_asserted else (status & ~int(Sts.INTERRUPT))
         struct.pack_into("<H", self.config.data, STATUS, status)
 
-    def _intx_changed(self, level: bool) -> None:
+    @property
+    def intx_up(self) -> bool:
+        """INTx asserted and not disabled: a VMM unmasking it hears it again."""
+        return self.intx_asserted and not self.intx_disabled
+
+    def set_intx(self, level: bool) -> None:
+        """Drive the INTx line (level triggered)."""
+        if level == self.intx_asserted:
+            return
+        self.intx_asserted = level
         self._refresh_status()
+        if self.intx_up:
+            self.irqs.fire(IrqKind.INTX, 0)
 
     @property
     def bus_master(self) -> bool:
@@ -628,8 +559,8 @@ class PciDevice:
         if offset < len(self._msix_table):
             return bytes(self._msix_table[offset : offset + size]).ljust(size, b"\0")
         if offset >= self._msix_pba_offset:
-            lines = self.irqs.lines[IrqKind.MSIX]
-            pba = sum(1 << v for v, pending in enumerate(lines.pending) if pending)
+            pending = (self.irqs.pending(IrqKind.MSIX, v) for v in range(self.msix_vectors))
+            pba = sum(1 << v for v, up in enumerate(pending) if up)
             raw = pba.to_bytes(8 * ((self.msix_vectors + 63) // 64), "little")
             start = offset - self._msix_pba_offset
             return raw[start : start + size].ljust(size, b"\0")
@@ -699,16 +630,16 @@ class PciDevice:
         if kind is IrqKind.MSIX or kind is IrqKind.MSI:
             self.irqs.fire(kind, vector)
         else:
-            self.irqs.set_intx(True)
+            self.set_intx(True)
 
     def lower_interrupt(self) -> None:
-        self.irqs.set_intx(False)
+        self.set_intx(False)
 
     def reset(self) -> None:
         """Function-level reset: config space and the device's own state."""
         self.config.restore_defaults()
-        self.irqs.intx_disabled = False
-        self.irqs.set_intx(False)
+        self.intx_disabled = False
+        self.set_intx(False)
         if self.msix_vectors:
             self._place_msix()
         self.device_reset()
@@ -759,7 +690,7 @@ class PciDevice:
             "pci": {
                 "config": bytes(self.config.data),
                 "msix_table": bytes(self._msix_table),
-                "intx_asserted": self.irqs.intx_asserted,
+                "intx_asserted": self.intx_asserted,
             },
             **self.save_transport_state(),
             "device": self.save_device_state(),
@@ -783,8 +714,8 @@ class PciDevice:
         self.check_device_state(sections["device"])
         self.config.data[:] = pci["config"]
         self._msix_table[:] = pci["msix_table"]
-        self.irqs.intx_disabled = bool(self.config.get(COMMAND, "<H") & Cmd.INTX_DISABLE)
-        self.irqs.intx_asserted = pci["intx_asserted"]
+        self.intx_disabled = bool(self.config.get(COMMAND, "<H") & Cmd.INTX_DISABLE)
+        self.intx_asserted = pci["intx_asserted"]
         self.load_transport_state(sections)
         self.load_device_state(sections["device"])
 

@@ -18,9 +18,6 @@ FORBIDDEN = {
         "vfiouserd.server",
         "vfiouserd.virtqueue",
     ),
-    # Device semantics only: no wire formats (state is declared with
-    # vfiouserd.state's field kinds), no protocol, no VMM connection (host
-    # sockets a device serves, a console's say, are its own).
     # The jail confines whatever runs; it knows nothing of what it serves.
     "sandbox": (
         "vfiouserd.server",
@@ -29,8 +26,13 @@ FORBIDDEN = {
         "vfiouserd.devices",
         "vfiouserd.cli",
     ),
+    # Device semantics only: no wire formats (state is declared with
+    # vfiouserd.state's field kinds), no protocol, no VMM connection (host
+    # sockets a device serves, a console's say, are its own).
+    # How interrupts reach a VMM (eventfds) is the transports' business.
     "devices": (
         "construct",
+        "vfiouserd.eventfds",
         "vfiouserd.virtqueue",
         "vfiouserd.virtio_pci",
         "vfiouserd.protocol",

@@ -30,8 +30,8 @@ from typing import Any
 import trio
 
 from vfiouserd._native import ffi, lib
-from vfiouserd.devices.pci import is_eventfd_like
 from vfiouserd.devices.virtio import Feature, NativeHandler, Request, VirtioDevice, bit
+from vfiouserd.eventfds import is_eventfd_like
 from vfiouserd.inflight import (
     InflightError,
     PackedInflight,

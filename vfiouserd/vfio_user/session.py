@@ -30,7 +30,8 @@ from construct import Construct, ConstructError, Container
 
 from vfiouserd import handover
 from vfiouserd.changes import Changes, Watched
-from vfiouserd.devices.pci import Bar, DeviceAccessError, IrqKind, PciDevice, is_eventfd_like
+from vfiouserd.devices.pci import Bar, DeviceAccessError, IrqKind, PciDevice
+from vfiouserd.eventfds import is_eventfd_like
 from vfiouserd.handover import CONNECTION, TWIN, FdNames, Received
 from vfiouserd.log import get_logger
 from vfiouserd.memory import GuestMemoryError, RegionSpec, RemoteAccessError, memory_faults
@@ -39,6 +40,7 @@ from vfiouserd.protocol.framing import ConnectionClosed, FramingError, close_fds
 from vfiouserd.protocol.vfio_user import Command, Message
 from vfiouserd.vfio_user import records
 from vfiouserd.vfio_user.backlog import BacklogOverflow, CommandBacklog
+from vfiouserd.vfio_user.interrupts import Interrupts
 from vfiouserd.vfio_user.migration import DirtyBitmaps, Migration, MigrationError, logged_ranges
 
 log = get_logger("vfio_user")
@@ -154,6 +156,7 @@ class VfioUserSession:
         self._finished = trio.Event()
         self.device.memory.max_regions = self.config.max_dma_maps
         self.migration = Migration.of(device)
+        self.irqs = Interrupts.of(device)
         self.dirty: DirtyBitmaps | None = None  # DMA logging of this client's memory
         self._handlers: dict[int, tuple[Handler, int | None]] = {
             # command: (handler, most fds it may carry; None: what VERSION allowed)
@@ -303,7 +306,7 @@ class VfioUserSession:
                     list(lines.masked),
                     list(lines.pending),
                 )
-                for kind, lines in device.irqs.lines.items()
+                for kind, lines in self.irqs.lines.items()
                 if lines.count
             },
             intx_unmask=names.name(self._intx_unmask_fd),
@@ -356,7 +359,7 @@ class VfioUserSession:
         for kind_name, saved in record.irqs.items():
             if kind_name not in IrqKind.__members__:
                 raise ValueError(f"no interrupt index {kind_name!r}")
-            lines = device.irqs.lines[IrqKind[kind_name]]
+            lines = self.irqs.lines[IrqKind[kind_name]]
             if not len(saved.eventfds) == len(saved.masked) == len(saved.pending) == lines.count:
                 raise ValueError(f"{kind_name}: {len(saved.eventfds)} vectors")
             for vector, name in enumerate(saved.eventfds):
@@ -943,7 +946,7 @@ class VfioUserSession:
                     "argsz": vfu.IrqInfo.sizeof(),
                     "flags": flags,
                     "index": request.index,
-                    "count": self.device.irqs.lines[kind].count,
+                    "count": self.irqs.lines[kind].count,
                 }
             )
         )
@@ -971,7 +974,7 @@ class VfioUserSession:
         if message.fds and kind_flags != vfu.IrqSetFlag.DATA_EVENTFD:
             raise RequestError(errno.EINVAL, "fds without DATA_EVENTFD")
         kind = IrqKind(head.index)
-        irqs = self.device.irqs
+        irqs = self.irqs
         lines = irqs.lines[kind]
         if lines.count == 0:
             raise RequestError(errno.EINVAL, f"device has no {kind.name} interrupts")
@@ -1066,7 +1069,7 @@ class VfioUserSession:
                         await trio.lowlevel.wait_readable(fd)
                         with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(fd)
-                        self.device.irqs.unmask(IrqKind.INTX, 0)
+                        self.irqs.unmask(IrqKind.INTX, 0)
             except OSError as exc:
                 log.warning("intx.unmask_fd_failed", error=str(exc))
             finally:

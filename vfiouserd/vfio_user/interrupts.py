@@ -1,0 +1,122 @@
+"""Interrupt delivery over vfio-user, in VFIO's model (SET_IRQS).
+
+The VMM installs an eventfd per vector of each interrupt index; a vector
+that fires writes it. At most one of INTx, MSI and MSI-X is active, as with
+VFIO. Masking of MSI/MSI-X vectors belongs to the VMM, which emulates the
+guest-visible MSI-X table (QEMU's vfio-pci does); INTx is level-triggered
+and automasked until the VMM unmasks it. The PCI model (devices/pci.py)
+decides *when* a function interrupts; this module decides *how* that
+reaches the VMM.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import ClassVar
+from weakref import WeakKeyDictionary
+
+from vfiouserd.devices.pci import IrqKind, PciDevice
+from vfiouserd.eventfds import signal_eventfd
+
+
+@dataclass
+class IrqLines:
+    """One VFIO interrupt index: eventfds per vector, masks, pending bits."""
+
+    count: int
+    eventfds: list[int | None] = field(default_factory=list)
+    masked: list[bool] = field(default_factory=list)
+    pending: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.eventfds = [None] * self.count
+        self.masked = [False] * self.count
+        self.pending = [False] * self.count
+
+    @property
+    def enabled(self) -> bool:
+        return any(fd is not None for fd in self.eventfds)
+
+    def set_eventfd(self, vector: int, fd: int | None) -> None:
+        old = self.eventfds[vector]
+        if old is not None:
+            os.close(old)
+        self.eventfds[vector] = fd
+
+    def close(self) -> None:
+        for vector in range(self.count):
+            self.set_eventfd(vector, None)
+            self.masked[vector] = False
+            self.pending[vector] = False
+
+
+class Interrupts:
+    """The interrupt indexes of one PCI function and the eventfds behind them."""
+
+    _of_function: ClassVar[WeakKeyDictionary[PciDevice, Interrupts]] = WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, function: PciDevice) -> Interrupts:
+        """The function's delivery, made and installed at the first session:
+        it outlives sessions as the device does (eventfds go at detach)."""
+        interrupts = cls._of_function.get(function)
+        if interrupts is None:
+            interrupts = cls._of_function[function] = cls(function)
+            function.irqs = interrupts
+        return interrupts
+
+    def __init__(self, function: PciDevice) -> None:
+        self.function = function
+        self.lines = {
+            IrqKind.INTX: IrqLines(1 if function.interrupt_pin else 0),
+            IrqKind.MSI: IrqLines(function.msi_vectors),
+            IrqKind.MSIX: IrqLines(function.msix_vectors),
+            IrqKind.ERR: IrqLines(0),
+            IrqKind.REQ: IrqLines(0),
+        }
+
+    def active(self) -> IrqKind | None:
+        for kind in (IrqKind.MSIX, IrqKind.MSI, IrqKind.INTX):
+            if self.lines[kind].enabled:
+                return kind
+        return None
+
+    def fire(self, kind: IrqKind, vector: int) -> bool:
+        """Deliver ``vector`` of ``kind``; False if nothing is installed."""
+        lines = self.lines[kind]
+        if vector >= lines.count:
+            return False
+        fd = lines.eventfds[vector]
+        if fd is None:
+            return False
+        if lines.masked[vector]:
+            lines.pending[vector] = True
+            return True
+        signal_eventfd(fd)
+        if kind is IrqKind.INTX:
+            lines.masked[vector] = True  # automasked until the VMM unmasks
+        return True
+
+    def pending(self, kind: IrqKind, vector: int) -> bool:
+        lines = self.lines[kind]
+        return vector < lines.count and lines.pending[vector]
+
+    def unmask(self, kind: IrqKind, vector: int) -> None:
+        lines = self.lines[kind]
+        lines.masked[vector] = False
+        if kind is IrqKind.INTX:
+            # A level interrupt still asserted fires again.
+            lines.pending[vector] = False
+            if self.function.intx_up:
+                self.fire(kind, vector)
+        elif lines.pending[vector]:
+            lines.pending[vector] = False
+            self.fire(kind, vector)
+
+    def mask(self, kind: IrqKind, vector: int) -> None:
+        self.lines[kind].masked[vector] = True
+
+    def close(self) -> None:
+        for lines in self.lines.values():
+            lines.close()
