@@ -142,10 +142,8 @@ class VirtioConsole(VirtioDevice):
         self.control: deque[bytes] = deque()  # messages for the driver
         # fill() and handle() may run on a worker thread, the host side on
         # the event loop: the ports' buffers and flags change under the lock,
-        # and the tasks are woken through the loop's token.
+        # and the tasks are woken with wake_host_side().
         self._lock = threading.Lock()
-        self._loop: trio.lowlevel.TrioToken | None = None
-        self._changed = trio.Event()
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -202,7 +200,7 @@ class VirtioConsole(VirtioDevice):
                 if port.to_guest:  # the driver that would have read them is gone
                     log.info("console.reset_dropped", port=port.id, bytes=len(port.to_guest))
                     port.to_guest.clear()
-        self._stir()
+        self.wake_host_side()
 
     # -- the driver's side ------------------------------------------------------
 
@@ -247,7 +245,7 @@ class VirtioConsole(VirtioDevice):
             wake = len(port.to_guest) + written >= BUFFERED > len(port.to_guest)
             wake = wake or not port.to_guest
         if wake:
-            self._stir()
+            self.wake_host_side()
         return written
 
     def _from_guest(self, port: Port, data: bytes) -> None:
@@ -259,7 +257,7 @@ class VirtioConsole(VirtioDevice):
                     log.info("console.scrollback_full", port=port.id, kept=BUFFERED)
                 del port.to_host[:excess]
                 port.dropped += excess
-        self._stir()
+        self.wake_host_side()
 
     def _send_control(self, request: Request) -> int:
         with self._lock:
@@ -288,7 +286,7 @@ class VirtioConsole(VirtioDevice):
             told = len(self.control) > told
         if told:
             self.data_ready(CONTROL_RX)
-        self._stir()
+        self.wake_host_side()
         return 0
 
     def _control_message(self, number: int, event: int, value: int) -> None:
@@ -323,26 +321,13 @@ class VirtioConsole(VirtioDevice):
 
     # -- the host's side ----------------------------------------------------------
 
-    def _stir(self) -> None:
-        """Wake the host-side tasks to look again (from any thread)."""
-        if self._loop is not None:
-            self._loop.run_sync_soon(self._wake_tasks)
-
-    def _wake_tasks(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
     async def run(self) -> None:
         # A client's connection outlives run(): rings stopped and started
         # again neither cut it nor lose what it sent meanwhile.
-        self._loop = trio.lowlevel.current_trio_token()
-        try:
-            async with trio.open_nursery() as nursery:
-                for port in self.ports.values():
-                    if port.listener is not None:
-                        nursery.start_soon(self._serve_port, port)
-        finally:
-            self._loop = None
+        async with trio.open_nursery() as nursery:
+            for port in self.ports.values():
+                if port.listener is not None:
+                    nursery.start_soon(self._serve_port, port)
 
     async def _serve_port(self, port: Port) -> None:
         assert port.listener is not None
@@ -364,7 +349,7 @@ class VirtioConsole(VirtioDevice):
 
     async def _delivered(self, port: Port) -> None:
         while True:
-            changed = self._changed
+            changed = self.host_side_wakeup()
             with self._lock:
                 if not (port.to_guest and self._readable(port)):
                     return
@@ -396,7 +381,7 @@ class VirtioConsole(VirtioDevice):
     async def _to_guest(self, port: Port, client: trio.socket.SocketType) -> None:
         """The client's bytes, read while the guest takes them."""
         while True:
-            changed = self._changed
+            changed = self.host_side_wakeup()
             with self._lock:
                 room = BUFFERED - len(port.to_guest) if self._readable(port) else 0
             if room <= 0:
@@ -415,7 +400,7 @@ class VirtioConsole(VirtioDevice):
     async def _to_host(self, port: Port, client: trio.socket.SocketType) -> None:
         """The guest's bytes, sent as fast as the client reads them."""
         while True:
-            changed = self._changed
+            changed = self.host_side_wakeup()
             with self._lock:
                 chunk = bytes(port.to_host[:READ_SIZE])
             if not chunk:

@@ -144,13 +144,10 @@ class VirtioInput(VirtioDevice):
         self.leds: dict[int, int] = {}
         # Filled by run() on the event loop, emptied by fill() where rings
         # run (maybe a worker thread): deques are safe between threads, and
-        # the other side is woken through the loop's token.
+        # run() is woken with wake_host_side().
         self.pending: deque[bytes] = deque()
         self.outgoing: deque[bytes] = deque()  # status events for the client
-        self._loop: trio.lowlevel.TrioToken | None = None
         self._blocked = False  # run() waits for the driver to take events
-        self._room = trio.Event()
-        self._to_send = trio.Event()
         self._client: trio.socket.SocketType | None = None
         self._partial = b""  # the start of a record the client has not finished
         self._told_leds = False
@@ -208,7 +205,7 @@ class VirtioInput(VirtioDevice):
         super().reset()
         self.select = self.subsel = 0
         self.pending.clear()
-        self._wake_receiver()
+        self.wake_host_side()
 
     # -- queues -----------------------------------------------------------------
 
@@ -221,12 +218,8 @@ class VirtioInput(VirtioDevice):
             return 0  # back to the driver empty: it is of no use
         written = request.write(self.pending.popleft())
         if self._blocked:
-            self._wake_receiver()
+            self.wake_host_side()
         return written
-
-    def _wake_receiver(self) -> None:
-        if self._loop is not None:
-            self._loop.run_sync_soon(lambda: self._room.set())  # the current event, then
 
     def handle(self, queue: int, request: Request) -> int:
         """Status events from the driver (LEDs): kept, and told to the client."""
@@ -239,8 +232,8 @@ class VirtioInput(VirtioDevice):
             # client that never reads loses the oldest beyond the bound.
             if self._client is not None and len(self.outgoing) < MAX_PENDING:
                 self.outgoing.append(data[offset : offset + EVENT.size])
-        if self.outgoing and self._loop is not None:
-            self._loop.run_sync_soon(lambda: self._to_send.set())
+        if self.outgoing:
+            self.wake_host_side()
         return 0
 
     @property
@@ -277,31 +270,27 @@ class VirtioInput(VirtioDevice):
         # it nor lose what it sent meanwhile.
         if self._listening is None:
             return
-        self._loop = trio.lowlevel.current_trio_token()
-        try:
-            while True:
-                if self._client is None:
-                    self._client, _ = await self._listening.accept()
-                    self._partial = b""
-                    self._told_leds = False
-                    log.info("input.client", kind=self.kind.name)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._send_status, self._client)
-                    await self._receive_events(self._client)
-                    nursery.cancel_scope.cancel()
-                self._client.close()
-                self._client = None
-                log.info("input.client_gone")
-        finally:
-            self._loop = None
+        while True:
+            if self._client is None:
+                self._client, _ = await self._listening.accept()
+                self._partial = b""
+                self._told_leds = False
+                log.info("input.client", kind=self.kind.name)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_status, self._client)
+                await self._receive_events(self._client)
+                nursery.cancel_scope.cancel()
+            self._client.close()
+            self._client = None
+            log.info("input.client_gone")
 
     async def _receive_events(self, client: trio.socket.SocketType) -> None:
         while True:
             while len(self.pending) >= MAX_PENDING:  # the guest is slow: so is the client
-                self._room = trio.Event()
+                room = self.host_side_wakeup()
                 self._blocked = True
                 if len(self.pending) >= MAX_PENDING:
-                    await self._room.wait()
+                    await room.wait()
                 self._blocked = False
             try:
                 data = await client.recv(EVENT.size * 64)
@@ -331,9 +320,9 @@ class VirtioInput(VirtioDevice):
                 while sent < len(record):
                     sent += await client.send(record[sent:])
                 self.outgoing.popleft()
-            self._to_send = trio.Event()
+            more = self.host_side_wakeup()
             if not self.outgoing:
-                await self._to_send.wait()
+                await more.wait()
 
     def host_fds(self) -> dict[str, int]:
         # The client stays connected across a restart: events it sent that

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
+import trio
+
 from vfiouserd.state import Schema
 
 
@@ -238,6 +240,9 @@ class VirtioDevice:
         # Where data_ready goes: the rings of the session serving the device
         # now (one at a time, so one slot: an ended session is not kept).
         self._data_sink: Callable[[int], None] | None = None
+        # The run() tasks' "look again": set on the loop, asked for from anywhere.
+        self._host_loop: trio.lowlevel.TrioToken | None = None
+        self._host_wakeup = trio.Event()
 
     # -- plugin wiring ------------------------------------------------------
 
@@ -326,6 +331,29 @@ class VirtioDevice:
         host event sources (fds opened before the jail). Started with the
         first ring, cancelled at a device reset or when every ring stopped
         (then started again with the next ring)."""
+
+    def host_side_wakeup(self) -> trio.Event:
+        """For ``run()``'s tasks: the event the next ``wake_host_side`` sets.
+        Take it *before* looking at what to wait for, then wait on it, and
+        no wake-up falls between the look and the wait."""
+        self._host_loop = trio.lowlevel.current_trio_token()
+        return self._host_wakeup
+
+    def wake_host_side(self) -> None:
+        """Wake ``run()``'s waiting tasks to look again: what they wait for
+        (room, data, a flag) changed. Safe from any thread; ``fill`` and
+        ``handle`` may run on a ring's worker."""
+        loop = self._host_loop
+        if loop is None:
+            return  # nothing has waited yet
+        try:
+            loop.run_sync_soon(self._wake_host_tasks)
+        except trio.RunFinishedError:
+            self._host_loop = None
+
+    def _wake_host_tasks(self) -> None:
+        self._host_wakeup.set()
+        self._host_wakeup = trio.Event()
 
     # -- host-side changes -------------------------------------------------
 
