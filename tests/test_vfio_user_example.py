@@ -92,7 +92,7 @@ async def test_dma_engine_copies_and_raises_msi(ram, mode):
             assert client.twin is not None if mode == "twin-socket" else client.twin is None
         # Asked at the first DMA message: none with fds.
         layout = {"fd": None, "qemu-layout": True}.get(mode, False)
-        assert client.session.qemu_dma_layout is layout
+        assert client.session.dma.qemu_dma_layout is layout
         os.close(fd)
 
 

@@ -16,7 +16,7 @@ import base64
 import errno
 import weakref
 from collections import deque
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from vfiouserd import state
 from vfiouserd.devices.pci import PciDevice
@@ -55,7 +55,7 @@ def path(current: S, target: S) -> list[S]:
     if current is target:
         return []
     previous: dict[S, S] = {}
-    queue = deque([current])
+    queue: deque[S] = deque([current])
     while queue:
         state_ = queue.popleft()
         for following in ARCS[state_]:
@@ -65,7 +65,7 @@ def path(current: S, target: S) -> list[S]:
                 continue  # a saving state only ends a path
             previous[following] = state_
             if following is target:
-                steps = [target]
+                steps: list[S] = [target]
                 while steps[-1] is not current and previous[steps[-1]] is not current:
                     steps.append(previous[steps[-1]])
                 return steps[::-1]
@@ -266,7 +266,7 @@ class DirtyBitmaps:
         }
 
     @classmethod
-    def from_document(cls, document: dict) -> DirtyBitmaps:
+    def from_document(cls, document: dict[str, Any]) -> DirtyBitmaps:
         bitmaps = cls(int(document["page_size"]), [(int(a), int(b)) for a, b in document["ranges"]])
         bitmaps.saturated = bool(document.get("saturated", False))
         for index, chunk, bits in document.get("chunks", []):
