@@ -73,7 +73,7 @@ TYPED := $(CACHE)/typed
 TYPED_MODULES := -p vfiouserd.protocol -p vfiouserd.devices -m vfiouserd.virtqueue \
 	-m vfiouserd.virtio_pci -m vfiouserd.device_harness -m vfiouserd.changes \
 	-m vfiouserd.memory -m vfiouserd.inflight -m vfiouserd.state -m vfiouserd.handover \
-	-m vfiouserd.vhost_user.records -p vfiouserd.vfio_user -m vfiouserd.eventfds
+	-p vfiouserd.vhost_user -p vfiouserd.vfio_user -m vfiouserd.eventfds
 
 lint: $(VENV)/stamp
 	$(VENV)/bin/ruff check .
