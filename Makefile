@@ -65,10 +65,10 @@ qemu: $(VENV)/stamp
 descriptors: $(VENV)/stamp
 	$(VENV)/bin/vfiouserd descriptors --bin-dir /usr/local/bin --output systemd
 
-# mypy --strict over the bytes, the devices, the rings, guest memory and the
-# handover records. The package maps folders to module names (pyproject's
-# package-dir), which mypy cannot follow: it reads a tree of links under
-# .cache/typed instead.
+# mypy --strict over the bytes, the devices, the rings, guest memory, the
+# handover records and both protocol sessions. The package maps folders to
+# module names (pyproject's package-dir), which mypy cannot follow: it reads
+# a tree of links under .cache/typed instead.
 TYPED := $(CACHE)/typed
 TYPED_MODULES := -p vfiouserd.protocol -p vfiouserd.devices -m vfiouserd.virtqueue \
 	-m vfiouserd.virtio_pci -m vfiouserd.device_harness -m vfiouserd.changes \
