@@ -252,6 +252,9 @@ class PciDevice:
     msix_bar: ClassVar[int] = 0  # where the MSI-X table (at 0) and PBA live
     register_width: ClassVar[int] = 8  # 4: 8-byte accesses become two 4-byte ones
     syscalls: frozenset[str] = frozenset()  # beyond the daemon's own, for the jail
+    # Host directories the device reaches by path after the jail, bound
+    # into its empty root read-write at the same path (set by from_args).
+    jail_directories: tuple[str, ...] = ()
     # Migration and restarts (vfiouserd.state): the plugin's own fields,
     # declared once; config space and MSI-X table come with every device.
     # ``abi_version`` pins what the guest sees: raise it when that changes.

@@ -226,6 +226,9 @@ class VirtioDevice:
     # System calls the device makes while serving, beyond the daemon's own
     # (the jail's seccomp allowlist adds them).
     syscalls: ClassVar[frozenset[str]] = frozenset()
+    # Host directories the device reaches by path after the jail, bound
+    # into its empty root read-write at the same path (set by from_args).
+    jail_directories: tuple[str, ...] = ()
     # Device state for migration and restarts (vfiouserd.state): what the
     # guest can have changed, declared once. ``abi_version`` pins what the
     # guest sees of the device: raise it when that changes.

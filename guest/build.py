@@ -4,7 +4,8 @@
 Packages are fetched with ``apt-get download`` and unpacked with
 ``dpkg-deb -x`` under ``.cache/`` (nothing is installed into the system).
 The initramfs holds busybox-static, the virtio modules, ``blkdiscard`` from
-the host (for BLKZEROOUT / write-zeroes) and ``guest/init``. Tests append a
+the host (for BLKZEROOUT / write-zeroes), ``vsock-relay`` (built static from
+guest/vsock-relay.c) and ``guest/init``. Tests append a
 second cpio archive with their own ``/test.sh``.
 
 Outputs: .cache/guest/vmlinuz and .cache/guest/initramfs.cpio. Re-running is
@@ -37,9 +38,12 @@ MODULES = [
     "virtio_input",
     "evdev",
     "virtio_console",
+    "vmw_vsock_virtio_transport",
     "uio_pci_generic",
 ]
 HOST_TOOLS = ["/usr/sbin/blkdiscard"]
+# Built here, static, for the guest: busybox has no AF_VSOCK client.
+GUEST_PROGRAMS = [ROOT / "guest" / "vsock-relay.c"]
 
 
 def run(*cmd: str, cwd: Path | None = None) -> str:
@@ -153,6 +157,7 @@ def build() -> tuple[Path, Path]:
         "init": hashlib.sha256(init).hexdigest(),
         "builder": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         "tools": [hashlib.sha256(Path(t).read_bytes()).hexdigest() for t in HOST_TOOLS],
+        "programs": [hashlib.sha256(p.read_bytes()).hexdigest() for p in GUEST_PROGRAMS],
     }
     stamp = OUT / "inputs.json"
     vmlinuz, initramfs = OUT / "vmlinuz", OUT / "initramfs.cpio"
@@ -200,6 +205,8 @@ def build() -> tuple[Path, Path]:
             target = staging / path.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, target)
+    for source in GUEST_PROGRAMS:
+        run("gcc", "-static", "-O2", "-Wall", "-o", str(staging / "bin" / source.stem), str(source))
     lib64 = staging / "lib64"
     if not lib64.exists() and (staging / "usr" / "lib64").exists():
         lib64.symlink_to("usr/lib64")

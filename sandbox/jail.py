@@ -86,6 +86,9 @@ class JailOptions:
     mode: str = "strict"
     seccomp: str = "kill"
     device_syscalls: Iterable[str] = ()
+    # Host directories the device reaches by path once jailed (a vsock
+    # device's socket directory): bound into the empty root, read-write.
+    directories: Iterable[str] = ()
     # A connected sd_notify socket: whoever is the main process tells
     # systemd READY=1 once the daemon serves (the parent when jailed).
     notify_fd: int | None = None
@@ -143,7 +146,7 @@ def enter(options: JailOptions) -> None:
         uid, gid = enter_user_namespace()
         enter_other_namespaces()
         forbid_new_namespaces()
-        pivot_to_empty_root()
+        pivot_to_empty_root(directories=options.directories)
     except StepFailed as exc:
         raise JailError(
             f"cannot jail the daemon: this machine refuses the step '{exc}'; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import prctl
 
@@ -116,13 +117,25 @@ def forbid_new_namespaces() -> None:
             _write(path, "0", f"limiting {kind} namespaces")
 
 
-def pivot_to_empty_root(mount_point: str = "/tmp") -> None:
+def pivot_to_empty_root(mount_point: str = "/tmp", directories: Iterable[str] = ()) -> None:
     """Replace the file system view with an empty read-only tmpfs.
 
     ``mount_point`` only hosts the new root during the switch; in this
-    mount namespace the host's tree is then detached entirely.
+    mount namespace the host's tree is then detached entirely. Each of
+    ``directories`` (absolute, existing) appears at its own path in the new
+    root, read-write, and nothing else of the host does: ".." at its top
+    leads into the empty root, not to the host's parent directory.
     """
     none = ffi.NULL
+    # Opened first: the tmpfs about to cover ``mount_point`` may hide them.
+    sources = []
+    for directory in directories:
+        if not os.path.isabs(directory):
+            raise StepFailed(f"binding {directory}", "not an absolute path")
+        try:
+            sources.append((directory, os.open(directory, os.O_PATH | os.O_DIRECTORY)))
+        except OSError as exc:
+            raise StepFailed(f"binding {directory}", exc.strerror or str(exc)) from exc
     _check(lib.mount(none, b"/", none, lib.MS_REC | lib.MS_PRIVATE, none), "making mounts private")
     _check(
         lib.mount(
@@ -134,6 +147,36 @@ def pivot_to_empty_root(mount_point: str = "/tmp") -> None:
         ),
         "mounting the empty root",
     )
+    for directory, fd in sources:
+        target = os.path.join(mount_point, directory.lstrip("/"))
+        try:
+            os.makedirs(target, exist_ok=True)
+        except OSError as exc:
+            raise StepFailed(f"binding {directory}", exc.strerror or str(exc)) from exc
+        try:
+            # The fd's own path in /proc, which the host's /proc still shows.
+            _check(
+                lib.mount(
+                    f"/proc/self/fd/{fd}".encode(),
+                    target.encode(),
+                    none,
+                    lib.MS_BIND | lib.MS_REC,
+                    none,
+                ),
+                f"binding {directory}",
+            )
+            _check(
+                lib.mount(
+                    none,
+                    target.encode(),
+                    none,
+                    lib.MS_REMOUNT | lib.MS_BIND | lib.MS_NOSUID | lib.MS_NODEV | lib.MS_NOEXEC,
+                    none,
+                ),
+                f"binding {directory} without devices, set-uid or programs",
+            )
+        finally:
+            os.close(fd)
     os.chdir(mount_point)
     # pivot_root(".", ".") stacks the old root on top of the new one; the
     # detach then drops it (see pivot_root(2)).

@@ -186,6 +186,7 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
             mode=args.sandbox,
             seccomp=args.seccomp,
             device_syscalls=device.syscalls,
+            directories=device.jail_directories,
             notify_fd=notify_fd,
             socket_file=socket_file,
         )

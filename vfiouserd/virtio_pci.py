@@ -125,6 +125,7 @@ class VirtioPciDevice(PciDevice):
         self.description = virtio.description
         self.device_id = MODERN_DEVICE_ID_BASE + int(virtio.device_id)
         self.syscalls = virtio.syscalls
+        self.jail_directories = virtio.jail_directories
         self.state = virtio.state  # the blob carries the virtio device's own fields
         self.abi_version = virtio.abi_version
         self.class_code = CLASS_CODES.get(virtio.device_id, 0xFF0000)
