@@ -106,6 +106,12 @@ class Stream:
         return max(0, self.guest_buf_alloc - (self.sent - self.guest_fwd_cnt))
 
 
+def check_guest_cid(cid: int) -> None:
+    # 0-2 are the hypervisor, local and host; -1 is "any".
+    if not 3 <= cid < 0xFFFFFFFF:
+        raise ValueError(f"--guest-cid {cid}: 3 .. 4294967294")
+
+
 STREAM_RECORD = records(host_port=U32, guest_port=U32)
 
 
@@ -132,8 +138,7 @@ class VirtioVsock(VirtioDevice):
         self, guest_cid: int = 3, uds_path: str | None = None, listener: socket.socket | None = None
     ) -> None:
         super().__init__(num_queues=3)
-        if not 3 <= guest_cid < 0xFFFFFFFF:
-            raise ValueError(f"--guest-cid {guest_cid}: 3 .. 4294967294")
+        check_guest_cid(guest_cid)
         self.guest_cid = guest_cid
         self.uds_path = uds_path
         self.listener = listener
@@ -159,6 +164,7 @@ class VirtioVsock(VirtioDevice):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Self:
+        check_guest_cid(args.guest_cid)  # before the socket is made
         listener = None if args.uds_path is None else listen_on_path(args.uds_path)
         return cls(args.guest_cid, args.uds_path, listener)
 
@@ -459,27 +465,33 @@ class VirtioVsock(VirtioDevice):
                 if not await self._until(stream, lambda: stream.open):
                     return
                 assert stream.sock is not None
-                await stream.sock.send(f"OK {stream.host_port}\n".encode())
+                try:
+                    await stream.sock.send(f"OK {stream.host_port}\n".encode())
+                except OSError as exc:
+                    self._host_end_failed(stream, exc)
+                    return
                 stream.greeted = True
             elif stream.sock is None and not await self._connect_host(stream):
                 return
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._to_host, stream)
-                await self._to_guest(stream)
+                nursery.start_soon(self._to_guest, stream)
                 await self._until(stream, lambda: False)  # until it is gone
-                nursery.cancel_scope.cancel()  # a send the host end never takes
-        except OSError as exc:
-            log.info("vsock.host_end_failed", port=stream.guest_port, error=str(exc))
-            with self._lock:
-                if not stream.gone:
-                    self._reset_stream(stream)
-            self.data_ready(RX)
+                nursery.cancel_scope.cancel()  # a recv or send waiting on the host end
         finally:
             with self._lock:
                 self._serving.discard(stream)
                 if stream.gone and stream.sock is not None:
                     stream.sock.close()
                     stream.sock = None
+
+    def _host_end_failed(self, stream: Stream, error: OSError) -> None:
+        log.info("vsock.host_end_failed", port=stream.guest_port, error=str(error))
+        with self._lock:
+            if not stream.gone:
+                self._reset_stream(stream)
+        self.data_ready(RX)
+        self.wake_host_side()
 
     async def _until(self, stream: Stream, ready: Any) -> bool:
         """Wait until ``ready()``; False if the stream went first."""
@@ -531,7 +543,11 @@ class VirtioVsock(VirtioDevice):
             if room <= 0:
                 await wakeup.wait()
                 continue
-            data = await stream.sock.recv(min(room, READ_SIZE))
+            try:
+                data = await stream.sock.recv(min(room, READ_SIZE))
+            except OSError as exc:
+                self._host_end_failed(stream, exc)
+                return
             with self._lock:
                 if stream.gone:
                     return
@@ -553,13 +569,17 @@ class VirtioVsock(VirtioDevice):
                     return
                 chunk = bytes(stream.to_host[:READ_SIZE])
                 shut = not chunk and stream.guest_shutdown & SHUTDOWN_SEND
-            if shut and not stream.host_shut_write:
-                stream.host_shut_write = True
-                stream.sock.shutdown(socket.SHUT_WR)
-            if not chunk:
-                await wakeup.wait()
-                continue
-            sent = await stream.sock.send(chunk)
+            try:
+                if shut and not stream.host_shut_write:
+                    stream.host_shut_write = True
+                    stream.sock.shutdown(socket.SHUT_WR)
+                if not chunk:
+                    await wakeup.wait()
+                    continue
+                sent = await stream.sock.send(chunk)
+            except OSError as exc:
+                self._host_end_failed(stream, exc)
+                return
             with self._lock:
                 del stream.to_host[:sent]
                 stream.forwarded += sent
