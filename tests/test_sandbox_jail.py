@@ -416,3 +416,28 @@ def test_a_live_socket_is_neither_taken_nor_removed(tmp_path):
         probe = socket.socket(socket.AF_UNIX)
         probe.connect(path)  # still served
         probe.close()
+
+
+def test_a_vsock_device_sees_its_socket_directory_and_nothing_else(tmp_path):
+    """The one host directory a device names (vsock's PATH_<port>) appears
+    at its own path, read-write, without devices, set-uid or programs; the
+    directories above it are empty, nothing beside it is there."""
+    sockets = tmp_path / "run" / "vsock"
+    sockets.mkdir(parents=True)
+    (tmp_path / "run" / "beside").write_text("a host file next to the directory")
+    (sockets / "inside").write_text("a host file in the directory")
+    daemon = Daemon("vhost-user-vsock", "--uds-path", str(sockets / "v.sock"), workdir=tmp_path)
+    with daemon:
+        jailed = daemon.jailed_pid()
+        view = Path(f"/proc/{jailed}/root")
+        for part in sockets.parts[1:]:
+            assert os.listdir(view) == [part]
+            view = view / part
+        assert sorted(os.listdir(view)) == sorted(os.listdir(sockets)) == ["inside", "v.sock"]
+        assert (view / "inside").read_text() == "a host file in the directory"
+        root, bound = Path(f"/proc/{jailed}/mountinfo").read_text().splitlines()
+        assert " / / ro," in root and " - tmpfs " in root
+        fields = bound.split()
+        assert fields[4] == str(sockets)
+        assert set(fields[5].split(",")) >= {"rw", "nosuid", "nodev", "noexec"}
+        assert daemon.stop() == 0

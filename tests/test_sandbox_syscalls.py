@@ -216,6 +216,58 @@ async def console_device(daemon: Daemon) -> None:
     ram.close()
 
 
+async def vsock_device(daemon: Daemon) -> None:
+    """A guest connection to a host program's PATH_<port> (connect after the
+    jail), bytes both ways, a host program's CONNECT to the guest, resets."""
+    from test_vsock import GuestStack, accept, host_listener, receive_exactly, vhost_user_stack
+
+    from vfiouserd.devices.vsock import SHUTDOWN_SEND, Op
+
+    uds = daemon.command[daemon.command.index("--uds-path") + 1]
+    listener = host_listener(f"{uds}_80")
+    os.chmod(f"{uds}_80", 0o777)  # the jailed daemon is not root
+    ram = GuestRam([(0, 16 * MiB)])
+
+    async def exchange(guest: GuestStack) -> None:
+        await guest.connect(1234, 80)
+        host = await accept(listener)
+        await guest.write(1234, 80, b"to the host" * 1000)
+        assert await receive_exactly(host, 11000) == b"to the host" * 1000
+        await host.send(b"to the guest")
+        assert await guest.read(1234, 12) == b"to the guest"
+        await guest.send(Op.SHUTDOWN, 1234, 80, flags=SHUTDOWN_SEND)
+        with trio.fail_after(5):
+            assert await host.recv(10) == b""  # the guest's end of stream
+        host.close()
+        await guest.expect(1234, Op.SHUTDOWN)
+        await guest.send(Op.RST, 1234, 80)
+        client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await client.connect(uds)
+        await client.send(b"CONNECT 52\n")
+        request = await guest.expect(52, Op.REQUEST)
+        guest.peers[52] = request[2]
+        await guest.send(Op.RESPONSE, 52, request[2])
+        await receive_exactly(client, len(f"OK {request[2]}\n"))
+        await guest.send(Op.RST, 52, request[2])
+        assert await client.recv(10) == b""
+        client.close()
+
+    if "vhost-user-vsock" in daemon.command:
+        frontend = await VhostUserFrontend.connect(daemon.socket_path)
+        await exchange(await vhost_user_stack(frontend, ram))
+        await frontend.aclose()
+    else:
+        for with_fd in (True, False):
+            async with VfioUserClient.connect(daemon.socket_path, ram=ram) as client:
+                await client.map_ram(with_fd=with_fd)
+                pci = VirtioPciDriver(client, ram)
+                queues = await pci.start(queue_count=3, queue_size=64)
+                await exchange(GuestStack(ram, list(queues)))
+                pci.close()
+    listener.close()
+    ram.close()
+
+
 async def vfio_user_example(daemon: Daemon) -> None:
     ram = GuestRam([(0, 4 * MiB)])
     for with_fd in (True, False):
@@ -365,6 +417,8 @@ WORKLOADS: list[tuple[tuple[str, ...], Workload]] = [
     (("vfio-user-input",), input_device),
     (("vhost-user-console",), console_device),
     (("vfio-user-console",), console_device),
+    (("vhost-user-vsock",), vsock_device),
+    (("vfio-user-vsock",), vsock_device),
 ]
 
 
@@ -381,6 +435,11 @@ def recorded(tmp_path_factory) -> Record:
         if "console" in args[0]:
             extra = ("--console", str(tmp_path / f"{number}.con"))
             extra += ("--port", f"agent={tmp_path / f'{number}.agent'}")
+        if "vsock" in args[0]:
+            sockets = tmp_path / f"vsock{number}"
+            sockets.mkdir(mode=0o755)
+            sockets.chmod(0o755)  # the jailed daemon is not root
+            extra = ("--uds-path", str(sockets / "v.sock"), "--guest-cid", "5")
         if "--read-only" in args:
             os.truncate(os.open(image, os.O_CREAT | os.O_WRONLY, 0o644), 8 * MiB)
         daemon = recorded_daemon(tmp_path, trace, *args, *extra, name=f"w{number}")

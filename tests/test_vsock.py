@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import socket
@@ -207,6 +208,7 @@ class GuestStack:
         self.peer_credit: dict[int, tuple[int, int]] = {}  # buf_alloc, fwd_cnt
         self.sent: dict[int, int] = {}
         self.total: dict[int, int] = {}  # bytes received, by our port
+        self.peers: dict[int, int] = {}  # the host port of each of our ports
 
     async def post(self) -> None:
         ring = self.queues[RX].ring
@@ -229,7 +231,12 @@ class GuestStack:
 
     async def send(self, op: int, port: int, peer: int, payload: bytes = b"", **fields) -> None:
         data = packet(
-            op, port, peer, payload, buf_alloc=self.buf_alloc, fwd_cnt=self.fwd_cnt.get(port, 0),
+            op,
+            port,
+            peer,
+            payload,
+            buf_alloc=self.buf_alloc,
+            fwd_cnt=self.fwd_cnt.get(port, 0),
             **fields,
         )
         ring = self.queues[TX].ring
@@ -255,6 +262,7 @@ class GuestStack:
                 self.collect()
 
     async def connect(self, port: int, host_port: int) -> None:
+        self.peers[port] = host_port
         await self.post()
         await self.send(Op.REQUEST, port, host_port)
         await self.expect(port, Op.RESPONSE)
@@ -293,12 +301,7 @@ class GuestStack:
         return data
 
     def peer_of(self, port: int) -> int:
-        for found in reversed(self.packets):
-            if found[3] == port:
-                return found[2]
         return self.peers[port]
-
-    peers: dict[int, int] = {}
 
 
 def host_listener(path: str) -> socket.socket:
@@ -310,10 +313,9 @@ def host_listener(path: str) -> socket.socket:
 
 
 async def accept(listener: socket.socket) -> trio.socket.SocketType:
-    sock = trio.socket.from_stdlib_socket(listener)
-    conn, _ = await sock.accept()
-    sock.detach()
-    return conn
+    await trio.lowlevel.wait_readable(listener)
+    conn, _ = listener.accept()
+    return trio.socket.from_stdlib_socket(conn)
 
 
 async def receive_exactly(sock: trio.socket.SocketType, size: int, timeout: float = 20) -> bytes:
@@ -343,7 +345,6 @@ async def test_guest_connects_to_a_host_program_and_both_close(tmp_path):
     try:
         async with served(device) as frontend:
             guest = await vhost_user_stack(frontend, ram)
-            GuestStack.peers[1234] = 80
             await guest.connect(1234, 80)
             host = await accept(listener)
             async with trio.open_nursery() as nursery:
@@ -395,7 +396,6 @@ async def test_the_device_sends_no_more_than_the_guest_has_room_for(tmp_path):
     try:
         async with served(device) as frontend:
             guest = await vhost_user_stack(frontend, ram, buf_alloc=8192)
-            GuestStack.peers[1234] = 80
             await guest.connect(1234, 80)
             host = await accept(listener)
             async with trio.open_nursery() as nursery:
@@ -463,7 +463,7 @@ async def test_a_host_program_connects_to_a_guest_listener(tmp_path):
             request = await guest.expect(52, Op.REQUEST)
             host_port = request[2]
             assert host_port == FIRST_HOST_PORT
-            GuestStack.peers[52] = host_port
+            guest.peers[52] = host_port
             await guest.send(Op.RESPONSE, 52, host_port)
             assert await receive_exactly(host, len(f"OK {host_port}\n")) == (
                 f"OK {host_port}\n".encode()
@@ -495,11 +495,9 @@ async def test_a_bad_connect_line_closes_the_host_program(tmp_path, line):
             guest = await vhost_user_stack(frontend, ram)
             await guest.post()
             host = await connect_host(str(tmp_path / "v.sock"), line)
-            with trio.fail_after(5):
-                try:
-                    assert await host.recv(10) == b""
-                except ConnectionResetError:  # closed with bytes it did not read
-                    pass
+            # Closed (reset, as it had bytes it did not read).
+            with trio.fail_after(5), contextlib.suppress(ConnectionResetError):
+                assert await host.recv(10) == b""
             host.close()
             await trio.sleep(0.1)
             guest.collect()
