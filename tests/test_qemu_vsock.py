@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from daemon import Daemon
+from guest_helpers import ServiceManagerThread
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guest import vm
@@ -29,7 +30,7 @@ pytestmark = [
 CID = 7
 BIG = 64 << 20
 SMALL = 1 << 20
-ECHO_PORT, BULK_PORT, GUEST_PORT, NOBODY_PORT = 5001, 5000, 6000, 5999
+ECHO_PORT, BULK_PORT, GUEST_PORT, NOBODY_PORT, HELD_PORT = 5001, 5000, 6000, 5999, 5002
 CONNECTIONS = 32
 
 SCRIPT = f"""
@@ -216,3 +217,83 @@ def test_guest_and_host_programs_talk_over_vsock(tmp_path, request, protocol, qe
     status, digest, count = run.result("listened").split()
     assert (status, digest, int(count)) == ("0", hashlib.sha256(host.payload).hexdigest(), SMALL)
     assert "event=ring.broken" not in log and "device.failed" not in log
+
+
+RESTART_SCRIPT = f"""
+vsock-relay connect 2 {HELD_PORT} </dev/null > /tmp/held 2>/tmp/held-error &
+relay=$!
+while [ ! -s /tmp/held ]; do usleep 100000; done
+echo "RESULT phase connected"
+wait $relay
+echo "RESULT held $? $(cat /tmp/held-error)"
+echo "after the restart" | vsock-relay connect 2 {ECHO_PORT} > /tmp/again
+echo "RESULT again $? $(cat /tmp/again)"
+"""
+
+
+@pytest.mark.parametrize(
+    ("protocol", "qemu_version"),
+    [
+        pytest.param("vhost-user", "7.2", id="vhost-user-qemu-7.2"),
+        pytest.param("vfio-user", "new", id="vfio-user-qemu-new"),
+    ],
+)
+def test_a_restart_through_the_fd_store_resets_open_connections(
+    tmp_path, request, protocol, qemu_version
+):
+    """Connections do not outlive the daemon (their host ends were its
+    sockets): after a restart through the fd store the guest's open
+    connection is reset, not left hanging, and new ones work at once."""
+    qemu = vm.QEMU if qemu_version == "7.2" else request.getfixturevalue("qemu_new")
+    sockets = tmp_path / "vsock"
+    sockets.mkdir()
+    sockets.chmod(0o755)
+    uds = str(sockets / "v.sock")
+    held: list[socket.socket] = []
+
+    def hold(conn: socket.socket) -> None:
+        conn.sendall(b"before the restart\n")
+        held.append(conn)  # open until the daemon goes
+
+    listeners = [serve(f"{uds}_{ECHO_PORT}", echo), serve(f"{uds}_{HELD_PORT}", hold)]
+    socket_path = str(tmp_path / "vsock.sock")
+    command = [
+        sys.executable,
+        *("-m", "vfiouserd", f"{protocol}-vsock", "--fdstore", "--socket-path", socket_path),
+        *("--guest-cid", str(CID), "--uds-path", uds),
+    ]
+    if protocol == "vhost-user":
+        devices = vm.vhost_user_device("vhost-user-vsock-pci", socket_path, "vsock")
+    else:
+        devices = vm.vfio_user_device(socket_path)
+    service = ServiceManagerThread(tmp_path, command)
+    manager = service.manager
+    assert manager is not None
+    restarted = []
+
+    def on_line(line: str) -> None:
+        if line.startswith("RESULT phase connected"):
+            service.run(manager.restart)
+            restarted.append(line)
+
+    try:
+        service.run(manager.start)
+        run = vm.boot(RESTART_SCRIPT, devices=devices, qemu=qemu, on_line=on_line, timeout=300)
+        assert service.run(manager.stop) == 0
+    finally:
+        service.close()
+        for listener in listeners:
+            listener.close()
+    log = manager.log()
+    assert restarted
+    assert run.exit_statuses == [0], run.output[-3000:]
+    # Linux ends a connection that gets RST as if the peer closed it (reads
+    # return 0); after a transport reset (vfio-user: the device has the
+    # event queue) reads fail with ENOTCONN. Either way: an end, not a hang.
+    ended = run.result("held")
+    assert ended == "0" or (
+        ended.startswith("1 ") and ("reset" in ended or "not connected" in ended)
+    ), ended
+    assert run.result("again") == "0 after the restart"
+    assert "event=handover.restored" in log, log[-3000:]
+    assert log.count("event=session.start") == 2, log[-3000:]  # one connection, taken over
