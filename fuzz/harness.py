@@ -91,7 +91,7 @@ class Limits:
 class DeviceSpec:
     name: str  # the subcommand
     protocol: str  # "vhost-user" or "vfio-user"
-    model: str  # "blk", "rng", "console" or "example"
+    model: str  # "blk", "rng", "console", "vsock" or "example"
     options: tuple[str, ...] = ()  # "{workdir}" is replaced
 
     def arguments(self, workdir: Path) -> list[str]:
@@ -116,6 +116,8 @@ DEVICES: dict[str, DeviceSpec] = {
         DeviceSpec("vfio-user-example", "vfio-user", "example"),
         # Host-fed queues: receive buffers wait, transmit ones wait for room.
         DeviceSpec("vhost-user-console", "vhost-user", "console", CONSOLE),
+        # Packets from the guest answered at once, its receive buffers held.
+        DeviceSpec("vhost-user-vsock", "vhost-user", "vsock", ("--uds-path", "{workdir}/v.sock")),
     )
 }
 

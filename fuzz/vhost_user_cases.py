@@ -741,7 +741,7 @@ async def case_hostile_ring(ctx: CaseContext) -> None:
 
 async def serves_again(session: Session, queue: QueueHandle, what: str) -> None:
     """A well-formed request on ``queue`` completes within 5 s (a console's
-    receive queues wait for the host: nothing to expect there)."""
+    or vsock's receive queues wait for the host: nothing to expect there)."""
     if session.blk:
         header, status = session.buffer(16), session.buffer(1)
         session.ram.write(header, struct.pack("<IIQ", RequestType.IN, 0, 0))
@@ -752,6 +752,12 @@ async def serves_again(session: Session, queue: QueueHandle, what: str) -> None:
         message = session.buffer(8)  # data on a transmit queue, PORT_OPEN on the control one
         session.ram.write(message, struct.pack("<IHH", 1, 6, 1))
         readable, writable = [(message, 8)], []
+    elif session.ctx.spec.model == "vsock":
+        if queue.index != 1:
+            return  # the receive and event queues wait for the host
+        packet = session.buffer(44)  # a reset of no connection: nothing to answer
+        session.ram.write(packet, struct.pack("<QQIIIHHIII", 3, 2, 1, 1, 0, 1, 3, 0, 0, 0))
+        readable, writable = [(packet, 44)], []
     else:
         readable, writable = [], [(session.buffer(64), 64)]
     token = object()

@@ -18,6 +18,7 @@ CASES = {
     "vhost-user-blk": 150,
     "vhost-user-rng": 120,
     "vhost-user-console": 120,
+    "vhost-user-vsock": 120,
     "vfio-user-blk": 100,
     "vfio-user-example": 120,
 }
