@@ -178,6 +178,11 @@ class VirtioVsock(VirtioDevice):
         with self._lock:
             for stream in self.streams.values():
                 stream.gone = True
+                if stream not in self._serving and stream.sock is not None:
+                    # No task of run() holds it (rings stopped first): close it
+                    # here, without trio (this may not be the loop's thread).
+                    os.close(stream.sock.detach())
+                    stream.sock = None
             self.streams.clear()
             self.control.clear()
             self.transport_reset_due = False

@@ -615,3 +615,30 @@ async def test_a_flooding_host_program_is_held_while_the_guest_has_no_buffers(tm
         listener.close()
         ram.close()
         device.close()
+
+
+async def test_a_driver_reset_with_rings_stopped_closes_the_host_ends(tmp_path):
+    """Rings stopped (run() cancelled), then a device reset: the guest's
+    connections are gone, and so are their host ends, not left open."""
+    device = vsock_device(tmp_path)
+    listener = host_listener(str(tmp_path / "v.sock_80"))
+    ram = GuestRam([(0, 8 * MiB)])
+    try:
+        async with served(device) as frontend:
+            guest = await vhost_user_stack(frontend, ram)
+            await guest.connect(1234, 80)
+            host = await accept(listener)
+            await frontend.stop_queue(RX)
+            await frontend.stop_queue(TX)
+            await trio.sleep(0.1)  # run() is cancelled with the last ring
+            (stream,) = device.streams.values()  # held: no collector closes it for us
+            device.reset()
+            assert stream.sock is None
+            with trio.fail_after(5):
+                assert await host.recv(10) == b""
+            assert device.streams == {}
+            host.close()
+    finally:
+        listener.close()
+        ram.close()
+        device.close()
