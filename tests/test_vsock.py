@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -337,112 +338,94 @@ async def vhost_user_stack(frontend, ram: GuestRam, **options) -> GuestStack:
     return GuestStack(ram, queues, **options)
 
 
-async def test_guest_connects_to_a_host_program_and_both_close(tmp_path):
+@contextlib.asynccontextmanager
+async def a_guest(tmp_path, **options) -> AsyncIterator[tuple]:
+    """A device served over vhost-user, a guest stack driving it and a host
+    program's listener on port 80: (device, front end, guest, listener)."""
     device = vsock_device(tmp_path)
     listener = host_listener(str(tmp_path / "v.sock_80"))
     ram = GuestRam([(0, 8 * MiB)])
-    payload = os.urandom(MiB)
     try:
         async with served(device) as frontend:
-            guest = await vhost_user_stack(frontend, ram)
-            await guest.connect(1234, 80)
-            host = await accept(listener)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(guest.write, 1234, 80, payload)
-                got = await receive_exactly(host, MiB)
-            assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
-            await host.send(b"reply")
-            assert await guest.read(1234, 5) == b"reply"
-            # The host end closes: the guest hears SHUTDOWN(SEND) ...
-            host.shutdown(socket.SHUT_WR)
-            shutdown = await guest.expect(1234, Op.SHUTDOWN)
-            assert shutdown[7] == SHUTDOWN_SEND
-            # ... the guest closes its side too: RST, and the host reads the end.
-            await guest.send(Op.SHUTDOWN, 1234, 80, flags=SHUTDOWN_BOTH)
-            await guest.expect(1234, Op.RST)
-            with trio.fail_after(5):
-                assert await host.recv(10) == b""
-            assert device.streams == {}
-            host.close()
+            yield device, frontend, await vhost_user_stack(frontend, ram, **options), listener
     finally:
         listener.close()
         ram.close()
         device.close()
 
 
+async def test_guest_connects_to_a_host_program_and_both_close(tmp_path):
+    payload = os.urandom(MiB)
+    async with a_guest(tmp_path) as (device, _frontend, guest, listener):
+        await guest.connect(1234, 80)
+        host = await accept(listener)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guest.write, 1234, 80, payload)
+            got = await receive_exactly(host, MiB)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        await host.send(b"reply")
+        assert await guest.read(1234, 5) == b"reply"
+        # The host end closes: the guest hears SHUTDOWN(SEND) ...
+        host.shutdown(socket.SHUT_WR)
+        shutdown = await guest.expect(1234, Op.SHUTDOWN)
+        assert shutdown[7] == SHUTDOWN_SEND
+        # ... the guest closes its side too: RST, and the host reads the end.
+        await guest.send(Op.SHUTDOWN, 1234, 80, flags=SHUTDOWN_BOTH)
+        await guest.expect(1234, Op.RST)
+        with trio.fail_after(5):
+            assert await host.recv(10) == b""
+        assert device.streams == {}
+        host.close()
+
+
 async def test_a_port_nobody_listens_on_is_refused(tmp_path):
-    device = vsock_device(tmp_path)
-    ram = GuestRam([(0, 8 * MiB)])
-    try:
-        async with served(device) as frontend:
-            guest = await vhost_user_stack(frontend, ram)
-            await guest.post()
-            await guest.send(Op.REQUEST, 1234, 81)
-            await guest.expect(1234, Op.RST)
-            assert device.streams == {}
-    finally:
-        ram.close()
-        device.close()
+    async with a_guest(tmp_path) as (device, _frontend, guest, _listener):
+        await guest.post()
+        await guest.send(Op.REQUEST, 1234, 81)
+        await guest.expect(1234, Op.RST)
+        assert device.streams == {}
 
 
 async def test_the_device_sends_no_more_than_the_guest_has_room_for(tmp_path):
     """Credit from the host's side: with 8 KiB of buffer and no credit update
     the guest gets 8 KiB, however much the host program writes; each update
     lets more through, and the host program waits meanwhile."""
-    device = vsock_device(tmp_path)
-    listener = host_listener(str(tmp_path / "v.sock_80"))
-    ram = GuestRam([(0, 8 * MiB)])
     payload = os.urandom(256 << 10)
-    try:
-        async with served(device) as frontend:
-            guest = await vhost_user_stack(frontend, ram, buf_alloc=8192)
-            await guest.connect(1234, 80)
-            host = await accept(listener)
-            async with trio.open_nursery() as nursery:
+    async with a_guest(tmp_path, buf_alloc=8192) as (_device, _frontend, guest, listener):
+        await guest.connect(1234, 80)
+        host = await accept(listener)
+        async with trio.open_nursery() as nursery:
 
-                async def host_writes() -> None:
-                    view = memoryview(payload)
-                    while view:
-                        view = view[await host.send(view) :]
+            async def host_writes() -> None:
+                view = memoryview(payload)
+                while view:
+                    view = view[await host.send(view) :]
 
-                nursery.start_soon(host_writes)
-                await trio.sleep(0.5)
-                await guest.post()
-                await trio.sleep(0.2)
-                guest.collect()
-                assert len(guest.received.get(1234, b"")) == 8192
-                got = await guest.read(1234, len(payload))  # credit updates as it reads
-            assert got == payload
-            host.close()
-    finally:
-        listener.close()
-        ram.close()
-        device.close()
+            nursery.start_soon(host_writes)
+            await trio.sleep(0.5)
+            await guest.post()
+            await trio.sleep(0.2)
+            guest.collect()
+            assert len(guest.received.get(1234, b"")) == 8192
+            got = await guest.read(1234, len(payload))  # credit updates as it reads
+        assert got == payload
+        host.close()
 
 
 async def test_a_guest_that_overruns_its_credit_is_reset(tmp_path):
-    device = vsock_device(tmp_path)
-    listener = host_listener(str(tmp_path / "v.sock_80"))
-    ram = GuestRam([(0, 8 * MiB)])
-    try:
-        async with served(device) as frontend:
-            guest = await vhost_user_stack(frontend, ram)
-            await guest.connect(1234, 80)
-            host = await accept(listener)
-            # The host program does not read: past BUF_ALLOC the guest has no credit.
-            chunk = b"x" * 4096
-            for _ in range(BUF_ALLOC // len(chunk) + 64):
-                await guest.send(Op.RW, 1234, 80, chunk)
-            await guest.expect(1234, Op.RST)
-            assert device.streams == {}
-            with trio.fail_after(5):
-                while await host.recv(65536):  # what it had, then the end
-                    pass
-            host.close()
-    finally:
-        listener.close()
-        ram.close()
-        device.close()
+    async with a_guest(tmp_path) as (device, _frontend, guest, listener):
+        await guest.connect(1234, 80)
+        host = await accept(listener)
+        # The host program does not read: past BUF_ALLOC the guest has no credit.
+        chunk = b"x" * 4096
+        for _ in range(BUF_ALLOC // len(chunk) + 64):
+            await guest.send(Op.RW, 1234, 80, chunk)
+        await guest.expect(1234, Op.RST)
+        assert device.streams == {}
+        with trio.fail_after(5):
+            while await host.recv(65536):  # what it had, then the end
+                pass
+        host.close()
 
 
 async def connect_host(path: str, line: bytes) -> trio.socket.SocketType:
@@ -453,33 +436,26 @@ async def connect_host(path: str, line: bytes) -> trio.socket.SocketType:
 
 
 async def test_a_host_program_connects_to_a_guest_listener(tmp_path):
-    device = vsock_device(tmp_path)
-    ram = GuestRam([(0, 8 * MiB)])
-    try:
-        async with served(device) as frontend:
-            guest = await vhost_user_stack(frontend, ram)
-            await guest.post()
-            host = await connect_host(str(tmp_path / "v.sock"), b"CONNECT 52\n")
-            request = await guest.expect(52, Op.REQUEST)
-            host_port = request[2]
-            assert host_port == FIRST_HOST_PORT
-            guest.peers[52] = host_port
-            await guest.send(Op.RESPONSE, 52, host_port)
-            assert await receive_exactly(host, len(f"OK {host_port}\n")) == (
-                f"OK {host_port}\n".encode()
-            )
-            await host.send(b"ping")
-            assert await guest.read(52, 4) == b"ping"
-            await guest.write(52, host_port, b"pong")
-            assert await receive_exactly(host, 4) == b"pong"
-            # The guest resets: the host program sees the end.
-            await guest.send(Op.RST, 52, host_port)
-            with trio.fail_after(5):
-                assert await host.recv(10) == b""
-            host.close()
-    finally:
-        ram.close()
-        device.close()
+    async with a_guest(tmp_path) as (_device, _frontend, guest, _listener):
+        await guest.post()
+        host = await connect_host(str(tmp_path / "v.sock"), b"CONNECT 52\n")
+        request = await guest.expect(52, Op.REQUEST)
+        host_port = request[2]
+        assert host_port == FIRST_HOST_PORT
+        guest.peers[52] = host_port
+        await guest.send(Op.RESPONSE, 52, host_port)
+        assert await receive_exactly(host, len(f"OK {host_port}\n")) == (
+            f"OK {host_port}\n".encode()
+        )
+        await host.send(b"ping")
+        assert await guest.read(52, 4) == b"ping"
+        await guest.write(52, host_port, b"pong")
+        assert await receive_exactly(host, 4) == b"pong"
+        # The guest resets: the host program sees the end.
+        await guest.send(Op.RST, 52, host_port)
+        with trio.fail_after(5):
+            assert await host.recv(10) == b""
+        host.close()
 
 
 @pytest.mark.parametrize(
@@ -488,41 +464,27 @@ async def test_a_host_program_connects_to_a_guest_listener(tmp_path):
     ids=["no-port", "not-a-number", "other-word", "too-big", "too-long"],
 )
 async def test_a_bad_connect_line_closes_the_host_program(tmp_path, line):
-    device = vsock_device(tmp_path)
-    ram = GuestRam([(0, 8 * MiB)])
-    try:
-        async with served(device) as frontend:
-            guest = await vhost_user_stack(frontend, ram)
-            await guest.post()
-            host = await connect_host(str(tmp_path / "v.sock"), line)
-            # Closed (reset, as it had bytes it did not read).
-            with trio.fail_after(5), contextlib.suppress(ConnectionResetError):
-                assert await host.recv(10) == b""
-            host.close()
-            await trio.sleep(0.1)
-            guest.collect()
-            assert guest.packets == [] and device.streams == {}
-    finally:
-        ram.close()
-        device.close()
+    async with a_guest(tmp_path) as (device, _frontend, guest, _listener):
+        await guest.post()
+        host = await connect_host(str(tmp_path / "v.sock"), line)
+        # Closed (reset, as it had bytes it did not read).
+        with trio.fail_after(5), contextlib.suppress(ConnectionResetError):
+            assert await host.recv(10) == b""
+        host.close()
+        await trio.sleep(0.1)
+        guest.collect()
+        assert guest.packets == [] and device.streams == {}
 
 
 async def test_a_guest_that_refuses_closes_the_host_program(tmp_path):
-    device = vsock_device(tmp_path)
-    ram = GuestRam([(0, 8 * MiB)])
-    try:
-        async with served(device) as frontend:
-            guest = await vhost_user_stack(frontend, ram)
-            await guest.post()
-            host = await connect_host(str(tmp_path / "v.sock"), b"CONNECT 53\n")
-            request = await guest.expect(53, Op.REQUEST)
-            await guest.send(Op.RST, 53, request[2])
-            with trio.fail_after(5):
-                assert await host.recv(10) == b""
-            host.close()
-    finally:
-        ram.close()
-        device.close()
+    async with a_guest(tmp_path) as (_device, _frontend, guest, _listener):
+        await guest.post()
+        host = await connect_host(str(tmp_path / "v.sock"), b"CONNECT 53\n")
+        request = await guest.expect(53, Op.REQUEST)
+        await guest.send(Op.RST, 53, request[2])
+        with trio.fail_after(5):
+            assert await host.recv(10) == b""
+        host.close()
 
 
 @pytest.mark.parametrize("with_fd", [True, False], ids=["mapped", "through-dma"])
@@ -563,82 +525,55 @@ async def test_vsock_over_vfio_user_has_its_event_queue(tmp_path, with_fd):
 async def test_a_host_program_that_vanishes_resets_the_guest_connection(tmp_path):
     """The host end closes with bytes it never read (a crash): the guest
     gets RST, not a hang."""
-    device = vsock_device(tmp_path)
-    listener = host_listener(str(tmp_path / "v.sock_80"))
-    ram = GuestRam([(0, 8 * MiB)])
-    try:
-        async with served(device) as frontend:
-            guest = await vhost_user_stack(frontend, ram)
-            await guest.connect(1234, 80)
-            host = await accept(listener)
-            await guest.write(1234, 80, b"unread" * 1000)
-            await trio.sleep(0.1)
-            host.close()
-            await guest.write(1234, 80, b"more")
-            await guest.expect(1234, Op.RST)
-            assert device.streams == {}
-    finally:
-        listener.close()
-        ram.close()
-        device.close()
+    async with a_guest(tmp_path) as (device, _frontend, guest, listener):
+        await guest.connect(1234, 80)
+        host = await accept(listener)
+        await guest.write(1234, 80, b"unread" * 1000)
+        await trio.sleep(0.1)
+        host.close()
+        await guest.write(1234, 80, b"more")
+        await guest.expect(1234, Op.RST)
+        assert device.streams == {}
 
 
 async def test_a_flooding_host_program_is_held_while_the_guest_has_no_buffers(tmp_path):
-    device = vsock_device(tmp_path)
-    listener = host_listener(str(tmp_path / "v.sock_80"))
-    ram = GuestRam([(0, 8 * MiB)])
-    try:
-        async with served(device) as frontend:
-            guest = await vhost_user_stack(frontend, ram)
-            await guest.connect(1234, 80)
-            host = await accept(listener)
-            host.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-            flood = os.urandom(4 * MiB)
-            sent = 0
-            with trio.move_on_after(1):  # until its writes block
-                while sent < len(flood):
-                    sent += await host.send(flood[sent : sent + 65536])
-            assert sent < len(flood)
-            (stream,) = device.streams.values()
-            assert len(stream.to_guest) <= TO_GUEST
-            async with trio.open_nursery() as nursery:
+    async with a_guest(tmp_path) as (device, _frontend, guest, listener):
+        await guest.connect(1234, 80)
+        host = await accept(listener)
+        host.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        flood = os.urandom(4 * MiB)
+        sent = 0
+        with trio.move_on_after(1):  # until its writes block
+            while sent < len(flood):
+                sent += await host.send(flood[sent : sent + 65536])
+        assert sent < len(flood)
+        (stream,) = device.streams.values()
+        assert len(stream.to_guest) <= TO_GUEST
+        async with trio.open_nursery() as nursery:
 
-                async def rest() -> None:
-                    view = memoryview(flood)[sent:]
-                    while view:
-                        view = view[await host.send(view) :]
+            async def rest() -> None:
+                view = memoryview(flood)[sent:]
+                while view:
+                    view = view[await host.send(view) :]
 
-                nursery.start_soon(rest)
-                assert await guest.read(1234, len(flood), timeout=60) == flood
-            host.close()
-    finally:
-        listener.close()
-        ram.close()
-        device.close()
+            nursery.start_soon(rest)
+            assert await guest.read(1234, len(flood), timeout=60) == flood
+        host.close()
 
 
 async def test_a_driver_reset_with_rings_stopped_closes_the_host_ends(tmp_path):
     """Rings stopped (run() cancelled), then a device reset: the guest's
     connections are gone, and so are their host ends, not left open."""
-    device = vsock_device(tmp_path)
-    listener = host_listener(str(tmp_path / "v.sock_80"))
-    ram = GuestRam([(0, 8 * MiB)])
-    try:
-        async with served(device) as frontend:
-            guest = await vhost_user_stack(frontend, ram)
-            await guest.connect(1234, 80)
-            host = await accept(listener)
-            await frontend.stop_queue(RX)
-            await frontend.stop_queue(TX)
-            await trio.sleep(0.1)  # run() is cancelled with the last ring
-            (stream,) = device.streams.values()  # held: no collector closes it for us
-            device.reset()
-            assert stream.sock is None
-            with trio.fail_after(5):
-                assert await host.recv(10) == b""
-            assert device.streams == {}
-            host.close()
-    finally:
-        listener.close()
-        ram.close()
-        device.close()
+    async with a_guest(tmp_path) as (device, frontend, guest, listener):
+        await guest.connect(1234, 80)
+        host = await accept(listener)
+        await frontend.stop_queue(RX)
+        await frontend.stop_queue(TX)
+        await trio.sleep(0.1)  # run() is cancelled with the last ring
+        (stream,) = device.streams.values()  # held: no collector closes it for us
+        device.reset()
+        assert stream.sock is None
+        with trio.fail_after(5):
+            assert await host.recv(10) == b""
+        assert device.streams == {}
+        host.close()
