@@ -305,3 +305,57 @@ def test_libvirt_domain_with_a_vhostuser_disk_on_the_socket_unit(systemd, no_dae
     assert "VFIOUSERD-GUEST-EXIT 0" in second, second[-3000:]
     assert image_md5(systemd.path(f"{IMAGES}/vm1.img"), MiB, 2 * MiB) == before
     assert systemd.journal(service).count("event=session.start") == 2
+
+
+@pytest.mark.parametrize("protocol", ["vhost-user", "vfio-user"])
+def test_systemctl_restart_resets_a_guests_vsock_connections(
+    systemd, no_daemon_killed, protocol, request
+):
+    """The vsock device under the shipped unit (a dynamic user, its own jail
+    inside systemd's sandbox, the runtime directory bound into that jail):
+    a guest's connection to a host program, then `systemctl restart`: the
+    connection ends cleanly in the guest and a new one works at once."""
+    from test_qemu_vsock import CID, ECHO_PORT, HELD_PORT, RESTART_SCRIPT, echo, serve
+
+    name = f"vsock-{protocol}"
+    unit = f"vfiouserd@{name}.service"
+    uds = f"/run/vfiouserd/{name}/v.sock"
+    start(systemd, name, f"{protocol}-vsock", guest_cid=CID, uds_path=uds)
+    held = []
+
+    def hold(conn) -> None:
+        conn.sendall(b"before the restart\n")
+        held.append(conn)  # open until the daemon goes
+
+    # The host programs, in the runtime directory systemd made for the unit.
+    listeners = [
+        serve(systemd.path(f"{uds}_{ECHO_PORT}"), echo),
+        serve(systemd.path(f"{uds}_{HELD_PORT}"), hold),
+    ]
+    if protocol == "vhost-user":
+        qemu = vm.QEMU
+        devices = vm.vhost_user_device("vhost-user-vsock-pci", systemd.path(socket_path(name)), "v")
+    else:
+        qemu = request.getfixturevalue("qemu_new")
+        devices = vm.vfio_user_device(systemd.path(socket_path(name)))
+    restarted = []
+
+    def on_line(line: str) -> None:
+        if line.startswith("RESULT phase connected"):
+            systemd.systemctl("restart", unit)
+            assert systemd.show(unit, "ActiveState") == "active"
+            restarted.append(line)
+
+    try:
+        run = vm.boot(RESTART_SCRIPT, devices=devices, qemu=qemu, on_line=on_line, timeout=300)
+    finally:
+        stop(systemd, unit)
+        for listener in listeners:
+            listener.close()
+    assert restarted
+    assert run.exit_statuses == [0], run.output[-3000:]
+    ended = run.result("held")
+    assert ended == "0" or "reset" in ended or "not connected" in ended, ended
+    assert run.result("again") == "0 after the restart"
+    journal = systemd.journal(unit)
+    assert journal.count("event=handover.restored") == 1, journal[-3000:]
