@@ -120,6 +120,7 @@ class Request:
         "head",
         "inflight_entry",
         "ndescs",
+        "parts",
         "readable",
         "writable",
         "writeback",
@@ -148,6 +149,9 @@ class Request:
         # kept by rings whose buffers wait for the host: no view of guest
         # memory outlives a walk, so a waiting buffer is looked up again.
         self.chain: list[tuple[int, int, bool]] | None = None
+        # On a queue whose fill spans several buffers (``merged_queues``):
+        # the writable size of each of the driver's buffers, in order.
+        self.parts: list[int] | None = None
 
     @property
     def readable_size(self) -> int:
@@ -156,6 +160,18 @@ class Request:
     @property
     def writable_size(self) -> int:
         return sum(len(b) for b in self.writable)
+
+    def buffers_used(self, size: int) -> int:
+        """How many of the driver's buffers the first ``size`` writable bytes
+        take (at least one; always one unless the queue merges buffers)."""
+        if self.parts is None:
+            return 1
+        count, capacity = 0, 0
+        for part in self.parts:
+            count, capacity = count + 1, capacity + part
+            if capacity >= size:
+                break
+        return max(count, 1)
 
     def read(self, size: int, offset: int = 0) -> bytes:
         """Copy up to ``size`` readable bytes starting at ``offset``."""
@@ -307,6 +323,15 @@ class VirtioDevice:
     # migration or a handover gives the buffers back to the ring unfilled;
     # a reset drops them.
     host_fed_queues: ClassVar[frozenset[int]] = frozenset()
+    # Host-fed queues whose fill may spread what it writes over several of
+    # the driver's buffers (virtio-net's mergeable receive buffers): ``fill``
+    # sees the waiting buffers as one request (``request.parts`` gives each
+    # one's size, ``request.buffers_used(n)`` how many n bytes take), at most
+    # ``merged_fill_bytes`` of them; the buffers it wrote into are completed
+    # together, published to the driver at once. None if it needs more
+    # buffers than are waiting: they all stay.
+    merged_queues: ClassVar[frozenset[int]] = frozenset()
+    merged_fill_bytes: ClassVar[int] = 1 << 16
 
     def has_data(self, queue: int) -> bool:
         """Whether ``fill`` takes a buffer of host-fed ``queue`` now."""

@@ -105,6 +105,31 @@ class DeviceHarness(Generic[D]):
             )
         return Completion(written, [bytes(area) for area in areas])
 
+    def take_merged(self, queue: int, *sizes: int) -> list[Completion] | None:
+        """Offer a queue that merges buffers (``merged_queues``) one waiting
+        buffer of each size, as the daemon does: what the device wrote in
+        each buffer it used, or None if it kept them all."""
+        if queue not in self.device.merged_queues:
+            raise HarnessError(f"queue {queue} does not merge buffers")
+        if not self.device.has_data(queue):
+            return None
+        areas = [bytearray(b"\xaa" * size) for size in sizes]
+        request = Request([], [memoryview(area) for area in areas])
+        request.parts = list(sizes)
+        written = self.device.fill(queue, request)
+        if written is None:
+            return None
+        if not isinstance(written, int) or not 0 <= written <= request.writable_size:
+            raise HarnessError(
+                f"fill() reported {written!r} bytes written of {request.writable_size}"
+            )
+        completions, left = [], written
+        for area in areas[: request.buffers_used(written)]:
+            share = min(left, len(area))
+            completions.append(Completion(share, [bytes(area)]))
+            left -= share
+        return completions
+
     def config(self, offset: int = 0, size: int | None = None) -> bytes:
         data = self.device.config()
         return data[offset:] if size is None else data[offset : offset + size]

@@ -336,18 +336,29 @@ class SplitRing(_Chains):
             index = next_index
 
     def push(self, request: Request, written: int) -> None:
-        slot = self.used_idx % self.size
-        self.used32[2 * slot] = request.head
-        self.used32[2 * slot + 1] = written
-        if self.inflight is not None:
-            self.inflight.completing(request.head)
-        lib.vfu_fence_release()  # the element before the index that publishes it
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self.push_batch([(request, written)])
+
+    def push_batch(self, batch: list[tuple[Request, int]]) -> None:
+        """Used elements for ``batch``, published by one used-index store:
+        the driver sees all of them or none (a frame spread over several
+        receive buffers must arrive whole)."""
+        used = self.used_idx
+        for request, written in batch:
+            slot = used % self.size
+            self.used32[2 * slot] = request.head
+            self.used32[2 * slot + 1] = written
+            if self.inflight is not None:
+                self.inflight.completing(request.head)  # chained: the last batch
+            if self.memory.dirty is not None:
+                self.memory.mark_dirty(self.used_address + 4 + 8 * slot, 8)
+            used = (used + 1) & 0xFFFF
+        lib.vfu_fence_release()  # the elements before the index that publishes them
+        self.used_idx = used
         self.used16[1] = self.used_idx
         if self.inflight is not None:
-            self.inflight.completed(request.head, self.used_idx)
+            for request, _ in batch:
+                self.inflight.completed(request.head, self.used_idx)
         if self.memory.dirty is not None:
-            self.memory.mark_dirty(self.used_address + 4 + 8 * slot, 8)
             self.memory.mark_dirty(self.used_address + 2, 2)
 
     def used_mark(self) -> int:
@@ -525,24 +536,40 @@ class PackedRing(_Chains):
             self.buffers(request, address, length, flags)
 
     def push(self, request: Request, written: int) -> None:
-        offset = self.used_idx * 16
-        _store(PACKED_USED, self.desc, offset + 8, written, request.head)
-        flags = PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED if self.used_wrap else 0
-        if request.writable:
-            flags |= DESC_F_WRITE
-        next_used, next_wrap = self.used_idx + request.ndescs, self.used_wrap
-        if next_used >= self.size:
-            next_used -= self.size
-            next_wrap = not next_wrap
-        if self.inflight is not None:
-            self.inflight.completing(request.inflight_entry, next_used, next_wrap)
-        lib.vfu_fence_release()  # id and len before the flags that publish them
+        self.push_batch([(request, written)])
+
+    def push_batch(self, batch: list[tuple[Request, int]]) -> None:
+        """Used descriptors for ``batch``; the first one's flags are written
+        last, so the driver, which reads them in order, sees all or none."""
+        published: list[tuple[int, int]] = []  # (offset, flags)
+        used_idx, used_wrap = self.used_idx, self.used_wrap
+        for request, written in batch:
+            offset = used_idx * 16
+            _store(PACKED_USED, self.desc, offset + 8, written, request.head)
+            flags = PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED if used_wrap else 0
+            if request.writable:
+                flags |= DESC_F_WRITE
+            used_idx += request.ndescs
+            if used_idx >= self.size:
+                used_idx -= self.size
+                used_wrap = not used_wrap
+            if self.inflight is not None:
+                self.inflight.completing(request.inflight_entry, used_idx, used_wrap)
+            published.append((offset, flags))
+            self.used_counter = (self.used_counter + request.ndescs) & 0xFFFF
+        lib.vfu_fence_release()  # ids and lengths before the flags that publish them
+        for offset, flags in published[1:]:
+            _store(FLAGS, self.desc, offset + 14, flags)
+        if len(published) > 1:
+            lib.vfu_fence_release()  # the rest before the first
+        offset, flags = published[0]
         _store(FLAGS, self.desc, offset + 14, flags)
         if self.inflight is not None:
-            self.inflight.completed(request.inflight_entry)
-        self.memory.mark_dirty(self.desc_address + offset, 16)
-        self.used_idx, self.used_wrap = next_used, next_wrap
-        self.used_counter = (self.used_counter + request.ndescs) & 0xFFFF
+            for request, _ in batch:
+                self.inflight.completed(request.inflight_entry)
+        for offset, _ in published:
+            self.memory.mark_dirty(self.desc_address + offset, 16)
+        self.used_idx, self.used_wrap = used_idx, used_wrap
 
     def used_mark(self) -> int:
         return self.used_counter
@@ -661,6 +688,10 @@ class Virtqueue:
         # Everything taken from such a ring waits until filled, so the held
         # buffers are always the newest pops and a stop gives them back.
         self.fill: Filler | None = None
+        # A fill may span several waiting buffers (VirtioDevice.merged_queues),
+        # up to this many bytes of them.
+        self.merged = False
+        self.merge_bytes = 0
         self.has_data: Callable[[], bool] = lambda: False
         self.held: deque[HeldBuffer] = deque()
         # vhost-user INFLIGHT_SHMFD: where this queue records what is in
@@ -863,13 +894,21 @@ class Virtqueue:
             raise
 
     def _complete(self, ring: SplitRing | PackedRing, request: Request, written: int) -> None:
-        self.requests += 1
-        if request.writeback:  # unmapped buffers: data before the used entry
-            self.memory.flush(request.writeback)
-        written = min(written, request.writable_size)
-        if request.dirty_ranges:
-            _mark_written(self.memory, request.dirty_ranges, written)
-        ring.push(request, written)
+        self._complete_batch(ring, [(request, written)])
+
+    def _complete_batch(
+        self, ring: SplitRing | PackedRing, batch: list[tuple[Request, int]]
+    ) -> None:
+        done = []
+        for request, written in batch:
+            self.requests += 1
+            if request.writeback:  # unmapped buffers: data before the used entry
+                self.memory.flush(request.writeback)
+            written = min(written, request.writable_size)
+            if request.dirty_ranges:
+                _mark_written(self.memory, request.dirty_ranges, written)
+            done.append((request, written))
+        ring.push_batch(done)
 
     def _serve(self, ring: SplitRing | PackedRing, handle: Handler, generation: int) -> None:
         for _ in range(ring.size):  # bounded so other queues get their turn
@@ -902,12 +941,42 @@ class Virtqueue:
             self.held.append(held)
         # The oldest first, while the device has something for them.
         while self.held and self.has_data():
+            if self.merged:
+                if not self._fill_merged(ring, fill):
+                    break
+                continue
             request = ring.rebuild(self.held[0])
             written = self._call_device(fill, request)
             if written is None:
                 break
             self.held.popleft()
             self._complete(ring, request, written)
+
+    def _fill_merged(self, ring: SplitRing | PackedRing, fill: Filler) -> bool:
+        """One fill over the oldest waiting buffers seen as one (up to
+        ``merge_bytes`` of them); the buffers it wrote into are completed
+        together. False if the device kept them all for later."""
+        parts: list[Request] = []
+        capacity = 0
+        for held in self.held:
+            parts.append(ring.rebuild(held))
+            capacity += parts[-1].writable_size
+            if capacity >= self.merge_bytes:
+                break
+        request = Request([], [view for part in parts for view in part.writable])
+        request.parts = [part.writable_size for part in parts]
+        written = self._call_device(fill, request)
+        if written is None:
+            return False
+        left = min(written, capacity)
+        batch = []
+        for part in parts[: request.buffers_used(left)]:
+            share = min(left, part.writable_size)
+            batch.append((part, share))
+            left -= share
+            self.held.popleft()
+        self._complete_batch(ring, batch)
+        return True
 
     def _call_device(self, call: Callable[[Request], Any], request: Request) -> Any:
         try:
@@ -1247,6 +1316,8 @@ class QueueSet:
         if index in self.device.host_fed_queues:
             queue.fill = lambda request: self.device.fill(index, request)
             queue.has_data = lambda: self.device.has_data(index)
+            queue.merged = index in self.device.merged_queues
+            queue.merge_bytes = self.device.merged_fill_bytes
         else:
             queue.fill = None
         # What a previous back end left in flight is taken back at the first
