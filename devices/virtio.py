@@ -322,7 +322,7 @@ class VirtioDevice:
     # with the oldest. ``handle`` is never called for them. A stop, a
     # migration or a handover gives the buffers back to the ring unfilled;
     # a reset drops them.
-    host_fed_queues: ClassVar[frozenset[int]] = frozenset()
+    host_fed_queues: frozenset[int] = frozenset()  # a device may set its own per instance
     # Host-fed queues whose fill may spread what it writes over several of
     # the driver's buffers (virtio-net's mergeable receive buffers): ``fill``
     # sees the waiting buffers as one request (``request.parts`` gives each
@@ -330,7 +330,7 @@ class VirtioDevice:
     # ``merged_fill_bytes`` of them; the buffers it wrote into are completed
     # together, published to the driver at once. None if it needs more
     # buffers than are waiting: they all stay.
-    merged_queues: ClassVar[frozenset[int]] = frozenset()
+    merged_queues: frozenset[int] = frozenset()
     merged_fill_bytes: ClassVar[int] = 1 << 16
 
     def has_data(self, queue: int) -> bool:
@@ -359,6 +359,14 @@ class VirtioDevice:
         host event sources (fds opened before the jail). Started with the
         first ring, cancelled at a device reset or when every ring stopped
         (then started again with the next ring)."""
+
+    # Whether the device announces the guest after a migration (virtio-net:
+    # a RARP from its MAC; vhost-user SEND_RARP calls ``announce``).
+    announces: ClassVar[bool] = False
+
+    def announce(self, mac: bytes) -> None:
+        """Tell the network where the guest with ``mac`` is now."""
+        raise NotImplementedError
 
     def host_side_wakeup(self) -> trio.Event:
         """For ``run()``'s tasks: the event the next ``wake_host_side`` sets.

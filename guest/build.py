@@ -4,8 +4,8 @@
 Packages are fetched with ``apt-get download`` and unpacked with
 ``dpkg-deb -x`` under ``.cache/`` (nothing is installed into the system).
 The initramfs holds busybox-static, the virtio modules, ``blkdiscard`` from
-the host (for BLKZEROOUT / write-zeroes), ``vsock-relay`` (built static from
-guest/vsock-relay.c) and ``guest/init``. Tests append a
+the host (for BLKZEROOUT / write-zeroes), ``relay`` (a netcat for vsock and TCP,
+built static from guest/relay.c) and ``guest/init``. Tests append a
 second cpio archive with their own ``/test.sh``.
 
 Outputs: .cache/guest/vmlinuz and .cache/guest/initramfs.cpio. Re-running is
@@ -39,11 +39,12 @@ MODULES = [
     "evdev",
     "virtio_console",
     "vmw_vsock_virtio_transport",
+    "virtio_net",
     "uio_pci_generic",
 ]
 HOST_TOOLS = ["/usr/sbin/blkdiscard"]
 # Built here, static, for the guest: busybox has no AF_VSOCK client.
-GUEST_PROGRAMS = [ROOT / "guest" / "vsock-relay.c"]
+GUEST_PROGRAMS = [ROOT / "guest" / "relay.c"]
 
 
 def run(*cmd: str, cwd: Path | None = None) -> str:

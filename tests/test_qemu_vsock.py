@@ -37,7 +37,7 @@ SCRIPT = f"""
 echo "RESULT cid $(cat /sys/bus/virtio/drivers/virtio_vsock/*/../../vsock 2>/dev/null)"
 # 32 connections at once to an echo server on the host.
 for i in $(seq {CONNECTIONS}); do
-    (echo "connection-$i" | vsock-relay connect 2 {ECHO_PORT} > /tmp/echo-$i) &
+    (echo "connection-$i" | relay vsock-connect 2 {ECHO_PORT} > /tmp/echo-$i) &
 done
 wait
 ok=0
@@ -46,17 +46,17 @@ for i in $(seq {CONNECTIONS}); do
 done
 echo "RESULT echoed $ok"
 # A port nobody listens on: the host resets the connection.
-vsock-relay connect 2 {NOBODY_PORT} </dev/null 2>/tmp/refused
+relay vsock-connect 2 {NOBODY_PORT} </dev/null 2>/tmp/refused
 echo "RESULT refused $? $(cat /tmp/refused)"
 # 64 MiB each way on one connection.
 head -c {BIG} /dev/urandom > /tmp/out
 echo "RESULT sent $(sha256sum < /tmp/out | cut -d' ' -f1)"
-vsock-relay connect 2 {BULK_PORT} < /tmp/out > /tmp/in
+relay vsock-connect 2 {BULK_PORT} < /tmp/out > /tmp/in
 echo "RESULT bulk-status $?"
 echo "RESULT received $(sha256sum < /tmp/in | cut -d' ' -f1) $(wc -c < /tmp/in)"
 rm /tmp/out /tmp/in
 # The host connects to a listener here.
-vsock-relay listen {GUEST_PORT} </dev/null > /tmp/listened &
+relay vsock-listen {GUEST_PORT} </dev/null > /tmp/listened &
 listener=$!
 usleep 300000
 echo "RESULT phase listening"
@@ -220,13 +220,13 @@ def test_guest_and_host_programs_talk_over_vsock(tmp_path, request, protocol, qe
 
 
 RESTART_SCRIPT = f"""
-vsock-relay connect 2 {HELD_PORT} </dev/null > /tmp/held 2>/tmp/held-error &
+relay vsock-connect 2 {HELD_PORT} </dev/null > /tmp/held 2>/tmp/held-error &
 relay=$!
 while [ ! -s /tmp/held ]; do usleep 100000; done
 echo "RESULT phase connected"
 wait $relay
 echo "RESULT held $? $(cat /tmp/held-error)"
-echo "after the restart" | vsock-relay connect 2 {ECHO_PORT} > /tmp/again
+echo "after the restart" | relay vsock-connect 2 {ECHO_PORT} > /tmp/again
 echo "RESULT again $? $(cat /tmp/again)"
 """
 

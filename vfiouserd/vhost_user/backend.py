@@ -108,6 +108,8 @@ class VhostUserBackend:
             self.offered_protocol_features |= bit(ProtocolFeature.CONFIG)
         if device.config_can_change:
             self.offered_protocol_features |= bit(ProtocolFeature.BACKEND_REQ)
+        if device.announces:
+            self.offered_protocol_features |= bit(ProtocolFeature.RARP)
         memory, rings = self.memory_table, self.rings
         self._handlers: dict[R, Callable[[Message], bytes | WithFds | None]] = {
             R.GET_FEATURES: self._get_features,
@@ -141,6 +143,7 @@ class VhostUserBackend:
             R.SET_LOG_FD: self.dirty_log.set_log_fd,
             R.SET_DEVICE_STATE_FD: self.device_state.set_device_state_fd,
             R.CHECK_DEVICE_STATE: self.device_state.check_device_state,
+            R.SEND_RARP: self._send_rarp,
         }
         # Requests legal only once a protocol feature is negotiated.
         self._gates: dict[R, ProtocolFeature] = {
@@ -160,6 +163,7 @@ class VhostUserBackend:
             R.SET_LOG_FD: ProtocolFeature.LOG_SHMFD,
             R.SET_DEVICE_STATE_FD: ProtocolFeature.DEVICE_STATE,
             R.CHECK_DEVICE_STATE: ProtocolFeature.DEVICE_STATE,
+            R.SEND_RARP: ProtocolFeature.RARP,
         }
 
     @property
@@ -380,6 +384,10 @@ class VhostUserBackend:
                 queue.enabled = True
                 queue.wake()
         log.info("features.set", features=f"{features:#x}")
+
+    def _send_rarp(self, message: Message) -> None:
+        # The MAC in the payload's first six bytes (QEMU copies it there).
+        self.device.announce(message.payload[:6])
 
     def _get_protocol_features(self, message: Message) -> bytes:
         return u64_reply(self.offered_protocol_features)

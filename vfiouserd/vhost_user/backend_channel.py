@@ -74,6 +74,12 @@ class BackendChannel:
                 self.announcing = False
 
     async def _send_config_change(self) -> None:
+        if not self.features.has_protocol(ProtocolFeature.CONFIG):
+            # The front end keeps the config space itself (QEMU's virtio-net
+            # does, and QEMU 7.2 crashes on a change message it has no
+            # handler for): nothing to tell it.
+            log.debug("config.change_not_announced", reason="CONFIG not negotiated")
+            return
         channel = self.socket
         if channel is None:
             log.warning("config.change_not_announced", reason="no back-end channel")

@@ -1,0 +1,417 @@
+"""virtio-net (virtio 1.2 5.1): a network device whose wire is a UNIX stream socket.
+
+The host side carries Ethernet frames, each after a 4-byte big-endian
+length: the framing of QEMU's ``-netdev stream`` and of passt.
+``--stream-socket PATH`` connects to such a socket (again, every second,
+after the peer goes); ``--stream-listen PATH`` takes one peer at a time. The
+link is up while a peer is there (VIRTIO_NET_S_LINK_UP, with a config
+change interrupt where the device owns the config space: vfio-user).
+
+Features: MAC, STATUS, MTU (``--mtu``, 1500 by default: longer frames from
+either side are dropped and counted), MRG_RXBUF (a frame spread over
+several receive buffers), MQ with ``--queue-pairs`` and the control queue
+(VQ_PAIRS_SET) where the transport gives it to the device. No checksum or
+segmentation offloads are offered: the guest sends whole, checksummed
+frames. Over vhost-user QEMU keeps the config space and the control queue;
+it asks for a RARP announcement after a migration (``announce``).
+Backpressure both ways: a peer is read only while fewer than ``QUEUED``
+frames wait for the guest, the guest's transmit buffers wait while
+``BUFFERED`` bytes wait for the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import socket
+import struct
+import threading
+from collections import deque
+from typing import Any, Self
+
+import trio
+
+from vfiouserd.devices.virtio import DeviceId, Request, VirtioDevice, bit
+from vfiouserd.log import get_logger
+from vfiouserd.sockets import listen_on_path
+from vfiouserd.state import BYTES, U16, Field, Schema, StateError
+
+log = get_logger("net")
+
+F_MTU, F_MAC, F_MRG_RXBUF, F_STATUS, F_CTRL_VQ, F_MQ = 3, 5, 15, 16, 17, 22
+HEADER = struct.Struct("<BBHHHHH")  # flags, gso type, hdr len, gso size, csum start/offset, buffers
+CONFIG = struct.Struct("<6sHHH")  # mac, status, max_virtqueue_pairs, mtu
+LENGTH = struct.Struct(">I")  # before each frame on the stream
+STATUS_LINK_UP = 1
+CTRL = struct.Struct("<BB")  # class, command; the device writes one ack byte after the data
+CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET = 4, 0
+ACK_OK, ACK_ERR = 0, 1
+ETHERNET = 14 + 4  # header and a VLAN tag
+MAX_PAIRS = 16
+BUFFERED = 256 << 10  # guest to peer, bytes
+QUEUED = 256  # peer to guest, frames
+READ_SIZE = 64 << 10
+RECONNECT = 1.0
+MAX_STREAM_FRAME = 1 << 18  # a longer length prefix is not a frame: the peer is cut off
+
+
+def rx(pair: int) -> int:
+    return 2 * pair
+
+
+def tx(pair: int) -> int:
+    return 2 * pair + 1
+
+
+def check_options(mtu: int, pairs: int) -> None:
+    if not 68 <= mtu <= 65535:
+        raise ValueError(f"--mtu {mtu}: 68 .. 65535")
+    if not 1 <= pairs <= MAX_PAIRS:
+        raise ValueError(f"--queue-pairs {pairs}: 1 .. {MAX_PAIRS}")
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"--mac {text!r}: six hex bytes, e.g. 52:54:00:12:34:56")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"--mac {text!r}: six hex bytes, e.g. 52:54:00:12:34:56") from None
+    if mac[0] & 1:
+        raise ValueError(f"--mac {text!r} is a multicast address")
+    return mac
+
+
+def rarp(mac: bytes) -> bytes:
+    """The frame a switch learns ``mac`` from (RFC 903 reverse request)."""
+    body = struct.pack(">HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 3, mac, bytes(4), mac, bytes(4))
+    return b"\xff" * 6 + mac + b"\x80\x35" + body.ljust(46, b"\0")
+
+
+class VirtioNet(VirtioDevice):
+    name = "net"
+    description = (
+        "virtio-net: Ethernet frames over a UNIX stream socket (QEMU -netdev stream, passt)"
+    )
+    device_id = DeviceId.NET
+    vhost_user_type = "net"
+    feature_names = {F_MTU: "mtu", F_MAC: "mac", F_MRG_RXBUF: "mrg-rxbuf", F_MQ: "mq"}
+    max_queues = 2 * MAX_PAIRS + 1
+    config_can_change = True  # the link status
+    announces = True
+    merged_fill_bytes = HEADER.size + 65535 + ETHERNET
+    state = Schema(
+        1,
+        Field("mac", BYTES),
+        Field("mtu", U16),
+        Field("active_pairs", U16),
+        Field("frames_to_guest", BYTES),
+        Field("bytes_to_peer", BYTES),
+    )
+
+    def __init__(
+        self,
+        mac: bytes,
+        *,
+        mtu: int = 1500,
+        pairs: int = 1,
+        peer_path: str | None = None,
+        listener: socket.socket | None = None,
+    ) -> None:
+        check_options(mtu, pairs)
+        features = bit(F_MAC) | bit(F_STATUS) | bit(F_MTU) | bit(F_MRG_RXBUF) | bit(F_CTRL_VQ)
+        if pairs > 1:
+            features |= bit(F_MQ)
+        super().__init__(features=features, num_queues=2 * pairs + 1)
+        self.mac, self.mtu, self.pairs = mac, mtu, pairs
+        self.peer_path, self.listener = peer_path, listener
+        self.jail_directories = (os.path.dirname(peer_path),) if peer_path else ()
+        self.active_pairs = 1
+        # Receive queues wait for frames, transmit queues for room towards
+        # the peer; the control queue (the last) is answered at once.
+        self.host_fed_queues = frozenset(range(2 * pairs))
+        self.merged_queues = frozenset(rx(pair) for pair in range(pairs))
+        self._listening: trio.socket.SocketType | None = None
+        self.to_guest: deque[bytes] = deque()
+        self.to_peer = bytearray()
+        self.peer: trio.socket.SocketType | None = None
+        self.dropped = 0
+        # fill() and handle() may run on a ring's worker thread, the peer's
+        # side on the event loop: the buffers change under the lock.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        wire = parser.add_mutually_exclusive_group()
+        wire.add_argument("--stream-socket", metavar="PATH", help="connect to a frame stream")
+        wire.add_argument("--stream-listen", metavar="PATH", help="take a frame stream's peer")
+        parser.add_argument("--mac", help="the MAC address (default: one made from the path)")
+        parser.add_argument("--mtu", type=int, default=1500, help="the largest frame's payload")
+        parser.add_argument("--queue-pairs", type=int, default=1, help="receive/transmit pairs")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Self:
+        path = args.stream_socket or args.stream_listen
+        if path is None:
+            raise ValueError("give --stream-socket PATH or --stream-listen PATH")
+        path = os.path.abspath(path)
+        if args.mac is not None:
+            mac = parse_mac(args.mac)
+        else:  # locally administered, the same for the same path: restarts agree
+            mac = b"\x52\x54\x00" + hashlib.sha256(path.encode()).digest()[:3]
+        check_options(args.mtu, args.queue_pairs)  # before the socket is made
+        if args.stream_listen is not None:
+            return cls(mac, mtu=args.mtu, pairs=args.queue_pairs, listener=listen_on_path(path))
+        return cls(mac, mtu=args.mtu, pairs=args.queue_pairs, peer_path=path)
+
+    # -- config space and control queue ----------------------------------------------
+
+    def config(self) -> bytes:
+        status = STATUS_LINK_UP if self.peer is not None else 0
+        return CONFIG.pack(self.mac, status, self.pairs, self.mtu)
+
+    def reset(self) -> None:
+        super().reset()
+        with self._lock:
+            self.active_pairs = 1
+            self.to_guest.clear()
+        self.wake_host_side()
+
+    def handle(self, queue: int, request: Request) -> int:
+        """The control queue: class and command, data, then our ack byte."""
+        data = request.read(min(request.readable_size, 64))
+        if request.writable_size < 1 or len(data) < CTRL.size:
+            log.warning("net.control_malformed", readable=len(data), writable=request.writable_size)
+            return 0
+        kind, command = CTRL.unpack_from(data)
+        ack = ACK_ERR
+        if (kind, command) == (CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET) and len(data) >= CTRL.size + 2:
+            (pairs,) = struct.unpack_from("<H", data, CTRL.size)
+            if self.has_feature(F_MQ) and 1 <= pairs <= self.pairs:
+                self.active_pairs = pairs
+                ack = ACK_OK
+                log.info("net.queue_pairs", pairs=pairs)
+        if ack != ACK_OK:
+            log.warning("net.control_refused", kind=kind, command=command)
+        return request.write(bytes([ack]))
+
+    # -- frames for the guest --------------------------------------------------------
+
+    def has_data(self, queue: int) -> bool:
+        if queue % 2:
+            return len(self.to_peer) < BUFFERED
+        return bool(self.to_guest) and queue < 2 * self.active_pairs
+
+    def fill(self, queue: int, request: Request) -> int | None:
+        if queue % 2:
+            return self._transmit(request)
+        merged = self.has_feature(F_MRG_RXBUF)
+        room = request.writable_size if merged else (request.parts or [0])[0]
+        with self._lock:
+            while self.to_guest:
+                frame = self.to_guest.popleft()
+                if len(self.to_guest) == QUEUED - 1:
+                    self.wake_host_side()  # the peer's reader waits for room
+                size = HEADER.size + len(frame)
+                if size <= room:
+                    break
+                if merged:  # more buffers may come: it waits for them
+                    self.to_guest.appendleft(frame)
+                    return None
+                self._drop("net.frame_too_big_for_buffer", len(frame))
+            else:
+                return None
+        count = request.buffers_used(size)
+        return request.write(HEADER.pack(0, 0, 0, 0, 0, 0, count) + frame)
+
+    def _transmit(self, request: Request) -> int:
+        data = request.read(request.readable_size)
+        if len(data) < HEADER.size:
+            self._drop("net.short_transmit", len(data))
+            return 0
+        flags, gso_type = data[0], data[1]
+        frame = data[HEADER.size :]
+        if flags or gso_type:  # no offload was offered
+            self._drop("net.offload_not_offered", len(frame))
+        elif not 14 <= len(frame) <= self.mtu + ETHERNET:
+            self._drop("net.frame_size", len(frame))
+        else:
+            with self._lock:
+                self.to_peer += LENGTH.pack(len(frame)) + frame
+            self.wake_host_side()
+        return 0
+
+    def _drop(self, event: str, size: int) -> None:
+        self.dropped += 1
+        log.warning(event, size=size, dropped=self.dropped)
+
+    def announce(self, mac: bytes) -> None:
+        """After a migration: a RARP from the guest's MAC tells the network
+        where it went (vhost-user SEND_RARP)."""
+        with self._lock:
+            self.to_peer += LENGTH.pack(60) + rarp(mac)
+        log.info("net.announce", mac=mac.hex(":"))
+        self.wake_host_side()
+
+    # -- the peer ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        # The peer's connection outlives run(): rings stopped and started
+        # again (a paused VM) do not cut it.
+        while True:
+            if self.peer is None:
+                self.peer = await self._next_peer()
+                log.info("net.link", up=True)
+                self.config_changed()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._to_peer, self.peer, nursery.cancel_scope)
+                await self._from_peer(self.peer)
+                nursery.cancel_scope.cancel()
+            self.peer.close()
+            self.peer = None
+            log.info("net.link", up=False)
+            self.config_changed()
+
+    async def _next_peer(self) -> trio.socket.SocketType:
+        if self.listener is not None:
+            if self._listening is None:
+                self._listening = trio.socket.from_stdlib_socket(self.listener)
+            peer, _ = await self._listening.accept()
+            return peer
+        assert self.peer_path is not None
+        while True:
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await sock.connect(self.peer_path)
+                return sock
+            except OSError:
+                sock.close()
+            await trio.sleep(RECONNECT)
+
+    async def _from_peer(self, peer: trio.socket.SocketType) -> None:
+        """Frames from the peer, read while the guest takes them."""
+        buffered = bytearray()
+        while True:
+            wakeup = self.host_side_wakeup()
+            with self._lock:
+                full = len(self.to_guest) >= QUEUED
+            if full:
+                await wakeup.wait()
+                continue
+            try:
+                data = await peer.recv(READ_SIZE)
+            except OSError:
+                return
+            if not data:
+                return
+            buffered += data
+            frames = []
+            while len(buffered) >= LENGTH.size:
+                (length,) = LENGTH.unpack_from(buffered)
+                if length > MAX_STREAM_FRAME:
+                    log.warning("net.peer_violation", length=length)
+                    return
+                if len(buffered) < LENGTH.size + length:
+                    break
+                frame = bytes(buffered[LENGTH.size : LENGTH.size + length])
+                del buffered[: LENGTH.size + length]
+                if not 14 <= length <= self.mtu + ETHERNET:
+                    self._drop("net.peer_frame_size", length)
+                    continue
+                frames.append(frame)
+            if frames:
+                with self._lock:
+                    self.to_guest.extend(frames)
+                for pair in range(self.active_pairs):
+                    self.data_ready(rx(pair))
+
+    async def _to_peer(self, peer: trio.socket.SocketType, scope: trio.CancelScope) -> None:
+        """The guest's frames, sent as fast as the peer reads them."""
+        while True:
+            wakeup = self.host_side_wakeup()
+            with self._lock:
+                chunk = bytes(self.to_peer[:READ_SIZE])
+            if not chunk:
+                await wakeup.wait()
+                continue
+            try:
+                sent = await peer.send(chunk)
+            except OSError:
+                scope.cancel()  # the reading side ends the connection
+                return
+            with self._lock:
+                full = len(self.to_peer) >= BUFFERED
+                del self.to_peer[:sent]
+                room_again = full and len(self.to_peer) < BUFFERED
+            if room_again:
+                for pair in range(self.pairs):
+                    self.data_ready(tx(pair))
+
+    # -- state ---------------------------------------------------------------------
+
+    @property
+    def frames_to_guest(self) -> bytes:
+        with self._lock:
+            return b"".join(LENGTH.pack(len(f)) + f for f in self.to_guest)
+
+    @frames_to_guest.setter
+    def frames_to_guest(self, data: bytes) -> None:
+        self.to_guest = deque(split_frames(data))
+
+    @property
+    def bytes_to_peer(self) -> bytes:
+        with self._lock:
+            return bytes(self.to_peer)
+
+    @bytes_to_peer.setter
+    def bytes_to_peer(self, data: bytes) -> None:
+        self.to_peer = bytearray(data)
+
+    def check_state(self, values: dict[str, Any]) -> None:
+        if values["mtu"] != self.mtu:
+            raise StateError(f"the saved device has an MTU of {values['mtu']}, this one {self.mtu}")
+        if not 1 <= values["active_pairs"] <= self.pairs:
+            raise StateError(
+                f"{values['active_pairs']} queue pairs active, this one has {self.pairs}"
+            )
+        if len(values["mac"]) != 6:
+            raise StateError("a MAC address of another length")
+        try:
+            split_frames(values["frames_to_guest"])
+        except ValueError as exc:
+            raise StateError(f"frames for the guest: {exc}") from exc
+
+    def host_fds(self) -> dict[str, int]:
+        # The peer stays connected across a restart: what it sent meanwhile
+        # waits in the socket for the next daemon.
+        return {} if self.peer is None else {"peer": self.peer.fileno()}
+
+    def adopt_host_fds(self, fds: dict[str, int]) -> None:
+        for name, fd in fds.items():
+            if name != "peer" or self.peer is not None:
+                log.warning("net.handover_fd_unknown", name=name)
+                os.close(fd)
+                continue
+            self.peer = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+
+    def close(self) -> None:
+        if self.peer is not None:  # at exit, after the event loop: no trio close
+            os.close(self.peer.detach())
+            self.peer = None
+        if self.listener is not None:
+            self.listener.close()
+
+
+def split_frames(data: bytes) -> list[bytes]:
+    frames, offset = [], 0
+    while offset < len(data):
+        if offset + LENGTH.size > len(data):
+            raise ValueError("a length cut short")
+        (length,) = LENGTH.unpack_from(data, offset)
+        if offset + LENGTH.size + length > len(data):
+            raise ValueError(f"a frame of {length} bytes at {offset} cut short")
+        frames.append(data[offset + LENGTH.size : offset + LENGTH.size + length])
+        offset += LENGTH.size + length
+    return frames
