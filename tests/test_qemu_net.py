@@ -41,7 +41,10 @@ OUR_GUEST = (
     + f"""
 for i in $(seq 120); do ping -c 1 -W 1 {PEER} > /dev/null 2>&1 && break; done
 echo "RESULT ping $(ping -c 3 -W 2 {PEER} | grep -c 'bytes from')"
-for i in $(seq 60); do relay tcp-connect {PEER} 5000 < /tmp/out > /tmp/in 2>/dev/null && break; sleep 1; done
+for i in $(seq 60); do
+    relay tcp-connect {PEER} 5000 < /tmp/out > /tmp/in 2>/dev/null && break
+    sleep 1
+done
 echo "RESULT received $(sha256sum < /tmp/in | cut -d' ' -f1) $(wc -c < /tmp/in)"
 """
 )
