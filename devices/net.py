@@ -101,6 +101,7 @@ class VirtioNet(VirtioDevice):
     max_queues = 2 * MAX_PAIRS + 1
     config_can_change = True  # the link status
     announces = True
+    syscalls = frozenset({"socket", "connect"})  # --stream-socket: (re)connecting after the jail
     merged_fill_bytes = HEADER.size + 65535 + ETHERNET
     state = Schema(
         1,

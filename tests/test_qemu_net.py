@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -61,9 +62,9 @@ echo "RESULT received $(sha256sum < /tmp/in | cut -d' ' -f1) $(wc -c < /tmp/in)"
 class PeerGuest(threading.Thread):
     """The second guest: QEMU 7.2's own virtio-net on -netdev stream."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, server: bool) -> None:
         super().__init__(daemon=True)
-        self.path = path
+        self.path, self.server = path, server
         self.run_result: vm.GuestRun | None = None
         self.error: BaseException | None = None
 
@@ -73,7 +74,8 @@ class PeerGuest(threading.Thread):
                 PEER_GUEST.format(address=PEER, size=SIZE),
                 devices=[
                     "-netdev",
-                    f"stream,id=n0,server=off,addr.type=unix,addr.path={self.path}",
+                    f"stream,id=n0,server={'on' if self.server else 'off'},"
+                    f"addr.type=unix,addr.path={self.path}",
                     "-device",
                     "virtio-net-pci,netdev=n0,mac=52:54:00:be:ef:02",
                 ],
@@ -85,28 +87,46 @@ class PeerGuest(threading.Thread):
 
 
 CASES = [
-    pytest.param("vhost-user", "7.2", id="vhost-user-qemu-7.2"),
-    pytest.param("vhost-user", "new", id="vhost-user-qemu-new"),
-    pytest.param("vfio-user", "new", id="vfio-user-qemu-new"),
+    pytest.param("vhost-user", "7.2", "listen", id="vhost-user-qemu-7.2"),
+    pytest.param("vhost-user", "7.2", "connect", id="vhost-user-qemu-7.2-connecting"),
+    pytest.param("vhost-user", "new", "listen", id="vhost-user-qemu-new"),
+    pytest.param("vfio-user", "new", "connect", id="vfio-user-qemu-new-connecting"),
 ]
 
 
-@pytest.mark.parametrize(("protocol", "qemu_version"), CASES)
-def test_two_guests_talk_through_the_daemon(tmp_path, request, protocol, qemu_version):
+def allow_the_daemon(path: Path) -> None:
+    """The peer QEMU made its socket as root; the jailed daemon is nobody."""
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+    path.chmod(0o777)
+
+
+@pytest.mark.parametrize(("protocol", "qemu_version", "wiring"), CASES)
+def test_two_guests_talk_through_the_daemon(tmp_path, request, protocol, qemu_version, wiring):
+    """``listen``: the daemon listens, the other QEMU connects; ``connect``:
+    the other QEMU listens, the daemon connects from its jail (the socket's
+    directory bound in), trying again until it is there."""
     qemu = vm.QEMU if qemu_version == "7.2" else request.getfixturevalue("qemu_new")
-    wire = str(tmp_path / "wire.sock")
+    wires = tmp_path / "wire"
+    wires.mkdir(mode=0o755)
+    wires.chmod(0o755)
+    wire = wires / "wire.sock"
     daemon = Daemon(
         f"{protocol}-net",
-        "--stream-listen",
-        wire,
+        "--stream-listen" if wiring == "listen" else "--stream-socket",
+        str(wire),
         "--mac",
         MAC,
         workdir=tmp_path,
         name="net",
     )
     with daemon:
-        peer = PeerGuest(wire)
+        peer = PeerGuest(str(wire), server=wiring == "connect")
         peer.start()
+        if wiring == "connect":
+            allow_the_daemon(wire)
         if protocol == "vhost-user":
             # QEMU 7.2 under TCG crashes in its own MSI-X code when a
             # vhost-user network device starts (SIGSEGV in
