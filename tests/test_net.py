@@ -1,0 +1,434 @@
+"""virtio-net: frames both ways, the stream framing, the control queue, bad input."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import struct
+
+import pytest
+import trio
+
+from conftest import MiB, served, vfio_served
+from vfiouserd.client.guest import GuestRam
+from vfiouserd.client.virtio_pci import VirtioPciDriver
+from vfiouserd.device_harness import DeviceHarness
+from vfiouserd.devices.net import (
+    ACK_ERR,
+    ACK_OK,
+    BUFFERED,
+    CONFIG,
+    CTRL,
+    CTRL_MQ,
+    CTRL_MQ_VQ_PAIRS_SET,
+    F_MQ,
+    F_MRG_RXBUF,
+    HEADER,
+    LENGTH,
+    STATUS_LINK_UP,
+    VirtioNet,
+    rarp,
+    rx,
+    tx,
+)
+from vfiouserd.devices.virtio import ConfigWriteError, Feature, bit
+from vfiouserd.protocol.vhost_user import FrontendRequest as R
+from vfiouserd.state import StateError
+from vfiouserd.virtio_pci import VirtioPciDevice
+
+MAC = bytes.fromhex("525400abcdef")
+
+
+def net_device(tmp_path, *, mtu: int = 1500, pairs: int = 1, listen: bool = True) -> VirtioNet:
+    path = str(tmp_path / "wire.sock")
+    args = argparse.Namespace(
+        stream_listen=path if listen else None,
+        stream_socket=None if listen else path,
+        mac="52:54:00:ab:cd:ef",
+        mtu=mtu,
+        queue_pairs=pairs,
+    )
+    return VirtioNet.from_args(args)
+
+
+def frame(size: int, fill: int = 0x11) -> bytes:
+    return b"\xff" * 6 + MAC + b"\x08\x00" + bytes([fill]) * (size - 14)
+
+
+def sent(data: bytes, **fields: int) -> bytes:
+    """A transmit buffer: the virtio-net header, then the frame."""
+    header = {"flags": 0, "gso": 0, **fields}
+    return HEADER.pack(header["flags"], header["gso"], 0, 0, 0, 0, 0) + data
+
+
+# -- the device alone ---------------------------------------------------------------
+
+
+def test_the_config_space_and_features(tmp_path):
+    device = net_device(tmp_path, mtu=9000, pairs=2)
+    try:
+        harness = DeviceHarness(device)
+        assert harness.config() == CONFIG.pack(MAC, 0, 2, 9000)  # no peer: link down
+        assert device.features & bit(F_MQ) and device.features & bit(F_MRG_RXBUF)
+        with pytest.raises(ConfigWriteError):
+            harness.write_config(0, b"\x02" * 6)
+        assert device.host_fed_queues == {0, 1, 2, 3}  # the control queue (4) is not
+        assert device.merged_queues == {0, 2}
+    finally:
+        device.close()
+
+
+def test_transmitted_frames_go_to_the_peer_framed(tmp_path):
+    device = net_device(tmp_path)
+    try:
+        harness = DeviceHarness(device)
+        assert harness.take(tx(0), readable=[sent(frame(60))]) is not None
+        assert harness.take(tx(0), readable=[sent(frame(1514, fill=0x22))]) is not None
+        assert device.to_peer == LENGTH.pack(60) + frame(60) + LENGTH.pack(1514) + frame(1514, 0x22)
+    finally:
+        device.close()
+
+
+@pytest.mark.parametrize(
+    ("why", "data"),
+    [
+        ("shorter than the header", sent(b"")[:11]),
+        ("a checksum offload not offered", sent(frame(60), flags=1)),
+        ("segmentation not offered", sent(frame(60), gso=1)),
+        ("over the MTU", sent(frame(1500 + 18 + 1))),
+        ("shorter than an Ethernet header", sent(b"\x00" * 13)),
+    ],
+)
+def test_bad_transmit_buffers_are_dropped_and_counted(tmp_path, why, data):
+    device = net_device(tmp_path)
+    try:
+        harness = DeviceHarness(device)
+        done = harness.take(tx(0), readable=[data])
+        assert done is not None and done.written == 0, why
+        assert device.to_peer == b"" and device.dropped == 1
+    finally:
+        device.close()
+
+
+def test_the_guest_is_held_once_the_peer_is_slow(tmp_path):
+    device = net_device(tmp_path)
+    try:
+        harness = DeviceHarness(device)
+        while harness.take(tx(0), readable=[sent(frame(1514))]) is not None:
+            pass
+        assert BUFFERED <= len(device.to_peer) < BUFFERED + 1518 + 4
+    finally:
+        device.close()
+
+
+def test_received_frames_spread_over_mergeable_buffers(tmp_path):
+    device = net_device(tmp_path, mtu=9000)
+    try:
+        harness = DeviceHarness(device)
+        device.to_guest.extend([frame(60), frame(9014, 0x33)])
+        (small,) = harness.take_merged(rx(0), 1526, 1526) or []
+        assert small.written == HEADER.size + 60
+        assert HEADER.unpack_from(small.buffers[0])[-1] == 1  # num_buffers
+        big = harness.take_merged(rx(0), *[1526] * 8)
+        assert big is not None and len(big) == 6  # 12 + 9014 bytes
+        whole = b"".join(c.buffers[0][: c.written] for c in big)
+        assert HEADER.unpack_from(whole)[-1] == 6 and whole[HEADER.size :] == frame(9014, 0x33)
+    finally:
+        device.close()
+
+
+def test_without_mergeable_buffers_a_frame_must_fit_one(tmp_path):
+    device = net_device(tmp_path, mtu=9000)
+    try:
+        harness = DeviceHarness(device, features=device.features & ~bit(F_MRG_RXBUF))
+        device.to_guest.extend([frame(9014), frame(100)])
+        (done,) = harness.take_merged(rx(0), 1526, 1526) or []
+        assert done.written == HEADER.size + 100  # the big one dropped
+        assert device.dropped == 1
+    finally:
+        device.close()
+
+
+def control(harness: DeviceHarness[VirtioNet], *data: bytes) -> int:
+    done = harness.request(2 * harness.device.pairs, [b"".join(data)], [1])
+    assert done.written == 1
+    return done.buffers[0][0]
+
+
+def test_the_control_queue_sets_queue_pairs(tmp_path):
+    device = net_device(tmp_path, pairs=4)
+    try:
+        harness = DeviceHarness(device)
+        assert control(harness, CTRL.pack(CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET), b"\x03\x00") == ACK_OK
+        assert device.active_pairs == 3
+        for bad in (b"\x00\x00", b"\x05\x00", b"\x03"):
+            assert control(harness, CTRL.pack(CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET), bad) == ACK_ERR
+        assert control(harness, CTRL.pack(9, 9)) == ACK_ERR  # a class nobody offered
+        assert device.active_pairs == 3
+    finally:
+        device.close()
+
+
+def test_queue_pairs_need_mq(tmp_path):
+    device = net_device(tmp_path, pairs=2)
+    try:
+        harness = DeviceHarness(device, features=device.features & ~bit(F_MQ))
+        assert control(harness, CTRL.pack(CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET), b"\x02\x00") == ACK_ERR
+    finally:
+        device.close()
+
+
+def test_state_round_trips_frames_both_ways(tmp_path):
+    device = net_device(tmp_path, pairs=2)
+    other = None
+    try:
+        harness = DeviceHarness(device)
+        device.to_guest.extend([frame(60), frame(70)])
+        harness.take(tx(0), readable=[sent(frame(80))])
+        device.active_pairs = 2
+        device.close()
+        harness = harness.migrate(lambda: net_device(tmp_path, pairs=2))
+        other = harness.device
+        assert list(other.to_guest) == [frame(60), frame(70)]
+        assert other.to_peer == LENGTH.pack(80) + frame(80)
+        assert other.active_pairs == 2
+    finally:
+        device.close()
+        if other is not None:
+            other.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"mtu": 9000}, "MTU"),
+        ({"active_pairs": 3}, "queue pairs"),
+        ({"frames_to_guest": b"\x00\x00\x01\x00abc"}, "cut short"),
+    ],
+)
+def test_a_state_this_device_cannot_take_is_refused(tmp_path, change, message):
+    device = net_device(tmp_path, pairs=2)
+    saved = device.save_state()
+    device.close()
+    saved["device"].update(change)
+    other = net_device(tmp_path, pairs=2)
+    try:
+        with pytest.raises(StateError, match=message):
+            other.load_state(saved)
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("mac", "01:00:5e:00:00:01", "multicast"),
+        ("mac", "52:54:00:zz:00:01", "six hex bytes"),
+        ("mac", "52:54:00:00:01", "six hex bytes"),
+        ("mtu", 67, "--mtu"),
+        ("mtu", 65536, "--mtu"),
+        ("queue_pairs", 0, "--queue-pairs"),
+        ("queue_pairs", 17, "--queue-pairs"),
+    ],
+)
+def test_bad_options_are_refused_before_any_socket(tmp_path, option, value, message):
+    args = argparse.Namespace(
+        stream_listen=str(tmp_path / "wire.sock"),
+        stream_socket=None,
+        mac=None,
+        mtu=1500,
+        queue_pairs=1,
+    )
+    setattr(args, option, value)
+    with pytest.raises(ValueError, match=message):
+        VirtioNet.from_args(args)
+    assert not (tmp_path / "wire.sock").exists()
+
+
+def test_the_default_mac_is_the_same_for_the_same_path(tmp_path):
+    args = argparse.Namespace(
+        stream_listen=None, stream_socket=str(tmp_path / "w"), mac=None, mtu=1500, queue_pairs=1
+    )
+    first, second = VirtioNet.from_args(args), VirtioNet.from_args(args)
+    assert first.mac == second.mac and first.mac[:3] == b"\x52\x54\x00"
+    assert first.jail_directories == (str(tmp_path),)
+
+
+# -- with a peer on the stream, over vhost-user and vfio-user ---------------------------
+
+
+class Guest:
+    """The guest driver's side of one queue pair: 16 receive buffers of 2 KiB."""
+
+    def __init__(self, ram: GuestRam, rxq, txq) -> None:
+        self.ram, self.rxq, self.txq = ram, rxq, txq
+        self.buffers = [ram.alloc(2048, 64) for _ in range(16)]
+        self.tx_buffers = [ram.alloc(2048, 64) for _ in range(16)]
+        self.pending: list[bytes] = []
+
+    async def post(self, addresses: list[int]) -> None:
+        for address in addresses:
+            self.rxq.ring.add([], [(address, 2048)], address)
+        await self.rxq.kick_async()
+
+    async def receive(self, count: int, timeout: float = 10) -> list[bytes]:
+        frames: list[bytes] = []
+        await self.post(self.buffers)
+        self.buffers = []
+        with trio.fail_after(timeout):
+            while len(frames) < count:
+                done = self.rxq.ring.collect()
+                if not done:
+                    await trio.sleep(0.002)
+                    continue
+                for completion in done:
+                    self.pending.append(self.ram.read(completion.token, completion.written))
+                    if len(self.pending) == HEADER.unpack_from(self.pending[0])[-1]:
+                        frames.append(b"".join(self.pending)[HEADER.size :])
+                        self.pending = []
+                await self.post([c.token for c in done])
+        return frames
+
+    async def send(self, data: bytes) -> None:
+        with trio.fail_after(10):
+            while not self.tx_buffers:
+                self.tx_buffers.extend(c.token for c in self.txq.ring.collect())
+                await trio.sleep(0.002)
+        address = self.tx_buffers.pop()
+        self.ram.write(address, sent(data))
+        self.txq.ring.add([(address, HEADER.size + len(data))], [], address)
+        await self.txq.kick_async()
+
+
+async def connect_peer(path: str) -> trio.socket.SocketType:
+    peer = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await peer.connect(path)
+    return peer
+
+
+async def read_frames(peer: trio.socket.SocketType, count: int) -> list[bytes]:
+    data, frames = b"", []
+    with trio.fail_after(10):
+        while len(frames) < count:
+            chunk = await peer.recv(65536)
+            assert chunk, "the daemon closed the stream"
+            data += chunk
+            while len(data) >= 4 and len(data) >= 4 + LENGTH.unpack_from(data)[0]:
+                (length,) = LENGTH.unpack_from(data)
+                frames.append(data[4 : 4 + length])
+                data = data[4 + length :]
+    return frames
+
+
+async def vhost_user_guest(frontend, ram: GuestRam) -> Guest:
+    await frontend.negotiate(want_features=~bit(Feature.RING_PACKED))
+    await frontend.set_features()
+    await frontend.share_memory(ram)
+    queues = [await frontend.start_queue(i, frontend.make_ring(ram, 64)) for i in (0, 1)]
+    return Guest(ram, *queues)
+
+
+async def test_frames_both_ways_and_a_peer_that_breaks_the_framing(tmp_path):
+    """Frames both ways; a length of 0 and frames over the MTU from the
+    peer are dropped and counted; a 4 GiB length cuts the peer off (link
+    down), and the next peer is served."""
+    device = net_device(tmp_path)
+    ram = GuestRam([(0, 8 * MiB)])
+    try:
+        async with served(device) as frontend:
+            guest = await vhost_user_guest(frontend, ram)
+            peer = await connect_peer(str(tmp_path / "wire.sock"))
+            frames = [frame(60 + n * 100, n) for n in range(10)]
+            await peer.send(b"".join(LENGTH.pack(len(f)) + f for f in frames))
+            assert await guest.receive(10) == frames
+            for f in frames[:3]:
+                await guest.send(f)
+            assert await read_frames(peer, 3) == frames[:3]
+            await peer.send(LENGTH.pack(0) + LENGTH.pack(1519) + frame(1519))
+            await peer.send(LENGTH.pack(64) + frame(64, 0x77))
+            assert await guest.receive(1) == [frame(64, 0x77)]
+            assert device.dropped == 2
+            await peer.send(LENGTH.pack(0xFFFFFFFF) + b"garbage")
+            with trio.fail_after(5):
+                assert await peer.recv(10) == b""  # cut off
+            peer.close()
+            again = await connect_peer(str(tmp_path / "wire.sock"))
+            await again.send(LENGTH.pack(64) + frame(64, 0x78))
+            assert await guest.receive(1) == [frame(64, 0x78)]
+            again.close()
+    finally:
+        ram.close()
+        device.close()
+
+
+async def test_send_rarp_announces_the_guest_to_the_peer(tmp_path):
+    device = net_device(tmp_path)
+    ram = GuestRam([(0, 8 * MiB)])
+    try:
+        async with served(device) as frontend:
+            await vhost_user_guest(frontend, ram)
+            peer = await connect_peer(str(tmp_path / "wire.sock"))
+            moved = bytes.fromhex("52540012ab34")
+            await frontend.call(R.SEND_RARP, moved + b"\0\0")
+            assert await read_frames(peer, 1) == [rarp(moved)]
+            announced = rarp(moved)
+            assert announced[:6] == b"\xff" * 6 and announced[12:14] == b"\x80\x35"
+            peer.close()
+    finally:
+        ram.close()
+        device.close()
+
+
+@pytest.mark.parametrize("with_fd", [True, False], ids=["mapped", "through-dma"])
+async def test_net_over_vfio_user_link_status_and_queue_pairs(tmp_path, with_fd):
+    """The device owns the config space and the control queue: the link
+    follows the peer (with a config interrupt), VQ_PAIRS_SET is answered,
+    frames flow on the second pair."""
+    device = net_device(tmp_path, pairs=2)
+    ram = GuestRam([(0, 8 * MiB)])
+    try:
+        async with vfio_served(VirtioPciDevice(device), ram=ram) as client:
+            await client.map_ram(with_fd=with_fd)
+            pci = VirtioPciDriver(client, ram)
+            queues = await pci.start(queue_count=5, queue_size=64)
+            status = 6
+            assert struct.unpack("<H", await pci.read_config(status, 2)) == (0,)
+            peer = await connect_peer(str(tmp_path / "wire.sock"))
+            with trio.fail_after(5):
+                while struct.unpack("<H", await pci.read_config(status, 2)) != (STATUS_LINK_UP,):
+                    await trio.sleep(0.01)
+            assert os.eventfd_read(pci.config_fd) >= 1  # the config interrupt
+            # VQ_PAIRS_SET 2 on the control queue (index 4).
+            command = ram.alloc(4, 8)
+            ack = ram.alloc(1, 8)
+            ram.write(command, CTRL.pack(CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET) + b"\x02\x00")
+            queues[4].ring.add([(command, 4)], [(ack, 1)], "ctrl")
+            await queues[4].kick_async()
+            with trio.fail_after(5):
+                while not queues[4].ring.collect():
+                    await trio.sleep(0.01)
+            assert ram.read(ack, 1) == bytes([ACK_OK]) and device.active_pairs == 2
+            guest = Guest(ram, queues[rx(1)], queues[tx(1)])
+            await guest.send(frame(100, 5))
+            assert await read_frames(peer, 1) == [frame(100, 5)]
+            await peer.send(LENGTH.pack(90) + frame(90, 6))
+            second = Guest(ram, queues[rx(0)], queues[tx(0)])
+            async with trio.open_nursery() as nursery:  # whichever pair takes it
+                got: list[bytes] = []
+
+                async def take(g: Guest) -> None:
+                    got.extend(await g.receive(1))
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(take, guest)
+                nursery.start_soon(take, second)
+            assert got == [frame(90, 6)]
+            peer.close()
+            with trio.fail_after(5):
+                while struct.unpack("<H", await pci.read_config(status, 2)) != (0,):
+                    await trio.sleep(0.01)
+            pci.close()
+    finally:
+        ram.close()
+        device.close()
