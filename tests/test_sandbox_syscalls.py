@@ -268,6 +268,59 @@ async def vsock_device(daemon: Daemon) -> None:
     ram.close()
 
 
+async def net_device(daemon: Daemon) -> None:
+    """Frames both ways with a peer the daemon connects to from its jail
+    (and connects to again after that peer goes), the control queue over
+    vfio-user, SEND_RARP over vhost-user."""
+    from test_net import Guest, frame, read_frames, vhost_user_guest
+
+    from vfiouserd.devices.net import CTRL, CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, LENGTH
+
+    wire = daemon.command[daemon.command.index("--stream-socket") + 1]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(wire)
+    os.chmod(wire, 0o777)  # the jailed daemon is not root
+    listener.listen(4)
+    listener.setblocking(False)
+    ram = GuestRam([(0, 16 * MiB)])
+
+    async def peer() -> trio.socket.SocketType:
+        await trio.lowlevel.wait_readable(listener)
+        return trio.socket.from_stdlib_socket(listener.accept()[0])
+
+    async def exchange(guest: Guest) -> None:
+        for _ in range(2):  # the second time after the first peer went
+            wire_end = await peer()
+            await guest.send(frame(100))
+            assert await read_frames(wire_end, 1) == [frame(100)]
+            await wire_end.send(LENGTH.pack(80) + frame(80))
+            assert await guest.receive(1) == [frame(80)]
+            wire_end.close()
+
+    if "vhost-user-net" in daemon.command:
+        frontend = await VhostUserFrontend.connect(daemon.socket_path)
+        await exchange(await vhost_user_guest(frontend, ram))
+        await frontend.call(R.SEND_RARP, bytes(8))
+        wire_end = await peer()
+        await read_frames(wire_end, 1)
+        wire_end.close()
+        await frontend.aclose()
+    else:
+        for with_fd in (True, False):
+            async with VfioUserClient.connect(daemon.socket_path, ram=ram) as client:
+                await client.map_ram(with_fd=with_fd)
+                pci = VirtioPciDriver(client, ram)
+                queues = await pci.start(queue_count=3, queue_size=64)
+                command, ack = ram.alloc(4, 8), ram.alloc(1, 8)
+                ram.write(command, CTRL.pack(CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET) + b"\x01\x00")
+                queues[2].ring.add([(command, 4)], [(ack, 1)], "ctrl")
+                await queues[2].kick_async()
+                await exchange(Guest(ram, queues[0], queues[1]))
+                pci.close()
+    listener.close()
+    ram.close()
+
+
 async def vfio_user_example(daemon: Daemon) -> None:
     ram = GuestRam([(0, 4 * MiB)])
     for with_fd in (True, False):
@@ -419,6 +472,8 @@ WORKLOADS: list[tuple[tuple[str, ...], Workload]] = [
     (("vfio-user-console",), console_device),
     (("vhost-user-vsock",), vsock_device),
     (("vfio-user-vsock",), vsock_device),
+    (("vhost-user-net",), net_device),
+    (("vfio-user-net",), net_device),
 ]
 
 
@@ -440,6 +495,11 @@ def recorded(tmp_path_factory) -> Record:
             sockets.mkdir(mode=0o755)
             sockets.chmod(0o755)  # the jailed daemon is not root
             extra = ("--uds-path", str(sockets / "v.sock"), "--guest-cid", "5")
+        if "net" in args[0]:
+            wires = tmp_path / f"wire{number}"
+            wires.mkdir(mode=0o755)
+            wires.chmod(0o755)  # the jailed daemon is not root
+            extra = ("--stream-socket", str(wires / "wire.sock"))
         if "--read-only" in args:
             os.truncate(os.open(image, os.O_CREAT | os.O_WRONLY, 0o644), 8 * MiB)
         daemon = recorded_daemon(tmp_path, trace, *args, *extra, name=f"w{number}")
