@@ -110,6 +110,7 @@ class VirtioNet(VirtioDevice):
         Field("active_pairs", U16),
         Field("frames_to_guest", BYTES),
         Field("bytes_to_peer", BYTES),
+        Field("partial_from_peer", BYTES),  # a frame the peer has sent part of
     )
 
     def __init__(
@@ -137,6 +138,7 @@ class VirtioNet(VirtioDevice):
         self._listening: trio.socket.SocketType | None = None
         self.to_guest: deque[bytes] = deque()
         self.to_peer = bytearray()
+        self.partial_from_peer = b""  # the start of a frame the peer is still sending
         self.peer: trio.socket.SocketType | None = None
         self.dropped = 0
         # fill() and handle() may run on a ring's worker thread, the peer's
@@ -264,6 +266,7 @@ class VirtioNet(VirtioDevice):
         while True:
             if self.peer is None:
                 self.peer = await self._next_peer()
+                self.partial_from_peer = b""
                 log.info("net.link", up=True)
                 self.config_changed()
             async with trio.open_nursery() as nursery:
@@ -292,8 +295,9 @@ class VirtioNet(VirtioDevice):
             await trio.sleep(RECONNECT)
 
     async def _from_peer(self, peer: trio.socket.SocketType) -> None:
-        """Frames from the peer, read while the guest takes them."""
-        buffered = bytearray()
+        """Frames from the peer, read while the guest takes them. What was
+        read of an unfinished frame is device state: a restart between two
+        reads carries it to the next daemon, which reads on from there."""
         while True:
             wakeup = self.host_side_wakeup()
             with self._lock:
@@ -307,21 +311,22 @@ class VirtioNet(VirtioDevice):
                 return
             if not data:
                 return
-            buffered += data
-            frames = []
-            while len(buffered) >= LENGTH.size:
-                (length,) = LENGTH.unpack_from(buffered)
+            buffered = self.partial_from_peer + data
+            frames, at = [], 0
+            while len(buffered) - at >= LENGTH.size:
+                (length,) = LENGTH.unpack_from(buffered, at)
                 if length > MAX_STREAM_FRAME:
                     log.warning("net.peer_violation", length=length)
                     return
-                if len(buffered) < LENGTH.size + length:
+                if len(buffered) - at < LENGTH.size + length:
                     break
-                frame = bytes(buffered[LENGTH.size : LENGTH.size + length])
-                del buffered[: LENGTH.size + length]
+                frame = buffered[at + LENGTH.size : at + LENGTH.size + length]
+                at += LENGTH.size + length
                 if not 14 <= length <= self.mtu + ETHERNET:
                     self._drop("net.peer_frame_size", length)
                     continue
                 frames.append(frame)
+            self.partial_from_peer = buffered[at:]
             if frames:
                 with self._lock:
                     self.to_guest.extend(frames)
@@ -377,6 +382,8 @@ class VirtioNet(VirtioDevice):
             raise StateError(
                 f"{values['active_pairs']} queue pairs active, this one has {self.pairs}"
             )
+        if len(values["partial_from_peer"]) >= LENGTH.size + MAX_STREAM_FRAME:
+            raise StateError("a partial frame longer than any frame")
         if len(values["mac"]) != 6:
             raise StateError("a MAC address of another length")
         try:

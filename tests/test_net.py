@@ -307,9 +307,9 @@ async def connect_peer(path: str) -> trio.socket.SocketType:
     return peer
 
 
-async def read_frames(peer: trio.socket.SocketType, count: int) -> list[bytes]:
+async def read_frames(peer: trio.socket.SocketType, count: int, timeout: float = 10) -> list[bytes]:
     data, frames = b"", []
-    with trio.fail_after(10):
+    with trio.fail_after(timeout):
         while len(frames) < count:
             chunk = await peer.recv(65536)
             assert chunk, "the daemon closed the stream"
