@@ -165,12 +165,20 @@ def pivot_to_empty_root(mount_point: str = "/tmp", directories: Iterable[str] = 
                 ),
                 f"binding {directory}",
             )
+            # Read-only where the host has it so (a unit's ProtectSystem=):
+            # a user namespace may not lift that, and need not.
+            read_only = lib.MS_RDONLY if os.fstatvfs(fd).f_flag & os.ST_RDONLY else 0
             _check(
                 lib.mount(
                     none,
                     target.encode(),
                     none,
-                    lib.MS_REMOUNT | lib.MS_BIND | lib.MS_NOSUID | lib.MS_NODEV | lib.MS_NOEXEC,
+                    lib.MS_REMOUNT
+                    | lib.MS_BIND
+                    | lib.MS_NOSUID
+                    | lib.MS_NODEV
+                    | lib.MS_NOEXEC
+                    | read_only,
                     none,
                 ),
                 f"binding {directory} without devices, set-uid or programs",

@@ -33,6 +33,7 @@ ip addr add {address}/24 dev eth0
 echo "RESULT mac $(cat /sys/class/net/eth0/address)"
 echo "RESULT mtu $(cat /sys/class/net/eth0/mtu)"
 echo "RESULT carrier $(cat /sys/class/net/eth0/carrier)"
+echo "RESULT queues $(ls /sys/class/net/eth0/queues | tr '\\n' ' ')"
 head -c {size} /dev/urandom > /tmp/out
 echo "RESULT sent $(sha256sum < /tmp/out | cut -d' ' -f1)"
 """
@@ -87,10 +88,11 @@ class PeerGuest(threading.Thread):
 
 
 CASES = [
-    pytest.param("vhost-user", "7.2", "listen", id="vhost-user-qemu-7.2"),
-    pytest.param("vhost-user", "7.2", "connect", id="vhost-user-qemu-7.2-connecting"),
-    pytest.param("vhost-user", "new", "listen", id="vhost-user-qemu-new"),
-    pytest.param("vfio-user", "new", "connect", id="vfio-user-qemu-new-connecting"),
+    pytest.param("vhost-user", "7.2", "listen", 1, id="vhost-user-qemu-7.2"),
+    pytest.param("vhost-user", "7.2", "connect", 1, id="vhost-user-qemu-7.2-connecting"),
+    pytest.param("vhost-user", "new", "listen", 2, id="vhost-user-qemu-new-2-pairs"),
+    pytest.param("vfio-user", "new", "connect", 1, id="vfio-user-qemu-new-connecting"),
+    pytest.param("vfio-user", "new", "listen", 2, id="vfio-user-qemu-new-2-pairs"),
 ]
 
 
@@ -103,11 +105,15 @@ def allow_the_daemon(path: Path) -> None:
     path.chmod(0o777)
 
 
-@pytest.mark.parametrize(("protocol", "qemu_version", "wiring"), CASES)
-def test_two_guests_talk_through_the_daemon(tmp_path, request, protocol, qemu_version, wiring):
+@pytest.mark.parametrize(("protocol", "qemu_version", "wiring", "pairs"), CASES)
+def test_two_guests_talk_through_the_daemon(
+    tmp_path, request, protocol, qemu_version, wiring, pairs
+):
     """``listen``: the daemon listens, the other QEMU connects; ``connect``:
     the other QEMU listens, the daemon connects from its jail (the socket's
-    directory bound in), trying again until it is there."""
+    directory bound in), trying again until it is there. With two queue
+    pairs the guest has two vCPUs and uses both pairs (QEMU enables them over
+    vhost-user; over vfio-user the driver's VQ_PAIRS_SET reaches the device)."""
     qemu = vm.QEMU if qemu_version == "7.2" else request.getfixturevalue("qemu_new")
     wires = tmp_path / "wire"
     wires.mkdir(mode=0o755)
@@ -119,6 +125,8 @@ def test_two_guests_talk_through_the_daemon(tmp_path, request, protocol, qemu_ve
         str(wire),
         "--mac",
         MAC,
+        "--queue-pairs",
+        str(pairs),
         workdir=tmp_path,
         name="net",
     )
@@ -132,13 +140,15 @@ def test_two_guests_talk_through_the_daemon(tmp_path, request, protocol, qemu_ve
             # vhost-user network device starts (SIGSEGV in
             # msix_set_vector_notifiers from vhost_net_start): INTx there.
             vectors = ",vectors=0" if qemu_version == "7.2" else ""
+            queues = f",queues={pairs}" if pairs > 1 else ""
+            mq = f",mq=on,vectors={2 * pairs + 2}" if pairs > 1 else vectors
             devices = [
                 "-chardev",
                 f"socket,id=c0,path={daemon.socket_path}",
                 "-netdev",
-                "vhost-user,id=n0,chardev=c0",
+                f"vhost-user,id=n0,chardev=c0{queues}",
                 "-device",
-                f"virtio-net-pci,netdev=n0,mac={MAC}{vectors}",
+                f"virtio-net-pci,netdev=n0,mac={MAC}{mq}",
             ]
         else:
             devices = vm.vfio_user_device(daemon.socket_path)
@@ -147,6 +157,7 @@ def test_two_guests_talk_through_the_daemon(tmp_path, request, protocol, qemu_ve
             devices=devices,
             qemu=qemu,
             memory_mb=512,
+            smp=pairs,
             timeout=400,
         )
         peer.join(timeout=120)
@@ -159,9 +170,16 @@ def test_two_guests_talk_through_the_daemon(tmp_path, request, protocol, qemu_ve
     assert theirs.exit_statuses == [0], theirs.output[-3000:]
     assert ours.result("mac") == MAC
     assert ours.result("mtu") == "1500"
+    assert sorted(ours.result("queues").split()) == sorted(
+        [f"rx-{n}" for n in range(pairs)] + [f"tx-{n}" for n in range(pairs)]
+    )
     assert ours.result("ping") == "3", ours.output[-3000:]
     digest, count = ours.result("received").split()
     assert (digest, int(count)) == (theirs.result("sent"), SIZE)
     digest, count = theirs.result("received").split()
     assert (digest, int(count)) == (ours.result("sent"), SIZE)
     assert "event=ring.broken" not in log and "device.failed" not in log
+    if protocol == "vfio-user" and pairs > 1:
+        assert f"event=net.queue_pairs pairs={pairs}" in log
+    if protocol == "vhost-user" and pairs > 1:  # QEMU started the second pair
+        assert "event=ring.start queue=3" in log
