@@ -103,7 +103,7 @@ bench: guest
 # prints (run from the top of the tree with $(VENV)/bin/python).
 DURATION ?= 600
 SEED ?= 1
-FUZZ_DEVICES := vhost-user-blk vhost-user-rng vhost-user-console vhost-user-vsock vfio-user-blk vfio-user-example
+FUZZ_DEVICES := vhost-user-blk vhost-user-rng vhost-user-console vhost-user-vsock vhost-user-net vfio-user-blk vfio-user-example
 
 fuzz: $(VENV)/stamp
 	@status=0; for device in $(FUZZ_DEVICES); do \

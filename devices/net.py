@@ -16,7 +16,10 @@ frames. Over vhost-user QEMU keeps the config space and the control queue;
 it asks for a RARP announcement after a migration (``announce``).
 Backpressure both ways: a peer is read only while fewer than ``QUEUED``
 frames wait for the guest, the guest's transmit buffers wait while
-``BUFFERED`` bytes wait for the peer.
+``BUFFERED`` bytes wait for the peer. With no peer (an unplugged cable) the
+guest's frames are lost, as on a real link, never held: over vhost-user the
+guest cannot see the link go down, and a transmit queue held for long makes
+Linux reset the device.
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ class VirtioNet(VirtioDevice):
         self.partial_from_peer = b""  # the start of a frame the peer is still sending
         self.peer: trio.socket.SocketType | None = None
         self.dropped = 0
+        self.lost_without_peer = 0  # since the last peer went
         # fill() and handle() may run on a ring's worker thread, the peer's
         # side on the event loop: the buffers change under the lock.
         self._lock = threading.Lock()
@@ -236,7 +240,11 @@ class VirtioNet(VirtioDevice):
             return 0
         flags, gso_type = data[0], data[1]
         frame = data[HEADER.size :]
-        if flags or gso_type:  # no offload was offered
+        if self.peer is None:  # no cable: what the guest sends is lost, as on a real link
+            self.lost_without_peer += 1
+            if self.lost_without_peer == 1:
+                log.info("net.no_peer_dropping")
+        elif flags or gso_type:  # no offload was offered
             self._drop("net.offload_not_offered", len(frame))
         elif not 14 <= len(frame) <= self.mtu + ETHERNET:
             self._drop("net.frame_size", len(frame))
@@ -267,6 +275,8 @@ class VirtioNet(VirtioDevice):
             if self.peer is None:
                 self.peer = await self._next_peer()
                 self.partial_from_peer = b""
+                if self.lost_without_peer:
+                    log.info("net.lost_without_peer", frames=self.lost_without_peer)
                 log.info("net.link", up=True)
                 self.config_changed()
             async with trio.open_nursery() as nursery:
@@ -275,6 +285,9 @@ class VirtioNet(VirtioDevice):
                 nursery.cancel_scope.cancel()
             self.peer.close()
             self.peer = None
+            with self._lock:  # what that peer did not take, maybe half a frame
+                self.to_peer.clear()
+            self.lost_without_peer = 0
             log.info("net.link", up=False)
             self.config_changed()
 

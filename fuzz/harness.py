@@ -91,7 +91,7 @@ class Limits:
 class DeviceSpec:
     name: str  # the subcommand
     protocol: str  # "vhost-user" or "vfio-user"
-    model: str  # "blk", "rng", "console", "vsock" or "example"
+    model: str  # "blk", "rng", "console", "vsock", "net" or "example"
     options: tuple[str, ...] = ()  # "{workdir}" is replaced
 
     def arguments(self, workdir: Path) -> list[str]:
@@ -118,6 +118,10 @@ DEVICES: dict[str, DeviceSpec] = {
         DeviceSpec("vhost-user-console", "vhost-user", "console", CONSOLE),
         # Packets from the guest answered at once, its receive buffers held.
         DeviceSpec("vhost-user-vsock", "vhost-user", "vsock", ("--uds-path", "{workdir}/v.sock")),
+        # Receive queues merge buffers; no peer on the wire: frames are lost.
+        DeviceSpec(
+            "vhost-user-net", "vhost-user", "net", ("--stream-listen", "{workdir}/wire.sock")
+        ),
     )
 }
 

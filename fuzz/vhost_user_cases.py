@@ -740,8 +740,9 @@ async def case_hostile_ring(ctx: CaseContext) -> None:
 
 
 async def serves_again(session: Session, queue: QueueHandle, what: str) -> None:
-    """A well-formed request on ``queue`` completes within 5 s (a console's
-    or vsock's receive queues wait for the host: nothing to expect there)."""
+    """A well-formed request on ``queue`` completes within 5 s (a console's,
+    vsock's or the network's receive queues wait for the host: nothing to
+    expect there)."""
     if session.blk:
         header, status = session.buffer(16), session.buffer(1)
         session.ram.write(header, struct.pack("<IIQ", RequestType.IN, 0, 0))
@@ -752,6 +753,12 @@ async def serves_again(session: Session, queue: QueueHandle, what: str) -> None:
         message = session.buffer(8)  # data on a transmit queue, PORT_OPEN on the control one
         session.ram.write(message, struct.pack("<IHH", 1, 6, 1))
         readable, writable = [(message, 8)], []
+    elif session.ctx.spec.model == "net":
+        if queue.index % 2 == 0:
+            return  # receive queues wait for the peer
+        packet = session.buffer(12 + 60)  # a header, then a broadcast frame
+        session.ram.write(packet, bytes(12) + b"\xff" * 6 + bytes(54))
+        readable, writable = [(packet, 72)], []
     elif session.ctx.spec.model == "vsock":
         if queue.index != 1:
             return  # the receive and event queues wait for the host

@@ -19,6 +19,7 @@ CASES = {
     "vhost-user-rng": 120,
     "vhost-user-console": 120,
     "vhost-user-vsock": 120,
+    "vhost-user-net": 120,
     "vfio-user-blk": 100,
     "vfio-user-example": 120,
 }

@@ -52,6 +52,13 @@ def net_device(tmp_path, *, mtu: int = 1500, pairs: int = 1, listen: bool = True
     return VirtioNet.from_args(args)
 
 
+def with_a_peer(device: VirtioNet) -> socket.socket:
+    """A peer on the wire, as run() would have connected it; the other end."""
+    ours, theirs = socket.socketpair()
+    device.peer = trio.socket.from_stdlib_socket(ours)
+    return theirs
+
+
 def frame(size: int, fill: int = 0x11) -> bytes:
     return b"\xff" * 6 + MAC + b"\x08\x00" + bytes([fill]) * (size - 14)
 
@@ -81,12 +88,14 @@ def test_the_config_space_and_features(tmp_path):
 
 def test_transmitted_frames_go_to_the_peer_framed(tmp_path):
     device = net_device(tmp_path)
+    theirs = with_a_peer(device)
     try:
         harness = DeviceHarness(device)
         assert harness.take(tx(0), readable=[sent(frame(60))]) is not None
         assert harness.take(tx(0), readable=[sent(frame(1514, fill=0x22))]) is not None
         assert device.to_peer == LENGTH.pack(60) + frame(60) + LENGTH.pack(1514) + frame(1514, 0x22)
     finally:
+        theirs.close()
         device.close()
 
 
@@ -102,23 +111,38 @@ def test_transmitted_frames_go_to_the_peer_framed(tmp_path):
 )
 def test_bad_transmit_buffers_are_dropped_and_counted(tmp_path, why, data):
     device = net_device(tmp_path)
+    theirs = with_a_peer(device)
     try:
         harness = DeviceHarness(device)
         done = harness.take(tx(0), readable=[data])
         assert done is not None and done.written == 0, why
         assert device.to_peer == b"" and device.dropped == 1
     finally:
+        theirs.close()
+        device.close()
+
+
+def test_without_a_peer_the_guests_frames_are_lost_not_held(tmp_path):
+    device = net_device(tmp_path)
+    try:
+        harness = DeviceHarness(device)
+        for _ in range(BUFFERED // 1518 + 10):
+            assert harness.take(tx(0), readable=[sent(frame(1514))]) is not None
+        assert device.to_peer == b"" and device.lost_without_peer == BUFFERED // 1518 + 10
+    finally:
         device.close()
 
 
 def test_the_guest_is_held_once_the_peer_is_slow(tmp_path):
     device = net_device(tmp_path)
+    theirs = with_a_peer(device)
     try:
         harness = DeviceHarness(device)
         while harness.take(tx(0), readable=[sent(frame(1514))]) is not None:
             pass
         assert BUFFERED <= len(device.to_peer) < BUFFERED + 1518 + 4
     finally:
+        theirs.close()
         device.close()
 
 
@@ -182,6 +206,7 @@ def test_queue_pairs_need_mq(tmp_path):
 def test_state_round_trips_frames_both_ways(tmp_path):
     device = net_device(tmp_path, pairs=2)
     other = None
+    theirs = with_a_peer(device)
     try:
         harness = DeviceHarness(device)
         device.to_guest.extend([frame(60), frame(70)])
@@ -194,6 +219,7 @@ def test_state_round_trips_frames_both_ways(tmp_path):
         assert other.to_peer == LENGTH.pack(80) + frame(80)
         assert other.active_pairs == 2
     finally:
+        theirs.close()
         device.close()
         if other is not None:
             other.close()
