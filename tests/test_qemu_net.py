@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from daemon import Daemon
+from guest_helpers import kill_hard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guest import vm
@@ -63,16 +64,16 @@ echo "RESULT received $(sha256sum < /tmp/in | cut -d' ' -f1) $(wc -c < /tmp/in)"
 class PeerGuest(threading.Thread):
     """The second guest: QEMU 7.2's own virtio-net on -netdev stream."""
 
-    def __init__(self, path: str, server: bool) -> None:
+    def __init__(self, path: str, server: bool, script: str = PEER_GUEST) -> None:
         super().__init__(daemon=True)
-        self.path, self.server = path, server
+        self.path, self.server, self.script = path, server, script
         self.run_result: vm.GuestRun | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             self.run_result = vm.boot(
-                PEER_GUEST.format(address=PEER, size=SIZE),
+                self.script.format(address=PEER, size=SIZE),
                 devices=[
                     "-netdev",
                     f"stream,id=n0,server={'on' if self.server else 'off'},"
@@ -183,3 +184,90 @@ def test_two_guests_talk_through_the_daemon(
         assert f"event=net.queue_pairs pairs={pairs}" in log
     if protocol == "vhost-user" and pairs > 1:  # QEMU started the second pair
         assert "event=ring.start queue=3" in log
+
+
+KILL_SCRIPT = (
+    SETUP
+    + f"""
+for i in $(seq 120); do ping -c 1 -W 1 {PEER} > /dev/null 2>&1 && break; done
+echo "RESULT before $(ping -c 2 -W 2 {PEER} | grep -c 'bytes from')"
+echo "RESULT phase kill"
+sleep 2
+for i in $(seq 60); do ping -c 1 -W 1 {PEER} > /dev/null 2>&1 && break; done
+echo "RESULT after $(ping -c 3 -W 2 {PEER} | grep -c 'bytes from')"
+for i in $(seq 60); do
+    relay tcp-connect {PEER} 5000 < /tmp/out > /tmp/in 2>/dev/null && break
+    sleep 1
+done
+echo "RESULT received $(sha256sum < /tmp/in | cut -d' ' -f1) $(wc -c < /tmp/in)"
+"""
+)
+
+
+@pytest.mark.parametrize("qemu_version", ["7.2", "new"])
+def test_a_killed_daemon_is_replaced_and_the_network_comes_back(tmp_path, request, qemu_version):
+    """SIGKILL under a guest that pings; a new daemon on the same socket:
+    QEMU reconnects (reconnect=1 / reconnect-ms), the new daemon connects to
+    the same peer again (a QEMU -netdev stream server), pings resume and a
+    16 MiB exchange each way completes. Frames in flight when it died are
+    lost, as on a link that flapped; TCP sends them again."""
+    qemu = vm.QEMU if qemu_version == "7.2" else request.getfixturevalue("qemu_new")
+    wires = tmp_path / "wire"
+    wires.mkdir(mode=0o755)
+    wires.chmod(0o755)
+    wire = wires / "wire.sock"
+    args = ("--stream-socket", str(wire), "--mac", MAC)
+    peer = PeerGuest(str(wire), server=True)
+    peer.start()
+    allow_the_daemon(wire)
+    first = Daemon("vhost-user-net", *args, workdir=tmp_path, name="first").start()
+    second: list[Daemon] = []
+
+    def on_line(line: str) -> None:
+        if line.startswith("RESULT phase kill"):
+            kill_hard(first)
+            second.append(
+                Daemon(
+                    "vhost-user-net",
+                    *args,
+                    workdir=tmp_path,
+                    name="second",
+                    socket_path=first.socket_path,
+                ).start()
+            )
+
+    vectors = ",vectors=0" if qemu_version == "7.2" else ""
+    devices = [
+        "-chardev",
+        f"socket,id=c0,path={first.socket_path},{vm.reconnect_option(qemu)}",
+        "-netdev",
+        "vhost-user,id=n0,chardev=c0",
+        "-device",
+        f"virtio-net-pci,netdev=n0,mac={MAC}{vectors}",
+    ]
+    try:
+        ours = vm.boot(
+            KILL_SCRIPT.format(address=OURS, size=SIZE),
+            devices=devices,
+            qemu=qemu,
+            on_line=on_line,
+            memory_mb=512,
+            timeout=400,
+        )
+        peer.join(timeout=120)
+    finally:
+        for daemon in [first, *second]:
+            if daemon.process is not None and daemon.process.poll() is None:
+                daemon.stop()
+    assert second, "the guest never got to the kill"
+    assert peer.error is None, repr(peer.error)
+    theirs = peer.run_result
+    assert theirs is not None
+    assert ours.exit_statuses == [0], ours.output[-3000:]
+    assert ours.result("before") == "2" and ours.result("after") == "3", ours.output[-3000:]
+    digest, count = ours.result("received").split()
+    assert (digest, int(count)) == (theirs.result("sent"), SIZE)
+    digest, count = theirs.result("received").split()
+    assert (digest, int(count)) == (ours.result("sent"), SIZE)
+    log = second[0].log()
+    assert "event=net.link up=True" in log and "device.failed" not in log
