@@ -16,7 +16,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DEB_PACKAGES := qemu-system-x86 qemu-utils gcc libc6-dev libcap-dev libseccomp2 util-linux strace systemd \
 	python3-dev python3-venv libvirt-daemon-system libvirt-clients \
 	dpkg-dev libglib2.0-dev libpixman-1-dev zlib1g-dev libfdt-dev libaio-dev flex bison \
-	gcc-multilib ninja-build pkg-config socat
+	gcc-multilib ninja-build pkg-config socat passt
 export PIP_CACHE_DIR := $(CURDIR)/$(CACHE)/pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 

@@ -6,8 +6,13 @@ stream socket with its own ``-netdev stream``: link, MAC, MTU, ping, and
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -271,3 +276,94 @@ def test_a_killed_daemon_is_replaced_and_the_network_comes_back(tmp_path, reques
     assert (digest, int(count)) == (ours.result("sent"), SIZE)
     log = second[0].log()
     assert "event=net.link up=True" in log and "device.failed" not in log
+
+
+PASST_GUEST = """
+ip link set eth0 up
+udhcpc -i eth0 -n -q -t 5 -s /bin/true > /tmp/dhcp 2>&1
+set -- $(sed -n 's/.*lease of \\([0-9.]*\\) obtained from \\([0-9.]*\\).*/\\1 \\2/p' /tmp/dhcp)
+echo "RESULT lease $1 $2"
+ip addr add $1/24 dev eth0
+ip route add default via $2
+head -c {size} /dev/urandom > /tmp/out
+echo "RESULT sent $(sha256sum < /tmp/out | cut -d' ' -f1)"
+relay tcp-connect $2 {port} < /tmp/out > /tmp/in
+echo "RESULT received $(sha256sum < /tmp/in | cut -d' ' -f1) $(wc -c < /tmp/in)"
+"""
+
+
+@pytest.mark.skipif(shutil.which("passt") is None, reason="passt not installed")
+@pytest.mark.parametrize("protocol", ["vhost-user", "vfio-user"])
+def test_passt_gives_the_guest_dhcp_and_the_host(tmp_path, request, protocol):
+    """passt (Debian's) as the daemon's peer, the daemon connecting to it
+    from its jail: the guest gets a DHCP lease from passt and reaches a host
+    TCP server through passt's gateway address, 4 MiB each way."""
+    qemu = request.getfixturevalue("qemu_new")
+    size = 4 << 20
+    # passt drops root for nobody before it binds its socket: a directory
+    # nobody reaches and writes (pytest's are root's alone).
+    wires = Path(tempfile.mkdtemp(prefix="vfiouserd-passt-"))
+    wires.chmod(0o777)
+    wire = wires / "passt.sock"
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    payload = os.urandom(size)
+    got: dict[str, bytes] = {}
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            sender = threading.Thread(target=lambda: (conn.sendall(payload), conn.shutdown(1)))
+            sender.start()
+            data = bytearray()
+            while chunk := conn.recv(1 << 20):
+                data += chunk
+            sender.join()
+            got["host"] = bytes(data)
+
+    host = threading.Thread(target=serve, daemon=True)
+    host.start()
+    passt = subprocess.Popen(
+        ["passt", "--foreground", "--socket", str(wire)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        allow_the_daemon(wire)
+        daemon = Daemon(
+            f"{protocol}-net", "--stream-socket", str(wire), workdir=tmp_path, name="net"
+        )
+        with daemon:
+            if protocol == "vhost-user":
+                devices = [
+                    "-chardev",
+                    f"socket,id=c0,path={daemon.socket_path}",
+                    "-netdev",
+                    "vhost-user,id=n0,chardev=c0",
+                    "-device",
+                    "virtio-net-pci,netdev=n0",
+                ]
+            else:
+                devices = vm.vfio_user_device(daemon.socket_path)
+            run = vm.boot(
+                PASST_GUEST.format(size=size, port=port),
+                devices=devices,
+                qemu=qemu,
+                memory_mb=256,
+                timeout=300,
+            )
+            host.join(timeout=60)
+            assert daemon.stop() == 0
+    finally:
+        passt.kill()
+        passt.wait()
+        server.close()
+        shutil.rmtree(wires, ignore_errors=True)
+    assert run.exit_statuses == [0], run.output[-3000:]
+    address, gateway = run.result("lease").split()
+    assert address.count(".") == 3 and gateway.count(".") == 3
+    assert hashlib.sha256(got["host"]).hexdigest() == run.result("sent")
+    digest, count = run.result("received").split()
+    assert (digest, int(count)) == (hashlib.sha256(payload).hexdigest(), size)
