@@ -23,7 +23,7 @@ from typing import ClassVar, Self
 
 import trio
 
-from vfiouserd.devices.virtio import DeviceId, Request, VirtioDevice
+from vfiouserd.devices.virtio import DeviceId, Request, VirtioDevice, adopt_socket
 from vfiouserd.log import get_logger
 from vfiouserd.sockets import listen_on_path
 from vfiouserd.state import BYTES, INT_MAP, Field, Schema
@@ -330,12 +330,9 @@ class VirtioInput(VirtioDevice):
         return {} if self._client is None else {"client": self._client.fileno()}
 
     def adopt_host_fds(self, fds: dict[str, int]) -> None:
-        for name, fd in fds.items():
-            if name != "client" or self._client is not None:
-                log.warning("input.handover_fd_unknown", name=name)
-                os.close(fd)
-                continue
-            self._client = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        client = adopt_socket(fds, "client", self._client is not None, "input")
+        if client is not None:
+            self._client = client
             self._told_leds = True  # by the previous daemon
 
     def close(self) -> None:

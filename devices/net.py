@@ -35,7 +35,7 @@ from typing import Any, Self
 
 import trio
 
-from vfiouserd.devices.virtio import DeviceId, Request, VirtioDevice, bit
+from vfiouserd.devices.virtio import DeviceId, Request, VirtioDevice, adopt_socket, bit
 from vfiouserd.log import get_logger
 from vfiouserd.sockets import listen_on_path
 from vfiouserd.state import BYTES, U16, Field, Schema, StateError
@@ -410,12 +410,7 @@ class VirtioNet(VirtioDevice):
         return {} if self.peer is None else {"peer": self.peer.fileno()}
 
     def adopt_host_fds(self, fds: dict[str, int]) -> None:
-        for name, fd in fds.items():
-            if name != "peer" or self.peer is not None:
-                log.warning("net.handover_fd_unknown", name=name)
-                os.close(fd)
-                continue
-            self.peer = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        self.peer = adopt_socket(fds, "peer", self.peer is not None, "net") or self.peer
 
     def close(self) -> None:
         if self.peer is not None:  # at exit, after the event loop: no trio close

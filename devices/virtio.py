@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import enum
 import os
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import trio
 
+from vfiouserd.log import get_logger
 from vfiouserd.state import Schema
 
 
@@ -184,6 +186,22 @@ class Request:
             view[:] = data[done : done + len(view)]
             done += len(view)
         return done
+
+
+def adopt_socket(
+    fds: dict[str, int], name: str, holding: bool, device: str
+) -> trio.socket.SocketType | None:
+    """The one host connection a device hands over as ``name`` (see
+    ``host_fds``), for trio; any other fd, or this one when the device
+    holds a connection already, is closed and logged."""
+    adopted = None
+    for key, fd in fds.items():
+        if key != name or holding or adopted is not None:
+            get_logger(device).warning(f"{device}.handover_fd_unknown", name=key)
+            os.close(fd)
+            continue
+        adopted = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+    return adopted
 
 
 def split_buffers(

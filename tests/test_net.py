@@ -458,3 +458,25 @@ async def test_net_over_vfio_user_link_status_and_queue_pairs(tmp_path, with_fd)
     finally:
         ram.close()
         device.close()
+
+
+def test_a_handed_over_peer_is_adopted_and_anything_else_closed(tmp_path):
+    device = net_device(tmp_path)
+    try:
+        ours, theirs = socket.socketpair()
+        stray_a, stray_b = socket.socketpair()
+        device.adopt_host_fds({"peer": ours.detach(), "other": stray_a.detach()})
+        assert device.peer is not None
+        with pytest.raises(BrokenPipeError):  # the stray fd was closed
+            for _ in range(100):
+                stray_b.send(b"x" * 65536)
+        late, late_b = socket.socketpair()
+        late_fd = late.detach()
+        device.adopt_host_fds({"peer": late_fd})  # one is held already
+        with pytest.raises(OSError):
+            os.fstat(late_fd)
+        theirs.close()
+        stray_b.close()
+        late_b.close()
+    finally:
+        device.close()

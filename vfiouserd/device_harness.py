@@ -96,13 +96,9 @@ class DeviceHarness(Generic[D]):
             [memoryview(area) for area in areas],
             ndescs=max(len(readable) + len(sizes), 1),
         )
-        written = self.device.fill(queue, request)
+        written = self._fill(queue, request)
         if written is None:
             return None
-        if not isinstance(written, int) or not 0 <= written <= request.writable_size:
-            raise HarnessError(
-                f"fill() reported {written!r} bytes written of {request.writable_size}"
-            )
         return Completion(written, [bytes(area) for area in areas])
 
     def take_merged(self, queue: int, *sizes: int) -> list[Completion] | None:
@@ -116,19 +112,25 @@ class DeviceHarness(Generic[D]):
         areas = [bytearray(b"\xaa" * size) for size in sizes]
         request = Request([], [memoryview(area) for area in areas])
         request.parts = list(sizes)
-        written = self.device.fill(queue, request)
+        written = self._fill(queue, request)
         if written is None:
             return None
-        if not isinstance(written, int) or not 0 <= written <= request.writable_size:
-            raise HarnessError(
-                f"fill() reported {written!r} bytes written of {request.writable_size}"
-            )
         completions, left = [], written
         for area in areas[: request.buffers_used(written)]:
             share = min(left, len(area))
             completions.append(Completion(share, [bytes(area)]))
             left -= share
         return completions
+
+    def _fill(self, queue: int, request: Request) -> int | None:
+        written = self.device.fill(queue, request)
+        if written is not None and (
+            not isinstance(written, int) or not 0 <= written <= request.writable_size
+        ):
+            raise HarnessError(
+                f"fill() reported {written!r} bytes written of {request.writable_size}"
+            )
+        return written
 
     def config(self, offset: int = 0, size: int | None = None) -> bytes:
         data = self.device.config()
