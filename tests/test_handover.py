@@ -579,6 +579,9 @@ async def test_a_network_peer_stays_connected_across_restarts(tmp_path, protocol
     async def stream_across_restarts(manager: FakeSystemd, guest: Guest) -> None:
         peer = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await peer.connect(wire)
+        with trio.fail_after(10):  # the guest's frames are lost until the daemon has its end
+            while "event=net.link up=True" not in manager.log():
+                await trio.sleep(0.01)
         got: dict[str, list[bytes]] = {}
 
         async def peer_writes() -> None:

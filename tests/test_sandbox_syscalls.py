@@ -288,9 +288,16 @@ async def net_device(daemon: Daemon) -> None:
         await trio.lowlevel.wait_readable(listener)
         return trio.socket.from_stdlib_socket(listener.accept()[0])
 
+    links = 0
+
     async def exchange(guest: Guest) -> None:
+        nonlocal links
         for _ in range(2):  # the second time after the first peer went
             wire_end = await peer()
+            # What the guest sends before the daemon has its end is lost, as
+            # on a cable not yet plugged in: wait for the link.
+            links += 1
+            daemon.wait_for_log("event=net.link up=True", count=links)
             await guest.send(frame(100))
             assert await read_frames(wire_end, 1) == [frame(100)]
             await wire_end.send(LENGTH.pack(80) + frame(80))
