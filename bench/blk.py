@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from types import ModuleType
 
 import trio
 from cffi import FFI
+from common import stop
 
 from vfiouserd._native import ffi as native_ffi
 from vfiouserd.client.guest import DriverSplitRing, GuestRam
@@ -295,8 +295,7 @@ def main() -> int:
                                 key = (kind, workload.name, queues, depth)
                                 results.setdefault(key, []).append(sample)
                     finally:
-                        process.send_signal(signal.SIGTERM)
-                        process.wait(10)
+                        stop(process, name)
                         if os.path.exists(sock):
                             os.unlink(sock)
     print(

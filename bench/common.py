@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 
 import trio
 
@@ -17,3 +20,15 @@ async def connect(path: str) -> trio.socket.SocketType:
                 return sock
             except OSError:
                 await trio.sleep(0.02)
+
+
+def stop(process: subprocess.Popen[bytes], name: str, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``: a back
+    end that hangs at exit must not hang the benchmark (it is reported)."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        print(f"warning: {name} did not exit {timeout:g} s after SIGTERM: killed", file=sys.stderr)
+        process.kill()
+        process.wait()

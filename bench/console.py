@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import trio
-from common import connect
+from common import connect, stop
 
 from vfiouserd.client.blk import QueuePort
 from vfiouserd.client.guest import GuestRam
@@ -156,8 +156,7 @@ async def through_the_device(
                 await measure(rx, tx)
                 driver.close()
     finally:
-        daemon.terminate()
-        daemon.wait(10)
+        stop(daemon, f"{protocol}-console")
         ram.close()
     return results
 

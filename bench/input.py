@@ -30,7 +30,7 @@ import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from common import connect  # noqa: E402
+from common import connect, stop  # noqa: E402
 
 from conftest import start_device  # noqa: E402
 from vfiouserd.client.blk import QueuePort  # noqa: E402
@@ -84,8 +84,7 @@ async def through_the_device(workdir: Path, protocol: str, count: int) -> list[f
                 samples = await measure(ram, queue, events_path, count)
                 driver.close()
     finally:
-        daemon.terminate()
-        daemon.wait(10)
+        stop(daemon, "the input daemon")
         ram.close()
     return samples
 
@@ -132,8 +131,7 @@ async def through_a_relay(workdir: Path, count: int) -> list[float]:
             samples.append(time.perf_counter() - started)
         host.close()
     finally:
-        relay.terminate()
-        relay.wait(10)
+        stop(relay, "the relay")
     return samples
 
 
