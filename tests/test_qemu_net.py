@@ -57,10 +57,12 @@ echo "RESULT received $(sha256sum < /tmp/in | cut -d' ' -f1) $(wc -c < /tmp/in)"
 """
 )
 
+# Bounded: should the other guest fail, this one still powers off (its QEMU
+# must not outlive a test run that gave up on it).
 PEER_GUEST = (
     SETUP
     + """
-relay tcp-listen 5000 < /tmp/out > /tmp/in
+timeout 300 relay tcp-listen 5000 < /tmp/out > /tmp/in
 echo "RESULT received $(sha256sum < /tmp/in | cut -d' ' -f1) $(wc -c < /tmp/in)"
 """
 )
