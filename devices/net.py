@@ -324,22 +324,17 @@ class VirtioNet(VirtioDevice):
                 return
             if not data:
                 return
-            buffered = self.partial_from_peer + data
-            frames, at = [], 0
-            while len(buffered) - at >= LENGTH.size:
-                (length,) = LENGTH.unpack_from(buffered, at)
-                if length > MAX_STREAM_FRAME:
-                    log.warning("net.peer_violation", length=length)
-                    return
-                if len(buffered) - at < LENGTH.size + length:
-                    break
-                frame = buffered[at + LENGTH.size : at + LENGTH.size + length]
-                at += LENGTH.size + length
-                if not 14 <= length <= self.mtu + ETHERNET:
-                    self._drop("net.peer_frame_size", length)
-                    continue
-                frames.append(frame)
-            self.partial_from_peer = buffered[at:]
+            try:
+                whole, self.partial_from_peer = take_frames(self.partial_from_peer + data)
+            except ValueError as exc:
+                log.warning("net.peer_violation", reason=str(exc))
+                return
+            frames = []
+            for frame in whole:
+                if 14 <= len(frame) <= self.mtu + ETHERNET:
+                    frames.append(frame)
+                else:
+                    self._drop("net.peer_frame_size", len(frame))
             if frames:
                 with self._lock:
                     self.to_guest.extend(frames)
@@ -420,14 +415,25 @@ class VirtioNet(VirtioDevice):
             self.listener.close()
 
 
+def take_frames(data: bytes) -> tuple[list[bytes], bytes]:
+    """The whole frames at the start of ``data`` (length-prefixed, as on the
+    stream) and the rest, the start of the next one; ValueError for a length
+    no frame has."""
+    frames, at = [], 0
+    while len(data) - at >= LENGTH.size:
+        (length,) = LENGTH.unpack_from(data, at)
+        if length > MAX_STREAM_FRAME:
+            raise ValueError(f"a length of {length} bytes at {at}")
+        if len(data) - at < LENGTH.size + length:
+            break
+        frames.append(data[at + LENGTH.size : at + LENGTH.size + length])
+        at += LENGTH.size + length
+    return frames, data[at:]
+
+
 def split_frames(data: bytes) -> list[bytes]:
-    frames, offset = [], 0
-    while offset < len(data):
-        if offset + LENGTH.size > len(data):
-            raise ValueError("a length cut short")
-        (length,) = LENGTH.unpack_from(data, offset)
-        if offset + LENGTH.size + length > len(data):
-            raise ValueError(f"a frame of {length} bytes at {offset} cut short")
-        frames.append(data[offset + LENGTH.size : offset + LENGTH.size + length])
-        offset += LENGTH.size + length
+    """Frames in the state format (the stream's): whole ones only."""
+    frames, rest = take_frames(data)
+    if rest:
+        raise ValueError(f"a frame cut short after {len(data) - len(rest)} bytes")
     return frames

@@ -449,10 +449,9 @@ class VirtioVsock(VirtioDevice):
                     return None
                 line += data
         word, _, port = line.decode(errors="replace").strip().partition(" ")
-        if not line.endswith(b"\n") or word != "CONNECT" or not port.isdigit():
-            log.warning("vsock.bad_connect", line=line[:CONNECT_LINE])
-            return None
-        if int(port) > 0xFFFFFFFF:
+        if not (line.endswith(b"\n") and word == "CONNECT" and port.isdigit()) or (
+            int(port) > 0xFFFFFFFF
+        ):
             log.warning("vsock.bad_connect", line=line[:CONNECT_LINE])
             return None
         return int(port)
