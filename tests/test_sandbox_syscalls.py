@@ -183,13 +183,7 @@ async def input_device(daemon: Daemon) -> None:
         await exchange(events.queue, status.queue)
         await frontend.aclose()
     else:
-        for with_fd in (True, False):
-            async with VfioUserClient.connect(daemon.socket_path, ram=ram) as client:
-                await client.map_ram(with_fd=with_fd)
-                driver = VirtioPciDriver(client, ram)
-                events, status = await driver.start(queue_count=2)
-                await exchange(events, status)
-                driver.close()
+        await over_vfio_user(daemon, ram, lambda queues: exchange(*queues), queue_count=2)
     ram.close()
 
 
@@ -206,13 +200,13 @@ async def console_device(daemon: Daemon) -> None:
         await exchange_on_a_named_port(await vhost_user_console(frontend, ram, 6), port)
         await frontend.aclose()
     else:
-        for with_fd in (True, False):
-            async with VfioUserClient.connect(daemon.socket_path, ram=ram) as client:
-                await client.map_ram(with_fd=with_fd)
-                pci = VirtioPciDriver(client, ram)
-                queues = await pci.start(queue_count=6, queue_size=64)
-                await exchange_on_a_named_port(ConsoleDriver(ram, list(queues)), port)
-                pci.close()
+        await over_vfio_user(
+            daemon,
+            ram,
+            lambda queues: exchange_on_a_named_port(ConsoleDriver(ram, queues), port),
+            queue_count=6,
+            queue_size=64,
+        )
     ram.close()
 
 
@@ -257,13 +251,13 @@ async def vsock_device(daemon: Daemon) -> None:
         await exchange(await vhost_user_stack(frontend, ram))
         await frontend.aclose()
     else:
-        for with_fd in (True, False):
-            async with VfioUserClient.connect(daemon.socket_path, ram=ram) as client:
-                await client.map_ram(with_fd=with_fd)
-                pci = VirtioPciDriver(client, ram)
-                queues = await pci.start(queue_count=3, queue_size=64)
-                await exchange(GuestStack(ram, list(queues)))
-                pci.close()
+        await over_vfio_user(
+            daemon,
+            ram,
+            lambda queues: exchange(GuestStack(ram, queues)),
+            queue_count=3,
+            queue_size=64,
+        )
     listener.close()
     ram.close()
 
@@ -313,19 +307,30 @@ async def net_device(daemon: Daemon) -> None:
         wire_end.close()
         await frontend.aclose()
     else:
-        for with_fd in (True, False):
-            async with VfioUserClient.connect(daemon.socket_path, ram=ram) as client:
-                await client.map_ram(with_fd=with_fd)
-                pci = VirtioPciDriver(client, ram)
-                queues = await pci.start(queue_count=3, queue_size=64)
-                command, ack = ram.alloc(4, 8), ram.alloc(1, 8)
-                ram.write(command, CTRL.pack(CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET) + b"\x01\x00")
-                queues[2].ring.add([(command, 4)], [(ack, 1)], "ctrl")
-                await queues[2].kick_async()
-                await exchange(Guest(ram, queues[0], queues[1]))
-                pci.close()
+
+        async def control_then_exchange(queues: list) -> None:
+            command, ack = ram.alloc(4, 8), ram.alloc(1, 8)
+            ram.write(command, CTRL.pack(CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET) + b"\x01\x00")
+            queues[2].ring.add([(command, 4)], [(ack, 1)], "ctrl")
+            await queues[2].kick_async()
+            await exchange(Guest(ram, queues[0], queues[1]))
+
+        await over_vfio_user(daemon, ram, control_then_exchange, queue_count=3, queue_size=64)
     listener.close()
     ram.close()
+
+
+async def over_vfio_user(
+    daemon: Daemon, ram: GuestRam, use: Callable[[list], Awaitable[object]], **start: int
+) -> None:
+    """Drive a virtio device over vfio-user twice, memory shared with fds
+    and reached through DMA messages: ``use`` gets the started queues."""
+    for with_fd in (True, False):
+        async with VfioUserClient.connect(daemon.socket_path, ram=ram) as client:
+            await client.map_ram(with_fd=with_fd)
+            pci = VirtioPciDriver(client, ram)
+            await use(list(await pci.start(**start)))
+            pci.close()
 
 
 async def vfio_user_example(daemon: Daemon) -> None:
