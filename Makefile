@@ -44,7 +44,8 @@ $(CACHE)/deps.stamp: Makefile
 deps: $(CACHE)/deps.stamp
 
 $(VENV)/stamp: $(CACHE)/deps.stamp pyproject.toml setup.py vfiouserd/_native_build.py \
-		vfiouserd/fastpath.c vfiouserd/fastpath.h devices/blk_fastpath.c devices/blk_fastpath.h
+		vfiouserd/fastpath.c vfiouserd/fastpath.h devices/blk_fastpath.c devices/blk_fastpath.h \
+		devices/net_fastpath.c devices/net_fastpath.h
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
@@ -97,6 +98,7 @@ bench: guest
 	$(VENV)/bin/python bench/downtime.py
 	$(VENV)/bin/python bench/input.py
 	$(VENV)/bin/python bench/console.py
+	$(VENV)/bin/python bench/net.py
 
 # Every device gets its turn even when an earlier one had findings; the
 # target fails if any had. Replay a finding with the command its FINDING line

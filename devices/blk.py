@@ -156,7 +156,7 @@ class VirtioBlk(VirtioDevice):
     def capacity(self, sectors: int) -> None:
         self._native.capacity = sectors
 
-    def native_handler(self) -> NativeHandler:
+    def native_handler(self, queue: int) -> NativeHandler:
         return NativeHandler(lib.vfu_blk_check, lib.vfu_blk_serve, self._native)
 
     # -- plugin wiring ------------------------------------------------------

@@ -14,28 +14,43 @@ several receive buffers), MQ with ``--queue-pairs`` and the control queue
 segmentation offloads are offered: the guest sends whole, checksummed
 frames. Over vhost-user QEMU keeps the config space and the control queue;
 it asks for a RARP announcement after a migration (``announce``).
-Backpressure both ways: a peer is read only while fewer than ``QUEUED``
+Backpressure both ways: a peer is read only while fewer than 256 KiB of
 frames wait for the guest, the guest's transmit buffers wait while
 ``BUFFERED`` bytes wait for the peer. With no peer (an unplugged cable) the
 guest's frames are lost, as on a real link, never held: over vhost-user the
 guest cannot see the link go down, and a transmit queue held for long makes
 Linux reset the device.
+
+The frames wait in two byte queues in the stream's format, in C
+(net_fastpath.c), shared with the native fast path: on split rings over
+vhost-user its worker threads fill a receive buffer with a frame and send a
+transmit buffer's frame per request, with the GIL released; this module
+reads the peer's socket into the queue (up to 64 KiB at a time), keeps the
+connection, and serves whatever the fast path leaves to it (frames spread
+over several buffers, bad buffers, no peer, vfio-user, packed rings).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import os
 import socket
 import struct
-import threading
-from collections import deque
 from typing import Any, Self
 
 import trio
 
-from vfiouserd.devices.virtio import DeviceId, Request, VirtioDevice, adopt_socket, bit
+from vfiouserd._native import ffi, lib
+from vfiouserd.devices.virtio import (
+    DeviceId,
+    NativeHandler,
+    Request,
+    VirtioDevice,
+    adopt_socket,
+    bit,
+)
 from vfiouserd.log import get_logger
 from vfiouserd.sockets import listen_on_path
 from vfiouserd.state import BYTES, U16, Field, Schema, StateError
@@ -52,9 +67,8 @@ CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET = 4, 0
 ACK_OK, ACK_ERR = 0, 1
 ETHERNET = 14 + 4  # header and a VLAN tag
 MAX_PAIRS = 16
-BUFFERED = 256 << 10  # guest to peer, bytes
-QUEUED = 256  # peer to guest, frames
-READ_SIZE = 64 << 10
+BUFFERED = 256 << 10  # guest to peer, bytes (net_fastpath.c's VFU_NET_FOR_PEER)
+FOR_GUEST = (256 + 64) << 10  # whole frames read ahead for the guest, at most
 RECONNECT = 1.0
 MAX_STREAM_FRAME = 1 << 18  # a longer length prefix is not a frame: the peer is cut off
 
@@ -133,21 +147,30 @@ class VirtioNet(VirtioDevice):
         self.mac, self.mtu, self.pairs = mac, mtu, pairs
         self.peer_path, self.listener = peer_path, listener
         self.jail_directories = (os.path.dirname(peer_path),) if peer_path else ()
-        self.active_pairs = 1
         # Receive queues wait for frames, transmit queues for room towards
         # the peer; the control queue (the last) is answered at once.
         self.host_fed_queues = frozenset(range(2 * pairs))
         self.merged_queues = frozenset(rx(pair) for pair in range(pairs))
         self._listening: trio.socket.SocketType | None = None
-        self.to_guest: deque[bytes] = deque()
-        self.to_peer = bytearray()
-        self.partial_from_peer = b""  # the start of a frame the peer is still sending
-        self.peer: trio.socket.SocketType | None = None
+        # The frames both ways (net_fastpath.c), with their own lock: the
+        # fast path's threads, fill() on a ring's worker thread and the
+        # peer's side on the event loop all use them. It tells this side
+        # through the eventfd when the guest made room or left bytes unsent.
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        queues = lib.vfu_net_new(mtu, self._wake_fd)
+        if queues == ffi.NULL:
+            raise MemoryError("virtio-net frame queues")
+        self._queues = ffi.gc(queues, lib.vfu_net_free)
+        self._settings = lib.vfu_net_settings(self._queues)
+        self._handles = [
+            ffi.new("struct vfu_net_queue *", {"net": self._queues, "index": index})
+            for index in range(2 * pairs)
+        ]
+        self._frame = ffi.new("uint8_t[]", 65535 + ETHERNET)  # fill()'s copy of a frame
+        self._frame_size = ffi.new("uint32_t *")
+        self._peer: trio.socket.SocketType | None = None
         self.dropped = 0
         self.lost_without_peer = 0  # since the last peer went
-        # fill() and handle() may run on a ring's worker thread, the peer's
-        # side on the event loop: the buffers change under the lock.
-        self._lock = threading.Lock()
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -179,11 +202,39 @@ class VirtioNet(VirtioDevice):
         status = STATUS_LINK_UP if self.peer is not None else 0
         return CONFIG.pack(self.mac, status, self.pairs, self.mtu)
 
+    @property
+    def peer(self) -> trio.socket.SocketType | None:
+        return self._peer
+
+    @peer.setter
+    def peer(self, peer: trio.socket.SocketType | None) -> None:
+        self._settings.peer_fd = -1 if peer is None else peer.fileno()
+        self._peer = peer
+
+    @property
+    def active_pairs(self) -> int:
+        return int(self._settings.active_pairs)
+
+    @active_pairs.setter
+    def active_pairs(self, pairs: int) -> None:
+        self._settings.active_pairs = pairs
+
+    def native_handler(self, queue: int) -> NativeHandler | None:
+        if queue >= 2 * self.pairs:
+            return None  # the control queue: Python's
+        handle = self._handles[queue]
+        if queue % 2:
+            return NativeHandler(
+                lib.vfu_net_tx_check, lib.vfu_net_tx_serve, handle, None, lib.vfu_net_tx_batch_done
+            )
+        return NativeHandler(
+            lib.vfu_net_rx_check, lib.vfu_net_rx_serve, handle, lib.vfu_net_rx_ready
+        )
+
     def reset(self) -> None:
         super().reset()
-        with self._lock:
-            self.active_pairs = 1
-            self.to_guest.clear()
+        self.active_pairs = 1
+        lib.vfu_net_to_guest_clear(self._queues)
         self.wake_host_side()
 
     def handle(self, queue: int, request: Request) -> int:
@@ -208,30 +259,29 @@ class VirtioNet(VirtioDevice):
 
     def has_data(self, queue: int) -> bool:
         if queue % 2:
-            return len(self.to_peer) < BUFFERED
-        return bool(self.to_guest) and queue < 2 * self.active_pairs
+            return bool(lib.vfu_net_to_peer_size(self._queues) < BUFFERED)
+        return bool(lib.vfu_net_whole_size(self._queues)) and queue < 2 * self.active_pairs
 
     def fill(self, queue: int, request: Request) -> int | None:
         if queue % 2:
             return self._transmit(request)
         merged = self.has_feature(F_MRG_RXBUF)
         room = request.writable_size if merged else (request.parts or [0])[0]
-        with self._lock:
-            while self.to_guest:
-                frame = self.to_guest.popleft()
-                if len(self.to_guest) == QUEUED - 1:
-                    self.wake_host_side()  # the peer's reader waits for room
-                size = HEADER.size + len(frame)
-                if size <= room:
-                    break
-                if merged:  # more buffers may come: it waits for them
-                    self.to_guest.appendleft(frame)
-                    return None
-                self._drop("net.frame_too_big_for_buffer", len(frame))
-            else:
+        room = max(0, min(room - HEADER.size, len(self._frame)))
+        while True:
+            outcome = lib.vfu_net_take(self._queues, self._frame, room, self._frame_size)
+            size = int(self._frame_size[0])
+            if outcome < 0:
                 return None
-        count = request.buffers_used(size)
-        return request.write(HEADER.pack(0, 0, 0, 0, 0, 0, count) + frame)
+            if outcome == 0:
+                break
+            if merged:  # more buffers may come: it waits for them
+                return None
+            lib.vfu_net_drop_oldest(self._queues)
+            self._drop("net.frame_too_big_for_buffer", size)
+        count = request.buffers_used(HEADER.size + size)
+        header = HEADER.pack(0, 0, 0, 0, 0, 0, count)
+        return request.write(header + ffi.buffer(self._frame, size)[:])
 
     def _transmit(self, request: Request) -> int:
         data = request.read(request.readable_size)
@@ -248,9 +298,9 @@ class VirtioNet(VirtioDevice):
             self._drop("net.offload_not_offered", len(frame))
         elif not 14 <= len(frame) <= self.mtu + ETHERNET:
             self._drop("net.frame_size", len(frame))
+        elif lib.vfu_net_queue_frame(self._queues, frame, len(frame)) != 0:
+            self._drop("net.no_room_for_peer", len(frame))  # has_data said there was
         else:
-            with self._lock:
-                self.to_peer += LENGTH.pack(len(frame)) + frame
             self.wake_host_side()
         return 0
 
@@ -261,8 +311,8 @@ class VirtioNet(VirtioDevice):
     def announce(self, mac: bytes) -> None:
         """After a migration: a RARP from the guest's MAC tells the network
         where it went (vhost-user SEND_RARP)."""
-        with self._lock:
-            self.to_peer += LENGTH.pack(60) + rarp(mac)
+        if lib.vfu_net_queue_frame(self._queues, rarp(mac), 60) != 0:
+            self._drop("net.no_room_for_peer", 60)
         log.info("net.announce", mac=mac.hex(":"))
         self.wake_host_side()
 
@@ -271,25 +321,42 @@ class VirtioNet(VirtioDevice):
     async def run(self) -> None:
         # The peer's connection outlives run(): rings stopped and started
         # again (a paused VM) do not cut it.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._relay_native_wakeups)
+            await self._serve_peers()
+
+    async def _serve_peers(self) -> None:
         while True:
             if self.peer is None:
-                self.peer = await self._next_peer()
-                self.partial_from_peer = b""
+                peer = await self._next_peer()
+                self.partial_from_peer = b""  # a new stream starts with a frame
+                self.peer = peer
                 if self.lost_without_peer:
                     log.info("net.lost_without_peer", frames=self.lost_without_peer)
                 log.info("net.link", up=True)
                 self.config_changed()
+            assert self.peer is not None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._to_peer, self.peer, nursery.cancel_scope)
                 await self._from_peer(self.peer)
                 nursery.cancel_scope.cancel()
-            self.peer.close()
-            self.peer = None
-            with self._lock:  # what that peer did not take, maybe half a frame
-                self.to_peer.clear()
+            peer, self.peer = self.peer, None  # no thread sends to it from now on
+            peer.close()
+            lib.vfu_net_to_peer_clear(self._queues)  # what that peer did not take
             self.lost_without_peer = 0
             log.info("net.link", up=False)
             self.config_changed()
+
+    async def _relay_native_wakeups(self) -> None:
+        """The fast path's threads made room for the peer's frames or left
+        bytes the peer did not take yet: the peer's tasks look again."""
+        while True:
+            await trio.lowlevel.wait_readable(self._wake_fd)
+            try:
+                os.eventfd_read(self._wake_fd)
+            except BlockingIOError:
+                continue
+            self.wake_host_side()
 
     async def _next_peer(self) -> trio.socket.SocketType:
         if self.listener is not None:
@@ -313,31 +380,24 @@ class VirtioNet(VirtioDevice):
         reads carries it to the next daemon, which reads on from there."""
         while True:
             wakeup = self.host_side_wakeup()
-            with self._lock:
-                full = len(self.to_guest) >= QUEUED
-            if full:
+            if not lib.vfu_net_wants_peer(self._queues):
                 await wakeup.wait()
                 continue
-            try:
-                data = await peer.recv(READ_SIZE)
-            except OSError:
+            await trio.lowlevel.wait_readable(peer)
+            dropped = int(self._settings.dropped_from_peer)
+            got = lib.vfu_net_pull(self._queues)
+            if got == -errno.EAGAIN:
+                continue
+            if got == lib.VFU_NET_VIOLATION:
+                log.warning("net.peer_violation", reason="a length no frame has")
                 return
-            if not data:
+            if got <= 0:  # the end of the stream, or an error on it
                 return
-            try:
-                whole, self.partial_from_peer = take_frames(self.partial_from_peer + data)
-            except ValueError as exc:
-                log.warning("net.peer_violation", reason=str(exc))
-                return
-            frames = []
-            for frame in whole:
-                if 14 <= len(frame) <= self.mtu + ETHERNET:
-                    frames.append(frame)
-                else:
-                    self._drop("net.peer_frame_size", len(frame))
-            if frames:
-                with self._lock:
-                    self.to_guest.extend(frames)
+            if int(self._settings.dropped_from_peer) != dropped:
+                self.dropped += int(self._settings.dropped_from_peer) - dropped
+                size = int(self._settings.last_dropped_size)
+                log.warning("net.peer_frame_size", size=size, dropped=self.dropped)
+            if lib.vfu_net_whole_size(self._queues):
                 for pair in range(self.active_pairs):
                     self.data_ready(rx(pair))
 
@@ -345,43 +405,57 @@ class VirtioNet(VirtioDevice):
         """The guest's frames, sent as fast as the peer reads them."""
         while True:
             wakeup = self.host_side_wakeup()
-            with self._lock:
-                chunk = bytes(self.to_peer[:READ_SIZE])
-            if not chunk:
-                await wakeup.wait()
-                continue
-            try:
-                sent = await peer.send(chunk)
-            except OSError:
+            was_full = lib.vfu_net_to_peer_size(self._queues) >= BUFFERED
+            left = lib.vfu_net_flush(self._queues)
+            if left < 0:
                 scope.cancel()  # the reading side ends the connection
                 return
-            with self._lock:
-                full = len(self.to_peer) >= BUFFERED
-                del self.to_peer[:sent]
-                room_again = full and len(self.to_peer) < BUFFERED
-            if room_again:
+            if was_full and left < BUFFERED:
                 for pair in range(self.pairs):
                     self.data_ready(tx(pair))
+            if left:
+                await trio.lowlevel.wait_writable(peer)
+            else:
+                await wakeup.wait()
 
     # -- state ---------------------------------------------------------------------
 
     @property
     def frames_to_guest(self) -> bytes:
-        with self._lock:
-            return b"".join(LENGTH.pack(len(f)) + f for f in self.to_guest)
+        return self._to_guest()[: lib.vfu_net_whole_size(self._queues)]
 
     @frames_to_guest.setter
     def frames_to_guest(self, data: bytes) -> None:
-        self.to_guest = deque(split_frames(data))
+        split_frames(data)  # whole frames
+        self._load_to_guest(data + self.partial_from_peer)
+
+    @property
+    def partial_from_peer(self) -> bytes:
+        return self._to_guest()[lib.vfu_net_whole_size(self._queues) :]
+
+    @partial_from_peer.setter
+    def partial_from_peer(self, data: bytes) -> None:
+        self._load_to_guest(self.frames_to_guest + data)
+
+    def _to_guest(self) -> bytes:
+        room = lib.vfu_net_to_guest_size(self._queues)  # only this thread adds to it
+        buffer = ffi.new("uint8_t[]", max(1, room))
+        return bytes(ffi.buffer(buffer, lib.vfu_net_to_guest_copy(self._queues, buffer, room)))
+
+    def _load_to_guest(self, data: bytes) -> None:
+        if lib.vfu_net_to_guest_load(self._queues, data, len(data)) != 0:
+            raise ValueError("frames for the guest that the stream could not carry")
 
     @property
     def bytes_to_peer(self) -> bytes:
-        with self._lock:
-            return bytes(self.to_peer)
+        room = lib.vfu_net_to_peer_size(self._queues) + 65535 + ETHERNET + LENGTH.size
+        buffer = ffi.new("uint8_t[]", room)  # a fast path thread may add one frame meanwhile
+        return bytes(ffi.buffer(buffer, lib.vfu_net_to_peer_copy(self._queues, buffer, room)))
 
     @bytes_to_peer.setter
     def bytes_to_peer(self, data: bytes) -> None:
-        self.to_peer = bytearray(data)
+        if lib.vfu_net_to_peer_load(self._queues, data, len(data)) != 0:
+            raise ValueError(f"{len(data)} bytes for the peer: more than the device holds")
 
     def check_state(self, values: dict[str, Any]) -> None:
         if values["mtu"] != self.mtu:
@@ -392,6 +466,10 @@ class VirtioNet(VirtioDevice):
             )
         if len(values["partial_from_peer"]) >= LENGTH.size + MAX_STREAM_FRAME:
             raise StateError("a partial frame longer than any frame")
+        if len(values["frames_to_guest"]) > FOR_GUEST:
+            raise StateError("more frames for the guest than this device holds")
+        if len(values["bytes_to_peer"]) > BUFFERED + LENGTH.size + 65535 + ETHERNET:
+            raise StateError("more bytes for the peer than this device holds")
         if len(values["mac"]) != 6:
             raise StateError("a MAC address of another length")
         try:
@@ -409,10 +487,13 @@ class VirtioNet(VirtioDevice):
 
     def close(self) -> None:
         if self.peer is not None:  # at exit, after the event loop: no trio close
-            os.close(self.peer.detach())
-            self.peer = None
+            peer, self.peer = self.peer, None
+            os.close(peer.detach())
         if self.listener is not None:
             self.listener.close()
+        if self._wake_fd >= 0:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
 
 
 def take_frames(data: bytes) -> tuple[list[bytes], bytes]:

@@ -236,11 +236,16 @@ def split_buffers(
 class NativeHandler:
     """A device's C request handler for the split-ring fast path (see
     vfiouserd/fastpath.c): ``check`` says whether it serves a request,
-    ``serve`` serves it, ``device`` is their first argument."""
+    ``serve`` serves it, ``device`` is their first argument. A host-fed
+    queue's handler also has ``ready`` (whether the host has something for
+    the next buffer; the ring's ``data_ready`` wakes the loop); ``batch_done``
+    runs after each batch of requests."""
 
     check: Any
     serve: Any
     device: Any
+    ready: Any = None
+    batch_done: Any = None
 
 
 class VirtioDevice:
@@ -418,8 +423,8 @@ class VirtioDevice:
     # Python, for comparison and debugging).
     use_fast_path: bool = True
 
-    def native_handler(self) -> NativeHandler | None:
-        """The device's C handler for the fast path, if it has one."""
+    def native_handler(self, queue: int) -> NativeHandler | None:
+        """The device's C handler for ``queue``'s fast path, if it has one."""
         return None
 
     def reload(self) -> None:

@@ -86,3 +86,21 @@ def test_console_throughput_benchmark_runs():
     ]
     rates = [float(line.split()[-4]) for line in done.stdout.splitlines()[2:]]
     assert all(rate > 0 for rate in rates), done.stdout
+
+
+def test_net_benchmark_runs():
+    done = subprocess.run(
+        [sys.executable, str(BENCH.parent / "net.py"), "--runs", "1", "--seconds", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert [(row[0], row[1]) for row in rows] == [
+        ("64", "guest,"),
+        ("64", "stream"),
+        ("1500", "guest,"),
+        ("1500", "stream"),
+    ]
+    assert all(row[-2] == "0" for row in rows), done.stdout  # no frame came back wrong

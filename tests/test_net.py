@@ -63,6 +63,11 @@ def frame(size: int, fill: int = 0x11) -> bytes:
     return b"\xff" * 6 + MAC + b"\x08\x00" + bytes([fill]) * (size - 14)
 
 
+def stream(*frames: bytes) -> bytes:
+    """Frames as the peer's stream carries them."""
+    return b"".join(LENGTH.pack(len(f)) + f for f in frames)
+
+
 def sent(data: bytes, **fields: int) -> bytes:
     """A transmit buffer: the virtio-net header, then the frame."""
     header = {"flags": 0, "gso": 0, **fields}
@@ -93,7 +98,7 @@ def test_transmitted_frames_go_to_the_peer_framed(tmp_path):
         harness = DeviceHarness(device)
         assert harness.take(tx(0), readable=[sent(frame(60))]) is not None
         assert harness.take(tx(0), readable=[sent(frame(1514, fill=0x22))]) is not None
-        assert device.to_peer == LENGTH.pack(60) + frame(60) + LENGTH.pack(1514) + frame(1514, 0x22)
+        assert device.bytes_to_peer == stream(frame(60), frame(1514, 0x22))
     finally:
         theirs.close()
         device.close()
@@ -116,7 +121,7 @@ def test_bad_transmit_buffers_are_dropped_and_counted(tmp_path, why, data):
         harness = DeviceHarness(device)
         done = harness.take(tx(0), readable=[data])
         assert done is not None and done.written == 0, why
-        assert device.to_peer == b"" and device.dropped == 1
+        assert device.bytes_to_peer == b"" and device.dropped == 1
     finally:
         theirs.close()
         device.close()
@@ -128,7 +133,7 @@ def test_without_a_peer_the_guests_frames_are_lost_not_held(tmp_path):
         harness = DeviceHarness(device)
         for _ in range(BUFFERED // 1518 + 10):
             assert harness.take(tx(0), readable=[sent(frame(1514))]) is not None
-        assert device.to_peer == b"" and device.lost_without_peer == BUFFERED // 1518 + 10
+        assert device.bytes_to_peer == b"" and device.lost_without_peer == BUFFERED // 1518 + 10
     finally:
         device.close()
 
@@ -140,7 +145,7 @@ def test_the_guest_is_held_once_the_peer_is_slow(tmp_path):
         harness = DeviceHarness(device)
         while harness.take(tx(0), readable=[sent(frame(1514))]) is not None:
             pass
-        assert BUFFERED <= len(device.to_peer) < BUFFERED + 1518 + 4
+        assert BUFFERED <= len(device.bytes_to_peer) < BUFFERED + 1518 + 4
     finally:
         theirs.close()
         device.close()
@@ -150,7 +155,7 @@ def test_received_frames_spread_over_mergeable_buffers(tmp_path):
     device = net_device(tmp_path, mtu=9000)
     try:
         harness = DeviceHarness(device)
-        device.to_guest.extend([frame(60), frame(9014, 0x33)])
+        device.frames_to_guest = stream(frame(60), frame(9014, 0x33))
         (small,) = harness.take_merged(rx(0), 1526, 1526) or []
         assert small.written == HEADER.size + 60
         assert HEADER.unpack_from(small.buffers[0])[-1] == 1  # num_buffers
@@ -166,7 +171,7 @@ def test_without_mergeable_buffers_a_frame_must_fit_one(tmp_path):
     device = net_device(tmp_path, mtu=9000)
     try:
         harness = DeviceHarness(device, features=device.features & ~bit(F_MRG_RXBUF))
-        device.to_guest.extend([frame(9014), frame(100)])
+        device.frames_to_guest = stream(frame(9014), frame(100))
         (done,) = harness.take_merged(rx(0), 1526, 1526) or []
         assert done.written == HEADER.size + 100  # the big one dropped
         assert device.dropped == 1
@@ -209,14 +214,14 @@ def test_state_round_trips_frames_both_ways(tmp_path):
     theirs = with_a_peer(device)
     try:
         harness = DeviceHarness(device)
-        device.to_guest.extend([frame(60), frame(70)])
+        device.frames_to_guest = stream(frame(60), frame(70))
         harness.take(tx(0), readable=[sent(frame(80))])
         device.active_pairs = 2
         device.close()
         harness = harness.migrate(lambda: net_device(tmp_path, pairs=2))
         other = harness.device
-        assert list(other.to_guest) == [frame(60), frame(70)]
-        assert other.to_peer == LENGTH.pack(80) + frame(80)
+        assert other.frames_to_guest == stream(frame(60), frame(70))
+        assert other.bytes_to_peer == LENGTH.pack(80) + frame(80)
         assert other.active_pairs == 2
     finally:
         theirs.close()
@@ -480,3 +485,132 @@ def test_a_handed_over_peer_is_adopted_and_anything_else_closed(tmp_path):
         late_b.close()
     finally:
         device.close()
+
+
+# -- the native fast path (net_fastpath.c) over vhost-user ------------------------------
+
+
+def count_python_fills(device: VirtioNet, monkeypatch) -> list[int]:
+    """Buffers that reach the device's Python ``fill`` (the fast path's go
+    to its C handlers)."""
+    seen: list[int] = []
+    original = device.fill
+
+    def fill(queue: int, request: object) -> int | None:
+        seen.append(queue)
+        return original(queue, request)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(device, "fill", fill)
+    return seen
+
+
+async def test_the_fast_path_carries_frames_both_ways_without_python(tmp_path, monkeypatch):
+    device = net_device(tmp_path)
+    python = count_python_fills(device, monkeypatch)
+    ram = GuestRam([(0, 8 * MiB)])
+    try:
+        async with served(device) as frontend:
+            guest = await vhost_user_guest(frontend, ram)
+            peer = await connect_peer(str(tmp_path / "wire.sock"))
+            with trio.fail_after(5):
+                while device.peer is None:
+                    await trio.sleep(0.01)
+            to_guest = [frame(60 + (n * 37) % 1455, n % 256) for n in range(300)]
+            await send_all(peer, stream(*to_guest))
+            assert await guest.receive(300) == to_guest
+            to_peer = [frame(1514 - (n * 53) % 1450, n % 256) for n in range(300)]
+            async with trio.open_nursery() as nursery:
+                got: list[bytes] = []
+
+                async def read() -> None:
+                    got.extend(await read_frames(peer, 300))
+
+                nursery.start_soon(read)
+                for f in to_peer:
+                    await guest.send(f)
+            assert got == to_peer
+            peer.close()
+    finally:
+        ram.close()
+        device.close()
+    assert python == []
+    assert device._settings.frames_to_guest == 300 and device._settings.frames_to_peer == 300
+
+
+async def test_what_the_fast_path_leaves_to_python_keeps_the_order(tmp_path, monkeypatch):
+    """A frame that needs several receive buffers and a transmit buffer
+    with an offload flag go to Python; the frames around them stay in
+    order and the fast path takes over again."""
+    device = net_device(tmp_path, mtu=9000)
+    python = count_python_fills(device, monkeypatch)
+    ram = GuestRam([(0, 8 * MiB)])
+    try:
+        async with served(device) as frontend:
+            guest = await vhost_user_guest(frontend, ram)
+            peer = await connect_peer(str(tmp_path / "wire.sock"))
+            with trio.fail_after(5):
+                while device.peer is None:
+                    await trio.sleep(0.01)
+            frames = [frame(100, 1), frame(9014, 2), frame(200, 3)] + [
+                frame(300, n) for n in range(40)
+            ]
+            await send_all(peer, stream(*frames))
+            assert await guest.receive(len(frames)) == frames
+            assert 0 in python  # the big one, over 5 buffers
+            address = guest.tx_buffers.pop()
+            ram.write(address, sent(frame(60, 9), flags=1))  # NEEDS_CSUM: not offered
+            guest.txq.ring.add([(address, HEADER.size + 60)], [], address)
+            await guest.txq.kick_async()
+            await guest.send(frame(61, 8))
+            assert await read_frames(peer, 1) == [frame(61, 8)]
+            assert device.dropped == 1 and 1 in python
+            python.clear()
+            await peer.send(stream(frame(70, 4)))
+            assert await guest.receive(1) == [frame(70, 4)]
+            assert python == []  # back on the fast path
+            peer.close()
+    finally:
+        ram.close()
+        device.close()
+
+
+async def test_a_slow_peer_and_a_slow_guest_hold_the_frames_back_not_lose_them(tmp_path):
+    """More than the queues hold each way: the peer reads slowly while the
+    guest sends, then the peer sends faster than the guest takes."""
+    device = net_device(tmp_path)
+    ram = GuestRam([(0, 8 * MiB)])
+    try:
+        async with served(device) as frontend:
+            guest = await vhost_user_guest(frontend, ram)
+            peer = await connect_peer(str(tmp_path / "wire.sock"))
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            with trio.fail_after(5):
+                while device.peer is None:
+                    await trio.sleep(0.01)
+            count = 3 * BUFFERED // 1518
+            to_peer = [frame(1514, n % 256) for n in range(count)]
+            got: list[bytes] = []
+            async with trio.open_nursery() as nursery:
+
+                async def read_later() -> None:
+                    await trio.sleep(0.5)  # everything the guest sends meanwhile waits
+                    got.extend(await read_frames(peer, count, timeout=30))
+
+                nursery.start_soon(read_later)
+                for f in to_peer:
+                    await guest.send(f)
+            assert got == to_peer
+            to_guest = [frame(1000, n % 256) for n in range(4 * BUFFERED // 1000)]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all, peer, stream(*to_guest))
+                assert await guest.receive(len(to_guest), timeout=30) == to_guest
+            peer.close()
+    finally:
+        ram.close()
+        device.close()
+
+
+async def send_all(peer: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await peer.send(view) :]

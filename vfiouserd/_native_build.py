@@ -18,6 +18,7 @@ FAST_PATH_HEADERS = "".join(
     for directory, name in (
         (FAST_PATH_DIRS[0], "fastpath.h"),
         (FAST_PATH_DIRS[1], "blk_fastpath.h"),
+        (FAST_PATH_DIRS[1], "net_fastpath.h"),
     )
 )
 FAST_PATH = "".join(
@@ -25,6 +26,7 @@ FAST_PATH = "".join(
     for directory, name in (
         (FAST_PATH_DIRS[0], "fastpath.c"),
         (FAST_PATH_DIRS[1], "blk_fastpath.c"),
+        (FAST_PATH_DIRS[1], "net_fastpath.c"),
     )
 )
 

@@ -10,7 +10,12 @@
    stops it *before* that request is taken, and the Python ring, which has
    the whole rule book and the error reporting, serves it. Python stops the
    loop (stop flag + stop eventfd) before it changes memory, the ring's
-   parameters or its fds, and copies the indexes back afterwards. */
+   parameters or its fds, and copies the indexes back afterwards.
+
+   A host-fed queue (virtio-net's receive queues) is served the same way,
+   one buffer per thing the host has for the guest: while the handler is
+   not ready, the loop waits on the queue's host eventfd instead of the
+   kick (Python signals it when the host side brings something). */
 
 #include <errno.h>
 #include <poll.h>
@@ -213,11 +218,15 @@ int vfu_split_serve(struct vfu_split_queue *q, struct vfu_request *r)
 {
     for (;;) {
         uint16_t mark = q->used_idx;
-        int outcome = -1;
+        int outcome = -1, waits_for_host = 0;
         uint32_t taken = 0;
         while (taken < q->size) {  /* bounded, as in Python: other queues get their turn */
             if (__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE)) {
                 outcome = VFU_FAST_STOPPED;
+                break;
+            }
+            if (q->ready && !q->ready(q->device)) {
+                waits_for_host = 1;
                 break;
             }
             uint16_t avail_idx = __atomic_load_n(&q->avail[1], __ATOMIC_ACQUIRE);
@@ -254,14 +263,19 @@ int vfu_split_serve(struct vfu_split_queue *q, struct vfu_request *r)
             q->served++;
             taken++;
         }
+        if (q->batch_done && taken)
+            q->batch_done(q->device);
         vfu_notify(q, mark);
         if (vfu_guard_hits() != q->faults_at_start)
             return VFU_FAST_FAULT;
         if (outcome >= 0)
             return outcome;
-        if (taken == q->size || vfu_poll_ring(q))
+        if (taken == q->size || (!waits_for_host && vfu_poll_ring(q)))
             continue;  /* more may be waiting */
-        struct pollfd fds[2] = {{q->kick_fd, POLLIN, 0}, {q->stop_fd, POLLIN, 0}};
+        /* Waiting for the host: the driver's kicks stay unread until then
+           (the buffers are there already). */
+        int wait_fd = waits_for_host ? q->host_fd : q->kick_fd;
+        struct pollfd fds[2] = {{wait_fd, POLLIN, 0}, {q->stop_fd, POLLIN, 0}};
         if (poll(fds, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
@@ -271,7 +285,7 @@ int vfu_split_serve(struct vfu_split_queue *q, struct vfu_request *r)
             return VFU_FAST_BROKEN_FD;
         if (fds[0].revents & POLLIN) {
             uint64_t count;
-            ssize_t done = read(q->kick_fd, &count, sizeof count);
+            ssize_t done = read(wait_fd, &count, sizeof count);
             (void)done;
         }
     }

@@ -20,6 +20,12 @@ struct vfu_request;  /* a walked descriptor chain; its layout is fastpath.c's */
    leave it to Python after all (the request must be safe to serve again). */
 typedef int (*vfu_check_fn)(void *device, const struct vfu_request *request);
 typedef int (*vfu_serve_fn)(void *device, struct vfu_request *request, uint32_t *written);
+/* A host-fed queue's (receive): 1 if the host has something for the next
+   buffer; the loop waits on host_fd until it has. NULL: every request is
+   served when the driver makes it available. */
+typedef int (*vfu_ready_fn)(void *device);
+/* After each batch, before the driver is notified (NULL: nothing). */
+typedef void (*vfu_batch_fn)(void *device);
 
 struct vfu_split_queue {
     uint8_t *desc;
@@ -38,6 +44,9 @@ struct vfu_split_queue {
     int nregions;
     vfu_check_fn check;
     vfu_serve_fn serve;
+    vfu_ready_fn ready;
+    vfu_batch_fn batch_done;
+    int host_fd;                /* an eventfd signalled when ready() may have changed */
     void *device;
     uint64_t served;
     uint64_t faults_at_start;

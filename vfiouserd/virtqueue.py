@@ -630,6 +630,7 @@ class Virtqueue:
         self._native_exports: list[Any] = []
         self._native_lock = threading.Lock()
         self._native_stop_fd: int | None = None
+        self._native_host_fd: int | None = None  # a host-fed loop's wake-up (data_ready)
         self._native_request: Any = None
         self._native_limiter: trio.CapacityLimiter | None = None
         self._enabled = False
@@ -823,6 +824,14 @@ class Virtqueue:
             self._on_loop(self.error_notifier)
         else:
             _eventfd_signal(self.err_fd)
+
+    def host_data(self) -> None:
+        """The host has something for this host-fed queue: a native loop
+        waiting for it is woken where it waits, anything else looks again."""
+        if self._native_queue is not None and self._native_host_fd is not None:
+            os.eventfd_write(self._native_host_fd, 1)
+        else:
+            self.wake()
 
     def wake(self) -> None:
         """Re-check the ring without a kick (enable, memory change, start)."""
@@ -1038,12 +1047,14 @@ class Virtqueue:
 
     def _native_ready(self) -> bool:
         """The fast path serves the common case of a split ring on mapped
-        memory with eventfd notifications; Python keeps everything else
+        memory with eventfd notifications (host-fed queues too, when the
+        device has a handler for them and no buffer waits in Python); Python
+        keeps everything else
         (packed rings, dirty logging, tracing, DMA through the VMM, a
         transport's own interrupts, requests left over by a killed back end)."""
         return (
             self.native is not None
-            and self.fill is None
+            and not self.held  # taken from the ring already: Python fills them, in order
             and not self._native_off
             and self.notifier is None
             and self.kick_fd is not None
@@ -1113,9 +1124,16 @@ class Virtqueue:
             q.inflight = ffi.cast("uint8_t *", exports[-1])
             q.inflight_counter = ring.inflight.counter
         q.kick_fd, q.stop_fd = self.kick_fd, self._native_stop_fd
+        q.host_fd = -1
+        if native.ready is not None:
+            if self._native_host_fd is None:
+                self._native_host_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            q.host_fd = self._native_host_fd
         q.call_fd = self.call_fd if self.call_fd is not None else -1
         q.regions, q.nregions = table, len(regions)
         q.check, q.serve, q.device = native.check, native.serve, native.device
+        q.ready = native.ready if native.ready is not None else ffi.NULL
+        q.batch_done = native.batch_done if native.batch_done is not None else ffi.NULL
         q.faults_at_start = lib.vfu_guard_hits()
         self._native_queue, self._native_exports = q, exports
         return q
@@ -1228,9 +1246,11 @@ class Virtqueue:
         self.set_kick(None)
         self.set_call(None)
         self.set_err(None)
-        if self._native_stop_fd is not None:
-            os.close(self._native_stop_fd)
-            self._native_stop_fd = None
+        for name in ("_native_stop_fd", "_native_host_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
 
 class QueueSet:
@@ -1273,7 +1293,7 @@ class QueueSet:
         if _on_worker_thread():  # from handle() on a walk over unmapped memory
             trio.from_thread.run_sync(self._data_ready, index)
         elif queue.started:
-            queue.wake()
+            queue.host_data()
 
     def _start_device_task(self) -> None:
         if self._device_task is not None or type(self.device).run is VirtioDevice.run:
@@ -1311,8 +1331,8 @@ class QueueSet:
             return
         assert self._nursery is not None, "QueueSet.bind() first"
         queue.turns = self.turns
-        queue.native = self.device.native_handler() if self.device.use_fast_path else None
         index = queue.index
+        queue.native = self.device.native_handler(index) if self.device.use_fast_path else None
         if index in self.device.host_fed_queues:
             queue.fill = lambda request: self.device.fill(index, request)
             queue.has_data = lambda: self.device.has_data(index)
