@@ -44,6 +44,7 @@ CACHE = ROOT / ".cache" / "bench"
 MiB = 1 << 20
 QUEUE_SIZE = 256
 SLOT = 2048
+DAEMONS = {"vfiouserd": (), "python": ("--no-fast-path",)}
 
 
 def load_driver() -> ModuleType:
@@ -146,13 +147,13 @@ def through_a_socket(driver: ModuleType, frame_size: int, window: int, seconds: 
         theirs.close()
 
 
-def start_daemon(sock: str, wire: str) -> object:
+def start_daemon(sock: str, wire: str, *extra: str) -> object:
     import subprocess
 
     command = [
         sys.executable,
         *("-m", "vfiouserd", "vhost-user-net"),
-        *("--socket-path", sock, "--stream-listen", wire, "--log-level", "warning"),
+        *("--socket-path", sock, "--stream-listen", wire, "--log-level", "warning", *extra),
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
 
@@ -185,15 +186,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vfiouserd-bench-net-") as tmp:
         for run in range(args.runs):
             for size in sizes:  # interleaved: the same conditions for each
-                sock, wire = f"{tmp}/{run}-{size}.sock", f"{tmp}/{run}-{size}.wire"
-                process = start_daemon(sock, wire)
-                try:
-                    sample = trio.run(
-                        through_the_daemon, driver, sock, wire, size, args.window, args.seconds
+                for kind, extra in DAEMONS.items():
+                    sock, wire = (
+                        f"{tmp}/{kind}-{run}-{size}.sock",
+                        f"{tmp}/{kind}-{run}-{size}.wire",
                     )
-                finally:
-                    stop(process, "vfiouserd")  # type: ignore[arg-type]
-                results.setdefault(("vfiouserd", size), []).append(sample)
+                    process = start_daemon(sock, wire, *extra)
+                    try:
+                        sample = trio.run(
+                            through_the_daemon, driver, sock, wire, size, args.window, args.seconds
+                        )
+                    finally:
+                        stop(process, "vfiouserd")  # type: ignore[arg-type]
+                    results.setdefault((kind, size), []).append(sample)
                 reference = through_a_socket(driver, size, args.window, args.seconds)
                 results.setdefault(("socket", size), []).append(reference)
     print(
@@ -207,6 +212,7 @@ def main() -> int:
         limit = summarize(results[("socket", size)])[1]
         for kind, label in (
             ("vfiouserd", "guest, vfiouserd, peer and back"),
+            ("python", "the same, --no-fast-path"),
             ("socket", "stream socket, peer and back (limit)"),
         ):
             samples = results[(kind, size)]

@@ -132,6 +132,20 @@ def _add_common(parser: argparse.ArgumentParser, *, capabilities: bool) -> None:
     )
 
 
+def _add_virtio(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="serve every request in Python, not in the native fast path (to compare, to debug)",
+    )
+
+
+def _make_virtio(device: type[VirtioDevice], args: argparse.Namespace) -> VirtioDevice:
+    made = device.from_args(args)
+    made.use_fast_path = not args.no_fast_path
+    return made
+
+
 def _print_capabilities(device: type[VirtioDevice]) -> int:
     print(json.dumps({"type": device.vhost_user_type, "features": device.capabilities()}))
     return 0
@@ -413,18 +427,20 @@ def build_parser() -> argparse.ArgumentParser:
                 f"vhost-user-{name}", help=f"vhost-user back end: {device.description}"
             )
             _add_common(sub, capabilities=True)
+            _add_virtio(sub)
             device.add_arguments(sub)
             sub.set_defaults(
-                run=lambda args, d=device: _run(args, "vhost-user", lambda: d.from_args(args))
+                run=lambda args, d=device: _run(args, "vhost-user", lambda: _make_virtio(d, args))
             )
             sub = commands.add_parser(
                 f"vfio-user-{name}", help=f"vfio-user virtio-pci device: {device.description}"
             )
             _add_common(sub, capabilities=False)
+            _add_virtio(sub)
             device.add_arguments(sub)
             sub.set_defaults(
                 run=lambda args, d=device: _run(
-                    args, "vfio-user", lambda: VirtioPciDevice(d.from_args(args))
+                    args, "vfio-user", lambda: VirtioPciDevice(_make_virtio(d, args))
                 )
             )
         else:
