@@ -23,6 +23,7 @@ from guest_helpers import (
     qemu_messages,
     write_and_verify_across_restarts,
 )
+from net_peer import StreamPeer
 from real_systemd import RealSystemd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -250,21 +251,45 @@ if [ "$marker" != "PHASE1" ]; then
 fi
 echo "RESULT phase 2"
 echo "RESULT after $(dd if=/dev/vda bs=1M skip=1 count=2 iflag=direct 2>/dev/null | md5)"
+ip link set eth0 up
+ip addr add 198.51.100.1/24 dev eth0
+echo "RESULT mac $(cat /sys/class/net/eth0/address)"
+for i in $(seq 60); do ping -c 1 -W 1 198.51.100.2 > /dev/null 2>&1 && break; done
+echo "RESULT ping $(ping -c 3 -W 2 198.51.100.2 | grep -c 'bytes from')"
 """
+LIBVIRT_MAC = "52:54:00:be:ef:01"  # the README's
+LIBVIRT_PEER = ("52:54:00:be:ef:02", "198.51.100.2")  # the test, a host on that link
 
 
-def test_libvirt_domain_with_a_vhostuser_disk_on_the_socket_unit(systemd, no_daemon_killed):
+def connect_peer(path: str, timeout: float = 60) -> StreamPeer:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return StreamPeer(path, host=LIBVIRT_PEER)
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on {path}"
+            time.sleep(0.2)
+
+
+def test_libvirt_domain_with_a_vhostuser_disk_and_interface_on_socket_units(
+    systemd, no_daemon_killed
+):
     """libvirtd under the real systemd defines and starts the README's domain;
-    its disk is vfiouserd@vm1-disk, started by the socket unit when QEMU
-    connects. `virsh destroy`, then `virsh start`: the same daemon serves the
-    new QEMU and the data of the first boot is there."""
+    its disk is vfiouserd@vm1-disk and its network interface vfiouserd@vm1-net,
+    each started by its socket unit when QEMU connects. `virsh destroy`, then
+    `virsh start`: the same daemons serve the new QEMU, the data of the first
+    boot is there, and the guest pings the test on the network daemon's
+    stream (which answers ARP and ping as a host on the link)."""
     from guest.build import build, script_archive
     from guest.vm import SCRIPT_PRELUDE
 
     configure(
         systemd, "vm1-disk", "vhost-user-blk", blk_file="/var/lib/vfiouserd/vm1.img", size="64M"
     )
-    systemd.systemctl("start", "vfiouserd@vm1-disk.socket", "libvirtd.service")
+    configure(systemd, "vm1-net", "vhost-user-net", **readme_net_settings())
+    systemd.systemctl(
+        "start", "vfiouserd@vm1-disk.socket", "vfiouserd@vm1-net.socket", "libvirtd.service"
+    )
     kernel, initramfs = build()
     systemd.run("mkdir", "-p", "/var/lib/libvirt/images")
     Path(systemd.path("/var/lib/libvirt/images/vm1-vmlinuz")).write_bytes(kernel.read_bytes())
@@ -275,6 +300,8 @@ def test_libvirt_domain_with_a_vhostuser_disk_on_the_socket_unit(systemd, no_dae
     virsh = ("virsh", "-c", "qemu:///system")
     console = Path(systemd.path("/var/log/libvirt/qemu/vm1-console.log"))
     service = "vfiouserd@vm1-disk.service"
+    network = "vfiouserd@vm1-net.service"
+    peer: StreamPeer | None = None
 
     def wait_for(text: str, timeout: float = 120) -> str:
         deadline = time.monotonic() + timeout
@@ -289,22 +316,48 @@ def test_libvirt_domain_with_a_vhostuser_disk_on_the_socket_unit(systemd, no_dae
         systemd.run(*virsh, "define", "/etc/libvirt/qemu/vm1-test.xml")
         systemd.run(*virsh, "start", "vm1")
         first = wait_for("RESULT phase 1")
-        pid = systemd.show(service, "MainPID")
+        pids = systemd.show(service, "MainPID"), systemd.show(network, "MainPID")
+        peer = connect_peer(systemd.path(readme_net_settings()["stream_listen"]))
         systemd.run(*virsh, "destroy", "vm1")
         console.unlink()
         systemd.run(*virsh, "start", "vm1")
         second = wait_for("VFIOUSERD-GUEST-EXIT")
-        assert systemd.show(service, "MainPID") == pid  # the same daemon all along
+        # The same daemons all along.
+        assert (systemd.show(service, "MainPID"), systemd.show(network, "MainPID")) == pids
     finally:
         systemd.run(*virsh, "destroy", "vm1", check=False)
         systemd.run(*virsh, "undefine", "vm1", check=False)
+        if peer is not None:
+            peer.close()
+        network_log = systemd.journal(network)
         stop(systemd, service)
-        systemd.systemctl("stop", "vfiouserd@vm1-disk.socket")
+        stop(systemd, network)
+        systemd.systemctl("stop", "vfiouserd@vm1-disk.socket", "vfiouserd@vm1-net.socket")
     before = vm.parse_results(first)["before"][-1]
     assert vm.parse_results(second)["after"][-1] == before
     assert "VFIOUSERD-GUEST-EXIT 0" in second, second[-3000:]
     assert image_md5(systemd.path(f"{IMAGES}/vm1.img"), MiB, 2 * MiB) == before
     assert systemd.journal(service).count("event=session.start") == 2
+    results = vm.parse_results(second)
+    assert results["mac"][-1] == LIBVIRT_MAC
+    frames = [] if peer is None else peer.frames()
+    why = f"{second[-2000:]}\n{len(frames)} frames on the stream\n{network_log[-3000:]}"
+    assert results["ping"][-1] == "3", why
+    assert peer is not None and peer.error is None
+    assert peer.frames_from(LIBVIRT_MAC)  # the guest's frames reached the stream
+
+
+def readme_net_settings() -> dict[str, str]:
+    """The network daemon's settings file the README shows, as options."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("`vfiouserd@vm1-net.socket` with") :]
+    text = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    settings = dict(
+        (key.strip().replace("-", "_"), json.loads(value.strip()))
+        for key, value in (line.split("=", 1) for line in text.splitlines() if "=" in line)
+    )
+    assert settings.pop("command") == "vhost-user-net"
+    return settings
 
 
 @pytest.mark.parametrize("protocol", ["vhost-user", "vfio-user"])
