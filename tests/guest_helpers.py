@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -215,3 +216,19 @@ class ServiceManagerThread:
     def close(self) -> None:
         trio.from_thread.run_sync(self._done.set, trio_token=self._token)
         self._thread.join(30)
+
+
+def migration_info(source: vm.Guest) -> tuple[str, int]:
+    """A migration's status and dirty sync count, from the source's monitor."""
+    info = source.command("info migrate")
+    status = re.search(r"Migration status: (\S+)", info)
+    syncs = re.search(r"dirty sync count: (\d+)", info)
+    return (status.group(1) if status else "none"), int(syncs.group(1)) if syncs else 0
+
+
+def until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)

@@ -22,11 +22,11 @@ import re
 import shutil
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from daemon import Daemon
+from guest_helpers import migration_info, until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guest import vm
@@ -91,21 +91,6 @@ def set_marker(image: str, text: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def migration_info(source: vm.Guest) -> tuple[str, int]:
-    info = source.command("info migrate")
-    status = re.search(r"Migration status: (\S+)", info)
-    syncs = re.search(r"dirty sync count: (\d+)", info)
-    return (status.group(1) if status else "none"), int(syncs.group(1)) if syncs else 0
-
-
-def until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.1)
 
 
 def test_live_migration_while_the_guest_writes_and_verifies(tmp_path):
