@@ -234,7 +234,9 @@ class VirtioNet(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self.active_pairs = 1
-        lib.vfu_net_to_guest_clear(self._queues)
+        # The frames read for the old driver go; the start of one the peer
+        # is still sending stays, or the stream would be read out of step.
+        self._load_to_guest(self.partial_from_peer)
         self.wake_host_side()
 
     def handle(self, queue: int, request: Request) -> int:

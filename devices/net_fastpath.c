@@ -249,13 +249,6 @@ uint32_t vfu_net_to_guest_copy(struct vfu_net *net, uint8_t *dst, uint32_t room)
     return size;
 }
 
-void vfu_net_to_guest_clear(struct vfu_net *net)
-{
-    pthread_mutex_lock(&net->lock);
-    net->to_guest.start = net->to_guest.length = net->whole = 0;
-    pthread_mutex_unlock(&net->lock);
-}
-
 int vfu_net_to_guest_load(struct vfu_net *net, const uint8_t *data, uint32_t size)
 {
     pthread_mutex_lock(&net->lock);

@@ -42,7 +42,6 @@ uint32_t vfu_net_to_guest_size(struct vfu_net *net);
 uint32_t vfu_net_whole_size(struct vfu_net *net);
 uint32_t vfu_net_to_guest_copy(struct vfu_net *net, uint8_t *dst, uint32_t room);
 int vfu_net_to_guest_load(struct vfu_net *net, const uint8_t *data, uint32_t size);
-void vfu_net_to_guest_clear(struct vfu_net *net);
 
 /* To the peer: a frame appended (length prefix added); 0, or -1 if there is
    no room. Then send what the socket takes: the bytes left, or -errno. */

@@ -179,6 +179,21 @@ def test_without_mergeable_buffers_a_frame_must_fit_one(tmp_path):
         device.close()
 
 
+def test_a_device_reset_keeps_the_frame_the_peer_is_half_way_through(tmp_path):
+    """The frames read for the old driver go at a reset; the start of the
+    one the peer is still sending stays, or the rest of it would be read as
+    a length prefix."""
+    device = net_device(tmp_path)
+    try:
+        half = stream(frame(100, 0x44))[:60]
+        device.frames_to_guest = stream(frame(60), frame(70))
+        device.partial_from_peer = half
+        device.reset()
+        assert device.frames_to_guest == b"" and device.partial_from_peer == half
+    finally:
+        device.close()
+
+
 def control(harness: DeviceHarness[VirtioNet], *data: bytes) -> int:
     done = harness.request(2 * harness.device.pairs, [b"".join(data)], [1])
     assert done.written == 1
