@@ -208,7 +208,9 @@ class VirtioNet(VirtioDevice):
 
     @peer.setter
     def peer(self, peer: trio.socket.SocketType | None) -> None:
-        self._settings.peer_fd = -1 if peer is None else peer.fileno()
+        # Under the queues' lock: no fast path thread sends to an fd closed
+        # (and maybe reused) after this.
+        lib.vfu_net_set_peer(self._queues, -1 if peer is None else peer.fileno())
         self._peer = peer
 
     @property

@@ -127,6 +127,13 @@ struct vfu_net_settings *vfu_net_settings(struct vfu_net *net)
     return &net->settings;
 }
 
+void vfu_net_set_peer(struct vfu_net *net, int fd)
+{
+    pthread_mutex_lock(&net->lock);
+    net->settings.peer_fd = fd;
+    pthread_mutex_unlock(&net->lock);
+}
+
 /* -- the peer's bytes, for the guest ----------------------------------------- */
 
 /* Check the frames completed since the last look: those of a size the

@@ -8,7 +8,7 @@ struct vfu_net;  /* the two byte queues and their lock: net_fastpath.c's */
 struct vfu_net_settings {
     uint32_t mtu;
     uint32_t active_pairs;
-    int peer_fd;          /* -1 without a peer: transmit requests go to Python */
+    int peer_fd;          /* -1 without a peer; changed with vfu_net_set_peer only */
     uint64_t dropped_from_peer;
     uint32_t last_dropped_size;
     uint64_t frames_to_guest, frames_to_peer;
@@ -23,6 +23,9 @@ struct vfu_net_queue {
 struct vfu_net *vfu_net_new(uint32_t mtu, int wake_fd);
 void vfu_net_free(struct vfu_net *net);
 struct vfu_net_settings *vfu_net_settings(struct vfu_net *net);
+/* The peer's socket (-1: none). Under the lock: once it returns, no thread
+   uses the old fd any more, so it may be closed. */
+void vfu_net_set_peer(struct vfu_net *net, int fd);
 
 /* From the peer: read what the socket has (non-blocking) into the queue for
    the guest. Returns the bytes read, 0 at the end of the stream, -errno, or
