@@ -28,8 +28,7 @@ from pathlib import Path
 from types import ModuleType
 
 import trio
-from cffi import FFI
-from common import stop
+from common import CACHE, compile_driver, stop
 
 from vfiouserd._native import ffi as native_ffi
 from vfiouserd.client.guest import DriverSplitRing, GuestRam
@@ -39,17 +38,17 @@ from vfiouserd.devices.virtio import Feature, bit
 
 BLK_F_MQ = BlkFeature.MQ
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / ".cache" / "bench"
 MiB = 1 << 20
 RAM_SIZE = 64 * MiB
 QUEUE_SIZE = 256
 
 
 def load_driver() -> ModuleType:
-    """Compile driver.c (cffi API mode) into .cache/bench once."""
-    builder = FFI()
-    builder.cdef("""
+    """driver.c, compiled into .cache/bench once."""
+    return compile_driver(
+        "_bench_driver",
+        "driver.c",
+        """
         struct bench_args {
             void *desc, *avail, *used;
             uint16_t queue_size;
@@ -65,15 +64,8 @@ def load_driver() -> ModuleType:
             uint64_t max_latencies, completed, errors, elapsed_ns;
         };
         int run_reads(struct bench_args *a);
-    """)
-    source = (Path(__file__).parent / "driver.c").read_text()
-    builder.set_source("_bench_driver", source, extra_compile_args=["-O2"])
-    CACHE.mkdir(parents=True, exist_ok=True)
-    builder.compile(tmpdir=str(CACHE), verbose=False)
-    sys.path.insert(0, str(CACHE))
-    import _bench_driver
-
-    return _bench_driver
+    """,
+    )
 
 
 @dataclass

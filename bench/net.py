@@ -26,12 +26,10 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 
 import trio
-from cffi import FFI
-from common import connect, stop
+from common import compile_driver, connect, stop
 
 from vfiouserd._native import ffi as native_ffi
 from vfiouserd.client.guest import DriverSplitRing, GuestRam
@@ -39,8 +37,6 @@ from vfiouserd.client.vhost_user import VhostUserFrontend
 from vfiouserd.devices.net import F_MRG_RXBUF
 from vfiouserd.devices.virtio import Feature, bit
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / ".cache" / "bench"
 MiB = 1 << 20
 QUEUE_SIZE = 256
 SLOT = 2048
@@ -48,9 +44,11 @@ DAEMONS = {"vfiouserd": (), "python": ("--no-fast-path",)}
 
 
 def load_driver() -> ModuleType:
-    """Compile net_driver.c (cffi API mode) into .cache/bench once."""
-    builder = FFI()
-    builder.cdef("""
+    """net_driver.c, compiled into .cache/bench once."""
+    return compile_driver(
+        "_bench_net_driver",
+        "net_driver.c",
+        """
         struct net_args {
             void *rx_desc, *rx_avail, *rx_used;
             void *tx_desc, *tx_avail, *tx_used;
@@ -65,15 +63,8 @@ def load_driver() -> ModuleType:
         int run_guest(struct net_args *a);
         int run_echo(int fd);
         int run_socket(struct net_args *a, int fd);
-    """)
-    source = (Path(__file__).parent / "net_driver.c").read_text()
-    builder.set_source("_bench_net_driver", source, extra_compile_args=["-O2"])
-    CACHE.mkdir(parents=True, exist_ok=True)
-    builder.compile(tmpdir=str(CACHE), verbose=False)
-    sys.path.insert(0, str(CACHE))
-    import _bench_net_driver
-
-    return _bench_net_driver
+    """,
+    )
 
 
 @dataclass

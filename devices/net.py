@@ -263,7 +263,7 @@ class VirtioNet(VirtioDevice):
 
     def has_data(self, queue: int) -> bool:
         if queue % 2:
-            return bool(lib.vfu_net_to_peer_size(self._queues) < BUFFERED)
+            return bool(lib.vfu_net_size(self._queues, lib.VFU_NET_TO_PEER) < BUFFERED)
         return bool(lib.vfu_net_whole_size(self._queues)) and queue < 2 * self.active_pairs
 
     def fill(self, queue: int, request: Request) -> int | None:
@@ -409,7 +409,7 @@ class VirtioNet(VirtioDevice):
         """The guest's frames, sent as fast as the peer reads them."""
         while True:
             wakeup = self.host_side_wakeup()
-            was_full = lib.vfu_net_to_peer_size(self._queues) >= BUFFERED
+            was_full = lib.vfu_net_size(self._queues, lib.VFU_NET_TO_PEER) >= BUFFERED
             left = lib.vfu_net_flush(self._queues)
             if left < 0:
                 scope.cancel()  # the reading side ends the connection
@@ -442,23 +442,25 @@ class VirtioNet(VirtioDevice):
         self._load_to_guest(self.frames_to_guest + data)
 
     def _to_guest(self) -> bytes:
-        room = lib.vfu_net_to_guest_size(self._queues)  # only this thread adds to it
+        return self._copy(lib.VFU_NET_TO_GUEST, 0)  # only this thread adds to it
+
+    def _copy(self, direction: int, more: int) -> bytes:
+        room = lib.vfu_net_size(self._queues, direction) + more
         buffer = ffi.new("uint8_t[]", max(1, room))
-        return bytes(ffi.buffer(buffer, lib.vfu_net_to_guest_copy(self._queues, buffer, room)))
+        return bytes(ffi.buffer(buffer, lib.vfu_net_copy(self._queues, direction, buffer, room)))
 
     def _load_to_guest(self, data: bytes) -> None:
-        if lib.vfu_net_to_guest_load(self._queues, data, len(data)) != 0:
+        if lib.vfu_net_load(self._queues, lib.VFU_NET_TO_GUEST, data, len(data)) != 0:
             raise ValueError("frames for the guest that the stream could not carry")
 
     @property
     def bytes_to_peer(self) -> bytes:
-        room = lib.vfu_net_to_peer_size(self._queues) + 65535 + ETHERNET + LENGTH.size
-        buffer = ffi.new("uint8_t[]", room)  # a fast path thread may add one frame meanwhile
-        return bytes(ffi.buffer(buffer, lib.vfu_net_to_peer_copy(self._queues, buffer, room)))
+        # A fast path thread may add one frame meanwhile.
+        return self._copy(lib.VFU_NET_TO_PEER, LENGTH.size + 65535 + ETHERNET)
 
     @bytes_to_peer.setter
     def bytes_to_peer(self, data: bytes) -> None:
-        if lib.vfu_net_to_peer_load(self._queues, data, len(data)) != 0:
+        if lib.vfu_net_load(self._queues, lib.VFU_NET_TO_PEER, data, len(data)) != 0:
             raise ValueError(f"{len(data)} bytes for the peer: more than the device holds")
 
     def check_state(self, values: dict[str, Any]) -> None:

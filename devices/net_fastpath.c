@@ -237,38 +237,9 @@ void vfu_net_drop_oldest(struct vfu_net *net)
     pthread_mutex_unlock(&net->lock);
 }
 
-uint32_t vfu_net_to_guest_size(struct vfu_net *net)
-{
-    return net->to_guest.length;
-}
-
 uint32_t vfu_net_whole_size(struct vfu_net *net)
 {
     return net->whole;
-}
-
-uint32_t vfu_net_to_guest_copy(struct vfu_net *net, uint8_t *dst, uint32_t room)
-{
-    pthread_mutex_lock(&net->lock);
-    uint32_t size = net->to_guest.length < room ? net->to_guest.length : room;
-    memcpy(dst, net->to_guest.data + net->to_guest.start, size);
-    pthread_mutex_unlock(&net->lock);
-    return size;
-}
-
-int vfu_net_to_guest_load(struct vfu_net *net, const uint8_t *data, uint32_t size)
-{
-    pthread_mutex_lock(&net->lock);
-    net->to_guest.start = net->to_guest.length = net->whole = 0;
-    uint8_t *tail = vfu_net_bytes_tail(&net->to_guest, size);
-    int outcome = -1;
-    if (tail) {
-        memcpy(tail, data, size);
-        net->to_guest.length = size;
-        outcome = vfu_net_check_new_frames(net) ? -1 : 0;
-    }
-    pthread_mutex_unlock(&net->lock);
-    return outcome;
 }
 
 /* -- the guest's frames, for the peer ---------------------------------------- */
@@ -321,38 +292,52 @@ int64_t vfu_net_flush(struct vfu_net *net)
     return outcome;
 }
 
-uint32_t vfu_net_to_peer_size(struct vfu_net *net)
-{
-    return net->to_peer.length;
-}
-
-uint32_t vfu_net_to_peer_copy(struct vfu_net *net, uint8_t *dst, uint32_t room)
-{
-    pthread_mutex_lock(&net->lock);
-    uint32_t size = net->to_peer.length < room ? net->to_peer.length : room;
-    memcpy(dst, net->to_peer.data + net->to_peer.start, size);
-    pthread_mutex_unlock(&net->lock);
-    return size;
-}
-
-int vfu_net_to_peer_load(struct vfu_net *net, const uint8_t *data, uint32_t size)
-{
-    pthread_mutex_lock(&net->lock);
-    net->to_peer.start = net->to_peer.length = 0;
-    uint8_t *tail = vfu_net_bytes_tail(&net->to_peer, size);
-    if (tail) {
-        memcpy(tail, data, size);
-        net->to_peer.length = size;
-    }
-    pthread_mutex_unlock(&net->lock);
-    return tail ? 0 : -1;
-}
-
 void vfu_net_to_peer_clear(struct vfu_net *net)
 {
     pthread_mutex_lock(&net->lock);
     net->to_peer.start = net->to_peer.length = 0;
     pthread_mutex_unlock(&net->lock);
+}
+
+/* -- both queues, as bytes (state) --------------------------------------------- */
+
+static struct vfu_net_bytes *vfu_net_queue_of(struct vfu_net *net, int direction)
+{
+    return direction == VFU_NET_TO_PEER ? &net->to_peer : &net->to_guest;
+}
+
+uint32_t vfu_net_size(struct vfu_net *net, int direction)
+{
+    return vfu_net_queue_of(net, direction)->length;
+}
+
+uint32_t vfu_net_copy(struct vfu_net *net, int direction, uint8_t *dst, uint32_t room)
+{
+    pthread_mutex_lock(&net->lock);
+    const struct vfu_net_bytes *b = vfu_net_queue_of(net, direction);
+    uint32_t size = b->length < room ? b->length : room;
+    memcpy(dst, b->data + b->start, size);
+    pthread_mutex_unlock(&net->lock);
+    return size;
+}
+
+int vfu_net_load(struct vfu_net *net, int direction, const uint8_t *data, uint32_t size)
+{
+    pthread_mutex_lock(&net->lock);
+    struct vfu_net_bytes *b = vfu_net_queue_of(net, direction);
+    b->start = b->length = 0;
+    if (direction == VFU_NET_TO_GUEST)
+        net->whole = 0;
+    uint8_t *tail = vfu_net_bytes_tail(b, size);
+    int outcome = -1;
+    if (tail) {
+        memcpy(tail, data, size);
+        b->length = size;
+        /* The peer's bytes: frames checked as if they had just been read. */
+        outcome = direction == VFU_NET_TO_GUEST && vfu_net_check_new_frames(net) ? -1 : 0;
+    }
+    pthread_mutex_unlock(&net->lock);
+    return outcome;
 }
 
 /* -- the fast path's handlers ---------------------------------------------- */

@@ -39,21 +39,23 @@ int vfu_net_wants_peer(struct vfu_net *net);
    if there is none. */
 int vfu_net_take(struct vfu_net *net, uint8_t *dst, uint32_t room, uint32_t *length);
 void vfu_net_drop_oldest(struct vfu_net *net);
-/* Bytes (state): the whole frames waiting for the guest, then the part of
-   the next one read so far; put back in a new daemon. */
-uint32_t vfu_net_to_guest_size(struct vfu_net *net);
-uint32_t vfu_net_whole_size(struct vfu_net *net);
-uint32_t vfu_net_to_guest_copy(struct vfu_net *net, uint8_t *dst, uint32_t room);
-int vfu_net_to_guest_load(struct vfu_net *net, const uint8_t *data, uint32_t size);
-
 /* To the peer: a frame appended (length prefix added); 0, or -1 if there is
    no room. Then send what the socket takes: the bytes left, or -errno. */
 int vfu_net_queue_frame(struct vfu_net *net, const uint8_t *frame, uint32_t size);
 int64_t vfu_net_flush(struct vfu_net *net);
-uint32_t vfu_net_to_peer_size(struct vfu_net *net);
-uint32_t vfu_net_to_peer_copy(struct vfu_net *net, uint8_t *dst, uint32_t room);
-int vfu_net_to_peer_load(struct vfu_net *net, const uint8_t *data, uint32_t size);
 void vfu_net_to_peer_clear(struct vfu_net *net);
+
+/* Either queue as bytes (state, backpressure): its size, a copy of up to
+   room bytes (the size copied), and its contents replaced (-1 if they do
+   not fit, or are not a stream of frames for the guest). The peer's: the
+   whole frames waiting for the guest, then the part of the next one read
+   so far (vfu_net_whole_size says where the part starts). */
+#define VFU_NET_TO_GUEST 0
+#define VFU_NET_TO_PEER 1
+uint32_t vfu_net_whole_size(struct vfu_net *net);
+uint32_t vfu_net_size(struct vfu_net *net, int direction);
+uint32_t vfu_net_copy(struct vfu_net *net, int direction, uint8_t *dst, uint32_t room);
+int vfu_net_load(struct vfu_net *net, int direction, const uint8_t *data, uint32_t size);
 
 /* The fast path's handlers: transmit (request-driven) and receive (fed by
    the peer: ready says whether a frame waits for this queue). */
