@@ -301,6 +301,9 @@ async def net_device(daemon: Daemon) -> None:
     if "vhost-user-net" in daemon.command:
         frontend = await VhostUserFrontend.connect(daemon.socket_path)
         await exchange(await vhost_user_guest(frontend, ram))
+        # The RARP is for the next peer: once the daemon saw the last one go,
+        # or the end of that peer's stream would take it along.
+        daemon.wait_for_log("event=net.link up=False", count=links)
         await frontend.call(R.SEND_RARP, bytes(8))
         wire_end = await peer()
         await read_frames(wire_end, 1)
