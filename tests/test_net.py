@@ -589,6 +589,33 @@ async def test_what_the_fast_path_leaves_to_python_keeps_the_order(tmp_path, mon
         device.close()
 
 
+async def test_transmit_buffers_the_fast_path_refuses_are_dropped_by_python(tmp_path):
+    """Over vhost-user, where the fast path runs: a frame over the MTU, one
+    shorter than an Ethernet header and a segmentation offload reach Python,
+    which drops and counts them; none reaches the peer."""
+    device = net_device(tmp_path)
+    ram = GuestRam([(0, 8 * MiB)])
+    try:
+        async with served(device) as frontend:
+            guest = await vhost_user_guest(frontend, ram)
+            peer = await connect_peer(str(tmp_path / "wire.sock"))
+            with trio.fail_after(5):
+                while device.peer is None:
+                    await trio.sleep(0.01)
+            for bad in (sent(frame(1519)), sent(b"\x00" * 13), sent(frame(60), gso=1)):
+                address = guest.tx_buffers.pop()
+                ram.write(address, bad)
+                guest.txq.ring.add([(address, len(bad))], [], address)
+                await guest.txq.kick_async()
+            await guest.send(frame(62, 7))
+            assert await read_frames(peer, 1) == [frame(62, 7)]
+            assert device.dropped == 3
+            peer.close()
+    finally:
+        ram.close()
+        device.close()
+
+
 async def test_a_slow_peer_and_a_slow_guest_hold_the_frames_back_not_lose_them(tmp_path):
     """More than the queues hold each way: the peer reads slowly while the
     guest sends, then the peer sends faster than the guest takes."""
