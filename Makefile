@@ -74,7 +74,9 @@ TYPED := $(CACHE)/typed
 TYPED_MODULES := -p vfiouserd.protocol -p vfiouserd.devices -m vfiouserd.virtqueue \
 	-m vfiouserd.virtio_pci -m vfiouserd.device_harness -m vfiouserd.changes \
 	-m vfiouserd.memory -m vfiouserd.inflight -m vfiouserd.state -m vfiouserd.handover \
-	-p vfiouserd.vhost_user -p vfiouserd.vfio_user -m vfiouserd.eventfds
+	-p vfiouserd.vhost_user -p vfiouserd.vfio_user -m vfiouserd.eventfds \
+	-m vfiouserd.control -m vfiouserd.trace -m vfiouserd.stats -m vfiouserd.faults \
+	-m vfiouserd.client.control -m vfiouserd.client.lab
 
 lint: $(VENV)/stamp
 	$(VENV)/bin/ruff check .

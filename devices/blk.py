@@ -15,6 +15,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
+from vfiouserd import faults
 from vfiouserd._native import ffi, lib
 from vfiouserd.devices.virtio import (
     ConfigWriteError,
@@ -67,6 +68,16 @@ class RequestType(enum.IntEnum):
     SECURE_ERASE = 14
 
 
+TYPE_NAMES = {
+    RequestType.IN: "read",
+    RequestType.OUT: "write",
+    RequestType.FLUSH: "flush",
+    RequestType.GET_ID: "get-id",
+    RequestType.DISCARD: "discard",
+    RequestType.WRITE_ZEROES: "write-zeroes",
+}
+
+
 class BlkStatus(enum.IntEnum):
     OK = 0
     IOERR = 1
@@ -91,6 +102,7 @@ class VirtioBlk(VirtioDevice):
     description = "virtio-blk on a raw image file (sparse, created with --size if missing)"
     device_id = DeviceId.BLOCK
     vhost_user_type = "block"
+    has_sectors = True
     feature_names: ClassVar[dict[int, str]] = {f.value: f.name for f in BlkFeature}
     max_queues = 64
     max_segment_size = 1 << 20
@@ -277,22 +289,42 @@ class VirtioBlk(VirtioDevice):
             if len(header) < REQUEST_HEADER.size:
                 raise BlkError(BlkStatus.IOERR, f"request header of {len(header)} bytes")
             kind, _, sector = REQUEST_HEADER.unpack(header)
-            if log.is_tracing():
-                name = RequestType(kind).name if kind in RequestType._value2member_map_ else kind
-                log.trace(
-                    "blk.request",
-                    queue=queue,
-                    type=name,
-                    sector=sector,
-                    bytes=request.readable_size + request.writable_size,
-                )
             _, data_out, _ = split_buffers(request.readable, REQUEST_HEADER.size)
+            name = TYPE_NAMES.get(kind, str(kind))
+            size = sum(len(v) for v in (data_in if kind == RequestType.IN else data_out))
+            if request.details is not None:  # traced, or fault rules look at it
+                request.describe(type=name, sector=sector, sectors=size // SECTOR)
+                self._injected_error(queue, name, sector, size)
             status, used = self._serve(kind, sector, data_out, data_in, used)
+            if request.details is not None and kind == RequestType.IN:
+                self._corrupt(queue, sector, data_in)
         except BlkError as exc:
             log.warning("request.failed", queue=queue, status=exc.status.name, reason=str(exc))
             status, used = exc.status, 1
+            request.status = exc.status.name
         status_view[0][0] = status
         return used
+
+    @staticmethod
+    def _injected_error(queue: int, kind: str, sector: int, size: int) -> None:
+        span = (sector, sector + max(size // SECTOR, 1))
+        failing = faults.rules.sector_fault("ioerr", queue, kind, span)
+        if failing is not None:
+            raise BlkError(BlkStatus.IOERR, f"injected fault: sectors {failing[0]}-{failing[1]}")
+
+    @staticmethod
+    def _corrupt(queue: int, sector: int, data_in: list[memoryview]) -> None:
+        """Flip every bit of the sectors a corrupt rule covers."""
+        size = sum(len(v) for v in data_in)
+        span = (sector, sector + size // SECTOR)
+        if span[1] <= span[0]:
+            return
+        hit = faults.rules.sector_fault("corrupt", queue, "read", span)
+        if hit is None:
+            return
+        offset, length = (hit[0] - sector) * SECTOR, (hit[1] - hit[0]) * SECTOR
+        for view in split_buffers(data_in, offset, length)[1]:
+            view[:] = bytes(b ^ 0xFF for b in view)
 
     def _serve(
         self,

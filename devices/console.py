@@ -230,6 +230,9 @@ class VirtioConsole(VirtioDevice):
         if queue == CONTROL_RX:
             return self._send_control(request)
         port, transmit = self._port(queue)
+        request.describe(
+            port=None if port is None else port.id, direction="out" if transmit else "in"
+        )
         if transmit:
             data = request.read(request.readable_size)
             if port is None:
@@ -280,6 +283,7 @@ class VirtioConsole(VirtioDevice):
             log.warning("console.control_short", size=len(data))
             return 0
         number, event, value = CONTROL.unpack(data)
+        request.describe(type="control", port=number, event=_event_name(event), value=value)
         with self._lock:
             told = len(self.control)
             self._control_message(number, event, value)
@@ -501,3 +505,7 @@ def split_messages(data: bytes) -> list[bytes]:
         messages.append(data[offset + 2 : offset + 2 + length])
         offset += 2 + length
     return messages
+
+
+def _event_name(event: int) -> str:
+    return Event(event).name if event in Event._value2member_map_ else str(event)

@@ -216,7 +216,10 @@ class VirtioInput(VirtioDevice):
         if request.writable_size < EVENT.size:
             log.warning("input.buffer_too_small", size=request.writable_size)
             return 0  # back to the driver empty: it is of no use
-        written = request.write(self.pending.popleft())
+        event = self.pending.popleft()
+        if request.details is not None:
+            request.describe(**_described(event))
+        written = request.write(event)
         if self._blocked:
             self.wake_host_side()
         return written
@@ -224,6 +227,8 @@ class VirtioInput(VirtioDevice):
     def handle(self, queue: int, request: Request) -> int:
         """Status events from the driver (LEDs): kept, and told to the client."""
         data = request.read(request.readable_size)
+        if request.details is not None and len(data) >= EVENT.size:
+            request.describe(**_described(data[: EVENT.size]))
         for offset in range(0, len(data) - EVENT.size + 1, EVENT.size):
             kind, code, value = EVENT.unpack_from(data, offset)
             if kind == EV_LED and code in self.kind.events.get(EV_LED, ()):
@@ -341,3 +346,8 @@ class VirtioInput(VirtioDevice):
             self._client = None
         if self.listener is not None:
             self.listener.close()
+
+
+def _described(event: bytes) -> dict[str, int]:
+    kind, code, value = EVENT.unpack_from(event)
+    return {"ev_type": kind, "ev_code": code, "ev_value": value}

@@ -248,6 +248,7 @@ class VirtioNet(VirtioDevice):
             log.warning("net.control_malformed", readable=len(data), writable=request.writable_size)
             return 0
         kind, command = CTRL.unpack_from(data)
+        request.describe(type="control", ctrl_class=kind, command=command)
         ack = ACK_ERR
         if (kind, command) == (CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET) and len(data) >= CTRL.size + 2:
             (pairs,) = struct.unpack_from("<H", data, CTRL.size)
@@ -284,6 +285,7 @@ class VirtioNet(VirtioDevice):
             lib.vfu_net_drop_oldest(self._queues)
             self._drop("net.frame_too_big_for_buffer", size)
         count = request.buffers_used(HEADER.size + size)
+        request.describe(type="receive", frame=size, num_buffers=count)
         header = HEADER.pack(0, 0, 0, 0, 0, 0, count)
         return request.write(header + ffi.buffer(self._frame, size)[:])
 
@@ -294,6 +296,7 @@ class VirtioNet(VirtioDevice):
             return 0
         flags, gso_type = data[0], data[1]
         frame = data[HEADER.size :]
+        request.describe(type="transmit", frame=len(frame), flags=flags, gso_type=gso_type)
         if self.peer is None:  # no cable: what the guest sends is lost, as on a real link
             self.lost_without_peer += 1
             if self.lost_without_peer == 1:

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Protocol
 from vfiouserd.log import get_logger
 from vfiouserd.memory import GuestMemory, GuestMemoryError
 from vfiouserd.state import BOOL, BYTES, Field, Schema, StateError
+from vfiouserd.trace import tracer
 from vfiouserd.turns import Turns
 
 log = get_logger("pci")
@@ -246,6 +247,9 @@ class PciDevice:
     class_code: int = 0xFF0000  # unclassified
     revision: ClassVar[int] = 0
     interrupt_pin: ClassVar[int] = 1  # INTA; 0 for none
+    # Its interrupts for virtqueues met the fault rules at their queue already
+    # (vfiouserd.faults); rules naming no queue or vector then skip them here.
+    interrupts_ruled_by_queue: ClassVar[bool] = False
     express: ClassVar[bool] = True
     msi_vectors: ClassVar[int] = 0
     msix_vectors: int = 0
@@ -598,10 +602,15 @@ class PciDevice:
                 chunks.append(bytes(region.slice(start - region.guest_address, length)))
             else:
                 chunks.append(await self._remote().dma_read(start, length))
-        return b"".join(chunks)
+        data = b"".join(chunks)
+        if tracer.wants("dma"):
+            _trace_dma("read", address, data)
+        return data
 
     async def dma_write(self, address: int, data: bytes) -> None:
         self._check_bus_master()
+        if tracer.wants("dma"):
+            _trace_dma("write", address, data)
         done = 0
         for region, start, length in self.memory.ranges(address, len(data), writable=True):
             chunk = data[done : done + length]
@@ -787,3 +796,8 @@ class PciDevice:
             if bar.fd is not None:
                 os.close(bar.fd)
                 bar.fd = None
+
+
+def _trace_dma(direction: str, address: int, data: bytes) -> None:
+    shown = {"data": data[: tracer.data_bytes].hex()} if tracer.data_bytes else {}
+    tracer.emit("dma", direction, address=address, size=len(data), **shown)

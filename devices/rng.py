@@ -46,6 +46,7 @@ class VirtioRng(VirtioDevice):
             written += len(chunk)
             if len(chunk) < room:
                 break
+        request.describe(type="entropy", bytes=written)
         return written
 
     def close(self) -> None:

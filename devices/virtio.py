@@ -118,12 +118,16 @@ class Request:
 
     __slots__ = (
         "chain",
+        "details",
         "dirty_ranges",
         "head",
         "inflight_entry",
         "ndescs",
         "parts",
         "readable",
+        "size_read",
+        "status",
+        "taken",
         "writable",
         "writeback",
     )
@@ -154,6 +158,20 @@ class Request:
         # On a queue whose fill spans several buffers (``merged_queues``):
         # the writable size of each of the driver's buffers, in order.
         self.parts: list[int] | None = None
+        # For statistics and tracing: when the ring took it (ns, monotonic),
+        # its readable size, the device's reading of it while someone traces
+        # requests or fault rules look at them (``describe``), and the error
+        # status the device completed it with, if any.
+        self.taken = 0
+        self.size_read = 0
+        self.details: dict[str, Any] | None = None
+        self.status: str | None = None
+
+    def describe(self, **fields: Any) -> None:
+        """What the request is, in the device's terms (type, sector, ...),
+        for the trace and for fault rules; free when nobody looks."""
+        if self.details is not None:
+            self.details.update(fields)
 
     @property
     def readable_size(self) -> int:
@@ -255,6 +273,8 @@ class VirtioDevice:
     device has one, ``config``. Everything else has a working default.
     """
 
+    # Fault rules by sector (ioerr, corrupt) apply to it (vfiouserd.faults).
+    has_sectors: ClassVar[bool] = False
     name: ClassVar[str]  # plugin name, e.g. "blk"
     description: ClassVar[str]
     device_id: ClassVar[DeviceId]

@@ -205,6 +205,7 @@ class VirtioVsock(VirtioDevice):
             log.warning("vsock.foreign_source", src_cid=src_cid)
             return 0
         payload = packet[HEADER.size : HEADER.size + length]
+        request.describe(op=_op_name(op), src_port=src_port, dst_port=dst_port, length=length)
         with self._lock:
             told = len(self.control)
             credit = self._packet(
@@ -626,3 +627,7 @@ class VirtioVsock(VirtioDevice):
                 os.close(stream.sock.detach())
         if self.listener is not None:
             self.listener.close()
+
+
+def _op_name(op: int) -> str:
+    return Op(op).name if op in Op._value2member_map_ else str(op)

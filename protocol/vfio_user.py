@@ -488,3 +488,56 @@ async def write_message(
     sock: trio.socket.SocketType, data: bytes, fds: list[int] | None = None
 ) -> None:
     await send_all(sock, data, fds)
+
+
+# --- description (for traces) ------------------------------------------------------
+
+# The fixed head of each command's payload (replies start the same way).
+_HEADS: dict[int, Struct] = {
+    Command.DMA_MAP: DmaMap,
+    Command.DMA_UNMAP: DmaUnmap,
+    Command.DEVICE_GET_INFO: DeviceInfo,
+    Command.DEVICE_GET_REGION_INFO: RegionInfo,
+    Command.DEVICE_GET_REGION_IO_FDS: RegionIoFds,
+    Command.DEVICE_GET_IRQ_INFO: IrqInfo,
+    Command.DEVICE_SET_IRQS: IrqSetHead,
+    Command.REGION_READ: RegionAccess,
+    Command.REGION_WRITE: RegionAccess,
+    Command.DMA_READ: DmaAccess,
+    Command.DMA_WRITE: DmaAccess,
+    Command.REGION_WRITE_MULTI: WriteMultiHead,
+    Command.DEVICE_FEATURE: DeviceFeatureHead,
+}
+
+
+def describe(data: bytes, fds: int) -> dict[str, object]:
+    """A whole message (header and payload) as a name and its fields, as far
+    as they can be decoded; never raises for bad bytes."""
+    if len(data) < HEADER_SIZE:
+        return {"name": "truncated", "size": len(data)}
+    header = Header.parse(data[:HEADER_SIZE])
+    payload = data[HEADER_SIZE:]
+    try:
+        name = Command(header.command).name
+    except ValueError:
+        name = f"unknown({header.command})"
+    described: dict[str, object] = {"name": name, "id": header.msg_id, "size": len(payload)}
+    if header.flags & FLAG_TYPE_MASK == TYPE_REPLY:
+        described["reply"] = True
+    if header.flags & FLAG_ERROR:
+        described["error"] = header.error
+    if header.flags & FLAG_NO_REPLY:
+        described["no_reply"] = True
+    if fds:
+        described["fds"] = fds
+    head = _HEADS.get(header.command)
+    if head is not None and len(payload) >= head.sizeof():
+        try:
+            parsed = head.parse(payload)
+            described["fields"] = {k: v for k, v in parsed.items() if not k.startswith("_")}
+            rest = payload[head.sizeof() :]
+            if header.command in (Command.REGION_READ, Command.REGION_WRITE) and rest:
+                described["data"] = rest[:64].hex()
+        except Exception:  # best effort: the session checks the message
+            described["undecodable"] = True
+    return described

@@ -419,3 +419,54 @@ async def write_message(
     sock: trio.socket.SocketType, data: bytes, fds: list[int] | None = None
 ) -> None:
     await send_all(sock, data, fds)
+
+
+# --- description (for traces) ------------------------------------------------------
+
+
+def _plain(value: object) -> object:
+    """A parsed construct as JSON-friendly values."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if not k.startswith("_")}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def describe(data: bytes, fds: int, backend_channel: bool = False) -> dict[str, object]:
+    """A whole message (header and payload) as a name and its fields, as far
+    as they can be decoded; never raises for bad bytes."""
+    if len(data) < HEADER_SIZE:
+        return {"name": "truncated", "size": len(data)}
+    header = Header.parse(data[:HEADER_SIZE])
+    payload = data[HEADER_SIZE:]
+    names = BackendRequest if backend_channel else FrontendRequest
+    rules: dict[int, RequestRule] = BACKEND_RULES if backend_channel else FRONTEND_RULES  # type: ignore[assignment]
+    reply = bool(header.flags & REPLY_FLAG)
+    try:
+        name = names(header.request).name
+    except ValueError:
+        name = f"unknown({header.request})"
+    described: dict[str, object] = {"name": name, "size": len(payload)}
+    if reply:
+        described["reply"] = True
+    if header.flags & NEED_REPLY_FLAG:
+        described["need_reply"] = True
+    if fds:
+        described["fds"] = fds
+    rule = rules.get(header.request)
+    layout = None if rule is None else (rule.reply if reply else rule.payload)
+    if reply and rule is not None and layout is None and len(payload) == U64.sizeof():
+        layout = U64  # a REPLY_ACK
+    try:
+        if layout is Payload.MEMORY_TABLE:
+            described["fields"] = _plain(MemoryTable.parse(payload))
+        elif layout is Payload.CONFIG and len(payload) >= ConfigHeader.sizeof():
+            described["fields"] = _plain(ConfigHeader.parse(payload))
+        elif isinstance(layout, Construct) and len(payload) == layout.sizeof():
+            described["fields"] = _plain(layout.parse(payload))
+    except Exception:  # a description is best effort: the session checks the message
+        described["undecodable"] = True
+    return described

@@ -30,7 +30,7 @@ import signal
 import socket
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 import prctl
@@ -92,9 +92,10 @@ class JailOptions:
     # A connected sd_notify socket: whoever is the main process tells
     # systemd READY=1 once the daemon serves (the parent when jailed).
     notify_fd: int | None = None
-    # The socket file to remove at the end (by the parent when jailed, since
-    # the jailed daemon no longer sees the path).
-    socket_file: SocketFile | None = None
+    # The socket files to remove at the end (the VMM's, the control
+    # socket): by the parent when jailed, since the jailed daemon no longer
+    # sees their paths.
+    socket_files: list[SocketFile] = field(default_factory=list)
     # Set by ``enter`` when there is a notify socket: the daemon's way to
     # systemd's fd store (through the parent when jailed).
     store: FdStore | None = None
@@ -246,10 +247,10 @@ def _pass_on(relay: int, options: JailOptions, *, drain: bool) -> bool:
 def _close_parent_only(options: JailOptions) -> None:
     if options.notify_fd is not None:
         os.close(options.notify_fd)
-    if options.socket_file is not None:
-        options.socket_file.close()
+    for socket_file in options.socket_files:
+        socket_file.close()
     options.notify_fd = None
-    options.socket_file = None
+    options.socket_files = []
 
 
 def _notify_ready(options: JailOptions) -> None:
@@ -316,8 +317,7 @@ def _reap(
     keep = {ready, alive} | ({relay} if relay is not None else set())
     if options.notify_fd is not None:
         keep.add(options.notify_fd)
-    if options.socket_file is not None:
-        keep.add(options.socket_file.directory)
+    keep.update(f.directory for f in options.socket_files)
     try:
         _close_all_except(keep)
 
@@ -345,23 +345,24 @@ def _reap(
         with _step("parent: watching the daemon"):
             exited = os.pidfd_open(child)
         if options.mode == "strict" and options.seccomp != "none":
-            directory = options.socket_file.directory if options.socket_file else None
+            directories = [f.directory for f in options.socket_files]
             with _step("parent: seccomp filter", "--sandbox=namespace (or --seccomp=none)"):
-                reaper_policy(child, directory, relay, options.notify_fd, options.seccomp).load()
+                reaper_policy(child, directories, relay, options.notify_fd, options.seccomp).load()
     except JailError as exc:
         log.error("sandbox.failed", error=str(exc))
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
-        if options.socket_file is not None:
-            options.socket_file.remove()
+        for socket_file in options.socket_files:
+            socket_file.remove()
         os._exit(1)
     handed_over = _watch(ready, relay, exited, options)
     # The daemon is a zombie now: its pid cannot be reused, so a relayed
     # signal cannot reach another process. Hold the signals and reap.
     hold_stop_signals()
     _, status = os.waitpid(child, 0)
-    if options.socket_file is not None and not handed_over:
-        options.socket_file.remove()  # unless it lives on in the fd store
+    if not handed_over:  # else they live on in the fd store
+        for socket_file in options.socket_files:
+            socket_file.remove()
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
         log.error("daemon.killed", signal=signal.Signals(signum).name)

@@ -127,15 +127,16 @@ CONDITIONS: dict[str, list[sc.Arg]] = {
 class Policy:
     allowed: dict[str, str]
     action: str = "kill"
-    # name: (argument index, the only value allowed there)
-    argument_is: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # name: (argument index, the only values allowed there)
+    argument_is: dict[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
 
     def build(self) -> sc.SyscallFilter:
         f = sc.SyscallFilter(defaction=ACTIONS[self.action])
         for name in self.allowed:
             if name in self.argument_is:
-                index, value = self.argument_is[name]
-                f.add_rule(sc.ALLOW, name, sc.Arg(index, sc.EQ, value))
+                index, values = self.argument_is[name]
+                for value in values:
+                    f.add_rule(sc.ALLOW, name, sc.Arg(index, sc.EQ, value))
             elif name in CONDITIONS:
                 for condition in CONDITIONS[name]:
                     f.add_rule(sc.ALLOW, name, condition)
@@ -196,25 +197,25 @@ REAPER_RARE: dict[str, str] = {
 
 def reaper_policy(
     child: int,
-    directory: int | None,
+    directories: list[int],
     relay: int | None = None,
     notify: int | None = None,
     action: str = "kill",
 ) -> Policy:
     """Signals go to the daemon only; files are looked at and unlinked only
-    relative to the socket's directory fd (seccomp cannot read the name: the
-    parent only ever passes the socket's own); messages come from the
-    daemon's relay and go to systemd's notify socket only."""
+    relative to the directory fds of the daemon's sockets (seccomp cannot
+    read the name: the parent only ever passes the sockets' own); messages
+    come from the daemon's relay and go to systemd's notify socket only."""
     allowed = {**REAPER, **REAPER_RARE}
-    constraints = {"kill": (0, child)}
-    for name, fd in (
-        ("unlinkat", directory),
-        ("newfstatat", directory),
-        ("recvmsg", relay),
-        ("sendmsg", notify),
+    constraints = {"kill": (0, (child,))}
+    for name, fds in (
+        ("unlinkat", tuple(directories)),
+        ("newfstatat", tuple(directories)),
+        ("recvmsg", (relay,) if relay is not None else ()),
+        ("sendmsg", (notify,) if notify is not None else ()),
     ):
-        if fd is None:
+        if not fds:
             del allowed[name]
         else:
-            constraints[name] = (0, fd)
+            constraints[name] = (0, fds)
     return Policy(allowed, action, constraints)

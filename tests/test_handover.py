@@ -25,6 +25,7 @@ from fake_systemd import FakeSystemd
 
 from conftest import MiB, start_device
 from vfiouserd.client.blk import BlkClient
+from vfiouserd.client.control import ControlClient
 from vfiouserd.client.guest import GuestRam
 from vfiouserd.client.vfio_user import VfioUserClient
 from vfiouserd.client.vhost_user import VhostUserFrontend
@@ -186,9 +187,13 @@ async def test_an_idle_listener_is_handed_over_and_the_socket_stays(tmp_path):
         (blk,) = await start_device(frontend, ram)
         await blk.write(0, b"i" * 512)
         assert await blk.read(0, 512) == b"i" * 512
+        # The control socket came along too, and answers for the new daemon.
+        control = str(tmp_path / "device.control.sock")
+        stats = await trio.to_thread.run_sync(lambda: ControlClient(control).execute("stats"))
+        assert stats["queues"][0]["requests"] == 2
         await frontend.aclose()
         assert await manager.stop() == 0
-        assert manager.stored_names() == ["vfu-listener"]
+        assert sorted(manager.stored_names()) == ["vfu-control", "vfu-listener"]
         assert "event=handover.listener" in manager.log()
     ram.close()
 

@@ -108,7 +108,8 @@ def test_every_thread_is_confined_and_the_root_is_empty(tmp_path):
         # the daemon it is alive, the pidfd that tells the parent the daemon
         # exited (no notify socket here: no relay for the fd store)
         extra = sorted(t.split(":")[0] for fd, t in parent.items() if fd > 2)
-        assert extra == sorted([str(tmp_path), "pipe", "anon_inode"]), parent
+        # (the directory twice: the VMM socket's and the control socket's files)
+        assert extra == sorted([str(tmp_path), str(tmp_path), "pipe", "anon_inode"]), parent
         assert int(status(jailed)["Seccomp_filters"]) == 1
 
     with daemon:
@@ -287,7 +288,7 @@ def test_the_parent_may_signal_only_the_daemon(host_process, target):
     child = os.fork()
     if child == 0:  # stands in for the parent left outside the PID namespace
         try:
-            reaper_policy(daemon_pid, None).load()
+            reaper_policy(daemon_pid, []).load()
             os.kill(daemon_pid if target == "the-daemon" else other.pid, 0)
         finally:
             os._exit(0)
@@ -326,15 +327,16 @@ def test_inherited_fds_do_not_reach_the_jail(tmp_path):
             + (":" + target.split(":")[1][:11] if target.startswith("anon_inode") else "")
             for fd, target in targets.items()
         )
-        # stdio, the listening socket, the event loop's epoll and trio's two
-        # wake-up socket pairs: nothing inherited
-        assert kinds == ["anon_inode:[eventpoll]", *["socket"] * 5, *["stdio"] * 3], sorted(
+        # stdio, the listening socket, the control socket, the event loop's
+        # epoll and trio's two wake-up socket pairs: nothing inherited
+        assert kinds == ["anon_inode:[eventpoll]", *["socket"] * 6, *["stdio"] * 3], sorted(
             targets.items()
         )
         parent = fd_targets(daemon.pid)
         extra = sorted(t.split(":")[0] for fd, t in parent.items() if fd > 2)
         # directory, liveness pipe, the daemon's pidfd
-        assert extra == sorted([str(tmp_path), "pipe", "anon_inode"]), parent
+        # (the directory twice: the VMM socket's and the control socket's files)
+        assert extra == sorted([str(tmp_path), str(tmp_path), "pipe", "anon_inode"]), parent
     finally:
         assert daemon.stop() == 0
 
@@ -403,14 +405,30 @@ def test_a_step_refused_after_the_fork_is_reported_and_cleaned_up(tmp_path, refu
 
 def test_a_live_socket_is_neither_taken_nor_removed(tmp_path):
     path = str(tmp_path / "shared.sock")
-    first = Daemon("vhost-user-rng", workdir=tmp_path, socket_path=path, name="first").start()
+    control = str(tmp_path / "control.sock")
+    first = Daemon(
+        "vhost-user-rng",
+        "--control-socket",
+        control,
+        workdir=tmp_path,
+        socket_path=path,
+        name="first",
+    ).start()
     second = Daemon("vhost-user-rng", workdir=tmp_path, socket_path=path, name="second")
-    with pytest.raises(RuntimeError, match="another server is listening"):
+    with pytest.raises(RuntimeError, match=r"shared\.sock: another server is listening"):
         second.start()
+    # Nor the control socket of a live daemon.
+    other = str(tmp_path / "other.sock")
+    fourth = Daemon(
+        "vhost-user-rng", "--control-socket", control, workdir=tmp_path, socket_path=other, name="4"
+    )
+    with pytest.raises(RuntimeError, match=r"control\.sock: another server is listening"):
+        fourth.start()
+    assert not os.path.exists(other)  # what it made before it failed, it removed
     # Someone removes the first daemon's socket and a successor takes the path:
     # the first one, stopping, must leave the successor's socket alone.
     os.unlink(path)
-    with Daemon("vhost-user-rng", workdir=tmp_path, socket_path=path, name="third"):
+    with Daemon("vhost-user-rng", "--no-control", workdir=tmp_path, socket_path=path, name="third"):
         assert first.stop() == 0
         assert os.path.exists(path)
         probe = socket.socket(socket.AF_UNIX)

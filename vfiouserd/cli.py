@@ -21,8 +21,9 @@ from typing import Any
 
 import trio
 
-from vfiouserd import __version__, descriptors, handover, state, systemd
+from vfiouserd import __version__, control, descriptors, faults, handover, state, systemd
 from vfiouserd import log as logging
+from vfiouserd.client import lab
 from vfiouserd.config import ConfigError, arguments_from_file
 from vfiouserd.devices.pci import PciDevice
 from vfiouserd.devices.virtio import TRANSPORT_FEATURES, Feature, VirtioDevice
@@ -32,6 +33,7 @@ from vfiouserd.server import LiveSession, Service
 from vfiouserd.signals import hold_stop_signals, run_until_signalled
 from vfiouserd.sockets import SocketFile, is_listening, listen_on_path, socket_from_fd
 from vfiouserd.systemd import PassedFd
+from vfiouserd.trace import Filter, Subscription, tracer
 from vfiouserd.vfio_user.session import VfioUserSession
 from vfiouserd.vhost_user.backend import VhostUserBackend
 from vfiouserd.virtio_pci import VirtioPciDevice
@@ -124,6 +126,21 @@ def _add_common(parser: argparse.ArgumentParser, *, capabilities: bool) -> None:
         "next start of the service carries on with it: a restart the VMM never notices "
         "(the unit needs FileDescriptorStoreMax=)",
     )
+    control = parser.add_mutually_exclusive_group()
+    control.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="the control socket for vfiouserd stats/top/trace/inject (default: beside the "
+        "VMM socket, PATH.sock -> PATH.control.sock, or control.sock in systemd's "
+        "RUNTIME_DIRECTORY)",
+    )
+    control.add_argument("--no-control", action="store_true", help="open no control socket")
+    parser.add_argument(
+        "--allow-fault-injection",
+        action="store_true",
+        help="accept fault rules on the control socket (vfiouserd inject): for testing "
+        "drivers, never in production",
+    )
     parser.add_argument(
         "--seccomp",
         default="kill",
@@ -154,6 +171,7 @@ def _print_capabilities(device: type[VirtioDevice]) -> int:
 def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Device]) -> int:
     received, activated = handover.take(systemd.listen_fds())
     listener_fd = received.fds.pop(handover.LISTENER, None) if received is not None else None
+    control_fd = received.fds.pop(handover.CONTROL, None) if received is not None else None
     if args.socket_path is None and args.fd is None and not activated and listener_fd is None:
         print(
             "error: one of --socket-path or --fd is required (or socket activation)",
@@ -161,16 +179,20 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         )
         return 2
     logging.configure(args.log_level)
+    if args.log_level == "trace":  # every trace event in the log
+        tracer.subscribe(Subscription(_log_trace_event, Filter()))
     hold_stop_signals()
     jailed = args.sandbox != "none"
     if jailed:  # nothing but what the daemon is given on purpose goes into the jail
         kept = [p.fd for p in activated] + ([args.fd] if args.fd is not None else [])
         if received is not None:
             kept += received.fds.values()
-        jail.close_inherited_fds([*kept, *([listener_fd] if listener_fd is not None else [])])
+        kept += [fd for fd in (listener_fd, control_fd) if fd is not None]
+        jail.close_inherited_fds(kept)
     device: Device | None = None
     sock: socket.socket | None = None
-    notify_fd = socket_file = None
+    control_sock: socket.socket | None = None
+    notify_fd = socket_file = control_file = None
     options = None
     try:
         notify_fd = systemd.notify_socket()
@@ -186,6 +208,17 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
             raise ValueError("--fdstore needs a listening socket, not a connected one")
         if args.socket_path is not None:
             socket_file = SocketFile.created_at(args.socket_path)
+        if control_fd is not None:
+            control_sock = socket_from_fd(control_fd)
+        elif not args.no_control:
+            control_path = control.socket_path(args.control_socket, sock)
+            if control_path is None:
+                log.warning("control.none", reason="no path: give --control-socket")
+            else:
+                control_sock = control.listen(control_path)
+                control_file = SocketFile.created_at(control_path)
+        faults.rules.allowed = args.allow_fault_injection
+        faults.rules.sector_kinds = getattr(_virtio(device), "has_sectors", False)
         log.info(
             "startup", device=device.name, protocol=protocol, pid=os.getpid(), version=__version__
         )
@@ -202,16 +235,19 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
             device_syscalls=device.syscalls,
             directories=device.jail_directories,
             notify_fd=notify_fd,
-            socket_file=socket_file,
+            socket_files=[f for f in (socket_file, control_file) if f is not None],
         )
         jail.enter(options)
     except (jail.JailError, OSError, ValueError) as exc:
         event = "sandbox.failed" if isinstance(exc, jail.JailError) else "startup.failed"
         log.error(event, error=str(exc))
-        if sock is not None:
-            sock.close()
+        for opened in (sock, control_sock):
+            if opened is not None:
+                opened.close()
         if socket_file is not None and listener_fd is None:  # through the directory
             socket_file.remove()
+        if control_file is not None:
+            control_file.remove()
         if notify_fd is not None:
             os.close(notify_fd)
         if received is not None:
@@ -236,26 +272,50 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         store=options.store if args.fdstore else None,
         store_listener=not activated,
         host_fds=dict if virtio is None else virtio.host_fds,
+        control=control_sock,
     )
+    control_server = None
+    if control_sock is not None:
+        info = {
+            "version": __version__,
+            "device": device.name,
+            "transport": protocol,
+            "pid": os.getpid(),
+            "socket": sock.getsockname() or None,
+            "fault_injection": args.allow_fault_injection,
+        }
+        control_server = control.ControlServer(control_sock, info, lambda: {"name": device.name})
 
     async def main() -> None:
         session = None
         if restored is not None:
             session = _restore_session(protocol, device, *restored)
-        await service.run(session)
+        async with trio.open_nursery() as nursery:
+            if control_server is not None:
+                nursery.start_soon(control_server.run)
+            await service.run(session)
+            nursery.cancel_scope.cancel()
 
     reload = None if virtio is None else virtio.reload
     try:
         trio.run(run_until_signalled, main, reload, service.hand_over)
     finally:
         sock.close()
-        if socket_file is not None and not jailed:  # jailed: the parent's
-            if not service.handed_over:  # the next daemon listens on it
-                socket_file.remove()
-            socket_file.close()
+        if control_sock is not None:
+            control_sock.close()
+        for created in (socket_file, control_file):
+            if created is not None and not jailed:  # jailed: the parent's
+                if not service.handed_over:  # the next daemon listens on it
+                    created.remove()
+                created.close()
         device.close()
         log.info("exit", handed_over=service.handed_over)
     return 0
+
+
+def _log_trace_event(event: dict[str, Any]) -> None:
+    fields = {k: v for k, v in event.items() if k not in ("kind", "event", "time")}
+    log.trace(f"{event['kind']}.{event['event']}", **fields)
 
 
 def _virtio(device: Device) -> VirtioDevice | None:
@@ -408,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("socket", help="the server's UNIX socket")
     probe.add_argument("--json", action="store_true")
     probe.set_defaults(run=_probe)
+    lab.add_commands(commands)
     transient = commands.add_parser(
         "systemd-run",
         usage="vfiouserd systemd-run [--dry-run] INSTANCE -- COMMAND [ARGS...]",

@@ -211,7 +211,20 @@ static void vfu_notify(struct vfu_split_queue *q, uint16_t mark)
         uint64_t one = 1;
         ssize_t done = write(q->call_fd, &one, sizeof one);
         (void)done;  /* EAGAIN: the counter is saturated, the driver wakes anyway */
+        q->notified++;
+    } else {
+        q->suppressed++;
     }
+}
+
+static void vfu_count(struct vfu_split_queue *q, const struct vfu_request *r, uint32_t written,
+                      uint64_t latency)
+{
+    q->served++;
+    q->bytes += r->readable_size + written;
+    q->latency[63 - __builtin_clzll(latency | 1)]++;
+    if (latency > q->latency_max)
+        q->latency_max = latency;
 }
 
 int vfu_split_serve(struct vfu_split_queue *q, struct vfu_request *r)
@@ -220,6 +233,7 @@ int vfu_split_serve(struct vfu_split_queue *q, struct vfu_request *r)
         uint16_t mark = q->used_idx;
         int outcome = -1, waits_for_host = 0;
         uint32_t taken = 0;
+        uint64_t since = vfu_now_ns();  /* one clock read a request: each ends the last */
         while (taken < q->size) {  /* bounded, as in Python: other queues get their turn */
             if (__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE)) {
                 outcome = VFU_FAST_STOPPED;
@@ -260,7 +274,9 @@ int vfu_split_serve(struct vfu_split_queue *q, struct vfu_request *r)
             }
             q->last_avail_idx++;
             vfu_push(q, head, written);
-            q->served++;
+            uint64_t now = vfu_now_ns();
+            vfu_count(q, r, written, now - since);
+            since = now;
             taken++;
         }
         if (q->batch_done && taken)

@@ -48,8 +48,13 @@ struct vfu_split_queue {
     vfu_batch_fn batch_done;
     int host_fd;                /* an eventfd signalled when ready() may have changed */
     void *device;
-    uint64_t served;
     uint64_t faults_at_start;
+    /* Counters (vfiouserd/stats.py reads them while the loop runs). */
+    uint64_t served;
+    uint64_t bytes;             /* read and written in the guest's buffers */
+    uint64_t notified, suppressed;
+    uint64_t latency_max;       /* ns from taking a request to publishing it */
+    uint64_t latency[64];       /* log2 buckets of the same, in ns */
 };
 
 /* Serve until stopped or until a request needs Python; returns why. */

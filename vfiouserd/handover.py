@@ -41,6 +41,7 @@ HANDOVER_TYPE = "handover"
 HANDOVER_VERSION = 1
 STATE = "vfu-state"
 LISTENER = "vfu-listener"
+CONTROL = "vfu-control"
 CONNECTION = "vfu-conn"
 TWIN = "vfu-twin"
 HOST_FD = "vfu-host-"  # and the device's own name for it
@@ -268,6 +269,6 @@ def take(passed: list[PassedFd]) -> tuple[Received | None, list[PassedFd]]:
             session = None
     if session is None:
         for name in list(ours):  # fds without a state to make sense of them
-            if name != LISTENER:
+            if name not in (LISTENER, CONTROL):
                 os.close(ours.pop(name))
     return Received(session, ours, names), others

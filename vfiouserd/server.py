@@ -20,6 +20,7 @@ from vfiouserd.handover import FdNames
 from vfiouserd.log import get_logger
 from vfiouserd.sockets import is_listening
 from vfiouserd.systemd import FdStore
+from vfiouserd.trace import tracer
 
 log = get_logger("server")
 
@@ -64,6 +65,7 @@ class Service:
         store: FdStore | None = None,
         store_listener: bool = True,
         host_fds: Callable[[], dict[str, int]] = dict,
+        control: socket.socket | None = None,
     ) -> None:
         self.sock = sock
         self.protocol = protocol
@@ -73,6 +75,7 @@ class Service:
         self.store = store
         # A socket unit's listener comes back from the unit, not the store.
         self.store_listener = store_listener
+        self.control = control  # the control socket's listener goes on with the next daemon
         self.session: LiveSession | None = None
         self.handed_over = False
         self._stopping = False
@@ -105,6 +108,8 @@ class Service:
 
     async def _serve_one(self, session: LiveSession) -> None:
         self.session = session
+        if tracer.wants("session"):
+            tracer.emit("session", "start", protocol=self.protocol)
         try:
             await session.serve()
         except Exception:  # a bug in one session must not end the service
@@ -112,6 +117,8 @@ class Service:
             session.close()
         finally:
             self.session = None
+            if tracer.wants("session"):
+                tracer.emit("session", "end", protocol=self.protocol)
 
     async def hand_over(self) -> bool:
         """Put the listener, the live session and its state in the fd store;
@@ -130,6 +137,8 @@ class Service:
         names = FdNames()
         if self.store_listener and is_listening(self.sock):
             names.name(self.sock.fileno(), handover.LISTENER)
+        if self.control is not None:
+            names.name(self.control.fileno(), handover.CONTROL)
         state_fd = None
         state_bytes = 0
         if session is not None:

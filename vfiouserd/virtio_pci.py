@@ -118,6 +118,7 @@ class VirtioPciDevice(PciDevice):
     revision = 1  # modern-only device
     msix_bar = MSIX_BAR
     register_width = 4
+    interrupts_ruled_by_queue = True
 
     def __init__(self, virtio: VirtioDevice, max_queue_size: int = 128) -> None:
         self.virtio = virtio

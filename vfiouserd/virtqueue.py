@@ -18,10 +18,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import math
 import os
 import struct
 import sys
 import threading
+import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from typing import Any
 
 import trio
 
+from vfiouserd import faults, stats
 from vfiouserd._native import ffi, lib
 from vfiouserd.devices.virtio import Feature, NativeHandler, Request, VirtioDevice, bit
 from vfiouserd.eventfds import is_eventfd_like
@@ -47,6 +51,7 @@ from vfiouserd.memory import (
     RemoteAccessError,
     memory_faults,
 )
+from vfiouserd.trace import tracer
 from vfiouserd.turns import Turns, WalkAbandoned
 
 if sys.byteorder != "little":  # ring fields are read through native-order casts
@@ -204,7 +209,7 @@ class _Chains:
 
     def _new_request(self, head: int = 0) -> Request:
         request = Request([], [], head=head, writeback=self._writeback())
-        if self.keep_chains:
+        if self.keep_chains or tracer.wants("request"):
             request.chain = []
         return request
 
@@ -637,7 +642,15 @@ class Virtqueue:
         self._kick_is_eventfd = False
         self._kick_fd: int | None = None
         self._kick_generation = 0  # which kick fd a waiter woke for
+        # Completions a delay rule holds back: (due, request, bytes written),
+        # the request's views of guest memory dropped already.
+        self.deferred: list[tuple[float, Request, int]] = []
         self.reset()
+        # The device's lifetime counters of this queue (see vfiouserd.stats).
+        self.stats = stats.of_queue(index)
+        self.stats.in_flight = lambda: len(self.held) + len(self.deferred)
+        self.stats.live = lambda: self._native_queue
+        _live_queues.add(self)
 
     @property
     def kick_fd(self) -> int | None:
@@ -661,6 +674,7 @@ class Virtqueue:
 
     def reset(self) -> None:
         self._pause_native()
+        self.deferred = []  # the driver starts over: nothing is due to it
         self.epoch += 1
         self._native_off = False  # set when the fast path cannot wait on the kick fd
         self.size = 0
@@ -856,6 +870,8 @@ class Virtqueue:
                 ring = self.attach()
             mark = ring.used_mark()
             generation = self.memory.generation
+            if self.deferred:
+                self._complete_deferred(ring, time.monotonic())
             if self.fill is not None:
                 self._serve_held(ring, self.fill, generation)
             else:
@@ -863,7 +879,10 @@ class Virtqueue:
             if self.memory.dirty is not None:
                 self.memory.dirty.kick()
             if ring.should_notify(mark):
+                self.stats.notified += 1
                 self.signal_call()
+            elif ring.used_mark() != mark:
+                self.stats.suppressed += 1
         except WalkAbandoned:
             log.info("ring.walk_abandoned", queue=self.index)
         except MemoryMoved as exc:
@@ -906,35 +925,79 @@ class Virtqueue:
         self._complete_batch(ring, [(request, written)])
 
     def _complete_batch(
-        self, ring: SplitRing | PackedRing, batch: list[tuple[Request, int]]
+        self, ring: SplitRing | PackedRing, batch: list[tuple[Request, int]], clamp: bool = True
     ) -> None:
         done = []
         for request, written in batch:
             self.requests += 1
             if request.writeback:  # unmapped buffers: data before the used entry
                 self.memory.flush(request.writeback)
-            written = min(written, request.writable_size)
+            if clamp:  # (a deferred request was clamped before its views went)
+                written = min(written, request.writable_size)
             if request.dirty_ranges:
                 _mark_written(self.memory, request.dirty_ranges, written)
             done.append((request, written))
         ring.push_batch(done)
+        now = time.monotonic_ns()
+        tracing = tracer.wants("request")
+        for request, written in done:
+            latency = now - request.taken if request.taken else None
+            self.stats.count(1, request.size_read + written, latency)
+            if request.status is not None:
+                self.stats.errors += 1
+            if tracing:
+                self._trace_completion(request, written, latency)
+
+    def _trace_completion(self, request: Request, written: int, latency: int | None) -> None:
+        fields: dict[str, Any] = {"queue": self.index, "head": request.head}
+        if request.chain is not None:
+            fields["chain"] = [
+                f"{address:#x}+{length}{'w' if writable else 'r'}"
+                for address, length, writable in request.chain
+            ]
+            fields["addresses"] = [address for address, _, _ in request.chain]
+        if request.details:
+            fields.update(request.details)
+        if request.status is not None:
+            fields["status"] = request.status
+        fields["written"] = written
+        if latency is not None:
+            fields["latency_us"] = round(latency / 1000, 1)
+        tracer.emit("request", "complete", **fields)
+
+    def _complete_deferred(self, ring: SplitRing | PackedRing, now: float) -> None:
+        """Complete what a delay rule held back and is due by ``now``."""
+        due = [(r, w) for when, r, w in self.deferred if when <= now]
+        if due:
+            self.deferred = [entry for entry in self.deferred if entry[0] > now]
+            self._complete_batch(ring, due, clamp=False)
+
+    def _defer(self, request: Request, written: int, delay: float) -> None:
+        written = min(written, request.writable_size)
+        request.readable, request.writable = [], []  # no view outlives the walk
+        self.deferred.append((time.monotonic() + delay, request, written))
 
     def _serve(self, ring: SplitRing | PackedRing, handle: Handler, generation: int) -> None:
+        steering = faults.rules.steering
         for _ in range(ring.size):  # bounded so other queues get their turn
             _, request = self._pop(ring, generation)
             if request is None:
                 if ring.arm():
                     continue
                 return
-            if log.is_tracing():
-                log.trace(
-                    "request",
-                    queue=self.index,
-                    head=request.head,
-                    readable=request.readable_size,
-                    writable=request.writable_size,
+            request.taken = time.monotonic_ns()
+            request.size_read = request.readable_size
+            if steering or tracer.wants("request"):
+                request.details = {}  # the device says what the request is
+            written = self._call_device(handle, request)
+            if steering and request.details is not None:
+                delay = faults.rules.request_delay(
+                    self.index, request.details.get("type"), _sectors(request.details)
                 )
-            self._complete(ring, request, self._call_device(handle, request))
+                if delay:
+                    self._defer(request, written, delay)
+                    continue
+            self._complete(ring, request, written)
         self.wake()  # more may be waiting: after the other queues
 
     def _serve_held(self, ring: SplitRing | PackedRing, fill: Filler, generation: int) -> None:
@@ -955,6 +1018,8 @@ class Virtqueue:
                     break
                 continue
             request = ring.rebuild(self.held[0])
+            if tracer.wants("request"):
+                request.details = {}
             written = self._call_device(fill, request)
             if written is None:
                 break
@@ -974,12 +1039,17 @@ class Virtqueue:
                 break
         request = Request([], [view for part in parts for view in part.writable])
         request.parts = [part.writable_size for part in parts]
+        traced = tracer.wants("request")
+        if traced:
+            request.details = {}
         written = self._call_device(fill, request)
         if written is None:
             return False
         left = min(written, capacity)
         batch = []
         for part in parts[: request.buffers_used(left)]:
+            if traced:
+                part.details = request.details
             share = min(left, part.writable_size)
             batch.append((part, share))
             left -= share
@@ -1011,6 +1081,11 @@ class Virtqueue:
     async def _run(self, handle: Handler, scope: trio.CancelScope) -> None:
         with scope:
             while not self.broken:
+                if faults.rules.steering:
+                    until = faults.rules.hang_until(self.index)
+                    if until is not None:  # take nothing until the hang is over
+                        await trio.sleep(max(0.0, until - time.monotonic()))
+                        continue
                 if self._native_ready():
                     outcome = await self._serve_native()
                     if outcome == lib.VFU_FAST_PUNT:
@@ -1055,6 +1130,7 @@ class Virtqueue:
         return (
             self.native is not None
             and not self.held  # taken from the ring already: Python fills them, in order
+            and not self.deferred  # completions a delay rule holds: Python's to finish
             and not self._native_off
             and self.notifier is None
             and self.kick_fd is not None
@@ -1067,7 +1143,8 @@ class Virtqueue:
             and self.memory.dirty is None
             and not self.memory.has_unmapped
             and self.dma_allowed()
-            and not log.is_tracing()
+            and not tracer.wants("request")  # Python serves and reports each one
+            and not faults.rules.steering  # Python applies the rules
         )
 
     async def _serve_native(self) -> int:
@@ -1157,6 +1234,7 @@ class Virtqueue:
             if ring.inflight is not None and q.inflight != ffi.NULL:
                 ring.inflight.counter = q.inflight_counter
         self.requests += q.served
+        self.stats.fold(q)
 
     def _process_in_worker(self, handle: Handler) -> None:
         assert self.turns is not None
@@ -1165,7 +1243,11 @@ class Virtqueue:
 
     async def _wait(self) -> None:
         if not self._woken:
-            with trio.CancelScope() as self._wait_scope:
+            deadline = math.inf
+            if self.deferred:  # look again when the next held-back completion is due
+                due = min(when for when, _, _ in self.deferred)
+                deadline = trio.current_time() + max(0.0, due - time.monotonic())
+            with trio.CancelScope(deadline=deadline) as self._wait_scope:
                 if self.kick_fd is None:
                     await trio.sleep(POLL_INTERVAL)
                 else:
@@ -1194,11 +1276,27 @@ class Virtqueue:
 
     def stop(self) -> None:
         self._pause_native()
+        self._flush_deferred()
         self.epoch += 1
         if self._scope is not None:
             self._scope.cancel()
             self._scope = None
         self.started = False
+
+    def _flush_deferred(self) -> None:
+        """A stopping ring completes what a delay rule still holds (the next
+        back end, or the next start, must not find it taken and never used)."""
+        if not self.deferred:
+            return
+        ring = self.ring
+        if ring is None or self._generation != self.memory.generation or self.broken:
+            log.warning("ring.deferred_dropped", queue=self.index, requests=len(self.deferred))
+            self.deferred = []
+            return
+        mark = ring.used_mark()
+        self._complete_deferred(ring, math.inf)
+        if ring.should_notify(mark):
+            self.signal_call()
 
     # -- fds ---------------------------------------------------------------------
 
@@ -1237,6 +1335,18 @@ class Virtqueue:
         self.err_fd = fd
 
     def signal_call(self) -> None:
+        if faults.rules.has_rules:
+            held = faults.rules.interrupt(queue=self.index)
+            if held is not None:
+                if held != math.inf:
+                    self._on_loop(lambda: _spawn_later(held, self._signal_now))
+                return
+        self._signal_now()
+
+    def _signal_now(self) -> None:
+        if tracer.wants("irq"):
+            where = "transport" if self.notifier is not None else "call eventfd"
+            tracer.emit("irq", "queue", queue=self.index, via=where)
         if self.notifier is not None:
             self._on_loop(self.notifier)
         else:
@@ -1251,6 +1361,44 @@ class Virtqueue:
             if fd is not None:
                 os.close(fd)
                 setattr(self, name, None)
+
+
+_live_queues: weakref.WeakSet[Virtqueue] = weakref.WeakSet()
+
+
+def _leave_or_rejoin_fast_path() -> None:
+    """Tracing of requests or a fault rule started or ended: every ring
+    looks again at whether the native fast path may serve it."""
+    if _on_worker_thread():  # a counted rule used up by a walk over unmapped memory
+        trio.from_thread.run_sync(_leave_or_rejoin_fast_path)
+        return
+    for queue in list(_live_queues):
+        if queue.started:
+            queue.wake()
+
+
+tracer.on_change(_leave_or_rejoin_fast_path)
+faults.rules.on_change(_leave_or_rejoin_fast_path)
+
+
+def _sectors(details: dict[str, Any]) -> tuple[int, int] | None:
+    sector, count = details.get("sector"), details.get("sectors")
+    if isinstance(sector, int) and isinstance(count, int):
+        return sector, sector + max(count, 1)
+    return None
+
+
+def _spawn_later(delay: float, action: Callable[[], None]) -> None:
+    """Run ``action`` on the event loop ``delay`` seconds from now."""
+
+    async def later() -> None:
+        await trio.sleep(delay)
+        try:
+            action()
+        except Exception:  # a late interrupt must never end the daemon
+            log.exception("fault.delayed_action_failed")
+
+    trio.lowlevel.spawn_system_task(later)
 
 
 class QueueSet:

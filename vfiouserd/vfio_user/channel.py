@@ -20,6 +20,7 @@ from vfiouserd.memory import RemoteAccessError
 from vfiouserd.protocol import vfio_user as vfu
 from vfiouserd.protocol.framing import ConnectionClosed, FramingError
 from vfiouserd.protocol.vfio_user import Command, Message
+from vfiouserd.trace import tracer
 from vfiouserd.vfio_user.backlog import BacklogOverflow, CommandBacklog
 from vfiouserd.vfio_user.messages import ProtocolViolation
 
@@ -70,6 +71,8 @@ class Channel:
         sock = self.twin if twin and self.twin is not None else self.sock
         lock = self._twin_send_lock if sock is self.twin else self._send_lock
         async with lock:
+            if tracer.wants("message"):
+                trace_message("out", data, len(fds or []))
             await vfu.write_message(sock, data, fds)
 
     async def read_loop(
@@ -92,6 +95,8 @@ class Channel:
                 self._readers_idle[sock] = False
                 with trio.CancelScope(shield=True):  # never half a message
                     message = await vfu.read_message(sock, self.max_payload)
+                if tracer.wants("message"):
+                    trace_received(message)
                 self._route(message, commands)
                 self._changes.notify()  # a reply came, or a command is queued
             return False  # parked for a handover
@@ -157,3 +162,20 @@ class Channel:
         self.sock.close()
         if self.twin is not None:
             self.twin.close()
+
+
+def trace_message(direction: str, data: bytes, fds: int) -> None:
+    tracer.emit("message", direction, protocol="vfio-user", **vfu.describe(data, fds))
+
+
+def trace_received(message: Message) -> None:
+    header = vfu.Header.build(
+        {
+            "msg_id": message.msg_id,
+            "command": message.command,
+            "msg_size": vfu.HEADER_SIZE + len(message.payload),
+            "flags": message.flags,
+            "error": message.error,
+        }
+    )
+    trace_message("in", header + message.payload, len(message.fds))

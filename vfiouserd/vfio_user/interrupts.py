@@ -11,13 +11,21 @@ reaches the VMM.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 from weakref import WeakKeyDictionary
 
+import trio
+
+from vfiouserd import faults
 from vfiouserd.devices.pci import IrqKind, PciDevice
 from vfiouserd.eventfds import signal_eventfd
+from vfiouserd.log import get_logger
+from vfiouserd.trace import tracer
+
+log = get_logger("interrupts")
 
 
 @dataclass
@@ -85,14 +93,37 @@ class Interrupts:
     def fire(self, kind: IrqKind, vector: int) -> bool:
         """Deliver ``vector`` of ``kind``; False if nothing is installed."""
         lines = self.lines[kind]
-        if vector >= lines.count:
+        if vector >= lines.count or lines.eventfds[vector] is None:
             return False
-        fd = lines.eventfds[vector]
+        if faults.rules.has_rules:
+            # A virtio function's queue interrupts met the rules at their queue.
+            catch_all = not self.function.interrupts_ruled_by_queue
+            held = faults.rules.interrupt(vector=vector, catch_all=catch_all)
+            if held is not None:
+                if held != math.inf:
+                    trio.lowlevel.spawn_system_task(self._fire_later, held, kind, vector)
+                return True
+        return self._deliver(kind, vector)
+
+    async def _fire_later(self, delay: float, kind: IrqKind, vector: int) -> None:
+        await trio.sleep(delay)
+        try:
+            self._deliver(kind, vector)
+        except Exception:  # a late interrupt must never end the daemon
+            log.exception("fault.delayed_interrupt_failed", vector=vector)
+
+    def _deliver(self, kind: IrqKind, vector: int) -> bool:
+        lines = self.lines[kind]
+        fd = lines.eventfds[vector] if vector < lines.count else None
         if fd is None:
             return False
         if lines.masked[vector]:
             lines.pending[vector] = True
+            if tracer.wants("irq"):
+                tracer.emit("irq", "pending", type=kind.name, vector=vector, why="masked")
             return True
+        if tracer.wants("irq"):
+            tracer.emit("irq", "raise", type=kind.name, vector=vector)
         signal_eventfd(fd)
         if kind is IrqKind.INTX:
             lines.masked[vector] = True  # automasked until the VMM unmasks
@@ -112,7 +143,7 @@ class Interrupts:
                 self.fire(kind, vector)
         elif lines.pending[vector]:
             lines.pending[vector] = False
-            self.fire(kind, vector)
+            self._deliver(kind, vector)
 
     def mask(self, kind: IrqKind, vector: int) -> None:
         self.lines[kind].masked[vector] = True

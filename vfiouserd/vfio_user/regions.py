@@ -7,11 +7,16 @@ from __future__ import annotations
 import errno
 import os
 
+from vfiouserd import faults
 from vfiouserd.devices.pci import Bar, DeviceAccessError, PciDevice
 from vfiouserd.protocol import vfio_user as vfu
 from vfiouserd.protocol.vfio_user import Message
+from vfiouserd.trace import tracer
 from vfiouserd.vfio_user.messages import Reply, RequestError, parse
 from vfiouserd.vfio_user.negotiation import Terms
+
+# Names for the trace and for fault rules (``region=bar0``).
+REGION_NAMES = {r.value: r.name.lower() for r in vfu.PciRegion}
 
 
 class Regions:
@@ -130,6 +135,24 @@ class Regions:
         self._check_access(index, offset, count)
         if count == 0:  # nothing to do (libvfio-user answers it the same way)
             return b""
+        value = await self._device_access(index, offset, data, count)
+        if data is None and faults.rules.has_rules:
+            value = faults.rules.register_read(REGION_NAMES[index], offset, value)
+        if tracer.wants("pci"):
+            shown = value if data is None else data
+            tracer.emit(
+                "pci",
+                "read" if data is None else "write",
+                region=REGION_NAMES[index],
+                offset=offset,
+                size=count,
+                value=int.from_bytes(shown[:8], "little") if count <= 8 else shown[:64].hex(),
+            )
+        return value
+
+    async def _device_access(
+        self, index: int, offset: int, data: bytes | None, count: int
+    ) -> bytes:
         if index == vfu.PciRegion.CONFIG:
             if data is None:
                 return await self.device.config_read(offset, count)

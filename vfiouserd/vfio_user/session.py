@@ -35,9 +35,10 @@ from vfiouserd.memory import memory_faults
 from vfiouserd.protocol import vfio_user as vfu
 from vfiouserd.protocol.framing import ConnectionClosed, FramingError, close_fds
 from vfiouserd.protocol.vfio_user import Command, Message
+from vfiouserd.trace import tracer
 from vfiouserd.vfio_user import handover as session_handover
 from vfiouserd.vfio_user.backlog import CommandBacklog
-from vfiouserd.vfio_user.channel import Channel
+from vfiouserd.vfio_user.channel import Channel, trace_received
 from vfiouserd.vfio_user.dma import Dma, ThreadedRemote
 from vfiouserd.vfio_user.interrupts import Interrupts
 from vfiouserd.vfio_user.irq_commands import IrqCommands
@@ -160,6 +161,8 @@ class VfioUserSession:
 
     async def _negotiate(self) -> None:
         message = await vfu.read_message(self.channel.sock, self.terms.max_payload)
+        if tracer.wants("message"):
+            trace_received(message)
         try:
             minor = self.terms.accept_version(message)
         except (ProtocolViolation, vfu.VersionError):
@@ -323,14 +326,6 @@ class VfioUserSession:
             name = Command(message.command).name
         except ValueError:
             name = f"unknown({message.command})"
-        if log.is_tracing():
-            log.trace(
-                "request",
-                command=name,
-                msg_id=message.msg_id,
-                size=len(message.payload),
-                fds=len(message.fds),
-            )
         try:
             reply = await self._handle(message)
         except Exception as exc:

@@ -31,6 +31,7 @@ from vfiouserd.protocol import vhost_user as vu
 from vfiouserd.protocol.framing import ConnectionClosed, FramingError, close_fds
 from vfiouserd.protocol.vhost_user import FrontendRequest as R
 from vfiouserd.protocol.vhost_user import Message, ProtocolFeature
+from vfiouserd.trace import tracer
 from vfiouserd.vhost_user import handover as session_handover
 from vfiouserd.vhost_user.backend_channel import BackendChannel
 from vfiouserd.vhost_user.config import ConfigSpace
@@ -43,6 +44,8 @@ from vfiouserd.vhost_user.messages import (
     ProtocolViolation,
     RequestFailed,
     WithFds,
+    trace_received,
+    trace_sent,
     u64,
     u64_reply,
 )
@@ -223,6 +226,8 @@ class VhostUserBackend:
             # A message is read and answered whole, whatever else happens.
             with trio.CancelScope(shield=True):
                 message = await vu.read_message(self.sock)
+                if tracer.wants("message"):
+                    trace_received(message)
                 await self._dispatch(message)
             if memory_faults() != faults:
                 raise ProtocolViolation("the front end truncated memory it shared")
@@ -310,9 +315,10 @@ class VhostUserBackend:
             raise
         if isinstance(reply, WithFds):
             try:
-                await vu.write_message(
-                    self.sock, vu.encode(message.request, reply.payload, reply=True), reply.fds
-                )
+                data = vu.encode(message.request, reply.payload, reply=True)
+                if tracer.wants("message"):
+                    trace_sent(data, len(reply.fds))
+                await vu.write_message(self.sock, data, reply.fds)
             finally:
                 close_fds(reply.fds)
         elif reply is not None:
@@ -339,7 +345,10 @@ class VhostUserBackend:
             raise ProtocolViolation(f"{R(message.request).name} failed and has no error reply")
 
     async def _send_reply(self, request: int, payload: bytes) -> None:
-        await vu.write_message(self.sock, vu.encode(request, payload, reply=True))
+        data = vu.encode(request, payload, reply=True)
+        if tracer.wants("message"):
+            trace_sent(data, 0)
+        await vu.write_message(self.sock, data)
 
     def _handle(self, message: Message) -> bytes | WithFds | None:
         if message.is_reply:

@@ -16,8 +16,9 @@ from vfiouserd.log import get_logger
 from vfiouserd.protocol import vhost_user as vu
 from vfiouserd.protocol.framing import ConnectionClosed, FramingError
 from vfiouserd.protocol.vhost_user import Message, ProtocolFeature
+from vfiouserd.trace import tracer
 from vfiouserd.vhost_user.features import Features
-from vfiouserd.vhost_user.messages import RequestFailed
+from vfiouserd.vhost_user.messages import RequestFailed, trace_received, trace_sent
 
 log = get_logger("vhost_user")
 
@@ -87,11 +88,16 @@ class BackendChannel:
         need_reply = self.features.has_protocol(ProtocolFeature.REPLY_ACK)
         request = vu.BackendRequest.CONFIG_CHANGE_MSG
         try:
-            await vu.write_message(channel, vu.encode(request, need_reply=need_reply))
+            data = vu.encode(request, need_reply=need_reply)
+            if tracer.wants("message"):
+                trace_sent(data, 0, backend_channel=True)
+            await vu.write_message(channel, data)
             if need_reply:
                 with trio.fail_after(5):
                     reply = await vu.read_message(channel)
                 reply.close_fds()
+                if tracer.wants("message"):
+                    trace_received(reply, backend_channel=True)
                 status = vu.U64.parse(reply.payload).value if len(reply.payload) == 8 else -1
                 if reply.request != request or not reply.is_reply or status != 0:
                     log.warning("config.change_refused", request=reply.request, status=status)

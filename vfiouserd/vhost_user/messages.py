@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from vfiouserd.protocol import vhost_user as vu
 from vfiouserd.protocol.vhost_user import Message
+from vfiouserd.trace import tracer
 
 
 class RequestFailed(Exception):
@@ -32,3 +33,21 @@ def u64(message: Message) -> int:
 def u64_reply(value: int) -> bytes:
     data: bytes = vu.U64.build({"value": value})
     return data
+
+
+def trace_sent(data: bytes, fds: int, backend_channel: bool = False) -> None:
+    """A message the back end sends, for whoever traces messages."""
+    described = vu.describe(data, fds, backend_channel)
+    if backend_channel:
+        described["channel"] = "backend"
+    tracer.emit("message", "out", protocol="vhost-user", **described)
+
+
+def trace_received(message: Message, backend_channel: bool = False) -> None:
+    header = vu.Header.build(
+        {"request": message.request, "flags": message.flags, "size": len(message.payload)}
+    )
+    described = vu.describe(header + message.payload, len(message.fds), backend_channel)
+    if backend_channel:
+        described["channel"] = "backend"
+    tracer.emit("message", "in", protocol="vhost-user", **described)
