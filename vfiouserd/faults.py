@@ -312,7 +312,7 @@ class Rules:
             forced = rule.value.to_bytes(rule.size, "little")
             patched = bytearray(data)
             patched[start - offset : end - offset] = forced[start - rule.offset : end - rule.offset]
-            self._hit(rule, region=region, offset=offset, value=int.from_bytes(patched, "little"))
+            self._hit(rule, region=region, offset=rule.offset, value=rule.value)
             data = bytes(patched)
         return data
 

@@ -1369,12 +1369,14 @@ _live_queues: weakref.WeakSet[Virtqueue] = weakref.WeakSet()
 def _leave_or_rejoin_fast_path() -> None:
     """Tracing of requests or a fault rule started or ended: every ring
     looks again at whether the native fast path may serve it."""
+    started = [queue for queue in list(_live_queues) if queue.started]
+    if not started:
+        return
     if _on_worker_thread():  # a counted rule used up by a walk over unmapped memory
         trio.from_thread.run_sync(_leave_or_rejoin_fast_path)
         return
-    for queue in list(_live_queues):
-        if queue.started:
-            queue.wake()
+    for queue in started:
+        queue.wake()
 
 
 tracer.on_change(_leave_or_rejoin_fast_path)
