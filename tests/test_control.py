@@ -74,6 +74,7 @@ async def test_the_control_socket_is_the_owners_and_greets(tmp_path):
             assert client.greeting["device"] == "blk"
             assert client.greeting["transport"] == "vhost-user"
             assert client.greeting["protocol"] == 1
+            assert client.greeting["pid"] == daemon.process.pid  # outside the jail's namespace
             assert client.greeting["fault_injection"] is False
             assert "stats" in client.execute("query-commands")
         # The same daemon whichever way it is named.

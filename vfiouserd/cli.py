@@ -237,6 +237,7 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
             notify_fd=notify_fd,
             socket_files=[f for f in (socket_file, control_file) if f is not None],
         )
+        launched_pid = os.getpid()  # the process outside the jail, a unit's main process
         jail.enter(options)
     except (jail.JailError, OSError, ValueError) as exc:
         event = "sandbox.failed" if isinstance(exc, jail.JailError) else "startup.failed"
@@ -280,7 +281,7 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
             "version": __version__,
             "device": device.name,
             "transport": protocol,
-            "pid": os.getpid(),
+            "pid": launched_pid,
             "socket": sock.getsockname() or None,
             "fault_injection": args.allow_fault_injection,
         }
