@@ -278,6 +278,9 @@ class VirtioBlk(VirtioDevice):
 
     # -- requests -----------------------------------------------------------------
 
+    def statistics(self) -> dict[str, Any]:
+        return {"sectors": self.capacity, "writeback": self.writeback, "read_only": self.read_only}
+
     def handle(self, queue: int, request: Request) -> int:
         if request.writable_size < 1:
             log.error("request.no_status_byte", queue=queue)

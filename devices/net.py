@@ -241,6 +241,13 @@ class VirtioNet(VirtioDevice):
         self._load_to_guest(self.partial_from_peer)
         self.wake_host_side()
 
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "peer": self.peer is not None,
+            "frames_dropped": self.dropped,
+            "active_pairs": self.active_pairs,
+        }
+
     def handle(self, queue: int, request: Request) -> int:
         """The control queue: class and command, data, then our ack byte."""
         data = request.read(min(request.readable_size, 64))

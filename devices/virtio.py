@@ -443,6 +443,11 @@ class VirtioDevice:
     # Python, for comparison and debugging).
     use_fast_path: bool = True
 
+    def statistics(self) -> dict[str, Any]:
+        """The device's own figures for ``vfiouserd stats`` (the queues'
+        are counted by the rings)."""
+        return {}
+
     def native_handler(self, queue: int) -> NativeHandler | None:
         """The device's C handler for ``queue``'s fast path, if it has one."""
         return None

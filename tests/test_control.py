@@ -107,6 +107,8 @@ async def test_stats_count_requests_served_natively_and_in_python(tmp_path):
         assert queue["native"] is True
         assert queue["notified"] + queue["suppressed"] >= 1
         assert sum(queue["latency_log2_ns"]) == 100
+        device = snapshot["device"]
+        assert device["requests"] == 100 and device["sectors"] == 16 * MiB // 512
         assert queue["errors"] == 0
         # An error counts, and is served by Python (the fast path punts it).
         result = await blk.request(RequestType.IN, 1 << 40, in_size=512)

@@ -285,7 +285,13 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
             "socket": sock.getsockname() or None,
             "fault_injection": args.allow_fault_injection,
         }
-        control_server = control.ControlServer(control_sock, info, lambda: {"name": device.name})
+        virtio_device = _virtio(device)
+
+        def device_statistics() -> dict[str, Any]:
+            own = virtio_device.statistics() if virtio_device is not None else {}
+            return {"name": device.name, **own}
+
+        control_server = control.ControlServer(control_sock, info, device_statistics)
 
     async def main() -> None:
         session = None

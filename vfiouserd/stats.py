@@ -121,10 +121,14 @@ def collect(device: dict[str, Any]) -> dict[str, Any]:
     for entry in queues:
         entry["latency_p50_ns"] = percentile(entry["latency_log2_ns"], 0.5)
         entry["latency_p99_ns"] = percentile(entry["latency_log2_ns"], 0.99)
+    totals = {
+        name: sum(q[name] for q in queues)
+        for name in ("requests", "bytes", "errors", "notified", "suppressed", "in_flight")
+    }
     return {
         "time": time.time(),
         "uptime": time.monotonic() - _started,
-        "device": device,
+        "device": {**device, **totals},
         "queues": queues,
     }
 

@@ -158,6 +158,7 @@ def _stats(args: argparse.Namespace) -> int:
         f"{greeting.get('device')} over {greeting.get('transport')}, pid {greeting.get('pid')}, "
         f"up {after['uptime']:.0f} s"
     )
+    print("device: " + " ".join(f"{k}={v}" for k, v in after["device"].items()))
     print(HEADER)
     for row in rows:
         print(_row(row))
