@@ -54,6 +54,7 @@ MAX_CLIENTS = 16
 MAX_QUEUED = 4096  # events and replies waiting for one client
 MAX_REPLIES = 256  # replies a client leaves unread before it is dropped
 MAX_DATA_BYTES = 64  # bytes of DMA data a trace event may show
+MAX_WRITE = 64 * 1024  # bytes of lines sent to a client at once
 
 
 def socket_path(explicit: str | None, vmm_socket: socket.socket) -> str | None:
@@ -126,6 +127,7 @@ class Client:
         self._loop_thread = threading.get_ident()
         self._lock = threading.Lock()
         self._closed = False
+        self._sending = False  # lines taken from the queues, not all sent yet
 
     # -- outgoing -------------------------------------------------------------------
 
@@ -162,15 +164,28 @@ class Client:
                 return _encode(_event("TRACE_LOST", {"count": lost}))
             return self.events.popleft() if self.events else None
 
+    def _next_lines(self) -> bytes:
+        """What waits, in order, up to about MAX_WRITE bytes: one send for
+        many lines. (A line a send: a tracer reading as fast as it could
+        would get one event per turn of the event loop, and lose the rest.)"""
+        lines: list[bytes] = []
+        size = 0
+        while size < MAX_WRITE and (line := self._next_line()) is not None:
+            lines.append(line)
+            size += len(line)
+        return b"".join(lines)
+
     async def _write_all(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            while (line := self._next_line()) is not None:
-                view = memoryview(line)
+            while lines := self._next_lines():
+                view = memoryview(lines)
+                self._sending = True
                 while view:
                     sent = await self.sock.send(view)
                     view = view[sent:]
+                self._sending = False
 
     # -- incoming -------------------------------------------------------------------
 
@@ -184,7 +199,7 @@ class Client:
                 # Let the last replies go out; a client that does not read
                 # them does not hold the task.
                 with trio.move_on_after(1):
-                    while self.replies:
+                    while self.replies or self._sending:
                         await trio.sleep(0.01)
                 nursery.cancel_scope.cancel()
         finally:
@@ -214,6 +229,7 @@ class Client:
                 del buffer[: end + 1]
                 if line.strip():
                     await self._execute(line)
+                    await trio.lowlevel.checkpoint()  # a flood of commands takes turns
                 if len(self.replies) > MAX_REPLIES:
                     log.warning("control.client_dropped", client=self.number, reason="unread")
                     return
