@@ -5,6 +5,7 @@ a PID or a systemd unit."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import socket
@@ -120,15 +121,51 @@ def _unix_sockets(pid: int) -> dict[int, str]:
     return table
 
 
-def _socket_inodes(pid: int) -> set[int]:
-    inodes = set()
+def _socket_fds(pid: int) -> dict[int, int]:
+    """fd -> inode of the sockets ``pid`` holds."""
+    fds = {}
     with contextlib.suppress(OSError):
         for fd in os.listdir(f"/proc/{pid}/fd"):
             with contextlib.suppress(OSError):
                 link = os.readlink(f"/proc/{pid}/fd/{fd}")
                 if link.startswith("socket:["):
-                    inodes.add(int(link[8:-1]))
-    return inodes
+                    fds[int(fd)] = int(link[8:-1])
+    return fds
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    return set(_socket_fds(pid).values())
+
+
+_PIDFD_GETFD = 438  # one number on every architecture (Linux >= 5.6)
+
+
+def _bound_path(pid: int, fd: int) -> str | None:
+    """The path a listening AF_UNIX socket that ``pid`` holds at ``fd`` is
+    bound to, asked of the socket itself through a copy (pidfd_getfd, which
+    needs the right to ptrace ``pid``; None without it)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        copy = libc.syscall(_PIDFD_GETFD, pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+    if copy < 0:
+        return None
+    with socket.socket(fileno=copy) as sock:
+        if sock.family != socket.AF_UNIX or not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            return None
+        address = sock.getsockname()
+    return address if isinstance(address, str) and address.startswith("/") else None
+
+
+def _is_control_path(path: str) -> bool:
+    return path.endswith(CONTROL_SUFFIX) or path.endswith("/control.sock")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -166,10 +203,16 @@ def socket_of_pid(pid: int) -> str:
     views = set(pids) | {p for p in (_parent(x) for x in pids) if p} | {os.getpid()}
     for view in views:
         for inode, path in _unix_sockets(view).items():
-            if inode in inodes and (
-                path.endswith(CONTROL_SUFFIX) or path.endswith("/control.sock")
-            ):
+            if inode in inodes and _is_control_path(path):
                 return path
+    # Bound in a network namespace no process is in any more: a systemd
+    # unit's (PrivateNetwork=) once the daemon has jailed itself, parent
+    # and all, into namespaces of their own. The socket knows its path.
+    for each in pids:
+        for fd in _socket_fds(each):
+            found = _bound_path(each, fd)
+            if found is not None and _is_control_path(found):
+                return found
     raise ControlError(f"process {pid} holds no vfiouserd control socket (is it one?)")
 
 
@@ -198,7 +241,7 @@ def resolve(target: str) -> str:
     if target.isdigit():
         return socket_of_pid(int(target))
     if _is_socket(target):
-        if target.endswith(CONTROL_SUFFIX) or target.endswith("/control.sock"):
+        if _is_control_path(target):
             return target
         beside = target.removesuffix(".sock") + CONTROL_SUFFIX
         if _is_socket(beside):
