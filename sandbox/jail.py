@@ -35,7 +35,7 @@ from typing import NoReturn
 
 import prctl
 
-from vfiouserd.handover import LISTENER
+from vfiouserd.handover import CONTROL, LISTENER
 from vfiouserd.log import get_logger
 from vfiouserd.protocol.framing import fds_from_ancillary
 from vfiouserd.sandbox.namespaces import (
@@ -54,6 +54,8 @@ log = get_logger("sandbox")
 
 MODES = ("strict", "namespace", "none")
 SECCOMP_ACTIONS = ("kill", "log", "trap", "none")
+# Sockets whose files stay once the daemon put them in the fd store.
+KEPT = (LISTENER, CONTROL)
 MAX_FDS = 4096
 # The event loop, a fast-path thread per ring (64 queues at most), trio's
 # worker threads (40 at most), and some slack.
@@ -195,8 +197,10 @@ def enter(options: JailOptions) -> None:
 
 def _watch(ready: int, relay: int | None, exited: int, options: JailOptions) -> bool:
     """Until the daemon exits: READY=1 once it serves, and its notifications
-    for systemd passed on. Returns whether it put its listening socket in the
-    fd store (then the socket file must stay)."""
+    for systemd passed on. Returns whether it put its listening socket or
+    its control socket in the fd store (then the socket files must stay:
+    the next daemon listens on them; a socket unit's listening socket is
+    systemd's, so under socket activation only the control socket goes)."""
     poller = select.poll()
     for fd in (ready, exited, relay):
         if fd is not None:
@@ -218,7 +222,7 @@ def _watch(ready: int, relay: int | None, exited: int, options: JailOptions) -> 
 def _pass_on(relay: int, options: JailOptions, *, drain: bool) -> bool:
     """Pass the daemon's notifications on to systemd (all that wait, when it
     has exited)."""
-    listener = False
+    stored = False
     sock = socket.socket(fileno=relay)
     try:
         while True:
@@ -227,19 +231,19 @@ def _pass_on(relay: int, options: JailOptions, *, drain: bool) -> bool:
                     4096, socket.CMSG_SPACE(253 * 4), socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
-                return listener
+                return stored
             fds = fds_from_ancillary(ancillary)
             try:
                 if options.notify_fd is not None:
                     send_notification(options.notify_fd, message, fds)
-                listener |= f"FDNAME={LISTENER}\n".encode() in message
+                stored |= any(f"FDNAME={name}\n".encode() in message for name in KEPT)
             except OSError as exc:
                 log.warning("sd_notify.failed", error=str(exc))
             finally:
                 for fd in fds:
                     os.close(fd)
             if not drain:
-                return listener
+                return stored
     finally:
         sock.detach()
 

@@ -198,6 +198,35 @@ async def test_an_idle_listener_is_handed_over_and_the_socket_stays(tmp_path):
     ram.close()
 
 
+async def test_a_socket_activated_daemons_control_socket_stays_across_restarts(tmp_path):
+    """Under socket activation the listening socket is systemd's and is not
+    stored; the control socket is the daemon's, stored and handed over, so
+    its file must stay for the next daemon. (The jail's parent kept the
+    files only when the listener was stored, and removed the control
+    socket's: the next daemon listened where no client could reach it.)"""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "device.sock"))
+    listener.listen()
+    image = str(tmp_path / "disk.img")
+    command = [sys.executable, "-m", "vfiouserd", "vhost-user-blk", "--fdstore"]
+    control = tmp_path / "device.control.sock"  # beside the socket unit's socket
+    async with FakeSystemd(tmp_path, [*command, "--blk-file", image, "--size", "16M"]) as manager:
+        manager.store.append(("device.socket", os.dup(listener.fileno())))  # a socket unit's
+        await manager.start()
+        first = manager.process.pid
+        await manager.restart()
+        assert control.exists()
+
+        def greeting() -> dict:
+            with ControlClient(str(control)) as client:
+                return client.greeting
+
+        assert (await trio.to_thread.run_sync(greeting))["pid"] == manager.process.pid != first
+        assert await manager.stop() == 0
+        assert sorted(manager.stored_names()) == ["device.socket", "vfu-control"]
+    listener.close()
+
+
 async def test_a_state_the_next_daemon_cannot_load_ends_only_that_session(tmp_path):
     """An upgrade to a daemon for another device: it refuses the session
     with a clear error, the VMM sees its connection close, and the daemon
