@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from guest_helpers import (
@@ -412,3 +413,133 @@ def test_systemctl_restart_resets_a_guests_vsock_connections(
     assert run.result("again") == "0 after the restart"
     journal = systemd.journal(unit)
     assert journal.count("event=handover.restored") == 1, journal[-3000:]
+
+
+LAB_GUEST = """
+dd if=/dev/urandom of=/tmp/p bs=4k count=1 2>/dev/null
+dd if=/tmp/p of=/dev/vda bs=4k seek=256 oflag=direct 2>/dev/null || exit 10
+echo "RESULT written $(md5 < /tmp/p)"
+read_block() { dd if=/dev/vda bs=4k skip=256 count=1 iflag=direct 2>/dev/null; }
+echo "RESULT phase io"
+i=0
+while [ $i -lt 600 ] && read_block > /dev/null; do i=$((i + 1)); sleep 0.1; done
+echo "RESULT failed after $i reads"
+i=0
+while [ $i -lt 600 ] && ! read_block > /dev/null; do i=$((i + 1)); sleep 0.1; done
+echo "RESULT recovered after $i failures"
+i=0
+while [ $i -lt 30 ]; do read_block > /dev/null || exit 11; i=$((i + 1)); sleep 0.2; done
+echo "RESULT read $(read_block | md5)"
+"""
+
+
+def test_the_device_lab_on_a_socket_activated_unit_by_its_name(systemd, no_daemon_killed):
+    """A socket-activated vhost-user-blk unit as shipped (a dynamic user,
+    jailed, the VMM socket /run/vfiouserd/NAME.sock in a directory it cannot
+    write) keeps its control socket in its RuntimeDirectory; from inside
+    the namespace, `vfiouserd stats|trace|inject vfiouserd@NAME` find it by
+    the unit's name while a QEMU 7.2 guest reads: counters, a trace of the
+    guest's requests, an I/O error rule the guest's reads meet until it is
+    removed. The control socket goes on across `systemctl restart` (found
+    again, by the unit and by the VMM socket) and is gone once the unit stops."""
+    name = "lab"
+    unit = f"vfiouserd@{name}.service"
+    control = f"/run/vfiouserd/{name}/control.sock"
+    configure(
+        systemd,
+        name,
+        "vhost-user-blk",
+        blk_file=f"/var/lib/vfiouserd/{name}.img",
+        size="64M",
+        allow_fault_injection=True,
+    )
+    systemd.systemctl("start", f"vfiouserd@{name}.socket")
+    seen: dict[str, Any] = {}
+
+    def lab(*args: str) -> str:
+        return systemd.run("vfiouserd", *args, timeout=60).stdout
+
+    def on_line(line: str) -> None:
+        if line.startswith("RESULT phase io"):
+            seen["main"] = int(systemd.show(unit, "MainPID"))
+            seen["mode"] = systemd.run("stat", "-c", "%a %U", control).stdout.split()
+            seen["user"] = systemd.show(unit, "User")
+            seen["stats"] = json.loads(lab("stats", unit, "--json", "--interval", "0.5"))
+            seen["text"] = lab("stats", f"vfiouserd@{name}")
+            seen["trace"] = lab("trace", f"vfiouserd@{name}", "--count", "6", "--json")
+            seen["added"] = json.loads(
+                lab("inject", f"vfiouserd@{name}", "ioerr", "sectors=2048+8", "type=read")
+            )
+            seen["listed"] = json.loads(lab("inject", f"vfiouserd@{name}", "--list"))
+        elif line.startswith("RESULT failed"):
+            seen["errors"] = json.loads(lab("stats", unit, "--json", "--interval", "0.1"))
+            rule = str(seen["added"]["id"])
+            seen["removed"] = json.loads(lab("inject", unit, "--remove", rule))
+            seen["left"] = json.loads(lab("inject", unit, "--list"))
+        elif line.startswith("RESULT recovered"):
+            before = systemd.run("stat", "-c", "%i", control).stdout
+            systemd.systemctl("restart", unit)
+            assert systemd.show(unit, "ActiveState") == "active"
+            seen["same_file"] = systemd.run("stat", "-c", "%i", control).stdout == before
+            seen["restarted"] = int(systemd.show(unit, "MainPID"))
+            seen["again"] = json.loads(lab("stats", unit, "--json", "--interval", "0.1"))
+            vmm_socket = f"/run/vfiouserd/{name}.sock"
+            seen["by_socket"] = json.loads(lab("stats", vmm_socket, "--json", "--interval", "0.1"))
+
+    try:
+        run = vm.boot(
+            LAB_GUEST,
+            on_line=on_line,
+            devices=vm.vhost_user_device(
+                "vhost-user-blk-pci", systemd.path(f"/run/vfiouserd/{name}.sock"), "b"
+            ),
+            timeout=300,
+        )
+    finally:
+        stop(systemd, unit)
+        systemd.systemctl("stop", f"vfiouserd@{name}.socket")
+    assert not os.path.exists(systemd.path(control))  # removed with the unit's stop
+    assert run.exit_statuses == [0], run.output[-3000:]
+    assert run.result("read") == run.result("written")
+    assert qemu_messages(run.output) == []
+
+    # The control socket: in the unit's RuntimeDirectory, the dynamic user's only.
+    assert seen["mode"] == ["600", seen["user"]]
+    # stats: the greeting names the unit's main process; the guest's writes
+    # and reads are counted on queue 0.
+    stats = seen["stats"]
+    assert stats["daemon"]["pid"] == seen["main"]
+    assert stats["daemon"]["device"] == "blk" and stats["daemon"]["transport"] == "vhost-user"
+    assert stats["daemon"]["fault_injection"] is True
+    assert stats["stats"]["queues"][0]["requests"] >= 2
+    assert stats["stats"]["device"]["sectors"] == 64 * MiB // 512
+    assert f"blk over vhost-user, pid {seen['main']}" in seen["text"]
+    # trace: exactly six events, the guest's reads of its block completing
+    # and the interrupts that tell it so, all on queue 0.
+    events = [json.loads(line) for line in seen["trace"].splitlines()]
+    assert len(events) == 6, events
+    requests = [e for e in events if e["kind"] == "request"]
+    assert len(requests) >= 2, events
+    assert {(e["event"], e["type"], e["sector"], e["sectors"]) for e in requests} == {
+        ("complete", "read", 2048, 8)
+    }, events
+    assert all("status" not in e for e in requests)
+    assert {(e["kind"], e["event"]) for e in events} <= {("request", "complete"), ("irq", "queue")}
+    assert {e["queue"] for e in events} == {0}
+    # inject: the rule, listed; the guest's reads fail (counted as errors)
+    # until it is removed, then work again.
+    added = seen["added"]
+    assert added["kind"] == "ioerr" and added["sectors"] == "2048-2056" and added["type"] == "read"
+    assert seen["listed"]["allowed"] is True
+    assert [r["id"] for r in seen["listed"]["rules"]] == [added["id"]]
+    assert seen["errors"]["stats"]["queues"][0]["errors"] >= 1
+    assert seen["removed"]["id"] == added["id"] and seen["removed"]["hits"] >= 1
+    assert seen["left"]["rules"] == []
+    assert run.result("recovered").startswith("after ")
+    # Across the restart: the same control socket, served by the next daemon.
+    assert seen["same_file"] is True
+    assert seen["restarted"] != seen["main"]
+    assert seen["again"]["daemon"]["pid"] == seen["restarted"]
+    assert seen["by_socket"]["daemon"]["pid"] == seen["restarted"]
+    journal = systemd.journal(unit)
+    assert "event=fault.added" in journal and "event=fault.removed" in journal
