@@ -237,6 +237,7 @@ def _trace(args: argparse.Namespace) -> int:
             client.execute("trace-start", **arguments)
             if args.output is not None:
                 args.output.write(json.dumps({"vfiouserd": client.greeting}) + "\n")
+                args.output.flush()  # a recording starts with whom it is of, at once
             while not args.count or seen < args.count:
                 if deadline is not None:
                     left = deadline - time.monotonic()
