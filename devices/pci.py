@@ -579,6 +579,10 @@ class PciDevice:
         if offset < end:
             self._msix_table[offset:end] = data[: end - offset]
 
+    def statistics(self) -> dict[str, Any]:
+        """The device's own figures for ``vfiouserd stats`` (queues count apart)."""
+        return {}
+
     def memory_changed(self) -> None:
         """The VMM mapped or unmapped DMA memory (hook for the device)."""
 

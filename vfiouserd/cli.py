@@ -218,7 +218,8 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
                 control_sock = control.listen(control_path)
                 control_file = SocketFile.created_at(control_path)
         faults.rules.allowed = args.allow_fault_injection
-        faults.rules.sector_kinds = getattr(_virtio(device), "has_sectors", False)
+        # A virtio disk, or a PCI device with sectors of its own (NVMe).
+        faults.rules.sector_kinds = getattr(_virtio(device) or device, "has_sectors", False)
         log.info(
             "startup", device=device.name, protocol=protocol, pid=os.getpid(), version=__version__
         )
@@ -288,7 +289,7 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         virtio_device = _virtio(device)
 
         def device_statistics() -> dict[str, Any]:
-            own = virtio_device.statistics() if virtio_device is not None else {}
+            own = (virtio_device or device).statistics()
             return {"name": device.name, **own}
 
         control_server = control.ControlServer(control_sock, info, device_statistics)
