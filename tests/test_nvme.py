@@ -510,3 +510,24 @@ def test_options(images, tmp_path):
     device = NvmeController.from_args(args)
     assert device.namespaces[1].blocks == 2048
     device.close()
+
+
+async def test_requests_are_traced(images, ram):
+    from vfiouserd.trace import Filter, Subscription, tracer
+
+    seen: list[dict] = []
+    subscription = Subscription(seen.append, Filter(frozenset({"request"})))
+    tracer.subscribe(subscription)
+    try:
+        async with vfio_served(controller(images), ram=ram) as client:
+            driver = await started(client, ram, io_queues=1)
+            assert (await driver.write(1, 2, 24, bytes(4096))).status == 0
+            assert (await driver.read(1, 1, BLOCKS, 512))[0].status != 0
+            driver.close()
+    finally:
+        tracer.unsubscribe(subscription)
+    write, bad = seen[-2], seen[-1]
+    assert write["queue"] == 1 and write["opcode"] == "write" and write["nsid"] == 2
+    assert (write["slba"], write["nlb"], write["status"]) == (24, 8, "success")
+    assert bad["status"] == "lba_out_of_range" and bad["latency_ns"] > 0
+    assert any(e["queue"] == 0 and e["opcode"] == "create-io-sq" for e in seen)
