@@ -181,18 +181,8 @@ class NvmeController(PciDevice):
     msix_bar = 4
     register_width = 4
     has_sectors = True  # the fault rules' ioerr and corrupt apply (512-byte sectors)
-    syscalls = frozenset(
-        {
-            "preadv2",
-            "pwritev2",
-            "preadv",
-            "pwritev",
-            "pread64",
-            "pwrite64",
-            "fallocate",
-            "fdatasync",
-        }
-    )
+    # As virtio-blk's (preadv/pwritev, fallocate for holes and zeros, fdatasync).
+    syscalls = frozenset({"preadv2", "pwritev2", "preadv", "pwritev", "fallocate", "fdatasync"})
     state = Schema(
         1,
         Field("registers", INT_MAP),
