@@ -2,7 +2,8 @@
 #   make demo   - vhost-user-blk + rng daemons, a tiny QEMU guest writes, reads back and verifies
 #   make test   - lint and the whole test suite (unit tests, real QEMU guests, a real systemd,
 #                 libvirt)
-#   make bench  - vfiouserd against qemu-storage-daemon, side by side
+#   make bench  - vfiouserd against qemu-storage-daemon, side by side, and what the
+#                 control socket's clients (stats, trace, a misbehaving one) cost its I/O
 #   make fuzz   - the stateful fuzzer against each device's real daemon, DURATION seconds
 #                 each (default 600), SEED=N (default 1); findings under .cache/fuzz/
 # Downloads are cached under .cache/ (pip, Debian packages, the guest build); the QEMU
@@ -101,6 +102,7 @@ bench: guest
 	$(VENV)/bin/python bench/input.py
 	$(VENV)/bin/python bench/console.py
 	$(VENV)/bin/python bench/net.py
+	$(VENV)/bin/python bench/lab.py
 
 # Every device gets its turn even when an earlier one had findings; the
 # target fails if any had. Replay a finding with the command its FINDING line

@@ -101,3 +101,37 @@ def test_net_benchmark_runs():
         (size, path) for size in ("64", "1500") for path in ("guest,", "the", "stream")
     ]
     assert all(row[-2] == "0" for row in rows), done.stdout  # no frame came back wrong
+
+
+def test_lab_benchmark_reports_every_condition_and_where_the_fast_path_was():
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH.parent / "lab.py"),
+            *("--runs", "1", "--seconds", "0.2", "--depths", "1,4", "--image-size", "64"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [(line[:34].strip(), line[34:].split()) for line in done.stdout.splitlines()[2:]]
+    fast_path = {
+        "no control client (reference)": "yes",
+        "stats, once a second": "yes",
+        "metrics, once a second": "yes",
+        "full trace, read at full speed": "no",  # Python serves and reports each request
+        "trace never read + garbage flood": "no",
+        "trace never read, alone": "no",
+        "garbage flood, alone": "yes",
+        "garbage flood at another daemon": "yes",
+        "no client, --no-fast-path": "no",
+    }
+    assert [(label, fields[0]) for label, fields in rows] == [
+        (label, depth) for depth in ("1", "4") for label in fast_path
+    ], done.stdout
+    for label, fields in rows:
+        assert fields[5] == fast_path[label], done.stdout
+        assert float(fields[1].split("/")[0]) > 0, done.stdout  # IOPS
+    reference = [fields for label, fields in rows if label.endswith("(reference)")]
+    assert all(fields[2] == "1.00/1.00/1.00" for fields in reference), done.stdout
