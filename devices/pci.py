@@ -198,6 +198,11 @@ class InterruptDelivery(Protocol):
         """Fired while masked and not delivered yet (the MSI-X PBA)."""
         ...
 
+    def eventfd(self, kind: IrqKind, vector: int) -> int | None:
+        """An eventfd whose signal delivers ``vector`` now (a native loop
+        may write it directly), or None if delivery needs more than that."""
+        ...
+
     def close(self) -> None:
         """The VMM went away: what it installed goes."""
         ...
@@ -215,6 +220,9 @@ class Undelivered:
 
     def pending(self, kind: IrqKind, vector: int) -> bool:
         return False
+
+    def eventfd(self, kind: IrqKind, vector: int) -> int | None:
+        return None
 
     def close(self) -> None:
         pass
@@ -662,6 +670,10 @@ class PciDevice:
 
     def device_reset(self) -> None:
         """Hook: reset the device's own registers."""
+
+    def interrupts_changing(self) -> None:
+        """Hook: the VMM is about to change the interrupts' eventfds (whoever
+        writes one directly must stop first: it may be closed)."""
 
     # -- migration ---------------------------------------------------------------------------
 

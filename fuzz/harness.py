@@ -112,7 +112,10 @@ DEVICES: dict[str, DeviceSpec] = {
         # Few queues: a fuzzed index then often names one that is set up.
         DeviceSpec("vhost-user-blk", "vhost-user", "blk", (*DISK, "--num-queues", "4")),
         DeviceSpec("vhost-user-rng", "vhost-user", "rng"),
-        DeviceSpec("vfio-user-blk", "vfio-user", "blk", (*DISK, "--num-queues", "2")),
+        # Packed rings offered: the fuzzer drives both layouts.
+        DeviceSpec(
+            "vfio-user-blk", "vfio-user", "blk", (*DISK, "--num-queues", "2", "--packed-ring")
+        ),
         DeviceSpec("vfio-user-example", "vfio-user", "example"),
         # Host-fed queues: receive buffers wait, transmit ones wait for room.
         DeviceSpec("vhost-user-console", "vhost-user", "console", CONSOLE),

@@ -326,3 +326,33 @@ async def test_waiting_lines_go_to_a_client_together_and_in_order():
     assert json.loads(lines[0]) == {"return": {}, "id": 1}
     assert [json.loads(line)["data"]["n"] for line in lines[1:]] == list(range(2000))
     assert len(sends) <= 5
+
+
+async def test_a_tracer_that_loses_every_event_for_long_is_detached(monkeypatch):
+    """While it is attached the rings stay off the native fast path: one that
+    stopped reading must not keep them there for good."""
+    import vfiouserd.control as control
+    from vfiouserd.trace import tracer
+
+    monkeypatch.setattr(control, "STALLED_TRACE", 0.5)
+
+    class NeverReads:
+        async def send(self, data):
+            await trio.sleep_forever()
+
+    client = Client(None, NeverReads(), 1)  # type: ignore[arg-type]
+    client.start_trace({"events": ["session"]})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client._write_all)
+        nursery.start_soon(client._end_stalled_trace)
+        for n in range(control.MAX_QUEUED + 10):
+            tracer.emit("session", "start", n=n)
+        assert tracer.wants("session") and client.lost == 10
+        with trio.fail_after(5):
+            while client.subscription is not None:  # events keep coming, unread
+                for n in range(1000):
+                    tracer.emit("session", "start", n=n)
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert not tracer.wants("session")
+    assert json.loads(client.events[-1])["event"] == "TRACE_STOPPED"

@@ -506,10 +506,18 @@ def build_parser() -> argparse.ArgumentParser:
             )
             _add_common(sub, capabilities=False)
             _add_virtio(sub)
+            sub.add_argument(
+                "--packed-ring",
+                action="store_true",
+                help="offer VIRTIO_F_RING_PACKED (off by default, as in QEMU's virtio-pci "
+                "devices: the native fast path serves split rings only)",
+            )
             device.add_arguments(sub)
             sub.set_defaults(
                 run=lambda args, d=device: _run(
-                    args, "vfio-user", lambda: VirtioPciDevice(_make_virtio(d, args))
+                    args,
+                    "vfio-user",
+                    lambda: VirtioPciDevice(_make_virtio(d, args), packed_ring=args.packed_ring),
                 )
             )
         else:

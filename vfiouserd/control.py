@@ -43,7 +43,7 @@ import trio
 from vfiouserd import faults, stats
 from vfiouserd.log import get_logger
 from vfiouserd.sockets import listen_on_path
-from vfiouserd.trace import Filter, Subscription, tracer
+from vfiouserd.trace import Filter, RateLimit, Subscription, tracer
 
 log = get_logger("control")
 
@@ -55,6 +55,8 @@ MAX_QUEUED = 4096  # events and replies waiting for one client
 MAX_REPLIES = 256  # replies a client leaves unread before it is dropped
 MAX_DATA_BYTES = 64  # bytes of DMA data a trace event may show
 MAX_WRITE = 64 * 1024  # bytes of lines sent to a client at once
+COMMANDS_PER_SECOND = 200  # a client's sustained rate (bursts as large): more waits
+STALLED_TRACE = 10.0  # seconds a tracer may lose events without a break before it ends
 
 
 def socket_path(explicit: str | None, vmm_socket: socket.socket) -> str | None:
@@ -128,6 +130,9 @@ class Client:
         self._lock = threading.Lock()
         self._closed = False
         self._sending = False  # lines taken from the queues, not all sent yet
+        # Since when events have been lost without the client catching up.
+        self._losing_since: float | None = None
+        self._commands = RateLimit(COMMANDS_PER_SECOND)
 
     # -- outgoing -------------------------------------------------------------------
 
@@ -147,6 +152,8 @@ class Client:
             if len(self.events) >= MAX_QUEUED:
                 self.events.popleft()
                 self.lost += 1
+                if self._losing_since is None:
+                    self._losing_since = time.monotonic()
             self.events.append(line)
         self._wake()
 
@@ -161,6 +168,7 @@ class Client:
         with self._lock:
             if self.lost:
                 lost, self.lost = self.lost, 0
+                self._losing_since = None  # it reads again
                 return _encode(_event("TRACE_LOST", {"count": lost}))
             return self.events.popleft() if self.events else None
 
@@ -195,6 +203,7 @@ class Client:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._guarded, self._write_all, nursery.cancel_scope)
+                nursery.start_soon(self._end_stalled_trace)
                 await self._guarded(self._read_all, nursery.cancel_scope)
                 # Let the last replies go out; a client that does not read
                 # them does not hold the task.
@@ -206,6 +215,21 @@ class Client:
             self._closed = True
             self.stop_trace()
             self.sock.close()
+
+    async def _end_stalled_trace(self) -> None:
+        """A tracer that has lost every event for STALLED_TRACE seconds (it
+        stopped reading, or cannot keep up at all) is detached: while it is
+        attached the rings stay off the native fast path."""
+        while True:
+            await trio.sleep(1)
+            since = self._losing_since
+            if self.subscription is None or since is None:
+                continue
+            if time.monotonic() - since >= STALLED_TRACE:
+                self.stop_trace()
+                self._losing_since = None
+                log.warning("control.trace_stalled", client=self.number, seconds=STALLED_TRACE)
+                self.send_event(_event("TRACE_STOPPED", {"reason": "events lost for too long"}))
 
     async def _guarded(self, part: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
         """Reading or writing: a connection error ends this client only."""
@@ -230,6 +254,8 @@ class Client:
                 if line.strip():
                     await self._execute(line)
                     await trio.lowlevel.checkpoint()  # a flood of commands takes turns
+                    while not self._commands.take():  # ... and its rate is bounded
+                        await trio.sleep(1 / COMMANDS_PER_SECOND)
                 if len(self.replies) > MAX_REPLIES:
                     log.warning("control.client_dropped", client=self.number, reason="unread")
                     return

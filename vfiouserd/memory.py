@@ -306,11 +306,22 @@ class GuestMemory:
         self.listeners: list[Callable[[], None]] = []  # told of every layout change
         self.has_unmapped = False  # some region is reachable only through ``remote``
         self.remote: RemoteAccess | None = None
-        self.dirty: DirtyLog | None = None  # set while the VMM tracks our writes
+        self._dirty: DirtyLog | None = None  # set while the VMM tracks our writes
+
+    @property
+    def dirty(self) -> DirtyLog | None:
+        return self._dirty
+
+    @dirty.setter
+    def dirty(self, log: DirtyLog | None) -> None:
+        if log is not None and self._dirty is None:
+            for listener in self.listeners:  # a native loop, which logs nothing, stops
+                listener()
+        self._dirty = log
 
     def mark_dirty(self, address: int, length: int) -> None:
-        if self.dirty is not None:
-            self.dirty.mark(address, length)
+        if self._dirty is not None:
+            self._dirty.mark(address, length)
 
     @property
     def regions(self) -> tuple[MemoryRegion, ...]:

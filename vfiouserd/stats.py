@@ -24,7 +24,9 @@ class QueueStats:
         "latency",
         "latency_max",
         "live",
+        "native_requests",
         "notified",
+        "python_because",
         "queue",
         "requests",
         "suppressed",
@@ -33,6 +35,7 @@ class QueueStats:
     def __init__(self, queue: int) -> None:
         self.queue = queue
         self.requests = self.bytes = self.errors = 0
+        self.native_requests = 0  # of them, served by the native loop
         self.notified = self.suppressed = 0
         self.latency = [0] * BUCKETS
         self.latency_max = 0
@@ -40,6 +43,8 @@ class QueueStats:
         self.in_flight: Callable[[], int] = lambda: 0
         # The running native loop's counters, or None.
         self.live: Callable[[], Any] = lambda: None
+        # Why Python serves the queue (None: the native loop may).
+        self.python_because: Callable[[], str | None] = lambda: "not started"
 
     def count(self, requests: int, size: int, latency_ns: int | None = None) -> None:
         self.requests += requests
@@ -51,6 +56,7 @@ class QueueStats:
     def fold(self, native: Any) -> None:
         """Add a stopped native loop's counters."""
         self.requests += native.served
+        self.native_requests += native.served
         self.bytes += native.bytes
         self.notified += native.notified
         self.suppressed += native.suppressed
@@ -62,6 +68,7 @@ class QueueStats:
         total = {
             "queue": self.queue,
             "requests": self.requests,
+            "native_requests": self.native_requests,
             "bytes": self.bytes,
             "errors": self.errors,
             "notified": self.notified,
@@ -73,12 +80,14 @@ class QueueStats:
         native = self.live()
         if native is not None:
             total["requests"] += native.served
+            total["native_requests"] += native.served
             total["bytes"] += native.bytes
             total["notified"] += native.notified
             total["suppressed"] += native.suppressed
             total["latency_log2_ns"] = [a + native.latency[b] for b, a in enumerate(self.latency)]
             total["latency_max_ns"] = max(self.latency_max, native.latency_max)
         total["native"] = native is not None
+        total["python_because"] = self.python_because()
         return total
 
 

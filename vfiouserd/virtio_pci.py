@@ -120,8 +120,14 @@ class VirtioPciDevice(PciDevice):
     register_width = 4
     interrupts_ruled_by_queue = True
 
-    def __init__(self, virtio: VirtioDevice, max_queue_size: int = 128) -> None:
+    def __init__(
+        self, virtio: VirtioDevice, max_queue_size: int = 128, *, packed_ring: bool = False
+    ) -> None:
         self.virtio = virtio
+        # VIRTIO_F_RING_PACKED only when asked, as QEMU's own virtio-pci
+        # devices (packed=off): a driver takes it when offered (Linux does),
+        # and the native fast path serves split rings.
+        self.offered_features = virtio.features & ~(0 if packed_ring else bit(Feature.RING_PACKED))
         self.name = f"virtio-{virtio.name}"
         self.description = virtio.description
         self.device_id = MODERN_DEVICE_ID_BASE + int(virtio.device_id)
@@ -193,13 +199,14 @@ class VirtioPciDevice(PciDevice):
         """Virtio device reset (status 0), also part of a PCI function reset."""
         for queue in self.queue_set.queues:
             self.queue_set.stop(queue)
-            queue.kick_fd = None  # the transport's eventfd: not the queue's to close
+            queue.borrow_kick(None)  # the transport's eventfd: not the queue's to close
         self.queue_set.reset()  # queues back to their initial state, device reset
         for queue in self.queue_set.queues:
             queue.notifier = lambda q=queue.index: self._queue_interrupt(q)
+            queue.native_call = lambda q=queue.index: self._queue_eventfd(q)
             queue.error_notifier = self._needs_reset
             queue.dma_allowed = lambda: self.bus_master
-            queue.kick_fd = self.kick_fds[queue.index]
+            queue.borrow_kick(self.kick_fds[queue.index])
         self.device_feature_select = 0
         self.driver_feature_select = 0
         self.driver_features = 0
@@ -281,7 +288,7 @@ class VirtioPciDevice(PciDevice):
         if name == "device_feature":
             if self.device_feature_select > 1:
                 return 0
-            return self.virtio.features >> (32 * self.device_feature_select) & 0xFFFFFFFF
+            return self.offered_features >> (32 * self.device_feature_select) & 0xFFFFFFFF
         if name == "driver_feature":
             if self.driver_feature_select > 1:
                 return 0
@@ -335,6 +342,7 @@ class VirtioPciDevice(PciDevice):
 
     def _set_queue_field(self, queue: Virtqueue, name: str, value: int) -> None:
         if name == "queue_msix_vector":
+            queue.wake()  # a native loop signals the old vector's eventfd: it looks again
             self.queue_vectors[queue.index] = value if value < self.msix_vectors else NO_VECTOR
             return
         if name == "queue_enable":
@@ -370,7 +378,7 @@ class VirtioPciDevice(PciDevice):
             return
         old = self.device_status
         if value & Status.FEATURES_OK and not old & Status.FEATURES_OK:
-            offered = self.virtio.features
+            offered = self.offered_features
             if self.driver_features & ~offered or not self.driver_features & bit(Feature.VERSION_1):
                 log.warning("features.refused", features=f"{self.driver_features:#x}")
                 value &= ~int(Status.FEATURES_OK)
@@ -394,7 +402,23 @@ class VirtioPciDevice(PciDevice):
 
     # -- interrupts ---------------------------------------------------------------------
 
+    def interrupts_changing(self) -> None:
+        for queue in self.queue_set.queues:
+            queue.wake()  # out of the native loop before an eventfd it writes is closed
+
+    def _queue_eventfd(self, index: int) -> int | None:
+        """The eventfd a native loop may signal for this queue's interrupt:
+        its MSI-X vector's, while bus mastering is on (else Python's
+        ``_queue_interrupt`` decides, as for INTx and its ISR bit)."""
+        if self.irqs.active() is not IrqKind.MSIX or not self.bus_master:
+            return None
+        vector = self.queue_vectors[index]
+        return None if vector == NO_VECTOR else self.irqs.eventfd(IrqKind.MSIX, vector)
+
     def command_changed(self, old: int, new: int) -> None:
+        if (old ^ new) & 0x4:  # bus mastering: a native loop must stop or may start
+            for queue in self.queue_set.queues:
+                queue.wake()
         if new & 0x4 and not old & 0x4:  # bus mastering back on: look at the rings
             self.queue_set.memory_changed()
 
@@ -489,7 +513,7 @@ class VirtioPciDevice(PciDevice):
             os.close(self.kick_fds[index])
             os.set_blocking(fd, False)
             self.kick_fds[index] = fd
-            self.queue_set.queues[index].kick_fd = fd
+            self.queue_set.queues[index].borrow_kick(fd)
 
     def transport_state_sections(self) -> dict[str, Schema]:
         return {"virtio-pci": TRANSPORT_STATE}
@@ -518,7 +542,7 @@ class VirtioPciDevice(PciDevice):
             if saved.size > self.max_queue_size:
                 raise StateError(f"queue {index} of {saved.size}, at most {self.max_queue_size}")
         features = sections["virtio-pci"]["driver_features"]
-        if features & ~self.virtio.features:
+        if features & ~self.offered_features:
             raise StateError(f"driver features {features:#x} this device does not offer")
 
     def load_transport_state(self, sections: dict[str, dict[str, Any]]) -> None:

@@ -271,6 +271,10 @@ class SplitRing(_Chains):
         self.used_address = used  # guest-physical, for the dirty log
         self.used16 = used_view.cast("H")
         self.used32 = used_view[4 : 4 + 8 * size].cast("I")
+        # All three areas in memory the daemon maps (the native loop's
+        # condition; its buffers may still lie elsewhere: it leaves those to
+        # Python, request by request).
+        self.mapped = all(isinstance(v, memoryview) for v in (self.desc, self.avail, used_view))
         self.event_idx = event_idx
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self.used_idx = self.used16[1]  # the driver-visible value is authoritative
@@ -642,6 +646,7 @@ class Virtqueue:
         self._kick_is_eventfd = False
         self._kick_fd: int | None = None
         self._kick_generation = 0  # which kick fd a waiter woke for
+        self._python_reason: str | None = "not started"
         # Completions a delay rule holds back: (due, request, bytes written),
         # the request's views of guest memory dropped already.
         self.deferred: list[tuple[float, Request, int]] = []
@@ -650,6 +655,7 @@ class Virtqueue:
         self.stats = stats.of_queue(index)
         self.stats.in_flight = lambda: len(self.held) + len(self.deferred)
         self.stats.live = lambda: self._native_queue
+        self.stats.python_because = self.python_because
         _live_queues.add(self)
 
     @property
@@ -690,6 +696,9 @@ class Virtqueue:
         # A transport that does not notify through eventfds (virtio-pci:
         # MSI-X vectors, INTx) sets these instead.
         self.notifier: Callable[[], None] | None = None
+        # ... and, where an interrupt is just an eventfd to signal (an MSI-X
+        # vector's, as it stands now), this: the native loop signals it.
+        self.native_call: Callable[[], int | None] | None = None
         self.error_notifier: Callable[[], None] | None = None
         # Virtio-pci: no DMA while the driver has bus mastering switched off.
         self.dma_allowed: Callable[[], bool] = lambda: True
@@ -1124,28 +1133,41 @@ class Virtqueue:
         """The fast path serves the common case of a split ring on mapped
         memory with eventfd notifications (host-fed queues too, when the
         device has a handler for them and no buffer waits in Python); Python
-        keeps everything else
-        (packed rings, dirty logging, tracing, DMA through the VMM, a
-        transport's own interrupts, requests left over by a killed back end)."""
-        return (
-            self.native is not None
-            and not self.held  # taken from the ring already: Python fills them, in order
-            and not self.deferred  # completions a delay rule holds: Python's to finish
-            and not self._native_off
-            and self.notifier is None
-            and self.kick_fd is not None
-            and self._kick_is_eventfd
-            and self._enabled
-            and not self.broken
-            and isinstance(self.ring, SplitRing)
-            and not self.ring.resubmit
-            and self._generation == self.memory.generation
-            and self.memory.dirty is None
-            and not self.memory.has_unmapped
-            and self.dma_allowed()
-            and not tracer.wants("request")  # Python serves and reports each one
-            and not faults.rules.steering  # Python applies the rules
+        keeps everything else (see ``python_because``)."""
+        reason = self.python_because()
+        if reason != self._python_reason:
+            self._python_reason = reason
+            if self._enabled:
+                log.debug(
+                    "ring.path", queue=self.index, path="native" if reason is None else reason
+                )
+        return reason is None
+
+    def python_because(self) -> str | None:
+        """Why Python serves this ring, or None when the native loop may."""
+        checks = (
+            (self.native is None, "no native handler"),
+            (bool(self.held), "buffers wait in Python"),  # filled in order by Python
+            (bool(self.deferred), "delayed completions"),  # a delay rule's, Python's to finish
+            (self._native_off, "kick fd not pollable"),
+            (
+                self.notifier is not None and self._native_call_fd() is None,
+                "interrupts not an eventfd",  # INTx, no MSI-X vector, bus mastering off
+            ),
+            (self.kick_fd is None or not self._kick_is_eventfd, "no kick eventfd"),
+            (not self._enabled or self.broken, "not enabled"),
+            (
+                not isinstance(self.ring, SplitRing) or not self.ring.mapped,
+                "not a mapped split ring",
+            ),
+            (isinstance(self.ring, SplitRing) and bool(self.ring.resubmit), "resubmitting"),
+            (self._generation != self.memory.generation, "memory changed"),
+            (self.memory.dirty is not None, "dirty logging"),
+            (not self.dma_allowed(), "no DMA allowed"),
+            (tracer.wants("request") or tracer.wants("irq"), "traced"),  # Python reports each
+            (faults.rules.steering, "fault rules"),  # Python applies them
         )
+        return next((reason for failing, reason in checks if failing), None)
 
     async def _serve_native(self) -> int:
         q = self._native_parameters()
@@ -1206,7 +1228,8 @@ class Virtqueue:
             if self._native_host_fd is None:
                 self._native_host_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             q.host_fd = self._native_host_fd
-        q.call_fd = self.call_fd if self.call_fd is not None else -1
+        call_fd = self.call_fd if self.notifier is None else self._native_call_fd()
+        q.call_fd = call_fd if call_fd is not None else -1
         q.regions, q.nregions = table, len(regions)
         q.check, q.serve, q.device = native.check, native.serve, native.device
         q.ready = native.ready if native.ready is not None else ffi.NULL
@@ -1228,6 +1251,13 @@ class Virtqueue:
         with self._native_lock:  # held by the worker while the loop runs
             pass
         self._native_exports = []
+        # Its eventfds go with it (made again for the next run): a queue that
+        # outlives its session, as virtio-pci's do, keeps no fd of the last.
+        for name in ("_native_stop_fd", "_native_host_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
         ring = self.ring
         if isinstance(ring, SplitRing):
             ring.last_avail_idx, ring.used_idx = q.last_avail_idx, q.used_idx
@@ -1309,6 +1339,16 @@ class Virtqueue:
             except OSError as exc:
                 if exc.errno != errno.EBADF:
                     raise
+
+    def _native_call_fd(self) -> int | None:
+        return self.native_call() if self.native_call is not None else None
+
+    def borrow_kick(self, fd: int | None) -> None:
+        """A kick eventfd the transport owns (virtio-pci's notifications):
+        waited on, polled by the native loop, never closed here."""
+        self._pause_native()
+        self._kick_is_eventfd = fd is not None
+        self.kick_fd = fd
 
     def set_kick(self, fd: int | None) -> None:
         self._pause_native()  # it polls the old one

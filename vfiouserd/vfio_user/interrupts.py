@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 from weakref import WeakKeyDictionary
@@ -36,6 +37,8 @@ class IrqLines:
     eventfds: list[int | None] = field(default_factory=list)
     masked: list[bool] = field(default_factory=list)
     pending: list[bool] = field(default_factory=list)
+    # Called before an eventfd changes (PciDevice.interrupts_changing).
+    changing: Callable[[], None] = lambda: None
 
     def __post_init__(self) -> None:
         self.eventfds = [None] * self.count
@@ -47,6 +50,7 @@ class IrqLines:
         return any(fd is not None for fd in self.eventfds)
 
     def set_eventfd(self, vector: int, fd: int | None) -> None:
+        self.changing()
         old = self.eventfds[vector]
         if old is not None:
             os.close(old)
@@ -83,6 +87,8 @@ class Interrupts:
             IrqKind.ERR: IrqLines(0),
             IrqKind.REQ: IrqLines(0),
         }
+        for lines in self.lines.values():
+            lines.changing = function.interrupts_changing
 
     def active(self) -> IrqKind | None:
         for kind in (IrqKind.MSIX, IrqKind.MSI, IrqKind.INTX):
@@ -132,6 +138,13 @@ class Interrupts:
     def pending(self, kind: IrqKind, vector: int) -> bool:
         lines = self.lines[kind]
         return vector < lines.count and lines.pending[vector]
+
+    def eventfd(self, kind: IrqKind, vector: int) -> int | None:
+        """MSI and MSI-X only: INTx needs its line's level and automask."""
+        lines = self.lines[kind]
+        if kind is IrqKind.INTX or vector >= lines.count or lines.masked[vector]:
+            return None
+        return lines.eventfds[vector]
 
     def unmask(self, kind: IrqKind, vector: int) -> None:
         lines = self.lines[kind]
