@@ -1,16 +1,26 @@
 #!/usr/bin/env python3
-"""virtio-blk over vhost-user: vfiouserd against qemu-storage-daemon, side by side.
+"""virtio-blk: vfiouserd over vhost-user and vfio-user against qemu-storage-daemon.
+
+Back ends: ``vfiouserd vhost-user-blk``; ``vfiouserd vfio-user-blk`` (the
+same device as a virtio-pci function); qemu-storage-daemon's vhost-user-blk
+export with aio=threads (its default) and aio=io_uring (its fastest), both
+with cache.direct=off, and io_uring with the export in an iothread (which
+polls). The vfiouserd daemons run jailed, with default options.
 
 Workloads: 4 KiB random reads, 4 KiB random writes, 128 KiB sequential
-reads; one or two queues (the queue depth is per queue); qemu-storage-daemon
-with aio=threads (its default) and aio=io_uring (its fastest), both with
-cache.direct=off, and io_uring with the export in an iothread (which polls).
-Both back ends serve the same page-cached raw image; the same native front
-end drives them (vhost-user set-up in Python, the request loop in C, one
-thread per queue, see driver.c). Guest-side fio under TCG would measure the
-emulator, not the back end, so no guest is involved. Every figure comes with
-the ratio to qemu-storage-daemon measured in the same invocation, runs
-interleaved.
+reads; one or two queues (the queue depth is per queue). Every back end
+serves the same page-cached raw image, and the same native front end drives
+them all: the set-up in Python, the request loop in C (driver.c), one thread
+per queue. Over vhost-user the project's front end shares guest RAM and
+hands the ring and its kick/call eventfds to the loop; over vfio-user the
+project's client maps the same memfd RAM (DMA_MAP with its fd), starts the
+virtio-pci device with MSI-X and ioeventfds (GET_REGION_IO_FDS), and hands
+the ring, the queue's ioeventfd (kick) and its MSI-X vector's eventfd (call)
+to the same loop. Guest-side fio under TCG would measure the emulator, not
+the back end, so no guest is involved. Runs are interleaved; every figure
+comes with its ratios to the others measured in the same invocation, and,
+for vfiouserd, the share of requests its native fast path served (from
+``stats`` on the control socket).
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -31,8 +43,11 @@ import trio
 from common import CACHE, compile_driver, stop
 
 from vfiouserd._native import ffi as native_ffi
+from vfiouserd.client.control import ControlClient
 from vfiouserd.client.guest import DriverSplitRing, GuestRam
+from vfiouserd.client.vfio_user import VfioUserClient
 from vfiouserd.client.vhost_user import VhostUserFrontend
+from vfiouserd.client.virtio_pci import VirtioPciDriver
 from vfiouserd.devices.blk import BlkFeature
 from vfiouserd.devices.virtio import Feature, bit
 
@@ -40,7 +55,8 @@ BLK_F_MQ = BlkFeature.MQ
 
 MiB = 1 << 20
 RAM_SIZE = 64 * MiB
-QUEUE_SIZE = 256
+QUEUE_SIZE = 256  # over vfio-user, the device's largest: 128 (room for QD 42)
+VHOST, VFIO = "vhost-user-blk", "vfio-user-blk"  # vfiouserd's back ends
 
 
 def load_driver() -> ModuleType:
@@ -73,6 +89,7 @@ class Sample:
     iops: float
     p50_us: float
     p99_us: float
+    native: float | None = None  # vfiouserd: share of the requests the fast path served
 
 
 @dataclass(frozen=True)
@@ -115,26 +132,19 @@ def wait_for_socket(path: str, process: subprocess.Popen) -> None:
     raise TimeoutError(f"{path} never appeared")
 
 
-def start_backend(kind: str, image: Path, sock: str, qsd_aio: str, queues: int) -> subprocess.Popen:
-    if kind == "vfiouserd":
+def start_backend(kind: str, image: Path, sock: str, queues: int) -> subprocess.Popen:
+    """``kind``: VHOST, VFIO, or "qsd aio=MODE" (MODE+iothread: the export
+    in an iothread, which polls its queues, 32 us by default, as the main
+    loop does not)."""
+    if kind in (VHOST, VFIO):
+        # Jailed (the default), default options: only what the set-up needs.
         command = [
-            sys.executable,
-            "-m",
-            "vfiouserd",
-            "vhost-user-blk",
-            "--socket-path",
-            sock,
-            "--blk-file",
-            str(image),
-            "--num-queues",
-            str(queues),
-            "--log-level",
-            "warning",
+            *(sys.executable, "-m", "vfiouserd", kind),
+            *("--socket-path", sock, "--blk-file", str(image)),
+            *("--num-queues", str(queues), "--log-level", "warning"),
         ]
     else:
-        # "io_uring+iothread": the export in an iothread, which polls its
-        # queues (32 us by default) instead of the main loop, which does not.
-        aio, _, iothread = qsd_aio.partition("+")
+        aio, _, iothread = kind.partition("=")[2].partition("+")
         command = [
             "qemu-storage-daemon",
             *(["--object", "iothread,id=io0"] if iothread else []),
@@ -152,8 +162,81 @@ def start_backend(kind: str, image: Path, sock: str, qsd_aio: str, queues: int) 
     return process
 
 
+@dataclass
+class Queue:
+    """What the C loop needs of a started queue."""
+
+    ring: DriverSplitRing
+    kick: int
+    call: int
+
+
+def wanted_features(queues: int) -> int:
+    # Split ring, no EVENT_IDX, no indirect: what every back end serves alike.
+    return bit(Feature.VERSION_1) | (bit(BLK_F_MQ) if queues > 1 else 0)
+
+
+@asynccontextmanager
+async def vhost_user_queues(sock: str, ram: GuestRam, queues: int) -> AsyncIterator[list[Queue]]:
+    frontend = await VhostUserFrontend.connect(sock)
+    try:
+        await frontend.negotiate(want_features=wanted_features(queues))
+        await frontend.set_features()
+        await frontend.share_memory(ram)
+        started = []
+        for index in range(queues):
+            ring = DriverSplitRing(ram, QUEUE_SIZE)
+            queue = await frontend.start_queue(index, ring)
+            started.append(Queue(ring, queue.kick, queue.call))
+        yield started
+    finally:
+        await frontend.aclose()
+
+
+@asynccontextmanager
+async def vfio_user_queues(sock: str, ram: GuestRam, queues: int) -> AsyncIterator[list[Queue]]:
+    """The device as a guest with KVM would drive it: RAM mapped with its fd,
+    MSI-X (config on vector 0, queue i on vector i + 1), doorbells through
+    the ioeventfds of GET_REGION_IO_FDS."""
+    async with VfioUserClient.connect(sock, ram=ram) as client:
+        await client.map_ram()
+        driver = VirtioPciDriver(client, ram)
+        try:
+            started = await driver.start(
+                want=wanted_features(queues),
+                queue_size=QUEUE_SIZE,
+                queue_count=queues,
+                msix=True,
+                ioeventfds=True,
+            )
+            usable = [
+                Queue(q.ring, q.ioeventfd, q.call)
+                for q in started
+                if q.ioeventfd is not None and isinstance(q.ring, DriverSplitRing)
+            ]
+            if len(usable) != queues:
+                raise RuntimeError(
+                    f"{VFIO}: {len(usable)} split rings with ioeventfds, not {queues}"
+                )
+            yield usable
+            # As a VMM does when its guest goes: the device state outlives the
+            # connection, and the next client's RAM does not hold these rings.
+            await client.reset()
+        finally:
+            driver.close()
+
+
+def request_counts(control: str) -> tuple[int, int]:
+    """(requests, of them served by the native loop) over all of a
+    vfiouserd daemon's queues, from ``stats`` on its control socket."""
+    with ControlClient(control, timeout=10) as client:
+        queues = client.execute("stats")["queues"]
+    return sum(q["requests"] for q in queues), sum(q["native_requests"] for q in queues)
+
+
 async def measure(
     driver: ModuleType,
+    kind: str,
     sock: str,
     capacity_sectors: int,
     workload: Workload,
@@ -163,76 +246,145 @@ async def measure(
     seed: int,
 ) -> Sample:
     ram = GuestRam([(0, RAM_SIZE)])
-    frontend = await VhostUserFrontend.connect(sock)
+    attach = vfio_user_queues if kind == VFIO else vhost_user_queues
+    control = sock.removesuffix(".sock") + ".control.sock" if kind in (VHOST, VFIO) else None
     try:
-        # Split ring, no EVENT_IDX, no indirect: what both back ends serve alike.
-        wanted = bit(Feature.VERSION_1) | (bit(BLK_F_MQ) if queues > 1 else 0)
-        await frontend.negotiate(want_features=wanted)
-        await frontend.set_features()
-        await frontend.share_memory(ram)
-        region = ram.memory.regions[0]
-        base = int(native_ffi.cast("uintptr_t", region.mapping.base))
-        slot_bytes = 4096 + workload.block_size
-        runs = []
-        for index in range(queues):
-            ring = DriverSplitRing(ram, QUEUE_SIZE)
-            queue = await frontend.start_queue(index, ring)
-            latencies = driver.ffi.new("uint64_t[]", 4_000_000)
-            args = driver.ffi.new("struct bench_args *")
-            desc, avail, used = ring.areas
-            args.desc = driver.ffi.cast("void *", base + desc)
-            args.avail = driver.ffi.cast("void *", base + avail)
-            args.used = driver.ffi.cast("void *", base + used)
-            args.queue_size = QUEUE_SIZE
-            args.kick_fd, args.call_fd = queue.kick, queue.call
-            args.ram = driver.ffi.cast("uint8_t *", base)
-            args.ram_gpa = 0
-            args.slots_gpa = ram.alloc(slot_bytes * depth, 4096)
-            args.slot_bytes = slot_bytes
-            args.capacity_sectors = capacity_sectors
-            args.block_size = workload.block_size
-            args.write, args.sequential = int(workload.write), int(workload.sequential)
-            # Sequential streams of the queues start far apart.
-            args.next_block = index * capacity_sectors // (workload.block_size // 512) // queues
-            args.depth = depth
-            args.duration_ns = int(seconds * 1e9)
-            args.seed = seed + index
-            args.latencies = latencies
-            args.max_latencies = 4_000_000
-            runs.append((args, latencies, ring, queue))
-        statuses: list[int] = []
+        async with attach(sock, ram, queues) as started:
+            region = ram.memory.regions[0]
+            base = int(native_ffi.cast("uintptr_t", region.mapping.base))
+            slot_bytes = 4096 + workload.block_size
+            runs = []
+            for index, queue in enumerate(started):
+                latencies = driver.ffi.new("uint64_t[]", 4_000_000)
+                args = driver.ffi.new("struct bench_args *")
+                desc, avail, used = queue.ring.areas
+                args.desc = driver.ffi.cast("void *", base + desc)
+                args.avail = driver.ffi.cast("void *", base + avail)
+                args.used = driver.ffi.cast("void *", base + used)
+                args.queue_size = queue.ring.size
+                args.kick_fd, args.call_fd = queue.kick, queue.call
+                args.ram = driver.ffi.cast("uint8_t *", base)
+                args.ram_gpa = 0
+                args.slots_gpa = ram.alloc(slot_bytes * depth, 4096)
+                args.slot_bytes = slot_bytes
+                args.capacity_sectors = capacity_sectors
+                args.block_size = workload.block_size
+                args.write, args.sequential = int(workload.write), int(workload.sequential)
+                # Sequential streams of the queues start far apart.
+                args.next_block = index * capacity_sectors // (workload.block_size // 512) // queues
+                args.depth = depth
+                args.duration_ns = int(seconds * 1e9)
+                args.seed = seed + index
+                args.latencies = latencies
+                args.max_latencies = 4_000_000
+                runs.append((args, latencies))
+            statuses: list[int] = []
 
-        async def drive(args: object) -> None:
-            statuses.append(await trio.to_thread.run_sync(driver.lib.run_reads, args))
+            async def drive(args: object) -> None:
+                statuses.append(await trio.to_thread.run_sync(driver.lib.run_reads, args))
 
-        async with trio.open_nursery() as nursery:
-            for args, *_ in runs:
-                nursery.start_soon(drive, args)
-        for status in statuses:
-            if status != 0:
-                raise OSError(-status, os.strerror(-status))
-        all_latencies: list[int] = []
-        iops = 0.0
-        for args, latencies, *_ in runs:
-            if args.errors:
-                raise RuntimeError(f"{args.errors} requests failed")
-            count = min(args.completed, args.max_latencies)
-            all_latencies += [latencies[i] for i in range(count)]
-            iops += args.completed / (args.elapsed_ns / 1e9)
-        ordered = sorted(all_latencies)
-        return Sample(
-            iops=iops,
-            p50_us=ordered[len(ordered) // 2] / 1000,
-            p99_us=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000,
-        )
+            counts = []  # around the run, while connected
+            if control is not None:
+                counts.append(await trio.to_thread.run_sync(request_counts, control))
+            async with trio.open_nursery() as nursery:
+                for args, _ in runs:
+                    nursery.start_soon(drive, args)
+            if control is not None:
+                counts.append(await trio.to_thread.run_sync(request_counts, control))
     finally:
-        await frontend.aclose()
         ram.close()
+    for status in statuses:
+        if status != 0:
+            raise OSError(-status, os.strerror(-status))
+    all_latencies: list[int] = []
+    iops = 0.0
+    for args, latencies in runs:
+        if args.errors:
+            raise RuntimeError(f"{args.errors} requests failed")
+        count = min(args.completed, args.max_latencies)
+        all_latencies += [latencies[i] for i in range(count)]
+        iops += args.completed / (args.elapsed_ns / 1e9)
+    ordered = sorted(all_latencies)
+    native = None
+    if counts and counts[1][0] > counts[0][0]:
+        (requests, native_before), (requests_after, native_after) = counts
+        native = (native_after - native_before) / (requests_after - requests)
+    return Sample(
+        iops=iops,
+        p50_us=ordered[len(ordered) // 2] / 1000,
+        p99_us=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000,
+        native=native,
+    )
 
 
 def summarize(samples: list[Sample], attribute: str) -> tuple[float, float, float]:
     values = [getattr(s, attribute) for s in samples]
     return min(values), statistics.median(values), max(values)
+
+
+def ratios(ours: list[Sample], theirs: list[Sample], attribute: str) -> tuple[float, float, float]:
+    """min/median/max over the runs of ours / theirs, each run's against
+    the same run's (measured minutes apart at most, not a whole bench apart)."""
+    values = [
+        getattr(a, attribute) / getattr(b, attribute) for a, b in zip(ours, theirs, strict=True)
+    ]
+    return min(values), statistics.median(values), max(values)
+
+
+def spread(values: tuple[float, float, float]) -> str:
+    return "/".join(f"{v:.2f}" for v in values)
+
+
+# Issue 15's targets for vfio-user-blk: IOPS at QD32 at least 0.9x vhost-user-blk's
+# and 1.0x qemu-storage-daemon io_uring's; p50 at QD1 at most 1.3x vhost-user-blk's.
+TARGET_IOPS_VHOST, TARGET_IOPS_QSD, TARGET_P50_VHOST = 0.9, 1.0, 1.3
+
+
+def report_vfio_user(
+    results: dict[tuple[str, str, int, int], list[Sample]],
+    workloads: list[Workload],
+    queue_counts: list[int],
+    depths: list[int],
+    qsd_kinds: list[str],
+) -> None:
+    """vfio-user-blk against vhost-user-blk and each qemu-storage-daemon set-up."""
+    print()
+    print(f"{VFIO} / another back end, each run against the same run's (min/med/max)")
+    print(f"{'workload':<26}{'Q':>2}{'QD':>4}{'against':>27}{'IOPS ratio':>18}{'p50 ratio':>18}")
+    for workload in workloads:
+        for queues in queue_counts:
+            for depth in depths:
+                ours = results[(VFIO, workload.name, queues, depth)]
+                for kind in (VHOST, *qsd_kinds):
+                    theirs = results[(kind, workload.name, queues, depth)]
+                    print(
+                        f"{workload.name:<26}{queues:>2}{depth:>4}{kind:>27}"
+                        f"{spread(ratios(ours, theirs, 'iops')):>18}"
+                        f"{spread(ratios(ours, theirs, 'p50_us')):>18}"
+                    )
+    randread = WORKLOADS["randread"]
+    if randread not in workloads or not {1, 32} <= set(depths):
+        return
+    print()
+    print(
+        "issue 15's targets for vfio-user-blk, 4 KiB random read, on medians of the per-run ratios"
+    )
+    for queues in queue_counts:
+        checks = [
+            (f"QD32 IOPS >= {TARGET_IOPS_VHOST}x {VHOST}", VHOST, "iops", 32, TARGET_IOPS_VHOST),
+            *(
+                (f"QD32 IOPS >= {TARGET_IOPS_QSD}x {kind}", kind, "iops", 32, TARGET_IOPS_QSD)
+                for kind in qsd_kinds
+                if "io_uring" in kind
+            ),
+            (f"QD1 p50 <= {TARGET_P50_VHOST}x {VHOST}", VHOST, "p50_us", 1, TARGET_P50_VHOST),
+        ]
+        for label, kind, attribute, depth, target in checks:
+            ours = results[(VFIO, randread.name, queues, depth)]
+            theirs = results[(kind, randread.name, queues, depth)]
+            median = ratios(ours, theirs, attribute)[1]
+            met = median >= target if attribute == "iops" else median <= target
+            print(f"  Q{queues} {label:<50}{median:>6.2f}  {'met' if met else 'NOT met'}")
 
 
 def main() -> int:
@@ -248,6 +400,9 @@ def main() -> int:
         default="threads,io_uring,io_uring+iothread",
         help="qemu-storage-daemon set-ups to compare with ('+iothread': export in an iothread)",
     )
+    parser.add_argument(
+        "--no-vfio-user", action="store_true", help=f"leave {VFIO} out (vhost-user only)"
+    )
     args = parser.parse_args()
     if shutil.which("qemu-storage-daemon") is None:
         print("qemu-storage-daemon not found (Debian package qemu-system-common)")
@@ -258,24 +413,23 @@ def main() -> int:
     depths = [int(d) for d in args.depths.split(",")]
     queue_counts = [int(q) for q in args.queues.split(",")]
     workloads = [WORKLOADS[name] for name in args.workloads.split(",")]
-    aio_modes = args.qsd_aio.split(",")
-    # Back ends: vfiouserd, and qemu-storage-daemon once per aio mode.
-    kinds = ["vfiouserd", *(f"qsd aio={aio}" for aio in aio_modes)]
+    qsd_kinds = [f"qsd aio={aio}" for aio in args.qsd_aio.split(",")]
+    kinds = [VHOST, *([] if args.no_vfio_user else [VFIO]), *qsd_kinds]
     results: dict[tuple[str, str, int, int], list[Sample]] = {}
     with tempfile.TemporaryDirectory(prefix="vfiouserd-bench-") as tmp:
         for run in range(args.runs):
             for queues in queue_counts:
                 for kind in kinds:  # interleaved: the same conditions for each
                     sock = f"{tmp}/{run}-{queues}.sock"
-                    aio = kind.partition("=")[2] or "threads"
-                    name = "vfiouserd" if kind == "vfiouserd" else "qemu-storage-daemon"
-                    process = start_backend(name, image, sock, aio, queues)
+                    name = kind if kind in (VHOST, VFIO) else "qemu-storage-daemon"
+                    process = start_backend(kind, image, sock, queues)
                     try:
                         for workload in workloads:
                             for depth in depths:
                                 sample = trio.run(
                                     measure,
                                     driver,
+                                    kind,
                                     sock,
                                     capacity,
                                     workload,
@@ -292,16 +446,17 @@ def main() -> int:
                             os.unlink(sock)
     print(
         f"{args.runs} runs x {args.seconds:g} s, page-cached {args.image_size} MiB image, "
-        "queue depth per queue; ratios: vfiouserd / qemu-storage-daemon (IOPS, p50 latency)"
+        f"queue depth per queue; ratios: {VHOST} / qemu-storage-daemon (IOPS, p50 latency); "
+        "native: requests the fast path served"
     )
     print(
         f"{'workload':<26}{'Q':>2}{'QD':>4}{'back end':>27}{'IOPS (min/med/max)':>28}"
-        f"{'MB/s':>8}{'p50 us':>9}{'p99 us':>9}{'IOPS x':>8}{'p50 x':>7}"
+        f"{'MB/s':>8}{'p50 us':>9}{'p99 us':>9}{'native':>8}{'IOPS x':>8}{'p50 x':>7}"
     )
     for workload in workloads:
         for queues in queue_counts:
             for depth in depths:
-                ours = results[("vfiouserd", workload.name, queues, depth)]
+                ours = results[(VHOST, workload.name, queues, depth)]
                 our_iops = summarize(ours, "iops")[1]
                 our_p50 = summarize(ours, "p50_us")[1]
                 for kind in kinds:
@@ -309,16 +464,22 @@ def main() -> int:
                     low, median, high = summarize(samples, "iops")
                     p50 = summarize(samples, "p50_us")[1]
                     p99 = summarize(samples, "p99_us")[1]
-                    ratios = (
+                    shares = [s.native for s in samples if s.native is not None]
+                    native = f"{100 * min(shares):>7.1f}%" if shares else f"{'-':>8}"
+                    ratios_text = (
                         f"{our_iops / median:>8.2f}{our_p50 / p50:>7.2f}"
-                        if kind != "vfiouserd"
+                        if kind in qsd_kinds
                         else ""
                     )
                     print(
                         f"{workload.name:<26}{queues:>2}{depth:>4}{kind:>27}"
                         f"{low:>10.0f}/{median:>8.0f}/{high:>8.0f}"
-                        f"{median * workload.block_size / 1e6:>8.0f}{p50:>9.1f}{p99:>9.1f}" + ratios
+                        f"{median * workload.block_size / 1e6:>8.0f}{p50:>9.1f}{p99:>9.1f}"
+                        + native
+                        + ratios_text
                     )
+    if VFIO in kinds:
+        report_vfio_user(results, workloads, queue_counts, depths, qsd_kinds)
     return 0
 
 
