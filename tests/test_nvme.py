@@ -10,13 +10,13 @@ import struct
 import pytest
 import trio
 
-import vfiouserd.protocol.nvme as nvme
+import vfiouserd.devices.nvme.formats as nvme
 from conftest import MiB, vfio_served
 from vfiouserd import faults, state, stats
 from vfiouserd.client.guest import GuestRam
 from vfiouserd.client.nvme import NvmeDriver
 from vfiouserd.devices.nvme import NvmeController
-from vfiouserd.protocol.nvme import (
+from vfiouserd.devices.nvme.formats import (
     AdminOpcode,
     Cns,
     Feature,

@@ -75,7 +75,9 @@ class GuestRam:
         return address
 
     def view(self, address: int, size: int) -> memoryview:
-        return self.memory.guest_view(address, size)
+        view = self.memory.guest_view(address, size)
+        assert isinstance(view, memoryview)  # this RAM is mapped: never a RemoteView
+        return view
 
     def read(self, address: int, size: int) -> bytes:
         return self.memory.read(address, size)

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-import vfiouserd.protocol.nvme as nvme
+import vfiouserd.devices.nvme.formats as nvme
 from vfiouserd.client.guest import GuestRam
 from vfiouserd.client.vfio_user import VfioUserClient, eventfd
+from vfiouserd.devices.nvme.formats import AdminOpcode, Command, Completion, IoOpcode, Reg
 from vfiouserd.protocol import vfio_user as vfu
-from vfiouserd.protocol.nvme import AdminOpcode, Command, Completion, IoOpcode, Reg
 
 BAR = 0
 PAGE = nvme.PAGE

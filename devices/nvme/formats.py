@@ -1,9 +1,13 @@
-"""NVMe over PCIe, bytes only: BAR0 registers, queue entries, Identify and
-log page layouts, opcodes and status codes (NVMe base specification 1.4).
+"""The NVMe controller's own formats, bytes only: BAR0 registers, queue
+entries, Identify and log page layouts, opcodes and status codes (NVMe base
+specification 1.4, over PCIe). The controller and the project's NVMe driver
+(vfiouserd/client/nvme.py) share them, as virtio-blk's request header is
+shared from devices/blk.py.
 
 Everything is little endian. "0-based" fields hold N-1. Statuses are kept as
 Linux does, the CQE's status field without its phase bit: SC bits 7:0, SCT
-10:8, CRD 12:11, M 13, DNR 14 (``status()`` builds one).
+10:8, CRD 12:11, M 13, DNR 14 (``status()`` builds one; a command that fails
+raises ``NvmeError`` with it).
 """
 
 from __future__ import annotations
@@ -334,6 +338,22 @@ def status_name(value: int) -> str:
 
 
 SUCCESS = 0
+
+
+class NvmeError(Exception):
+    """A command fails with this status (``status()``)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def generic(sc: int, reason: str) -> NvmeError:
+    return NvmeError(status(Sct.GENERIC, sc), reason)
+
+
+def specific(sc: int, reason: str) -> NvmeError:
+    return NvmeError(status(Sct.COMMAND_SPECIFIC, sc), reason)
 
 
 # -- data structures ------------------------------------------------------------------------
