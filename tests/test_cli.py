@@ -44,6 +44,30 @@ def test_devices_lists_plugins_with_features():
     assert "vhost-user-blk" in run_cli("devices").stdout
 
 
+def test_devices_names_the_interrupts_each_pci_plugin_declares():
+    """MSI-X only (nvme), MSI only (example): each line says what the device
+    has, from its declaration, never "0 vectors" of the kind it lacks."""
+    from vfiouserd.devices.example import ExampleDevice
+    from vfiouserd.devices.nvme import NvmeController
+
+    listing = json.loads(run_cli("devices", "--json").stdout)
+    assert listing["nvme"]["msix_vectors"] == NvmeController.msix_vectors > 0
+    assert listing["nvme"]["msi_vectors"] == 0
+    assert listing["example"]["msi_vectors"] == ExampleDevice.msi_vectors > 0
+    lines = run_cli("devices").stdout.splitlines()
+    assert f"  PCI 1234:4e56, MSI-X vectors {NvmeController.msix_vectors}" in lines
+    assert f"  PCI 1234:5646, MSI vectors {ExampleDevice.msi_vectors}" in lines
+    assert not [line for line in lines if "vectors 0" in line]
+    # Both kinds, and neither (a legacy device: its INTx pin, or nothing).
+    from vfiouserd.cli import _interrupt_kinds
+
+    both = {"msi_vectors": 4, "msix_vectors": 8, "interrupt_pin": 1}
+    assert _interrupt_kinds(both) == "MSI vectors 4, MSI-X vectors 8"
+    assert _interrupt_kinds({**both, "msi_vectors": 0, "msix_vectors": 0}) == "INTx only"
+    none = {"msi_vectors": 0, "msix_vectors": 0, "interrupt_pin": 0}
+    assert _interrupt_kinds(none) == "no interrupts"
+
+
 def test_startup_errors_are_clear(tmp_path):
     done = run_cli(
         "vhost-user-blk",

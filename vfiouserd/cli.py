@@ -75,6 +75,7 @@ def _list_devices(args: argparse.Namespace) -> int:
                 pci_id=f"{device.vendor_id:04x}:{device.device_id:04x}",
                 msi_vectors=device.msi_vectors,
                 msix_vectors=device.msix_vectors,
+                interrupt_pin=device.interrupt_pin,
                 protocols=["vfio-user"],
             )
         listing[name] = entry
@@ -90,8 +91,18 @@ def _list_devices(args: argparse.Namespace) -> int:
                 f"{' '.join(entry['features'])}"
             )  # type: ignore[arg-type]
         else:
-            print(f"  PCI {entry['pci_id']}, MSI vectors {entry['msi_vectors']}")
+            print(f"  PCI {entry['pci_id']}, {_interrupt_kinds(entry)}")
     return 0
+
+
+def _interrupt_kinds(entry: dict[str, object]) -> str:
+    """The interrupts a PCI plugin declares, as its config space offers them."""
+    kinds = [
+        f"{kind} vectors {entry[key]}"
+        for kind, key in (("MSI", "msi_vectors"), ("MSI-X", "msix_vectors"))
+        if entry[key]
+    ]
+    return ", ".join(kinds) or ("INTx only" if entry["interrupt_pin"] else "no interrupts")
 
 
 def _add_common(parser: argparse.ArgumentParser, *, capabilities: bool) -> None:
