@@ -736,6 +736,42 @@ async def test_set_irqs_is_chunked_by_max_msg_fds():
                 os.close(fd)
 
 
+async def test_an_msix_vector_without_an_eventfd_is_pending_until_it_gets_one():
+    """QEMU gives a vector its eventfd when the guest first unmasks it; until
+    then the vector is masked, and what it fires waits in the PBA (as PCI
+    has it) to be delivered with the eventfd, not dropped."""
+    async with vfio_served(MemoryBarDevice()) as client:
+        device = client.session.device
+
+        async def pba() -> int:  # BAR0, after the 8-vector table
+            return int.from_bytes(await client.region_read(0, 128, 8), "little")
+
+        fds = [eventfd() for _ in range(3)]
+        await client.set_irqs(2, T | E, 0, 1, fds=fds[:1])  # vector 0 only
+        device.interrupt(3)
+        assert await pba() == 1 << 3
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(fds[0])
+        await client.set_irqs(2, T | E, 3, 1, fds=fds[1:2])
+        assert os.eventfd_read(fds[1]) == 1  # delivered with its eventfd, once
+        assert await pba() == 0
+        device.interrupt(3)
+        assert os.eventfd_read(fds[1]) == 1 and await pba() == 0
+        # The VMM's own trigger of a vector without an eventfd leaves nothing.
+        await client.set_irqs(2, T | N, 5, 1)
+        assert await pba() == 0
+        # Disabling the index ends what was pending: a fresh start delivers none.
+        device.interrupt(6)
+        assert await pba() == 1 << 6
+        await client.set_irqs(2, T | N, 0, 0)
+        assert await pba() == 0
+        await client.set_irqs(2, T | E, 6, 1, fds=fds[2:])
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(fds[2])
+        for fd in fds:
+            os.close(fd)
+
+
 # -- region access -----------------------------------------------------------------------------
 
 

@@ -4,9 +4,20 @@ The VMM installs an eventfd per vector of each interrupt index; a vector
 that fires writes it. At most one of INTx, MSI and MSI-X is active, as with
 VFIO. Masking of MSI/MSI-X vectors belongs to the VMM, which emulates the
 guest-visible MSI-X table (QEMU's vfio-pci does); INTx is level-triggered
-and automasked until the VMM unmasks it. The PCI model (devices/pci.py)
-decides *when* a function interrupts; this module decides *how* that
-reaches the VMM.
+and automasked until the VMM unmasks it.
+
+An MSI or MSI-X vector that fires without an eventfd while other vectors
+of its index have one is pending, as a masked vector is under PCI: QEMU
+installs a vector's eventfd only when the guest first unmasks it (it never
+sends SET_IRQS MASK for MSI-X), so "no eventfd" is its "masked". The PBA
+shows the bit; the eventfd's arrival delivers it. Disabling the index
+(count 0) clears the bits. Not covered: QEMU enables MSI-X with no vector
+assigned at all, and until the first one is, the index looks unused here
+and an interrupt takes the INTx path (telling the two apart needs VFIO's
+index-enabled state, which the handover record does not carry).
+
+The PCI model (devices/pci.py) decides *when* a function interrupts; this
+module decides *how* that reaches the VMM.
 """
 
 from __future__ import annotations
@@ -97,9 +108,10 @@ class Interrupts:
         return None
 
     def fire(self, kind: IrqKind, vector: int) -> bool:
-        """Deliver ``vector`` of ``kind``; False if nothing is installed."""
+        """Deliver ``vector`` of ``kind`` (or leave it pending); False if
+        it cannot be, even later."""
         lines = self.lines[kind]
-        if vector >= lines.count or lines.eventfds[vector] is None:
+        if vector >= lines.count or (lines.eventfds[vector] is None and not self._holds(kind)):
             return False
         if faults.rules.has_rules:
             # A virtio function's queue interrupts met the rules at their queue.
@@ -118,15 +130,23 @@ class Interrupts:
         except Exception:  # a late interrupt must never end the daemon
             log.exception("fault.delayed_interrupt_failed", vector=vector)
 
+    def _holds(self, kind: IrqKind) -> bool:
+        """Whether a vector of ``kind`` without an eventfd waits for one:
+        MSI and MSI-X vectors while their index is in use."""
+        return kind is not IrqKind.INTX and self.lines[kind].enabled
+
     def _deliver(self, kind: IrqKind, vector: int) -> bool:
         lines = self.lines[kind]
-        fd = lines.eventfds[vector] if vector < lines.count else None
-        if fd is None:
+        if vector >= lines.count:
             return False
-        if lines.masked[vector]:
+        fd = lines.eventfds[vector]
+        if fd is None and not self._holds(kind):
+            return False
+        if fd is None or lines.masked[vector]:
             lines.pending[vector] = True
             if tracer.wants("irq"):
-                tracer.emit("irq", "pending", type=kind.name, vector=vector, why="masked")
+                why = "masked" if fd is not None else "no-eventfd"
+                tracer.emit("irq", "pending", type=kind.name, vector=vector, why=why)
             return True
         if tracer.wants("irq"):
             tracer.emit("irq", "raise", type=kind.name, vector=vector)
@@ -145,6 +165,16 @@ class Interrupts:
         if kind is IrqKind.INTX or vector >= lines.count or lines.masked[vector]:
             return None
         return lines.eventfds[vector]
+
+    def install(self, kind: IrqKind, vector: int, fd: int | None) -> None:
+        """The VMM gives ``vector`` an eventfd (None: takes it away); one
+        that fired without one is delivered now."""
+        lines = self.lines[kind]
+        lines.set_eventfd(vector, fd)
+        waiting = kind is not IrqKind.INTX and lines.pending[vector] and not lines.masked[vector]
+        if fd is not None and waiting:
+            lines.pending[vector] = False
+            self._deliver(kind, vector)
 
     def unmask(self, kind: IrqKind, vector: int) -> None:
         lines = self.lines[kind]

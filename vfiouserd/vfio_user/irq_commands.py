@@ -139,7 +139,7 @@ class IrqCommands:
                     raise RequestError(errno.EINVAL, f"{others[0].name} interrupts are in use")
             installed: list[int | None] = [*message.fds] if message.fds else [None] * head.count
             for vector, eventfd in zip(vectors, installed, strict=True):
-                lines.set_eventfd(vector, eventfd)
+                irqs.install(kind, vector, eventfd)
             message.fds.clear()
             log.debug(
                 "irq.eventfds",
@@ -151,7 +151,10 @@ class IrqCommands:
             return Reply()
         if action == vfu.IrqSetFlag.ACTION_TRIGGER:
             for vector in selected:
-                irqs.fire(kind, vector)  # INTx too: one shot, then automasked
+                # As VFIO's: a vector with no eventfd is not fired, nor left
+                # pending (the VMM's loopback, not the device's interrupt).
+                if lines.eventfds[vector] is not None:
+                    irqs.fire(kind, vector)  # INTx too: one shot, then automasked
             return Reply()
         if kind is not IrqKind.INTX:
             raise RequestError(errno.EINVAL, f"{kind.name} vectors are masked by the client")
