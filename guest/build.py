@@ -4,9 +4,10 @@
 Packages are fetched with ``apt-get download`` and unpacked with
 ``dpkg-deb -x`` under ``.cache/`` (nothing is installed into the system).
 The initramfs holds busybox-static, the virtio modules, ``blkdiscard`` from
-the host (for BLKZEROOUT / write-zeroes), ``relay`` (a netcat for vsock and TCP,
-built static from guest/relay.c) and ``guest/init``. Tests append a
-second cpio archive with their own ``/test.sh``.
+the host (for BLKZEROOUT / write-zeroes), Debian's ``nvme`` (nvme-cli, with
+the libraries it loads), ``relay`` (a netcat for vsock and TCP, built static
+from guest/relay.c) and ``guest/init``. Tests append a second cpio archive
+with their own ``/test.sh``.
 
 Outputs: .cache/guest/vmlinuz and .cache/guest/initramfs.cpio. Re-running is
 cheap: nothing is rebuilt unless an input changed.
@@ -43,6 +44,12 @@ MODULES = [
     "uio_pci_generic",
 ]
 HOST_TOOLS = ["/usr/sbin/blkdiscard"]
+# nvme-cli, unpacked from these packages (not installed on the host); the
+# libraries it needs beyond them (libc, zlib, libcrypto, libsystemd's) come
+# from the host, the same Debian release.
+NVME_CLI_PACKAGES = ["nvme-cli", "libnvme1", "libjson-c5", "libdbus-1-3"]
+NVME_CLI = "usr/sbin/nvme"
+MULTIARCH_LIBS = "lib/x86_64-linux-gnu"
 # Built here, static, for the guest: busybox has no AF_VSOCK client.
 GUEST_PROGRAMS = [ROOT / "guest" / "relay.c"]
 
@@ -60,10 +67,14 @@ def kernel_package() -> str:
     raise RuntimeError(f"cannot resolve {KERNEL_META}; run apt-get update")
 
 
+def candidate(package: str) -> str:
+    return run("apt-cache", "policy", package).split("Candidate:")[1].split()[0]
+
+
 def download(package: str) -> Path:
     """apt-get download into .cache/debs (cached by exact version)."""
     DEBS.mkdir(parents=True, exist_ok=True)
-    version = run("apt-cache", "policy", package).split("Candidate:")[1].split()[0]
+    version = candidate(package)
     pattern = f"{package}_{version.replace(':', '%3a')}_*.deb"
     found = sorted(DEBS.glob(pattern))
     if not found:
@@ -90,10 +101,18 @@ def extract(deb: Path, into: Path) -> Path:
     return into
 
 
-def library_closure(binary: str) -> list[str]:
-    """The shared libraries ``binary`` loads (ldd), including the loader."""
+def library_closure(binary: str, search: list[Path] | None = None) -> list[str]:
+    """The shared libraries ``binary`` loads (ldd), including the loader;
+    ``search``: folders looked in before the host's."""
+    env = {**os.environ, "LD_LIBRARY_PATH": ":".join(map(str, search))} if search else None
+    listed = subprocess.run(
+        ["ldd", binary], check=True, capture_output=True, text=True, env=env
+    ).stdout
+    missing = [line.split()[0] for line in listed.splitlines() if "not found" in line]
+    if missing:
+        raise RuntimeError(f"{binary} needs {missing}, which the host does not have")
     libs = []
-    for line in run("ldd", binary).splitlines():
+    for line in listed.splitlines():
         parts = line.split()
         path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
         if path.startswith("/"):
@@ -159,6 +178,7 @@ def build() -> tuple[Path, Path]:
         "builder": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         "tools": [hashlib.sha256(Path(t).read_bytes()).hexdigest() for t in HOST_TOOLS],
         "programs": [hashlib.sha256(p.read_bytes()).hexdigest() for p in GUEST_PROGRAMS],
+        "nvme_cli": [candidate(p) for p in NVME_CLI_PACKAGES],
     }
     stamp = OUT / "inputs.json"
     vmlinuz, initramfs = OUT / "vmlinuz", OUT / "initramfs.cpio"
@@ -171,7 +191,7 @@ def build() -> tuple[Path, Path]:
     OUT.mkdir(parents=True, exist_ok=True)
     shutil.copy(kernel_root / "boot" / f"vmlinuz-{version}", vmlinuz)
 
-    staging = OUT / "root"
+    staging = OUT / f"root.{os.getpid()}"  # test runs in parallel may build at once
     shutil.rmtree(staging, ignore_errors=True)
     for d in ("bin", "sbin", "proc", "sys", "tmp", "run", "mnt"):
         (staging / d).mkdir(parents=True)
@@ -206,15 +226,39 @@ def build() -> tuple[Path, Path]:
             target = staging / path.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, target)
+    add_nvme_cli(staging)
     for source in GUEST_PROGRAMS:
         run("gcc", "-static", "-O2", "-Wall", "-o", str(staging / "bin" / source.stem), str(source))
     lib64 = staging / "lib64"
     if not lib64.exists() and (staging / "usr" / "lib64").exists():
         lib64.symlink_to("usr/lib64")
 
-    write_cpio(staging, initramfs)
+    partial = initramfs.with_suffix(f".{os.getpid()}")
+    write_cpio(staging, partial)
+    partial.replace(initramfs)  # whole, or not at all, for a run reading it meanwhile
+    shutil.rmtree(staging)
     stamp.write_text(json.dumps(inputs))
     return vmlinuz, initramfs
+
+
+def add_nvme_cli(staging: Path) -> None:
+    """nvme-cli at /usr/sbin/nvme, its packages' libraries beside the host's."""
+    roots = [
+        extract(deb, CACHE / "unpacked" / deb.stem) for deb in map(download, NVME_CLI_PACKAGES)
+    ]
+    own = [root / "usr" / MULTIARCH_LIBS for root in roots] + [
+        root / MULTIARCH_LIBS for root in roots
+    ]
+    binary = roots[0] / NVME_CLI
+    target = staging / NVME_CLI
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(binary, target)
+    for path in library_closure(str(binary), [d for d in own if d.is_dir()]):
+        packaged = any(Path(path).is_relative_to(d) for d in own)
+        # The guest's loader finds both kinds in its multiarch folder.
+        target = staging / (f"{MULTIARCH_LIBS}/{Path(path).name}" if packaged else path.lstrip("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
 
 
 if __name__ == "__main__":

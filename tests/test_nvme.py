@@ -16,6 +16,7 @@ from vfiouserd import faults, state, stats
 from vfiouserd.client.guest import GuestRam
 from vfiouserd.client.nvme import NvmeDriver
 from vfiouserd.devices.nvme import NvmeController
+from vfiouserd.devices.nvme.errors import CAPACITY, ENTRY_SIZE, NOT_APPLICABLE, ErrorEntry
 from vfiouserd.devices.nvme.formats import (
     AdminOpcode,
     Cns,
@@ -531,3 +532,148 @@ async def test_requests_are_traced(images, ram):
     assert (write["slba"], write["nlb"], write["status"]) == (24, 8, "success")
     assert bad["status"] == "lba_out_of_range" and bad["latency_ns"] > 0
     assert any(e["queue"] == 0 and e["opcode"] == "create-io-sq" for e in seen)
+
+
+# -- the Error Information log ---------------------------------------------------------------
+
+
+async def error_log(driver: NvmeDriver, size: int = CAPACITY * ENTRY_SIZE, offset: int = 0):
+    done, page = await driver.log_page(LogPage.ERROR, size, offset=offset)
+    assert done.status == 0
+    return [ErrorEntry.decode(page, at) for at in range(0, size - size % ENTRY_SIZE, ENTRY_SIZE)]
+
+
+async def error_count_in_smart(driver: NvmeDriver) -> int:
+    done, page = await driver.log_page(LogPage.SMART, 512)
+    assert done.status == 0
+    return int.from_bytes(page[0xB0:0xC0], "little")
+
+
+async def test_error_log_records_failed_commands_newest_first(images, ram):
+    faults.rules.allowed = faults.rules.sector_kinds = True
+    try:
+        async with vfio_served(controller(images), ram=ram) as client:
+            driver = await started(client, ram, io_queues=1)
+            assert (await driver.identify(Cns.CONTROLLER))[1][0x106] == CAPACITY - 1  # ELPE
+            assert await error_log(driver) == [ErrorEntry(0, 0, 0, 0, False, 0, 0, 0)] * CAPACITY
+            assert await error_count_in_smart(driver) == 0
+
+            out_of_range, _ = await driver.read(1, 1, BLOCKS - 1, 1024)
+            bad_opcode = await driver.call(1, nvme.command(0x7F, nsid=2))
+            no_namespace, _ = await driver.admin_data(
+                nvme.command(AdminOpcode.IDENTIFY, nsid=3, cdw=(Cns.NAMESPACE,))
+            )
+            reserved_flag = await driver.admin(nvme.command(AdminOpcode.KEEP_ALIVE, flags=0x04))
+            faults.rules.add({"kind": "ioerr", "sectors": "70-71", "type": "read"})
+            media, _ = await driver.read(1, 1, 64, 8192)
+            faults.rules.clear()
+            unreachable = await driver.call(
+                1, nvme.command(IoOpcode.READ, nsid=1, prp1=0x9000_0000, cdw=(8, 0, 0))
+            )
+            assert (await driver.read(1, 1, 0, 512))[0].status == 0  # successes: no entry
+
+            unrecovered = nvme.status(Sct.MEDIA, Media.UNRECOVERED_READ_ERROR)
+            expected = [  # (completion, status, location, LBA, NSID), newest first
+                (unreachable, gen(Generic.DATA_TRANSFER_ERROR), NOT_APPLICABLE, 0, 1),
+                (media, unrecovered, NOT_APPLICABLE, 64, 1),
+                (reserved_flag, gen(Generic.INVALID_FIELD), 1 | 2 << 8, 0, 0),  # byte 1, bit 2
+                (no_namespace, gen(Generic.INVALID_NAMESPACE), 4, 0, 3),
+                (bad_opcode, gen(Generic.INVALID_OPCODE), 0, 0, 2),
+                (out_of_range, gen(Generic.LBA_OUT_OF_RANGE), 40, BLOCKS - 1, 1),  # at SLBA
+            ]
+            entries = await error_log(driver)
+            assert entries[len(expected) :] == [ErrorEntry(0, 0, 0, 0, False, 0, 0, 0)] * (
+                CAPACITY - len(expected)
+            )
+            for count, entry, (done, status, location, lba, nsid) in zip(
+                range(len(expected), 0, -1), entries, expected, strict=False
+            ):
+                assert done.status == status, nvme.status_name(done.status)
+                assert entry == ErrorEntry(
+                    count, done.sq_id, done.cid, status, done.phase, location, lba, nsid
+                )
+            assert {e.sqid for e in entries[:6]} == {0, 1}
+            assert await error_count_in_smart(driver) == len(expected)
+
+            # Offset and length: the third entry alone; the last dword of the page.
+            (third,) = await error_log(driver, ENTRY_SIZE, offset=2 * ENTRY_SIZE)
+            assert third == entries[2]
+            done, tail = await driver.log_page(LogPage.ERROR, 8, offset=CAPACITY * ENTRY_SIZE - 4)
+            assert done.status == 0 and tail == bytes(8)
+            done, _ = await driver.log_page(LogPage.ERROR, 4, offset=CAPACITY * ENTRY_SIZE + 4)
+            assert done.status == gen(Generic.INVALID_FIELD)  # itself an error, number 7
+
+            # More errors than the log holds: the oldest go, the count goes on;
+            # the admin CQ (32 entries) wraps, and each entry has the phase
+            # tag its completion was posted with.
+            failed = [await driver.admin(nvme.command(0x3F)) for _ in range(CAPACITY + 6)]
+            entries = await error_log(driver)
+            total = len(expected) + 1 + len(failed)
+            assert [e.error_count for e in entries] == list(range(total, total - CAPACITY, -1))
+            assert [(e.cid, e.phase) for e in entries] == [
+                (d.cid, d.phase) for d in reversed(failed[-CAPACITY:])
+            ]
+            assert {e.phase for e in entries} == {True, False}
+            assert await error_count_in_smart(driver) == total
+
+            # A controller reset and a function-level reset keep the log.
+            await driver.enable()
+            await driver.create_io_queues(1)
+            express = dict(await client.capabilities())[0x10]
+            await client.config_write(express + 8, 2, 0x8000)
+            await driver.setup_pci()
+            await driver.enable()
+            assert await error_log(driver) == entries
+            assert await error_count_in_smart(driver) == total
+            driver.close()
+    finally:
+        faults.rules.clear()
+        faults.rules.allowed = faults.rules.sector_kinds = False
+
+
+async def test_error_log_is_device_state(images, ram):
+    first = controller(images)
+    async with vfio_served(first, ram=ram) as client:
+        driver = await started(client, ram, io_queues=1)
+        for slba in (BLOCKS, BLOCKS + 8):
+            assert (await driver.read(1, 1, slba, 512))[0].status == gen(Generic.LBA_OUT_OF_RANGE)
+        before = await error_log(driver)
+        blob = state.save(first)
+        driver.close()
+    second = controller(images)
+    state.load(second, blob)
+    async with vfio_served(second, ram=ram) as client:
+        await client.map_ram()
+        driver.client = client
+        await driver.setup_pci()
+        assert await error_log(driver) == before
+        assert [e.lba for e in before[:2]] == [BLOCKS + 8, BLOCKS]
+        # The count goes on from where the first controller left it.
+        assert (await driver.call(1, nvme.command(0x7F, nsid=1))).status == gen(
+            Generic.INVALID_OPCODE
+        )
+        assert [e.error_count for e in (await error_log(driver))[:3]] == [3, 2, 1]
+        assert await error_count_in_smart(driver) == 3
+        driver.close()
+    second.close()
+
+    # A saved log that is not what a controller records is refused.
+    values = first.save_device_state()
+    for spoil in (
+        lambda v: v.update(error_count=1),  # entries newer than the count
+        lambda v: v["error_log"].reverse(),  # newest first
+        lambda v: v.update(error_log=v["error_log"] * 40, error_count=80),  # more than it holds
+        lambda v: v.update(error_count=0, error_log=[dict(v["error_log"][0], count=0)]),
+    ):
+        spoiled = {**values, "error_log": [dict(e) for e in values["error_log"]]}
+        spoil(spoiled)
+        with pytest.raises(StateError, match="error log"):
+            first.check_device_state(spoiled)
+    first.check_device_state(values)
+    first.close()
+
+    # A layout 1 blob (before the log) loads with an empty one.
+    schema = NvmeController.state
+    old = b"".join(f.kind.build(values[f.name]) for f in schema.fields if f.since == 1)
+    decoded = schema.decode(old, 1, "nvme")
+    assert (decoded["error_count"], decoded["error_log"]) == (0, [])

@@ -7,12 +7,18 @@ reboot; with shared guest RAM and with plain RAM (DMA messages only)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from pathlib import Path
 
 import pytest
 from daemon import Daemon
 from guest_helpers import REBOOT_AND_VERIFY, image_md5, qemu_messages
+
+import vfiouserd.devices.nvme.formats as nvme
+from vfiouserd.client.control import ControlClient
+from vfiouserd.devices.nvme.errors import ELPE
+from vfiouserd.devices.nvme.io import MDTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guest import vm
@@ -148,3 +154,80 @@ def test_guest_reboot(tmp_path, qemu_new):
     assert image_md5(images[0], MiB, 4 * MiB) == run.result("written")
     assert log.count("event=device.reset") >= 2
     assert "event=controller.fatal" not in log, log[-3000:]
+
+
+# nvme-cli (Debian's, in the initramfs) against the controller: Identify,
+# then three errors the driver cannot avoid: a read the host's fault rule
+# fails, a read past the end and an unknown opcode (both passed through);
+# the SMART log before and after, the error log. Kernel messages stay off
+# the console, so the one-line JSON results arrive whole.
+FAULT_BLOCK = 5000  # 4 KiB blocks: sectors 40000-40008, never read at boot
+PAST_END = 64 * MiB // 512 + 100
+SERIAL = "VFU-NVME-CLI-0001"
+NVME_CLI_SCRIPT = f"""
+dmesg -n 1
+c=/dev/nvme0
+one_line() {{ tr -d '\\n'; }}
+echo "RESULT id_ctrl $(nvme id-ctrl $c -o json | one_line)"
+echo "RESULT smart_before $(nvme smart-log $c -o json | one_line)"
+dd if=/dev/nvme0n1 of=/dev/null bs=1M skip=1 count=4 iflag=direct 2>/dev/null || exit 10
+dd if=/dev/nvme0n1 of=/dev/null bs=4k skip={FAULT_BLOCK} count=1 iflag=direct 2>/dev/null && exit 11
+nvme read /dev/nvme0n1 --start-block={PAST_END} --block-count=0 --data-size=512 \\
+    --data=/tmp/x && exit 12
+nvme io-passthru /dev/nvme0n1 --opcode=0x7f --namespace-id=1 && exit 13
+echo "RESULT smart_after $(nvme smart-log $c -o json | one_line)"
+echo "RESULT error_log $(nvme error-log $c -o json | one_line)"
+nvme error-log $c --log-entries=3
+"""
+
+
+def test_nvme_cli_identify_smart_and_error_log(tmp_path, qemu_new):
+    daemon, _ = nvme_daemon(tmp_path, "--serial", SERIAL, "--allow-fault-injection")
+    with daemon:
+        control = daemon.socket_path.removesuffix(".sock") + ".control.sock"
+        with ControlClient(control) as client:
+            rule = {"kind": "ioerr", "sectors": f"{FAULT_BLOCK * 8}-{FAULT_BLOCK * 8 + 8}"}
+            client.execute("inject-add", **rule, type="read", count=1)
+        run = vm.boot(
+            NVME_CLI_SCRIPT,
+            devices=vm.vfio_user_device(daemon.socket_path),
+            qemu=qemu_new,
+            timeout=400,
+        )
+        assert daemon.stop() == 0
+        log = daemon.log()
+    assert run.exit_statuses == [0], run.output[-4000:]
+
+    identity = json.loads(run.result("id_ctrl"))
+    assert identity["mn"].rstrip() == "vfiouserd NVMe"
+    assert identity["sn"].rstrip() == SERIAL
+    assert (identity["mdts"], identity["elpe"]) == (MDTS, ELPE)
+    assert identity["ver"] == 0x00010400
+
+    before = json.loads(run.result("smart_before"))
+    after = json.loads(run.result("smart_after"))
+    errors = [e for e in json.loads(run.result("error_log"))["errors"] if e["error_count"]]
+    # nvme-cli gives the SMART log's 128-bit counters as strings.
+    grew = {
+        key: int(after[key]) - int(before[key]) for key in before if isinstance(before[key], str)
+    }
+    assert grew["num_err_log_entries"] == 3, (before, after)
+    assert int(after["num_err_log_entries"]) == errors[0]["error_count"] == len(errors)
+    assert grew["media_errors"] == 1
+    # 4 MiB read: 8192 blocks in units of 1000 (rounded up), commands of at
+    # most 256 KiB (MDTS); the failed reads count nowhere.
+    assert grew["data_units_read"] in (8, 9) and grew["host_read_commands"] >= 16, grew
+    assert grew["data_units_written"] == grew["host_write_commands"] == 0
+
+    unknown_opcode, past_end, media = errors[:3]
+    generic, dnr = nvme.Sct.GENERIC << 8, nvme.DNR  # status_field: the CQE's, without phase
+    assert unknown_opcode["status_field"] == dnr | generic | nvme.Generic.INVALID_OPCODE
+    assert (unknown_opcode["nsid"], unknown_opcode["parm_error_location"]) == (1, 0)
+    assert past_end["status_field"] == dnr | generic | nvme.Generic.LBA_OUT_OF_RANGE
+    assert (past_end["lba"], past_end["nsid"], past_end["parm_error_location"]) == (PAST_END, 1, 40)
+    assert media["status_field"] == nvme.status(nvme.Sct.MEDIA, nvme.Media.UNRECOVERED_READ_ERROR)
+    assert (media["lba"], media["nsid"]) == (FAULT_BLOCK * 8, 1)
+    assert all(e["sqid"] >= 1 for e in errors[:3])  # from I/O queues
+    assert len({e["cmdid"] for e in errors[:2]}) == 2
+    assert "status_field\t: 0x4080(LBA Out of Range" in run.output  # the human form
+    assert "event=fault.added" in log and "device.failed" not in log, log[-3000:]

@@ -20,6 +20,7 @@ A module a concern:
   takes commands from them, posting completions (phase tag, a full CQ);
 - ``events``: Asynchronous Event Requests and the events they report;
 - ``admin``: the admin commands, features and logs;
+- ``errors``: the Error Information log of the commands that failed;
 - ``io``: namespaces and the NVM I/O commands;
 - ``prp``: the guest memory a command's PRP entries describe.
 """

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vfiouserd.devices.nvme import prp
+from vfiouserd.devices.nvme.errors import ErrorLog
 from vfiouserd.devices.nvme.events import AsyncEvents
 from vfiouserd.devices.nvme.formats import (
     AEI_TEMPERATURE_THRESHOLD,
@@ -59,7 +60,6 @@ from vfiouserd.log import get_logger
 
 log = get_logger("nvme")
 
-ELPE = 0  # 0-based: one error log entry (always empty)
 TEMPERATURE = 313  # kelvin, what the composite sensor reads
 WCTEMP, CCTEMP = 0x157, 0x175
 ALL_QUEUES = (MAX_IO_QUEUES - 1) | (MAX_IO_QUEUES - 1) << 16  # Number of Queues, 0-based
@@ -90,6 +90,7 @@ class AdminCommands:
         *,
         queues: Queues,
         events: AsyncEvents,
+        errors: ErrorLog,
         nvm: NvmCommands,
         identity: bytes,
         vectors: int,
@@ -99,6 +100,7 @@ class AdminCommands:
         self.dma = dma
         self.queues = queues
         self.events = events
+        self.errors = errors
         self.nvm = nvm
         self.identity = identity
         self.vectors = vectors
@@ -225,7 +227,7 @@ class AdminCommands:
         if length > MAX_TRANSFER or offset % 4:
             raise generic(Generic.INVALID_FIELD, f"log of {length} bytes at {offset}")
         if lid == LogPage.ERROR:
-            page = bytes(64 * (ELPE + 1))
+            page = self.errors.page()
         elif lid == LogPage.SMART:
             page = smart_log(self._health())
         elif lid == LogPage.FIRMWARE_SLOT:
@@ -263,7 +265,7 @@ class AdminCommands:
             power_on_hours=0,
             unsafe_shutdowns=0,
             media_errors=h[MEDIA_ERRORS],
-            error_entries=0,
+            error_entries=self.errors.count,
         )
 
     # -- features ------------------------------------------------------------------------------

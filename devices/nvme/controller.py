@@ -25,7 +25,8 @@ import trio
 
 from vfiouserd import stats
 from vfiouserd.devices.blk import image_size, open_image, parse_size
-from vfiouserd.devices.nvme.admin import CCTEMP, ELPE, WCTEMP, AdminCommands, default_features
+from vfiouserd.devices.nvme.admin import CCTEMP, WCTEMP, AdminCommands, default_features
+from vfiouserd.devices.nvme.errors import ELPE, ErrorLog
 from vfiouserd.devices.nvme.events import AERL, HELD, AsyncEvents
 from vfiouserd.devices.nvme.formats import (
     CC,
@@ -90,7 +91,7 @@ class NvmeController(PciDevice):
     # As virtio-blk's (preadv/pwritev, fallocate for holes and zeros, fdatasync).
     syscalls = frozenset({"preadv2", "pwritev2", "preadv", "pwritev", "fallocate", "fdatasync"})
     state = Schema(
-        1,
+        2,
         Field("registers", INT_MAP),
         Field(
             "submission_queues",
@@ -121,6 +122,14 @@ class NvmeController(PciDevice):
         Field("critical_warning", U32),
         Field("health", INT_MAP),
         Field("namespaces", records(nsid=U32, blocks=U64, read_only=BOOL)),
+        # Layout 2: the error log; older blobs load with none.
+        Field("error_count", U64, since=2, default=0),
+        Field(
+            "error_log",
+            records(count=U64, sqid=U16, cid=U16, status=U16, location=U16, lba=U64, nsid=U32),
+            since=2,
+            default=[],
+        ),
     )
 
     def __init__(self, namespaces: list[tuple[int, bool, str]], *, serial: str = "") -> None:
@@ -140,11 +149,13 @@ class NvmeController(PciDevice):
         self._held = False  # handover: no progress until release
         self.events = AsyncEvents(self._wake)
         self.queues = Queues(self, self.events, self._wake)
+        self.errors = ErrorLog(self.queues)  # kept across resets, unlike the rest
         self.nvm = NvmCommands(self, self.namespaces)
         self.admin = AdminCommands(
             self,
             queues=self.queues,
             events=self.events,
+            errors=self.errors,
             nvm=self.nvm,
             identity=identify_controller(self.identity()),
             vectors=self.msix_vectors,
@@ -417,6 +428,7 @@ class NvmeController(PciDevice):
             result = SUCCESS
         except NvmeError as exc:
             result = exc.status
+            self.errors.record(sq, cmd, result)
             level = log.debug if admin else log.warning
             level(
                 "command.failed",
@@ -428,6 +440,7 @@ class NvmeController(PciDevice):
             )
         except GuestMemoryError as exc:
             result = status(Sct.GENERIC, Generic.DATA_TRANSFER_ERROR)
+            self.errors.record(sq, cmd, result)
             log.warning("command.dma_failed", queue=sq.qid, cid=cmd.cid, reason=str(exc))
         if dw0 == HELD or generation != self._generation:
             return
@@ -485,6 +498,7 @@ class NvmeController(PciDevice):
             **self.queues.save(),
             **self.admin.save(),
             **self.events.save(),
+            **self.errors.save(),
             "health": dict(self.nvm.health),
             "namespaces": [
                 {"nsid": n.nsid, "blocks": n.blocks, "read_only": n.read_only}
@@ -501,7 +515,7 @@ class NvmeController(PciDevice):
             )
         if set(values["registers"]) != set(REGISTERS):
             raise StateError("controller registers missing or unknown")
-        problem = Queues.check(values, self.msix_vectors)
+        problem = Queues.check(values, self.msix_vectors) or ErrorLog.check(values)
         if problem is not None:
             raise StateError(problem)
         if set(values["health"]) != set(range(6)) or not set(values["features"]) >= set(
@@ -521,6 +535,7 @@ class NvmeController(PciDevice):
         self.queues.load(values)
         self.admin.load(values)
         self.events.load(values)
+        self.errors.load(values)
         self.nvm.health = dict(values["health"])
         self._wake()
 

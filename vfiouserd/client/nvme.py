@@ -187,6 +187,16 @@ class NvmeDriver:
         )
         return done.status, data
 
+    async def log_page(
+        self, lid: int, size: int, *, offset: int = 0, nsid: int = nvme.BROADCAST_NSID
+    ) -> tuple[Completion, bytes]:
+        """Get Log Page: ``size`` bytes (a multiple of 4) from ``offset``."""
+        dwords = size // 4 - 1
+        cdw = (lid | (dwords & 0xFFFF) << 16, dwords >> 16, offset & 0xFFFFFFFF, offset >> 32)
+        return await self.admin_data(
+            nvme.command(AdminOpcode.GET_LOG_PAGE, nsid=nsid, cdw=cdw), size
+        )
+
     async def set_feature(self, fid: int, value: int) -> Completion:
         return await self.admin(nvme.command(AdminOpcode.SET_FEATURES, cdw=(fid, value)))
 
