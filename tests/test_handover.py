@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from fake_systemd import FakeSystemd
 
 from conftest import MiB, start_device
@@ -173,6 +174,38 @@ async def test_vfio_user_session_carries_on_across_restarts(tmp_path, fd_less):
         assert_handed_over(manager)
     verify_image(tmp_path, rounds)
     ram.close()
+
+
+async def test_a_message_arriving_as_a_vfio_user_session_parks_stays_in_the_socket():
+    """A reader woken for a message just as the handover parks the session
+    (its wake-up already on its way) must leave it in the socket: read, it
+    would sit in the command backlog, which is not handed over, and be lost
+    (a doorbell lost so under an NVMe restart left a command never seen)."""
+    from vfiouserd.changes import Changes
+    from vfiouserd.protocol import vfio_user as vfu
+    from vfiouserd.vfio_user.channel import Channel
+
+    plain, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours = trio.socket.from_stdlib_socket(plain)
+    channel = Channel(ours, 4096, Changes(), lambda: False)
+    parked = False
+    results: list[bool] = []
+
+    async def read() -> None:
+        results.append(await channel.read_loop(ours, channel.commands, lambda: parked))
+
+    access = vfu.RegionAccess.build({"offset": 0x1008, "region": 0, "count": 4})
+    message = vfu.encode(7, vfu.Command.REGION_WRITE, access + b"\1\0\0\0", no_reply=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()  # the reader waits for the socket
+        # No checkpoint between: the message comes, then the session parks.
+        theirs.send(message)
+        parked = True
+    assert results == [False] and len(channel.commands) == 0
+    assert plain.recv(4096) == message  # still there for the next daemon
+    ours.close()
+    theirs.close()
 
 
 async def test_an_idle_listener_is_handed_over_and_the_socket_stays(tmp_path):

@@ -92,6 +92,11 @@ class Channel:
                 self._readers_idle[sock] = True  # a handover may park the session now
                 self._changes.notify()
                 await trio.lowlevel.wait_readable(sock)
+                if parked():
+                    # Parked while this reader's wake-up was on its way: the
+                    # message stays in the socket for the next daemon (read
+                    # now, it would be lost with the backlog).
+                    break
                 self._readers_idle[sock] = False
                 with trio.CancelScope(shield=True):  # never half a message
                     message = await vfu.read_message(sock, self.max_payload)
