@@ -104,10 +104,16 @@ def blk_front_end(
 
 
 def write_and_verify_across_restarts(
-    restart: Callable[[], object], qemu: str, devices: list[str]
-) -> None:
-    """A guest writes and verifies in rounds while ``restart`` restarts the
-    back end RESTARTS times under it; every round must verify, no I/O error."""
+    restart: Callable[[], object],
+    qemu: str,
+    devices: list[str],
+    disk: str = "/dev/vda",
+    after: str = "",
+) -> vm.GuestRun:
+    """A guest writes and verifies in rounds on ``disk`` while ``restart``
+    restarts the back end RESTARTS times under it; every round must verify,
+    no I/O error. ``after``: more of the guest's script, for the caller's
+    own checks of the run returned."""
     restart_on = {f"ROUND {1 + 3 * n}" for n in range(RESTARTS)}
     restarted = []
 
@@ -118,16 +124,17 @@ def write_and_verify_across_restarts(
 
     rounds = 3 * RESTARTS + 3
     run = vm.boot(
-        WRITE_VERIFY_ROUNDS.format(rounds=rounds),
+        WRITE_VERIFY_ROUNDS.format(rounds=rounds).replace("/dev/vda", disk) + after,
         on_line=on_line,
         timeout=300,
         devices=devices,
         qemu=qemu,
     )
-    assert len(restarted) == RESTARTS
+    assert len(restarted) == RESTARTS, run.output[-3000:]
     assert run.exit_statuses == [0], run.output[-3000:]
     assert run.result("verified") == str(rounds)
     assert run.result("ioerrors") == "0", run.output[-3000:]
+    return run
 
 
 def assert_one_connection_across_restarts(log: str) -> None:

@@ -130,6 +130,46 @@ def test_systemctl_restart_under_a_writing_guest(systemd, no_daemon_killed, prot
     assert_one_connection_across_restarts(systemd.journal(unit))
 
 
+# After WRITE_VERIFY_ROUNDS on the NVMe disk: what the nvme driver logs when
+# a command is lost (a timeout, an abort, a controller reset), and what the
+# disk holds, to compare with the image.
+NVME_AFTER_ROUNDS = """
+echo "RESULT nvme_errors $(dmesg | grep -i nvme | grep -ci -e timeout -e abort -e reset -e fail)"
+echo "RESULT disk $(dd if=/dev/nvme0n1 bs=1M count=$rounds iflag=direct 2>/dev/null | md5)"
+"""
+
+
+def test_systemctl_restart_under_an_nvme_guest(systemd, no_daemon_killed, qemu_new):
+    """vfio-user-nvme under the shipped unit: three `systemctl restart`
+    while a QEMU 10.2 guest's stock nvme driver writes and verifies
+    /dev/nvme0n1 in rounds. QEMU's vfio-user client cannot reconnect; the fd
+    store keeps its connection, and the next daemon takes the controller as
+    it stood (queues, commands in flight, held AERs): no I/O error, no
+    command timed out, no controller reset, the data in the image."""
+    name = "restart-nvme"
+    unit = f"vfiouserd@{name}.service"
+    start(systemd, name, "vfio-user-nvme", namespace=f"/var/lib/vfiouserd/{name}.img", size="64M")
+
+    def restart() -> None:
+        systemd.systemctl("restart", unit)
+        assert systemd.show(unit, "ActiveState") == "active"
+
+    devices = vm.vfio_user_device(systemd.path(socket_path(name)))
+    try:
+        run = write_and_verify_across_restarts(
+            restart, qemu_new, devices, disk="/dev/nvme0n1", after=NVME_AFTER_ROUNDS
+        )
+    finally:
+        stop(systemd, unit)
+    assert run.result("nvme_errors") == "0", run.output[-3000:]
+    rounds = int(run.result("verified"))
+    image = systemd.path(f"{IMAGES}/{name}.img")
+    assert run.result("disk") == image_md5(image, 0, rounds * MiB)
+    journal = systemd.journal(unit)
+    assert_one_connection_across_restarts(journal)
+    assert "controller.fatal" not in journal and "device.failed" not in journal, journal[-3000:]
+
+
 def test_socket_activation_reload_and_stop(systemd, no_daemon_killed):
     """The VMM connects to the socket unit's socket first; systemd starts the
     service. `systemctl reload` grows the disk under the running guest."""
