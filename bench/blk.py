@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""virtio-blk: vfiouserd over vhost-user and vfio-user against qemu-storage-daemon.
+"""Block I/O: vfiouserd's virtio-blk (vhost-user, vfio-user) and NVMe against qemu-storage-daemon.
 
 Back ends: ``vfiouserd vhost-user-blk``; ``vfiouserd vfio-user-blk`` (the
-same device as a virtio-pci function); qemu-storage-daemon's vhost-user-blk
+same device as a virtio-pci function); ``vfiouserd vfio-user-nvme``, driven
+as a guest's nvme driver drives it (bench/nvme.py, nvme_driver.c: doorbells
+as posted REGION_WRITEs, shadow doorbells when offered, interrupts through
+the MSI-X eventfds); qemu-storage-daemon's vhost-user-blk
 export with aio=threads (its default) and aio=io_uring (its fastest), both
 with cache.direct=off, and io_uring with the export in an iothread (which
 polls). The vfiouserd daemons run jailed, with default options.
@@ -16,7 +19,8 @@ hands the ring and its kick/call eventfds to the loop; over vfio-user the
 project's client maps the same memfd RAM (DMA_MAP with its fd), starts the
 virtio-pci device with MSI-X and ioeventfds (GET_REGION_IO_FDS), and hands
 the ring, the queue's ioeventfd (kick) and its MSI-X vector's eventfd (call)
-to the same loop. Guest-side fio under TCG would measure the emulator, not
+to the same loop (NVMe has its own loop, same workloads, same
+figures). Guest-side fio under TCG would measure the emulator, not
 the back end, so no guest is involved. Runs are interleaved; every figure
 comes with its ratios to the others measured in the same invocation, and,
 for vfiouserd, the share of requests its native fast path served (from
@@ -38,11 +42,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import nvme
 import trio
-from common import CACHE, compile_driver, stop
+from common import CACHE, Workload, compile_driver, percentiles, request_args, ring_args, stop
+from nvme import NVME
 
-from vfiouserd._native import ffi as native_ffi
 from vfiouserd.client.control import ControlClient
 from vfiouserd.client.guest import DriverSplitRing, GuestRam
 from vfiouserd.client.vfio_user import VfioUserClient
@@ -56,7 +62,9 @@ BLK_F_MQ = BlkFeature.MQ
 MiB = 1 << 20
 RAM_SIZE = 64 * MiB
 QUEUE_SIZE = 256  # over vfio-user, the device's largest: 128 (room for QD 42)
-VHOST, VFIO = "vhost-user-blk", "vfio-user-blk"  # vfiouserd's back ends
+VHOST, VFIO = "vhost-user-blk", "vfio-user-blk"
+OURS = (VHOST, VFIO, NVME)  # vfiouserd's back ends
+VFIO_USER = (VFIO, NVME)  # those issue 15 sets targets for
 
 
 def load_driver() -> ModuleType:
@@ -90,14 +98,17 @@ class Sample:
     p50_us: float
     p99_us: float
     native: float | None = None  # vfiouserd: share of the requests the fast path served
+    # vfio-user-nvme: doorbell messages (REGION_WRITEs) and interrupts per
+    # command, whether shadow doorbells were on
+    doorbells: float | None = None
+    interrupts: float | None = None
+    shadow: bool | None = None
 
 
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    block_size: int
-    write: bool
-    sequential: bool
+@dataclass
+class Drivers:
+    blk: ModuleType  # driver.c: virtio-blk split rings
+    nvme: ModuleType  # nvme_driver.c
 
 
 WORKLOADS = {
@@ -133,15 +144,19 @@ def wait_for_socket(path: str, process: subprocess.Popen) -> None:
 
 
 def start_backend(kind: str, image: Path, sock: str, queues: int) -> subprocess.Popen:
-    """``kind``: VHOST, VFIO, or "qsd aio=MODE" (MODE+iothread: the export
+    """``kind``: one of OURS, or "qsd aio=MODE" (MODE+iothread: the export
     in an iothread, which polls its queues, 32 us by default, as the main
     loop does not)."""
-    if kind in (VHOST, VFIO):
+    if kind in OURS:
         # Jailed (the default), default options: only what the set-up needs.
+        device = (
+            ("--namespace", str(image))
+            if kind == NVME
+            else ("--blk-file", str(image), "--num-queues", str(queues))
+        )
         command = [
-            *(sys.executable, "-m", "vfiouserd", kind),
-            *("--socket-path", sock, "--blk-file", str(image)),
-            *("--num-queues", str(queues), "--log-level", "warning"),
+            *(sys.executable, "-m", "vfiouserd", kind, "--socket-path", sock),
+            *(*device, "--log-level", "warning"),
         ]
     else:
         aio, _, iothread = kind.partition("=")[2].partition("+")
@@ -234,8 +249,25 @@ def request_counts(control: str) -> tuple[int, int]:
     return sum(q["requests"] for q in queues), sum(q["native_requests"] for q in queues)
 
 
+@asynccontextmanager
+async def attach(
+    drivers: Drivers, kind: str, sock: str, ram: GuestRam, queues: int, shadow: bool
+) -> AsyncIterator[tuple[Any, list[Any]]]:
+    """The C loop's function and its arguments for each queue of a back end
+    set up (the workload's fields left to fill)."""
+    if kind == NVME:
+        async with nvme.attach(sock, ram, queues, shadow=shadow) as controller:
+            runs = [nvme.queue_args(drivers.nvme, ram, controller, i) for i in range(queues)]
+            yield drivers.nvme.lib.run_nvme, runs
+        return
+    attach_rings = vfio_user_queues if kind == VFIO else vhost_user_queues
+    async with attach_rings(sock, ram, queues) as started:
+        runs = [ring_args(drivers.blk, ram, q.ring, q.kick, q.call) for q in started]
+        yield drivers.blk.lib.run_reads, runs
+
+
 async def measure(
-    driver: ModuleType,
+    drivers: Drivers,
     kind: str,
     sock: str,
     capacity_sectors: int,
@@ -244,50 +276,39 @@ async def measure(
     depth: int,
     seconds: float,
     seed: int,
+    shadow: bool = True,
 ) -> Sample:
     ram = GuestRam([(0, RAM_SIZE)])
-    attach = vfio_user_queues if kind == VFIO else vhost_user_queues
-    control = sock.removesuffix(".sock") + ".control.sock" if kind in (VHOST, VFIO) else None
+    control = sock.removesuffix(".sock") + ".control.sock" if kind in OURS else None
     try:
-        async with attach(sock, ram, queues) as started:
-            region = ram.memory.regions[0]
-            base = int(native_ffi.cast("uintptr_t", region.mapping.base))
-            slot_bytes = 4096 + workload.block_size
-            runs = []
-            for index, queue in enumerate(started):
-                latencies = driver.ffi.new("uint64_t[]", 4_000_000)
-                args = driver.ffi.new("struct bench_args *")
-                desc, avail, used = queue.ring.areas
-                args.desc = driver.ffi.cast("void *", base + desc)
-                args.avail = driver.ffi.cast("void *", base + avail)
-                args.used = driver.ffi.cast("void *", base + used)
-                args.queue_size = queue.ring.size
-                args.kick_fd, args.call_fd = queue.kick, queue.call
-                args.ram = driver.ffi.cast("uint8_t *", base)
-                args.ram_gpa = 0
-                args.slots_gpa = ram.alloc(slot_bytes * depth, 4096)
-                args.slot_bytes = slot_bytes
-                args.capacity_sectors = capacity_sectors
-                args.block_size = workload.block_size
-                args.write, args.sequential = int(workload.write), int(workload.sequential)
-                # Sequential streams of the queues start far apart.
-                args.next_block = index * capacity_sectors // (workload.block_size // 512) // queues
-                args.depth = depth
-                args.duration_ns = int(seconds * 1e9)
-                args.seed = seed + index
-                args.latencies = latencies
-                args.max_latencies = 4_000_000
-                runs.append((args, latencies))
+        async with attach(drivers, kind, sock, ram, queues, shadow) as (function, runs):
+            buffers = []  # the latencies, kept alive while the loops write them
+            blocks = capacity_sectors // (workload.block_size // 512)
+            for index, args in enumerate(runs):
+                buffers.append(
+                    request_args(
+                        drivers.nvme if kind == NVME else drivers.blk,
+                        args,
+                        ram,
+                        workload,
+                        depth=depth,
+                        seconds=seconds,
+                        seed=seed + index,
+                        capacity_sectors=capacity_sectors,
+                        # Sequential streams of the queues start far apart.
+                        first_block=index * blocks // queues,
+                    )
+                )
             statuses: list[int] = []
 
             async def drive(args: object) -> None:
-                statuses.append(await trio.to_thread.run_sync(driver.lib.run_reads, args))
+                statuses.append(await trio.to_thread.run_sync(function, args))
 
             counts = []  # around the run, while connected
             if control is not None:
                 counts.append(await trio.to_thread.run_sync(request_counts, control))
             async with trio.open_nursery() as nursery:
-                for args, _ in runs:
+                for args in runs:
                     nursery.start_soon(drive, args)
             if control is not None:
                 counts.append(await trio.to_thread.run_sync(request_counts, control))
@@ -298,23 +319,24 @@ async def measure(
             raise OSError(-status, os.strerror(-status))
     all_latencies: list[int] = []
     iops = 0.0
-    for args, latencies in runs:
+    for args, latencies in zip(runs, buffers, strict=True):
         if args.errors:
-            raise RuntimeError(f"{args.errors} requests failed")
+            raise RuntimeError(f"{kind}: {args.errors} requests failed")
         count = min(args.completed, args.max_latencies)
-        all_latencies += [latencies[i] for i in range(count)]
+        all_latencies += list(latencies[0:count])
         iops += args.completed / (args.elapsed_ns / 1e9)
-    ordered = sorted(all_latencies)
+    p50_us, p99_us = percentiles(all_latencies)
     native = None
     if counts and counts[1][0] > counts[0][0]:
         (requests, native_before), (requests_after, native_after) = counts
         native = (native_after - native_before) / (requests_after - requests)
-    return Sample(
-        iops=iops,
-        p50_us=ordered[len(ordered) // 2] / 1000,
-        p99_us=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000,
-        native=native,
-    )
+    sample = Sample(iops=iops, p50_us=p50_us, p99_us=p99_us, native=native)
+    if kind == NVME:
+        commands = sum(args.completed for args in runs)
+        sample.doorbells = sum(args.doorbells for args in runs) / commands
+        sample.interrupts = sum(args.interrupts for args in runs) / commands
+        sample.shadow = bool(runs[0].shadow)
+    return sample
 
 
 def summarize(samples: list[Sample], attribute: str) -> tuple[float, float, float]:
@@ -335,8 +357,9 @@ def spread(values: tuple[float, float, float]) -> str:
     return "/".join(f"{v:.2f}" for v in values)
 
 
-# Issue 15's targets for vfio-user-blk: IOPS at QD32 at least 0.9x vhost-user-blk's
-# and 1.0x qemu-storage-daemon io_uring's; p50 at QD1 at most 1.3x vhost-user-blk's.
+# Issue 15's targets for vfio-user-blk and vfio-user-nvme: IOPS at QD32 at least 0.9x
+# vhost-user-blk's and 1.0x qemu-storage-daemon io_uring's; p50 at QD1 at most 1.3x
+# vhost-user-blk's.
 TARGET_IOPS_VHOST, TARGET_IOPS_QSD, TARGET_P50_VHOST = 0.9, 1.0, 1.3
 
 
@@ -345,46 +368,86 @@ def report_vfio_user(
     workloads: list[Workload],
     queue_counts: list[int],
     depths: list[int],
+    kinds: list[str],
     qsd_kinds: list[str],
 ) -> None:
-    """vfio-user-blk against vhost-user-blk and each qemu-storage-daemon set-up."""
+    """Each vfio-user back end against vhost-user-blk and each
+    qemu-storage-daemon set-up, then against the issue's targets."""
+    ours_kinds = [kind for kind in VFIO_USER if kind in kinds]
     print()
-    print(f"{VFIO} / another back end, each run against the same run's (min/med/max)")
-    print(f"{'workload':<26}{'Q':>2}{'QD':>4}{'against':>27}{'IOPS ratio':>18}{'p50 ratio':>18}")
+    print("vfio-user back end / another back end, each run against the same run's (min/med/max)")
+    print(
+        f"{'workload':<26}{'Q':>2}{'QD':>4}{'back end':>16}{'against':>27}"
+        f"{'IOPS ratio':>18}{'p50 ratio':>18}"
+    )
     for workload in workloads:
         for queues in queue_counts:
             for depth in depths:
-                ours = results[(VFIO, workload.name, queues, depth)]
-                for kind in (VHOST, *qsd_kinds):
-                    theirs = results[(kind, workload.name, queues, depth)]
-                    print(
-                        f"{workload.name:<26}{queues:>2}{depth:>4}{kind:>27}"
-                        f"{spread(ratios(ours, theirs, 'iops')):>18}"
-                        f"{spread(ratios(ours, theirs, 'p50_us')):>18}"
-                    )
+                for our_kind in ours_kinds:
+                    ours = results[(our_kind, workload.name, queues, depth)]
+                    for kind in (VHOST, *qsd_kinds):
+                        theirs = results[(kind, workload.name, queues, depth)]
+                        print(
+                            f"{workload.name:<26}{queues:>2}{depth:>4}{our_kind:>16}{kind:>27}"
+                            f"{spread(ratios(ours, theirs, 'iops')):>18}"
+                            f"{spread(ratios(ours, theirs, 'p50_us')):>18}"
+                        )
     randread = WORKLOADS["randread"]
     if randread not in workloads or not {1, 32} <= set(depths):
         return
     print()
-    print(
-        "issue 15's targets for vfio-user-blk, 4 KiB random read, on medians of the per-run ratios"
-    )
-    for queues in queue_counts:
-        checks = [
-            (f"QD32 IOPS >= {TARGET_IOPS_VHOST}x {VHOST}", VHOST, "iops", 32, TARGET_IOPS_VHOST),
-            *(
-                (f"QD32 IOPS >= {TARGET_IOPS_QSD}x {kind}", kind, "iops", 32, TARGET_IOPS_QSD)
-                for kind in qsd_kinds
-                if "io_uring" in kind
-            ),
-            (f"QD1 p50 <= {TARGET_P50_VHOST}x {VHOST}", VHOST, "p50_us", 1, TARGET_P50_VHOST),
-        ]
-        for label, kind, attribute, depth, target in checks:
-            ours = results[(VFIO, randread.name, queues, depth)]
-            theirs = results[(kind, randread.name, queues, depth)]
-            median = ratios(ours, theirs, attribute)[1]
-            met = median >= target if attribute == "iops" else median <= target
-            print(f"  Q{queues} {label:<50}{median:>6.2f}  {'met' if met else 'NOT met'}")
+    print("issue 15's targets, 4 KiB random read, on medians of the per-run ratios")
+    checks = [
+        (f"QD32 IOPS >= {TARGET_IOPS_VHOST}x {VHOST}", VHOST, "iops", 32, TARGET_IOPS_VHOST),
+        *(
+            (f"QD32 IOPS >= {TARGET_IOPS_QSD}x {kind}", kind, "iops", 32, TARGET_IOPS_QSD)
+            for kind in qsd_kinds
+            if "io_uring" in kind
+        ),
+        (f"QD1 p50 <= {TARGET_P50_VHOST}x {VHOST}", VHOST, "p50_us", 1, TARGET_P50_VHOST),
+    ]
+    for our_kind in ours_kinds:
+        for queues in queue_counts:
+            for label, kind, attribute, depth, target in checks:
+                ours = results[(our_kind, randread.name, queues, depth)]
+                theirs = results[(kind, randread.name, queues, depth)]
+                median = ratios(ours, theirs, attribute)[1]
+                met = median >= target if attribute == "iops" else median <= target
+                print(
+                    f"  {our_kind:<15}Q{queues} {label:<50}{median:>6.2f}  "
+                    + ("met" if met else "NOT met")
+                )
+
+
+def report_nvme_doorbells(
+    results: dict[tuple[str, str, int, int], list[Sample]],
+    workloads: list[Workload],
+    queue_counts: list[int],
+    depths: list[int],
+    shadow_wanted: bool,
+) -> None:
+    """What the NVMe driver sent: doorbell messages, and interrupts it woke on."""
+    used = {s.shadow for samples in results.values() for s in samples if s.shadow is not None}
+    if used == {True}:
+        shadow = "on"
+    elif not shadow_wanted:
+        shadow = "off (--no-shadow)"
+    elif used == {False}:
+        shadow = "off: not offered (Identify Controller OACS bit 8 clear)"
+    else:
+        shadow = "on in some runs only"
+    print()
+    print(f"{NVME}: per command, min/med/max over the runs; shadow doorbells {shadow}")
+    print(f"{'workload':<26}{'Q':>2}{'QD':>4}{'doorbell messages':>22}{'interrupts':>20}")
+    for workload in workloads:
+        for queues in queue_counts:
+            for depth in depths:
+                samples = results[(NVME, workload.name, queues, depth)]
+                print(
+                    f"{workload.name:<26}{queues:>2}{depth:>4}"
+                    f"{spread(summarize(samples, 'doorbells')):>22}"
+                    f"{spread(summarize(samples, 'interrupts')):>20}"
+                )
 
 
 def main() -> int:
@@ -401,34 +464,41 @@ def main() -> int:
         help="qemu-storage-daemon set-ups to compare with ('+iothread': export in an iothread)",
     )
     parser.add_argument(
-        "--no-vfio-user", action="store_true", help=f"leave {VFIO} out (vhost-user only)"
+        "--no-vfio-user",
+        action="store_true",
+        help=f"leave {VFIO} and {NVME} out (vhost-user only)",
+    )
+    parser.add_argument(
+        "--no-shadow",
+        action="store_true",
+        help=f"{NVME}: no shadow doorbells even when the controller offers them",
     )
     args = parser.parse_args()
     if shutil.which("qemu-storage-daemon") is None:
         print("qemu-storage-daemon not found (Debian package qemu-system-common)")
         return 1
-    driver = load_driver()
+    drivers = Drivers(load_driver(), nvme.load_driver())
     image = prepare_image(args.image_size * MiB)
     capacity = image.stat().st_size // 512
     depths = [int(d) for d in args.depths.split(",")]
     queue_counts = [int(q) for q in args.queues.split(",")]
     workloads = [WORKLOADS[name] for name in args.workloads.split(",")]
     qsd_kinds = [f"qsd aio={aio}" for aio in args.qsd_aio.split(",")]
-    kinds = [VHOST, *([] if args.no_vfio_user else [VFIO]), *qsd_kinds]
+    kinds = [VHOST, *([] if args.no_vfio_user else VFIO_USER), *qsd_kinds]
     results: dict[tuple[str, str, int, int], list[Sample]] = {}
     with tempfile.TemporaryDirectory(prefix="vfiouserd-bench-") as tmp:
         for run in range(args.runs):
             for queues in queue_counts:
                 for kind in kinds:  # interleaved: the same conditions for each
                     sock = f"{tmp}/{run}-{queues}.sock"
-                    name = kind if kind in (VHOST, VFIO) else "qemu-storage-daemon"
+                    name = kind if kind in OURS else "qemu-storage-daemon"
                     process = start_backend(kind, image, sock, queues)
                     try:
                         for workload in workloads:
                             for depth in depths:
                                 sample = trio.run(
                                     measure,
-                                    driver,
+                                    drivers,
                                     kind,
                                     sock,
                                     capacity,
@@ -437,6 +507,7 @@ def main() -> int:
                                     depth,
                                     args.seconds,
                                     run * 7919 + depth,
+                                    not args.no_shadow,
                                 )
                                 key = (kind, workload.name, queues, depth)
                                 results.setdefault(key, []).append(sample)
@@ -479,7 +550,8 @@ def main() -> int:
                         + ratios_text
                     )
     if VFIO in kinds:
-        report_vfio_user(results, workloads, queue_counts, depths, qsd_kinds)
+        report_vfio_user(results, workloads, queue_counts, depths, kinds, qsd_kinds)
+        report_nvme_doorbells(results, workloads, queue_counts, depths, not args.no_shadow)
     return 0
 
 

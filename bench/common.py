@@ -7,11 +7,16 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import trio
 from cffi import FFI
+
+from vfiouserd._native import ffi as native_ffi
+from vfiouserd.client.guest import DriverSplitRing, GuestRam
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "bench"
 
@@ -22,7 +27,8 @@ def compile_driver(module: str, source: str, declarations: str) -> ModuleType:
     builder = FFI()
     builder.cdef(declarations)
     code = (Path(__file__).parent / source).read_text()
-    builder.set_source(module, code, extra_compile_args=["-O2"])
+    here = str(Path(__file__).parent)
+    builder.set_source(module, code, include_dirs=[here], extra_compile_args=["-O2"])
     CACHE.mkdir(parents=True, exist_ok=True)
     builder.compile(tmpdir=str(CACHE), verbose=False)
     if str(CACHE) not in sys.path:
@@ -52,3 +58,79 @@ def stop(process: subprocess.Popen[bytes], name: str, timeout: float = 10) -> No
         print(f"warning: {name} did not exit {timeout:g} s after SIGTERM: killed", file=sys.stderr)
         process.kill()
         process.wait()
+
+
+def ram_base(ram: GuestRam) -> int:
+    """Where our mapping of the guest RAM's first region (guest address 0) starts."""
+    mapping = ram.memory.regions[0].mapping
+    assert mapping is not None  # GuestRam maps every region
+    return int(native_ffi.cast("uintptr_t", mapping.base))
+
+
+def ring_args(
+    driver: ModuleType, ram: GuestRam, ring: DriverSplitRing, kick: int, call: int
+) -> Any:
+    """driver.c's ``struct bench_args`` for a started split ring (the
+    workload's fields: ``request_args``)."""
+    base = ram_base(ram)
+    args = driver.ffi.new("struct bench_args *")
+    desc, avail, used = ring.areas
+    args.desc = driver.ffi.cast("void *", base + desc)
+    args.avail = driver.ffi.cast("void *", base + avail)
+    args.used = driver.ffi.cast("void *", base + used)
+    args.queue_size = ring.size
+    args.kick_fd, args.call_fd = kick, call
+    args.ram = driver.ffi.cast("uint8_t *", base)
+    args.ram_gpa = 0
+    return args
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    block_size: int
+    write: bool
+    sequential: bool
+
+
+MAX_LATENCIES = 4_000_000
+
+
+def request_args(
+    driver: ModuleType,
+    args: Any,
+    ram: GuestRam,
+    workload: Workload,
+    *,
+    depth: int,
+    seconds: float,
+    seed: int,
+    capacity_sectors: int,
+    first_block: int = 0,
+) -> Any:
+    """The workload's fields, named alike in driver.c's and nvme_driver.c's
+    arguments: buffers of ``depth`` slots in ``ram`` (a page, then the
+    data), what to read or write, for how long. Returns the latency
+    buffer, which must outlive the run."""
+    slot_bytes = 4096 + workload.block_size
+    latencies = driver.ffi.new("uint64_t[]", MAX_LATENCIES)
+    args.slots_gpa = ram.alloc(slot_bytes * depth, 4096)
+    args.slot_bytes = slot_bytes
+    args.capacity_sectors = capacity_sectors
+    args.block_size = workload.block_size
+    args.write, args.sequential = int(workload.write), int(workload.sequential)
+    args.next_block = first_block
+    args.depth = depth
+    args.duration_ns = int(seconds * 1e9)
+    args.seed = seed
+    args.latencies = latencies
+    args.max_latencies = MAX_LATENCIES
+    return latencies
+
+
+def percentiles(latencies: list[int]) -> tuple[float, float]:
+    """(p50, p99) in microseconds of latencies in nanoseconds."""
+    ordered = sorted(latencies)
+    return ordered[len(ordered) // 2] / 1000, ordered[
+        min(len(ordered) - 1, int(len(ordered) * 0.99))
+    ] / 1000

@@ -15,6 +15,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_loop.h"
+
 struct desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
 struct used_elem { uint32_t id; uint32_t len; };
 
@@ -22,22 +24,6 @@ struct used_elem { uint32_t id; uint32_t len; };
 #define F_WRITE 2
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static uint64_t next_random(uint64_t *state)
-{
-    uint64_t x = *state;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return *state = x;
-}
 
 struct bench_args {
     void *desc, *avail, *used;   /* ring areas, in our mapping of guest RAM */

@@ -57,9 +57,8 @@ from typing import IO
 
 import trio
 from blk import QUEUE_SIZE, RAM_SIZE, WORKLOADS, load_driver, prepare_image, wait_for_socket
-from common import stop
+from common import percentiles, request_args, ring_args, stop
 
-from vfiouserd._native import ffi as native_ffi
 from vfiouserd.client.control import ControlClient
 from vfiouserd.client.guest import DriverSplitRing, GuestRam
 from vfiouserd.client.vhost_user import VhostUserFrontend
@@ -337,31 +336,19 @@ async def measure(
         await frontend.negotiate(want_features=bit(Feature.VERSION_1))
         await frontend.set_features()
         await frontend.share_memory(ram)
-        region = ram.memory.regions[0]
-        base = int(native_ffi.cast("uintptr_t", region.mapping.base))
-        slot_bytes = 4096 + WORKLOAD.block_size
         ring = DriverSplitRing(ram, QUEUE_SIZE)
         queue = await frontend.start_queue(0, ring)
-        latencies = driver.ffi.new("uint64_t[]", 4_000_000)
-        args = driver.ffi.new("struct bench_args *")
-        desc, avail, used = ring.areas
-        args.desc = driver.ffi.cast("void *", base + desc)
-        args.avail = driver.ffi.cast("void *", base + avail)
-        args.used = driver.ffi.cast("void *", base + used)
-        args.queue_size = QUEUE_SIZE
-        args.kick_fd, args.call_fd = queue.kick, queue.call
-        args.ram = driver.ffi.cast("uint8_t *", base)
-        args.ram_gpa = 0
-        args.slots_gpa = ram.alloc(slot_bytes * depth, 4096)
-        args.slot_bytes = slot_bytes
-        args.capacity_sectors = capacity_sectors
-        args.block_size = WORKLOAD.block_size
-        args.write, args.sequential = 0, 0
-        args.depth = depth
-        args.duration_ns = int(seconds * 1e9)
-        args.seed = seed
-        args.latencies = latencies
-        args.max_latencies = 4_000_000
+        args = ring_args(driver, ram, ring, queue.kick, queue.call)
+        latencies = request_args(
+            driver,
+            args,
+            ram,
+            WORKLOAD,
+            depth=depth,
+            seconds=seconds,
+            seed=seed,
+            capacity_sectors=capacity_sectors,
+        )
         daemon_before, clients_before = cpu_seconds([daemon_pid]), cpu_seconds(client_pids)
         status = await trio.to_thread.run_sync(driver.lib.run_reads, args)
         daemon_cpu = cpu_seconds([daemon_pid]) - daemon_before
@@ -372,12 +359,11 @@ async def measure(
             raise RuntimeError(f"{args.errors} requests failed")
         elapsed = args.elapsed_ns / 1e9
         native = await trio.to_thread.run_sync(fast_path_on, control)
-        count = min(args.completed, args.max_latencies)
-        ordered = sorted(latencies[i] for i in range(count))
+        p50_us, p99_us = percentiles(list(latencies[0 : min(args.completed, args.max_latencies)]))
         return Sample(
             iops=args.completed / elapsed,
-            p50_us=ordered[len(ordered) // 2] / 1000,
-            p99_us=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000,
+            p50_us=p50_us,
+            p99_us=p99_us,
             native=native,
             daemon_cpu=100 * daemon_cpu / elapsed,
             clients_cpu=100 * clients_cpu / elapsed,

@@ -26,7 +26,7 @@ def test_blk_benchmark_runs_every_workload_against_every_back_end():
         timeout=900,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    figures, against, targets = done.stdout.strip().split("\n\n")
+    figures, against, targets, doorbells = done.stdout.strip().split("\n\n")
     cells = [
         (workload, queues, depth)
         for workload in ("4 KiB random read", "4 KiB random write", "128 KiB sequential read")
@@ -34,35 +34,56 @@ def test_blk_benchmark_runs_every_workload_against_every_back_end():
         for depth in ("1", "32")
     ]
     qsd = ("qsd aio=threads", "qsd aio=io_uring", "qsd aio=io_uring+iothread")
+    vfio_user = ("vfio-user-blk", "vfio-user-nvme")
 
-    def parse(table: str) -> list[tuple[tuple[str, str, str], str, list[str]]]:
-        """(workload, queues, depth), back end, the other fields; under two header lines."""
-        return [
-            ((line[:26].strip(), *line[26:32].split()), line[32:59].strip(), line[59:].split())
-            for line in table.splitlines()[2:]
-        ]
+    def parse(table: str, *widths: int) -> list[tuple[tuple[str, ...], list[str]]]:
+        """Fields of these widths (the rest split on blanks); under two header lines."""
+        rows = []
+        for line in table.splitlines()[2:]:
+            fields, at = [], 0
+            for width in widths:
+                fields.append(line[at : at + width].strip())
+                at += width
+            rows.append((tuple(fields), line[at:].split()))
+        return rows
 
-    rows = parse(figures)
-    assert [(cell, kind) for cell, kind, _ in rows] == [
-        (cell, kind) for cell in cells for kind in ("vhost-user-blk", "vfio-user-blk", *qsd)
-    ], figures
-    for _, kind, fields in rows:
-        if kind in qsd:  # no fast path to speak of; ratios of vhost-user-blk to it
-            assert fields[6] == "-" and all(float(r) > 0 for r in fields[7:]), figures
-        else:  # the native loop served (nearly) every request, over either protocol
-            assert len(fields) == 7 and float(fields[6].rstrip("%")) >= 99.0, figures
-    # vfio-user-blk against each other back end, run by run.
-    rows = parse(against)
-    assert [(cell, kind) for cell, kind, _ in rows] == [
-        (cell, kind) for cell in cells for kind in ("vhost-user-blk", *qsd)
-    ], against
-    for _, _, fields in rows:
+    def spreads_ordered(fields: list[str], table: str) -> None:
         for spread in fields:
             low, median, high = map(float, spread.split("/"))
-            assert 0 < low <= median <= high, against
-    # The issue's three targets for each queue count (against both io_uring set-ups).
+            assert 0 <= low <= median <= high, table
+
+    rows = parse(figures, 26, 2, 4, 27)
+    assert [key for key, _ in rows] == [
+        (*cell, kind) for cell in cells for kind in ("vhost-user-blk", *vfio_user, *qsd)
+    ], figures
+    for (*_, kind), fields in rows:
+        if kind in qsd:  # no fast path to speak of; ratios of vhost-user-blk to it
+            assert fields[6] == "-" and all(float(r) > 0 for r in fields[7:]), figures
+        elif kind == "vfio-user-nvme":  # its I/O queues go native in a change of their own
+            assert len(fields) == 7 and 0 <= float(fields[6].rstrip("%")) <= 100, figures
+        else:  # the native loop served (nearly) every request, over either protocol
+            assert len(fields) == 7 and float(fields[6].rstrip("%")) >= 99.0, figures
+    # Each vfio-user back end against each other back end, run by run.
+    rows = parse(against, 26, 2, 4, 16, 27)
+    assert [key for key, _ in rows] == [
+        (*cell, ours, kind)
+        for cell in cells
+        for ours in vfio_user
+        for kind in ("vhost-user-blk", *qsd)
+    ], against
+    for _, fields in rows:
+        assert len(fields) == 2 and all(float(f.split("/")[0]) > 0 for f in fields), against
+        spreads_ordered(fields, against)
+    # The issue's three targets for each back end and queue count (against both
+    # io_uring set-ups).
     verdicts = [line.rsplit("  ", 1)[-1] for line in targets.splitlines()[1:]]
-    assert len(verdicts) == 2 * 4 and set(verdicts) <= {"met", "NOT met"}, targets
+    assert len(verdicts) == 2 * 2 * 4 and set(verdicts) <= {"met", "NOT met"}, targets
+    # What the NVMe driver sent: doorbell messages and interrupts per command.
+    rows = parse(doorbells, 26, 2, 4)
+    assert [key for key, _ in rows] == cells, doorbells
+    for _, fields in rows:
+        assert len(fields) == 2, doorbells
+        spreads_ordered(fields, doorbells)
 
 
 def test_downtime_benchmark_reports_every_scenario_and_blob():
