@@ -27,6 +27,8 @@ from vfiouserd.devices.nvme.formats import (
     Media,
     Reg,
     Sct,
+    SglDescriptor,
+    SglType,
     Specific,
 )
 from vfiouserd.state import StateError
@@ -328,6 +330,302 @@ async def test_io_errors(images, ram):
         assert (await driver.call(1, read_cmd(page, loop + 8 * 500, 512))).status == gen(
             Generic.DATA_TRANSFER_ERROR
         )
+        # The controller carries on.
+        assert (await driver.read(1, 1, 0, 4096))[0].status == 0
+        assert await driver.csts() == nvme.CSTS_RDY
+        driver.close()
+
+
+# -- SGLs --------------------------------------------------------------------------------------
+
+
+def data(address: int, length: int, subtype: int = 0) -> SglDescriptor:
+    return SglDescriptor(address, length, SglType.DATA_BLOCK, subtype)
+
+
+def bucket(length: int) -> SglDescriptor:
+    return SglDescriptor(0, length, SglType.BIT_BUCKET)
+
+
+def segment(ram, address: int, entries: list[SglDescriptor], last: bool = True) -> SglDescriptor:
+    """``entries`` written at ``address``: the descriptor of that segment."""
+    ram.write(address, b"".join(e.encode() for e in entries))
+    kind = SglType.LAST_SEGMENT if last else SglType.SEGMENT
+    return SglDescriptor(address, len(entries) * 16, kind)
+
+
+async def test_sgl_data_blocks_segments_and_bit_buckets(images, ram):
+    device = controller(images)
+    async with vfio_served(device, ram=ram) as client:
+        driver = await started(client, ram, io_queues=1)
+        status, ident = await driver.identify(Cns.CONTROLLER)
+        sgls = struct.unpack_from("<I", ident, 0x218)[0]
+        wanted = nvme.SGLS_DWORD_GRANULAR | nvme.SGLS_BIT_BUCKET | nvme.SGLS_LONGER_THAN_DATA
+        assert status == 0 and sgls == wanted
+
+        # One Data Block in the command (Linux's one contiguous buffer).
+        payload = os.urandom(128 * 1024)
+        assert (await driver.write_sgl(1, 1, 256, payload, [])).status == 0
+        assert image_bytes(images[0], 256 * 512, len(payload)) == payload
+        done, back = await driver.read_sgl(1, 1, 256, len(payload), [])
+        assert done.status == 0 and back == payload
+        # Pieces of odd lengths (dword multiples) in one Last Segment; and
+        # back through PRPs.
+        chunk = os.urandom(16 * 1024)
+        pieces = [4, 508, 1020, 12, 4096, 2052, 8]
+        assert (await driver.write_sgl(1, 1, 1000, chunk, pieces)).status == 0
+        assert image_bytes(images[0], 1000 * 512, len(chunk)) == chunk
+        assert (await driver.read(1, 1, 1000, len(chunk)))[1] == chunk
+        done, back = await driver.read_sgl(1, 1, 1000, len(chunk), pieces[::-1])
+        assert done.status == 0 and back == chunk
+        # Segments chained: three descriptors each (two pieces and the
+        # next segment's descriptor), 20 pieces; then Segment descriptors
+        # only, the last segment ending the list without a pointer (as
+        # Linux's page of exactly 256 descriptors does).
+        pieces = [4 * k for k in range(1, 20)]
+        for last_segment in (True, False):
+            chunk = os.urandom(8192)
+            layout = {"per_segment": 3, "last_segment": last_segment}
+            assert (await driver.write_sgl(1, 1, 2000, chunk, pieces, **layout)).status == 0
+            assert image_bytes(images[0], 2000 * 512, len(chunk)) == chunk
+            done, back = await driver.read_sgl(1, 1, 2000, len(chunk), pieces[::-1], **layout)
+            assert done.status == 0 and back == chunk
+        # MDTS in 4 KiB pages: 64 descriptors in one Last Segment.
+        big = os.urandom(256 * 1024)
+        assert (await driver.write_sgl(1, 1, 4096, big, [4096] * 64)).status == 0
+        done, back = await driver.read_sgl(1, 1, 4096, len(big), [4096] * 64)
+        assert done.status == 0 and back == big
+
+        # NULL descriptors (zero-length Data Blocks, anywhere) between pieces.
+        blocks = driver.data_blocks(chunk[:1024], [512])
+        null = data(0x9000_0000, 0)
+        sgl1 = driver.sgl([null, blocks[0], null, null, blocks[1], null])
+        assert (await driver.rw_sgl(1, IoOpcode.WRITE, 1, 3000, 2, sgl1)).status == 0
+        assert image_bytes(images[0], 3000 * 512, 1024) == chunk[:1024]
+
+        # Longer than the data: what the data needs is used, the rest not
+        # read (a descriptor after it points nowhere).
+        buffer = driver.alloc_pages(2)
+        ram.write(buffer, b"\xaa" * 8192)
+        sgl1 = driver.sgl([data(buffer, 8192), data(0x9000_0000, 4096)])
+        assert (await driver.rw_sgl(1, IoOpcode.READ, 1, 1000, 8, sgl1)).status == 0
+        assert ram.read(buffer, 8192) == image_bytes(images[0], 1000 * 512, 4096) + b"\xaa" * 4096
+
+        # Bit buckets: a read discards what they cover; in a write they do nothing.
+        pieces = driver.data_blocks(2048, [512, 1024])
+        sgl1 = driver.sgl([pieces[0], bucket(2048), pieces[1], bucket(0), pieces[2]])
+        assert (await driver.rw_sgl(1, IoOpcode.READ, 1, 1000, 8, sgl1)).status == 0
+        on_disk = image_bytes(images[0], 1000 * 512, 4096)
+        assert driver.gather(pieces) == on_disk[:512] + on_disk[2560:]
+        sgl1 = bucket(512)  # all of it
+        assert (await driver.rw_sgl(1, IoOpcode.READ, 1, 1000, 1, sgl1)).status == 0
+        chunk = os.urandom(1024)
+        pieces = driver.data_blocks(chunk, [512])
+        sgl1 = driver.sgl([pieces[0], bucket(4096), pieces[1]])
+        assert (await driver.rw_sgl(1, IoOpcode.WRITE, 1, 3100, 2, sgl1)).status == 0
+        assert image_bytes(images[0], 3100 * 512, 1024) == chunk
+
+        # Dataset Management's ranges through an SGL.
+        assert (await driver.write(1, 1, 5000, os.urandom(8192))).status == 0
+        ranges = driver.data_blocks(nvme.DSM_RANGE.pack(0, 16, 5000), [8])
+        prp1, prp2 = driver.sgl(ranges).sgl1()
+        cmd = nvme.command(
+            IoOpcode.DATASET_MANAGEMENT,
+            nsid=1,
+            prp1=prp1,
+            prp2=prp2,
+            flags=nvme.PSDT_SGL << 6,
+            cdw=(0, nvme.DSM_ATTR_DEALLOCATE),
+        )
+        assert (await driver.call(1, cmd)).status == 0
+        assert image_bytes(images[0], 5000 * 512, 8192) == bytes(8192)
+
+        # Each of the 16 SGL commands counted; the PRP ones not.
+        assert device.statistics()["sgl_commands"] == 16
+        driver.close()
+
+
+async def test_sgl_errors(images, ram):
+    async with vfio_served(controller(images), ram=ram) as client:
+        driver = await started(client, ram, io_queues=1)
+        page, other = driver.alloc_pages(1), driver.alloc_pages(1)
+        buffer = driver.alloc_pages(2)
+        segments = [driver.alloc_pages(1) for _ in range(8)]
+        far = (1 << 64) - 2048
+        limit = 1024  # prp.MAX_SGL_DESCRIPTORS
+
+        cases: list[tuple[str, SglDescriptor, int]] = [
+            # The SGL describes less than the transfer.
+            ("short", data(buffer, 2048), Generic.DATA_SGL_LENGTH_INVALID),
+            (
+                "short segment",
+                segment(ram, segments[0], [data(buffer, 1024), data(buffer + 1024, 1024)]),
+                Generic.DATA_SGL_LENGTH_INVALID,
+            ),
+            (
+                "a segment without a pointer ends the list",
+                segment(ram, segments[1], [data(buffer, 2048)], last=False),
+                Generic.DATA_SGL_LENGTH_INVALID,
+            ),
+            ("past 2**64", data(far & ~3, 4096), Generic.DATA_SGL_LENGTH_INVALID),
+            (
+                "segment past 2**64",
+                SglDescriptor((1 << 64) - 16, 32, SglType.LAST_SEGMENT),
+                Generic.DATA_SGL_LENGTH_INVALID,
+            ),
+            # Types and sub types not offered (keyed, transport, reserved,
+            # vendor; offsets, transport specific).
+            *(
+                (
+                    f"type {kind}",
+                    SglDescriptor(buffer, 4096, kind),
+                    Generic.SGL_DESCRIPTOR_TYPE_INVALID,
+                )
+                for kind in (4, 5, 6, 0xE, 0xF)
+            ),
+            ("offset", data(buffer, 4096, subtype=1), Generic.SGL_DESCRIPTOR_TYPE_INVALID),
+            (
+                "transport specific",
+                data(buffer, 4096, subtype=0xA),
+                Generic.SGL_DESCRIPTOR_TYPE_INVALID,
+            ),
+            (
+                "bit bucket sub type",
+                SglDescriptor(0, 4096, SglType.BIT_BUCKET, 1),
+                Generic.SGL_DESCRIPTOR_TYPE_INVALID,
+            ),
+            (
+                "segment sub type",
+                SglDescriptor(segments[0], 32, SglType.LAST_SEGMENT, 1),
+                Generic.SGL_DESCRIPTOR_TYPE_INVALID,
+            ),
+            (
+                "keyed in a segment",
+                segment(ram, segments[2], [data(buffer, 512), SglDescriptor(buffer, 3584, 4)]),
+                Generic.SGL_DESCRIPTOR_TYPE_INVALID,
+            ),
+            # Dword granularity.
+            ("address", data(buffer + 2, 4096), Generic.SGL_DATA_BLOCK_GRANULARITY_INVALID),
+            (
+                "length",
+                segment(ram, segments[3], [data(buffer, 4094), data(buffer + 4096, 2)]),
+                Generic.SGL_DATA_BLOCK_GRANULARITY_INVALID,
+            ),
+            # A segment descriptor before the end of its segment.
+            (
+                "pointer not last",
+                segment(
+                    ram,
+                    segments[4],
+                    [
+                        data(buffer, 512),
+                        SglDescriptor(page, 16, SglType.LAST_SEGMENT),
+                        data(buffer, 3584),
+                    ],
+                ),
+                Generic.INVALID_NUMBER_OF_SGL_DESCRIPTORS,
+            ),
+            # A last segment with a pointer; a pointer of length 0, not a
+            # multiple of 16, not qword aligned.
+            (
+                "pointer in the last segment",
+                segment(
+                    ram,
+                    segments[5],
+                    [data(buffer, 512), segment(ram, other, [data(buffer + 512, 3584)])],
+                ),
+                Generic.INVALID_SGL_SEGMENT_DESCRIPTOR,
+            ),
+            (
+                "length 0",
+                SglDescriptor(other, 0, SglType.LAST_SEGMENT),
+                Generic.INVALID_SGL_SEGMENT_DESCRIPTOR,
+            ),
+            (
+                "length 24",
+                SglDescriptor(other, 24, SglType.SEGMENT),
+                Generic.INVALID_SGL_SEGMENT_DESCRIPTOR,
+            ),
+            (
+                "unaligned segment",
+                SglDescriptor(other + 4, 16, SglType.LAST_SEGMENT),
+                Generic.INVALID_SGL_SEGMENT_DESCRIPTOR,
+            ),
+            # Chains that loop: to itself; A, B, A.
+            (
+                "self",
+                segment(
+                    ram, page, [data(0, 0), SglDescriptor(page, 32, SglType.SEGMENT)], last=False
+                ),
+                Generic.INVALID_NUMBER_OF_SGL_DESCRIPTORS,
+            ),
+            (
+                "a, b, a",
+                segment(
+                    ram,
+                    segments[6],
+                    [
+                        data(buffer, 512),
+                        segment(
+                            ram,
+                            segments[7],
+                            [data(buffer, 512), SglDescriptor(segments[6], 32, SglType.SEGMENT)],
+                            last=False,
+                        ),
+                    ],
+                    last=False,
+                ),
+                Generic.INVALID_NUMBER_OF_SGL_DESCRIPTORS,
+            ),
+            # More descriptors than the controller reads (NULL ones).
+            (
+                "too many",
+                driver.sgl([data(0, 0)] * limit + [data(buffer, 4096)]),
+                Generic.INVALID_NUMBER_OF_SGL_DESCRIPTORS,
+            ),
+            # Out of guest memory: data, a segment, a segment across its end.
+            ("data nowhere", data(0x9000_0000, 4096), Generic.DATA_TRANSFER_ERROR),
+            (
+                "segment nowhere",
+                SglDescriptor(0x9000_0000, 64, SglType.LAST_SEGMENT),
+                Generic.DATA_TRANSFER_ERROR,
+            ),
+            (
+                "segment across the end",
+                SglDescriptor(16 * MiB - 16, 32, SglType.LAST_SEGMENT),
+                Generic.DATA_TRANSFER_ERROR,
+            ),
+            ("data across the end", data(16 * MiB - 2048, 4096), Generic.DATA_TRANSFER_ERROR),
+        ]
+        ram.write(16 * MiB - 16, data(buffer, 4096).encode())
+        for name, sgl1, expected in cases:
+            for opcode in (IoOpcode.READ, IoOpcode.WRITE):
+                done = await driver.rw_sgl(1, opcode, 1, 64, 8, sgl1)
+                assert done.status == gen(expected), (name, opcode, nvme.status_name(done.status))
+        assert image_bytes(images[0], 64 * 512, 4096) == bytes(4096)  # no write got through
+
+        # Within the bound, the same NULL descriptors are fine.
+        sgl1 = driver.sgl([data(0, 0)] * (limit - 10) + [data(buffer, 4096)])
+        assert (await driver.rw_sgl(1, IoOpcode.READ, 1, 64, 8, sgl1)).status == 0
+        # In a write a bit bucket counts for nothing: too short.
+        sgl1 = driver.sgl([data(buffer, 2048), bucket(2048)])
+        done = await driver.rw_sgl(1, IoOpcode.WRITE, 1, 64, 8, sgl1)
+        assert done.status == gen(Generic.DATA_SGL_LENGTH_INVALID)
+        assert (await driver.rw_sgl(1, IoOpcode.READ, 1, 64, 8, sgl1)).status == 0
+
+        # PSDT 10b (MPTR an SGL: not offered) and 11b (reserved) on I/O, any
+        # PSDT on an admin command: Invalid Field.
+        prp1, prp2 = data(buffer, 4096).sgl1()
+        for flags in (0x80, 0xC0):
+            cmd = nvme.command(
+                IoOpcode.READ, nsid=1, prp1=prp1, prp2=prp2, flags=flags, cdw=(0, 0, 7)
+            )
+            assert (await driver.call(1, cmd)).status == gen(Generic.INVALID_FIELD)
+        cmd = nvme.command(
+            AdminOpcode.IDENTIFY, prp1=prp1, prp2=prp2, flags=0x40, cdw=(Cns.CONTROLLER,)
+        )
+        assert (await driver.admin(cmd)).status == gen(Generic.INVALID_FIELD)
+
         # The controller carries on.
         assert (await driver.read(1, 1, 0, 4096))[0].status == 0
         assert await driver.csts() == nvme.CSTS_RDY

@@ -3,8 +3,10 @@ in process behind a vfio-user session, driven through the project's NVMe
 driver (vfiouserd/client/nvme.py) with random admin and I/O commands
 (opcodes, flags, NSIDs, CDW10-15, queue ids on create and delete, PRP1 and
 PRP2 inside guest memory, in read-only memory, off its end, nowhere, or at
-PRP lists that chain and loop), raw doorbell writes and controller resets;
-guest memory mapped into the daemon or reached by DMA messages.
+PRP lists that chain and loop; with a random PSDT, SGLs of random
+descriptors, in the command or in segments that chain, loop or point
+anywhere), raw doorbell writes and controller resets; guest memory mapped
+into the daemon or reached by DMA messages.
 
 After every example:
 - each command the driver put in a queue got exactly one completion, with
@@ -65,6 +67,8 @@ from vfiouserd.devices.nvme.formats import (
     LogPage,
     Media,
     Sct,
+    SglDescriptor,
+    SglType,
     Specific,
 )
 from vfiouserd.protocol import vfio_user as vfu
@@ -82,6 +86,8 @@ ARENA_END = ARENA + ARENA_SIZE
 HOLE = ARENA_END
 READ_ONLY, READ_ONLY_SIZE = ARENA_END + 64 * 1024, 64 * 1024
 READ_ONLY_END = READ_ONLY + READ_ONLY_SIZE
+MAPPED_DATA = [(ARENA, ARENA_END), (READ_ONLY, READ_ONLY_END)]  # where data may be
+MAX_TRANSFER = 64 * PAGE  # the controller's MDTS
 LAYOUT = [(RINGS, RINGS_SIZE), (ARENA, ARENA_SIZE), (READ_ONLY, READ_ONLY_SIZE)]
 
 BLOCKS = (2048, 1024)  # namespace 1, namespace 2 (write protected)
@@ -197,6 +203,148 @@ def prp_lists(draw: st.DrawFn) -> PrpList:
 U32 = st.integers(0, (1 << 32) - 1)
 U16 = st.integers(0, 0xFFFF)
 BYTES = st.integers(0, 255)
+
+SGL_LENGTHS = mostly(
+    st.sampled_from([512, 1024, 4096, 8192, 65536]),
+    st.sampled_from([0, 4, 508, 2048, 2050]),  # NULL, odd pieces, not dword granular
+    U32,
+)
+SGL_ANY = st.builds(  # any descriptor: mostly a Data Block, else a bit bucket or any type
+    SglDescriptor,
+    mostly(ARENA_PAGES, ADDRESSES),
+    SGL_LENGTHS,
+    mostly(st.just(SglType.DATA_BLOCK), st.just(SglType.BIT_BUCKET), st.integers(0, 15)),
+    mostly(st.just(0), st.integers(0, 15)),
+)
+SEGMENT_KINDS = (SglType.SEGMENT, SglType.LAST_SEGMENT)
+# A segment (at most 42 descriptors) starts in one of these and ends in the arena.
+SEGMENT_PAGES = st.integers(0, ARENA_SIZE // PAGE - 2).map(lambda i: ARENA + i * PAGE)
+SGL_FAULTS = [
+    "piece",  # one descriptor any descriptor
+    "short",  # less data than the transfer
+    "loop",  # a segment points back to the first one (or itself) before the data ends
+    "pointer",  # a segment descriptor anywhere, of any length, type or sub type
+    "middle",  # a segment descriptor before the end of its segment
+    "end",  # a segment without its pointer
+    "offset",  # segments anywhere in their page
+]
+
+
+@dataclass
+class Sgl:
+    sgl1: SglDescriptor  # in the command
+    segments: list[tuple[int, bytes]]  # (address, contents)
+    # Where a list without faults puts the data: (address, or None for a
+    # bit bucket's share, bytes); None with a fault.
+    pieces: list[tuple[int | None, int]] | None
+
+
+@st.composite
+def sgls(draw: st.DrawFn, span: int, read: bool) -> Sgl:
+    """An SGL for ``span`` bytes as a driver makes one, four times in five:
+    the data in 1 to 40 dword pieces in the arena (NULL descriptors among
+    them; bit buckets in a read), maybe a descriptor past the data, in the
+    command or in 1 to 3 segments in the arena, each ending in a descriptor
+    of the next one; else with one of SGL_FAULTS."""
+    fault = draw(
+        st.integers(0, 4).flatmap(lambda i: st.sampled_from(SGL_FAULTS) if i == 4 else st.none())
+    )
+    count = draw(mostly(st.integers(1, 4), st.integers(5, 40)))
+    cuts = sorted(draw(st.lists(st.integers(0, span // 4), min_size=count - 1, max_size=count - 1)))
+    lengths = [4 * (b - a) for a, b in zip([0, *cuts], [*cuts, span // 4], strict=True)]
+    pieces: list[tuple[int | None, int]] = []
+    data: list[SglDescriptor] = []
+    for length in lengths:
+        address = draw(ARENA_PAGES) + 4 * draw(st.integers(0, 255))
+        if read and draw(st.integers(0, 5)) == 0:
+            data.append(SglDescriptor(0, length, SglType.BIT_BUCKET))
+            pieces.append((None, length))
+        else:
+            data.append(SglDescriptor(address, length, SglType.DATA_BLOCK))
+            pieces.append((address, length))
+    if fault == "piece":
+        data[draw(st.integers(0, count - 1))] = draw(SGL_ANY)
+    elif fault == "short":
+        data[-1] = data[-1]._replace(
+            length=max(0, data[-1].length - 4 * draw(st.integers(1, 1024)))
+        )
+    if draw(st.integers(0, 3)) == 0:  # past the data: never looked at
+        data.append(draw(SGL_ANY))
+    if len(data) == 1 and fault is None and draw(st.booleans()):
+        return Sgl(data[0], [], pieces)
+    groups = draw(st.integers(1, min(3, len(data))))
+    bounds = sorted(
+        draw(
+            st.lists(
+                st.integers(1, len(data) - 1), min_size=groups - 1, max_size=groups - 1, unique=True
+            )
+        )
+        if len(data) > 1
+        else []
+    )
+    split = [data[a:b] for a, b in zip([0, *bounds], [*bounds, len(data)], strict=True)]
+    groups = len(split)
+    if fault == "loop":  # the data ends past a pointer back
+        split = split[: max(1, groups - 1)]
+        groups = len(split)
+    pages = draw(st.lists(SEGMENT_PAGES, min_size=groups, max_size=groups, unique=True))
+    offset = draw(st.sampled_from([0, 16, PAGE - 256]))
+    if fault == "offset":
+        offset = draw(st.integers(1, PAGE - 1).filter(lambda o: o % 8))
+    starts = [page + offset for page in pages]
+    sizes = [len(g) + (i < groups - 1 or fault == "loop") for i, g in enumerate(split)]
+
+    def pointer(index: int) -> SglDescriptor:
+        last = index == groups - 1 and fault != "loop"
+        return SglDescriptor(starts[index], sizes[index] * 16, SEGMENT_KINDS[last])
+
+    written = []
+    for index, group in enumerate(split):
+        entries = list(group)
+        if index < groups - 1:
+            entries.append(pointer(index + 1))
+        elif fault == "loop":
+            entries.append(pointer(0))
+        written.append(entries)
+    first = pointer(0)
+    if fault == "pointer":
+        victim = draw(st.integers(0, groups - 1))
+        bad = draw(
+            st.sampled_from(
+                [
+                    pointer(victim)._replace(address=draw(ADDRESSES)),
+                    pointer(victim)._replace(length=draw(st.sampled_from([0, 8, 24, 16]) | U32)),
+                    pointer(victim)._replace(kind=draw(st.integers(0, 15))),
+                    pointer(victim)._replace(subtype=draw(st.integers(1, 15))),
+                ]
+            )
+        )
+        if victim == 0:
+            first = bad
+        else:
+            written[victim - 1][-1] = bad
+    elif fault == "middle":
+        victim = draw(st.integers(0, groups - 1))
+        at = draw(st.integers(0, len(written[victim]) - 1))
+        written[victim].insert(at, pointer(draw(st.integers(0, groups - 1))))
+        sizes[victim] += 1
+        first = pointer(0) if victim == 0 else first
+        if victim:
+            written[victim - 1][-1] = pointer(victim)
+    elif fault == "end" and groups > 1:
+        victim = draw(st.integers(0, groups - 2))
+        written[victim].pop()
+        sizes[victim] -= 1
+        first = pointer(0) if victim == 0 else first
+        if victim:
+            written[victim - 1][-1] = pointer(victim)
+    segments = [
+        (start, b"".join(e.encode() for e in entries))
+        for start, entries in zip(starts, written, strict=True)
+    ]
+    return Sgl(first, segments, pieces if fault is None else None)
+
+
 QUEUES = st.integers(0, 9)
 QIDS = mostly(QUEUES, st.sampled_from([62, 63, 64, 65, 0xFFFF]), U16)
 QSIZES = mostly(  # 0-based
@@ -281,6 +429,7 @@ class Submit:
     cmd: Command  # its CID is the driver's
     lists: list[tuple[int, bytes]] = field(default_factory=list)  # written to the arena first
     wait: bool = True  # for its completion before the next action
+    pieces: list[tuple[int | None, int]] | None = None  # where a clean SGL has the data
 
 
 @dataclass
@@ -306,18 +455,36 @@ def submits(draw: st.DrawFn) -> Submit:
     opcode = draw(ADMIN_OPCODES if admin else IO_OPCODES)
     nsid = draw(ADMIN_NSIDS if admin else IO_NSIDS)
     cdw = draw(mostly(admin_words(opcode) if admin else io_words(opcode, nsid), RANDOM_WORDS))
-    flags = draw(mostly(st.just(0), BYTES))
+    flags = draw(mostly(st.sampled_from([0, 0, nvme.PSDT_SGL << 6]), BYTES))
     prp1 = draw(FIRST_PAGES)
     lists: list[tuple[int, bytes]] = []
     kind = draw(st.sampled_from(["none", "page", "list", "list"]))
     prp2 = 0
-    if kind == "page":
+    pieces = None
+    if flags == nvme.PSDT_SGL << 6 and not admin and draw(st.integers(0, 3)):
+        # An I/O command that gets as far as its data, three times in four.
+        opcode = draw(st.sampled_from([IoOpcode.READ, IoOpcode.WRITE, IoOpcode.DATASET_MANAGEMENT]))
+        nsid = draw(mostly(st.just(1), st.just(2)))
+        nlb = draw(mostly(st.integers(1, 64), st.integers(65, 512)))
+        slba = draw(st.integers(0, BLOCKS[nsid - 1] - nlb))
+        cdw = (slba, 0, nlb - 1, 0, 0, 0)
+        if opcode == IoOpcode.DATASET_MANAGEMENT:
+            cdw = draw(io_words(opcode, nsid))
+    if flags >> 6:  # any PSDT but PRPs: an SGL for what the command moves
+        span = 4096
+        if opcode in (IoOpcode.READ, IoOpcode.WRITE):
+            span = ((cdw[2] & 0xFFFF) + 1) * LBA
+        elif opcode == IoOpcode.DATASET_MANAGEMENT:
+            span = ((cdw[0] & 0xFF) + 1) * nvme.DSM_RANGE.size
+        sgl = draw(sgls(span, opcode == IoOpcode.READ))
+        (prp1, prp2), lists, pieces = sgl.sgl1.sgl1(), sgl.segments, sgl.pieces
+    elif kind == "page":
         prp2 = draw(DATA_PAGES)
     elif kind == "list":
         listed = draw(prp_lists())
         prp2, lists = listed.prp2, listed.pages
     cmd = nvme.command(opcode, nsid=nsid, prp1=prp1, prp2=prp2, flags=flags, cdw=cdw)
-    return Submit(queue, cmd, lists, draw(mostly(st.just(True), st.just(False))))
+    return Submit(queue, cmd, lists, draw(mostly(st.just(True), st.just(False))), pieces)
 
 
 DOORBELLS = st.builds(
@@ -417,6 +584,9 @@ class Sent:
     aer: bool  # an AER: completes when an event comes (or at once when refused)
     quiet: bool  # submitted while no other command was in flight
     data: bytes | None = None  # a one-page write's data, as it was in memory
+    pieces: list[tuple[int | None, int]] | None = None  # where its data is (``where``)
+    fragile: bool = False  # its data pointer is in memory another command may change
+    alone: bool = False  # quiet, and nothing else submitted before it completed
 
 
 class Run:
@@ -489,24 +659,32 @@ class Run:
         if qid == -1:  # only the memory: another queue's commands
             for address, data in action.lists:
                 ram.write(address, data)
+            for key in self.in_flight():
+                self.sent[key].alone = False
             return
         if qid not in self.trusted:
             return
-        for address, data in action.lists:
-            ram.write(address, data)
         in_flight = self.in_flight()
         if sum(key[0] == qid for key in in_flight) >= self.driver.queues[qid].size - 2:
             for key in in_flight:  # the queue would overflow
                 await self.wait(key)
         if self.fatal or qid not in self.trusted:
             return
+        for address, data in action.lists:  # once the commands waited for are done
+            ram.write(address, data)
+        for key in self.in_flight():
+            self.sent[key].alone = False
         cmd = action.cmd
         cid = await self.driver.submit(qid, cmd)
         cmd = cmd._replace(cid=cid)
         aer = qid == 0 and cmd.opcode == AdminOpcode.ASYNC_EVENT_REQUEST
-        span = one_page(qid, cmd)
-        data = ram.read(cmd.prp1, span) if span and cmd.opcode == IoOpcode.WRITE else None
-        self.sent[(qid, cid)] = Sent(qid, cmd, aer, not self.in_flight(), data)
+        pieces = where(qid, cmd, action.pieces)
+        data = None
+        if pieces and cmd.opcode == IoOpcode.WRITE:
+            data = b"".join(ram.read(a, n) for a, n in pieces if a is not None)
+        quiet = not self.in_flight()
+        fragile = bool(cmd.psdt and action.lists)
+        self.sent[(qid, cid)] = Sent(qid, cmd, aer, quiet, data, pieces, fragile, quiet)
         if action.wait and not aer:
             await self.wait((qid, cid))
 
@@ -545,7 +723,8 @@ class Run:
         if status and not (defined and status & nvme.DNR):
             raise Bug(f"status {status:#x} for {cmd}")
         expected = None
-        if cmd.flags:  # fused, reserved bits, SGLs
+        # Fused, reserved bits; PSDT 10b (not offered), 11b; SGLs for admin commands.
+        if cmd.fuse or cmd.flags & 0x3C or cmd.psdt > nvme.PSDT_SGL or (cmd.psdt and not sent.qid):
             expected = nvme.status(Sct.GENERIC, Generic.INVALID_FIELD)
         elif cmd.opcode not in (HANDLED_ADMIN if sent.qid == 0 else HANDLED_IO):
             expected = nvme.status(Sct.GENERIC, Generic.INVALID_OPCODE)
@@ -563,10 +742,17 @@ class Run:
         ranged = cmd.opcode in (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.WRITE_ZEROES)
         if ranged and blocks and cmd.slba + cmd.nlb > blocks and not status:
             raise Bug(f"{cmd} beyond the {blocks} blocks of namespace {cmd.nsid} succeeded")
-        span = one_page(sent.qid, cmd)
+        pieces = sent.pieces
         if status:
-            well_formed = span and cmd.nsid == 1 and not cmd.flags and cmd.slba + cmd.nlb <= blocks
-            if well_formed and (cmd.opcode == IoOpcode.WRITE or ARENA <= cmd.prp1 < ARENA_END):
+            well_formed = pieces and cmd.nsid == 1 and cmd.slba + cmd.nlb <= blocks
+            well_formed = well_formed and cmd.nlb * LBA <= MAX_TRANSFER
+            if cmd.opcode == IoOpcode.READ:  # not into read-only memory
+                well_formed = well_formed and all(
+                    a is None or within(a, n, [(ARENA, ARENA_END)]) for a, n in pieces or []
+                )
+            if sent.fragile:  # its SGL's segments as they were written
+                well_formed = well_formed and sent.alone and not self.excused
+            if well_formed:
                 raise Bug(f"{nvme.status_name(status)} for a well-formed {cmd}")
             return
         writes = cmd.opcode in (IoOpcode.WRITE, IoOpcode.WRITE_ZEROES) or (
@@ -574,14 +760,23 @@ class Run:
         )
         if writes and cmd.nsid == 2:
             raise Bug(f"a write to the write-protected namespace succeeded: {cmd}")
-        if span and cmd.nsid == 1 and sent.quiet and not self.in_flight() and not self.excused:
+        if pieces and cmd.nsid == 1 and sent.alone and not self.in_flight() and not self.excused:
             with open(self.image, "rb") as f:
                 f.seek(cmd.slba * LBA)
-                on_disk = f.read(span)
-            if cmd.opcode == IoOpcode.READ:
-                moved = self.driver.ram.read(cmd.prp1, span)
+                on_disk = f.read(cmd.nlb * LBA)
+            if cmd.opcode == IoOpcode.READ:  # what landed, bit buckets' shares aside
+                landed = [(a, n) for a, n in pieces if a is not None]
+                if overlapping(landed):
+                    return
+                moved = b"".join(self.driver.ram.read(a, n) for a, n in landed)
+                starts = itertools.accumulate((n for _, n in pieces), initial=0)
+                on_disk = b"".join(
+                    on_disk[at : at + n]
+                    for at, (a, n) in zip(starts, pieces, strict=False)
+                    if a is not None
+                )
             else:
-                moved = sent.data
+                moved = sent.data or b""
             if moved != on_disk:
                 raise Bug(f"the data of {cmd} is not the image's")
 
@@ -636,15 +831,35 @@ class Run:
             raise Bug(f"{aers} AERs held, more than the controller offers")
 
 
-def one_page(qid: int, cmd: Command) -> int:
-    """How many bytes a read or write moves if they lie in one page of
-    mapped memory (else 0)."""
+def where(
+    qid: int, cmd: Command, pieces: list[tuple[int | None, int]] | None
+) -> list[tuple[int | None, int]] | None:
+    """Where a read or write with no other flags has its data, if all of
+    it is in mapped memory: PRP1 when the data fits in its page, the
+    command's Data Block descriptor, or the pieces of an SGL drawn without
+    faults (an address None: a bit bucket's share); else None."""
     if qid == 0 or cmd.opcode not in (IoOpcode.READ, IoOpcode.WRITE):
-        return 0
+        return None
     span = ((cmd.cdw12 & 0xFFFF) + 1) * LBA
-    inside = ARENA <= cmd.prp1 < ARENA_END or READ_ONLY <= cmd.prp1 < READ_ONLY_END
-    fits = cmd.prp1 % PAGE + span <= PAGE
-    return span if inside and fits and not cmd.prp1 & 3 else 0
+    if cmd.flags == 0:
+        pieces = [(cmd.prp1, span)] if cmd.prp1 % PAGE + span <= PAGE and not cmd.prp1 & 3 else None
+    elif cmd.flags == nvme.PSDT_SGL << 6 and pieces is None:
+        sgl1 = cmd.sgl1
+        fits = sgl1.kind == SglType.DATA_BLOCK and not sgl1.subtype and sgl1.length >= span
+        pieces = [(cmd.prp1, span)] if fits and not (sgl1.address | sgl1.length) & 3 else None
+    elif cmd.flags != nvme.PSDT_SGL << 6:
+        return None
+    inside = all(a is None or within(a, n, MAPPED_DATA) for a, n in pieces or [])
+    return pieces if pieces and inside else None
+
+
+def within(address: int, size: int, areas: list[tuple[int, int]]) -> bool:
+    return any(low <= address and address + size <= high for low, high in areas)
+
+
+def overlapping(ranges: list[tuple[int, int]]) -> bool:
+    ordered = sorted((a, a + n) for a, n in ranges if n)
+    return any(end > start for (_, end), (start, _) in itertools.pairwise(ordered))
 
 
 async def run_example(

@@ -3,11 +3,12 @@
 1, 2, ... in order) an image of 512-byte logical blocks.
 
 Offered: the admin commands a Linux driver and nvme-cli use, Read, Write,
-Flush, Write Zeroes and Dataset Management with PRPs, asynchronous events,
-controller reset, shutdown and function-level reset, state for migration
-and restarts. Not offered: SGLs (Identify SGLS = 0), shadow doorbells
-(Doorbell Buffer Config, OACS bit 8), NVM subsystem reset, metadata and
-protection information, namespace management, firmware download.
+Flush, Write Zeroes and Dataset Management with PRPs or SGLs (data blocks,
+segments, bit buckets), asynchronous events, controller reset, shutdown
+and function-level reset, state for migration and restarts. Not offered:
+keyed or metadata SGLs, shadow doorbells (Doorbell Buffer Config, OACS bit
+8), NVM subsystem reset, metadata and protection information, namespace
+management, firmware download.
 
 A module a concern:
 - ``formats``: the NVMe formats, bytes only (registers, queue entries,
@@ -22,7 +23,7 @@ A module a concern:
 - ``admin``: the admin commands, features and logs;
 - ``errors``: the Error Information log of the commands that failed;
 - ``io``: namespaces and the NVM I/O commands;
-- ``prp``: the guest memory a command's PRP entries describe.
+- ``prp``: the guest memory a command's PRP entries or SGL describe.
 """
 
 from vfiouserd.devices.nvme.controller import NvmeController

@@ -35,6 +35,7 @@ from vfiouserd.devices.nvme.formats import (
     CSTS_RDY,
     CSTS_SHST_SHIFT,
     PAGE,
+    PSDT_SGL,
     SHST_COMPLETE,
     SHST_NORMAL,
     SHST_OCCURRING,
@@ -55,6 +56,7 @@ from vfiouserd.devices.nvme.formats import (
     status_name,
 )
 from vfiouserd.devices.nvme.io import LBA, MDTS, ONCS, VWC, Namespace, NvmCommands
+from vfiouserd.devices.nvme.prp import SGLS
 from vfiouserd.devices.nvme.queues import (
     MAX_IO_QUEUES,
     MQES,
@@ -183,6 +185,7 @@ class NvmeController(PciDevice):
             subnqn=self.subnqn,
             wctemp=WCTEMP,
             cctemp=CCTEMP,
+            sgls=SGLS,
         )
 
     # -- plugin wiring ---------------------------------------------------------------
@@ -237,6 +240,7 @@ class NvmeController(PciDevice):
             },
             "enabled": bool(self.csts & CSTS_RDY),
             "io_queues": self.queues.io_queues,
+            "sgl_commands": self.nvm.sgl_commands,
         }
 
     # -- reset -----------------------------------------------------------------------------
@@ -419,8 +423,9 @@ class NvmeController(PciDevice):
         try:
             if cmd.fuse or cmd.flags & 0x3C:
                 raise generic(Generic.INVALID_FIELD, f"flags {cmd.flags:#x} (fused, reserved)")
-            if cmd.psdt:
-                raise generic(Generic.INVALID_FIELD, "SGLs are not offered")
+            if cmd.psdt and (admin or cmd.psdt != PSDT_SGL):
+                # Admin commands take PRPs; an SGL in MPTR is not offered; 11b is reserved.
+                raise generic(Generic.INVALID_FIELD, f"PSDT {cmd.psdt}")
             if admin:
                 dw0 = await self.admin.execute(cmd)
             else:

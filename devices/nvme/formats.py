@@ -146,6 +146,11 @@ class Command(NamedTuple):
         """Number of logical blocks (NLB is 0-based on the wire)."""
         return (self.cdw12 & 0xFFFF) + 1
 
+    @property
+    def sgl1(self) -> SglDescriptor:
+        """The first SGL descriptor: where PRP1 and PRP2 are (PSDT 01b, 10b)."""
+        return SglDescriptor.decode(struct.pack("<QQ", self.prp1, self.prp2))
+
 
 def command(
     opcode: int,
@@ -160,6 +165,57 @@ def command(
     """A command with CDW10 onwards from ``cdw``."""
     words = (*cdw, 0, 0, 0, 0, 0, 0)[:6]
     return Command(opcode, flags, cid, nsid, 0, 0, prp1, prp2, *words)
+
+
+# PSDT: PRPs; SGLs with MPTR a contiguous buffer; SGLs with MPTR an SGL
+PSDT_PRP, PSDT_SGL, PSDT_SGL_MPTR_SGL = 0, 1, 2
+
+
+class SglType(enum.IntEnum):
+    """SGL Descriptor Type (SGL identifier bits 7:4)."""
+
+    DATA_BLOCK = 0x0
+    BIT_BUCKET = 0x1
+    SEGMENT = 0x2
+    LAST_SEGMENT = 0x3
+    KEYED_DATA_BLOCK = 0x4
+    TRANSPORT_DATA_BLOCK = 0x5
+    VENDOR_SPECIFIC = 0xF
+
+
+# address, length, 3 reserved bytes, SGL identifier (type 7:4, sub type 3:0)
+SGL_DESCRIPTOR = struct.Struct("<QI3xB")
+SGL_DESCRIPTOR_SIZE = 16
+assert SGL_DESCRIPTOR.size == SGL_DESCRIPTOR_SIZE
+
+# Identify Controller SGLS bits
+SGLS_BYTE_GRANULAR, SGLS_DWORD_GRANULAR = 0b01, 0b10  # bits 1:0: SGLs supported, alignment
+SGLS_KEYED = 1 << 2
+SGLS_BIT_BUCKET = 1 << 16
+SGLS_MPTR_BYTE_ALIGNED = 1 << 17
+SGLS_LONGER_THAN_DATA = 1 << 18  # an SGL may describe more than the command moves
+SGLS_MPTR_SGL = 1 << 19
+SGLS_OFFSET = 1 << 20
+
+
+class SglDescriptor(NamedTuple):
+    address: int
+    length: int
+    kind: int  # SglType
+    subtype: int = 0
+
+    @classmethod
+    def decode(cls, data: bytes, offset: int = 0) -> SglDescriptor:
+        address, length, identifier = SGL_DESCRIPTOR.unpack_from(data, offset)
+        return cls(address, length, identifier >> 4, identifier & 0xF)
+
+    def encode(self) -> bytes:
+        return SGL_DESCRIPTOR.pack(self.address, self.length, self.kind << 4 | self.subtype)
+
+    def sgl1(self) -> tuple[int, int]:
+        """(PRP1, PRP2): this descriptor as a command's SGL1."""
+        low, high = struct.unpack("<QQ", self.encode())
+        return low, high
 
 
 class Completion(NamedTuple):
@@ -296,7 +352,14 @@ class Generic(enum.IntEnum):
     ABORTED_SQ_DELETION = 0x08
     INVALID_NAMESPACE = 0x0B
     COMMAND_SEQUENCE_ERROR = 0x0C
+    INVALID_SGL_SEGMENT_DESCRIPTOR = 0x0D
+    INVALID_NUMBER_OF_SGL_DESCRIPTORS = 0x0E
+    DATA_SGL_LENGTH_INVALID = 0x0F
+    METADATA_SGL_LENGTH_INVALID = 0x10
+    SGL_DESCRIPTOR_TYPE_INVALID = 0x11
     PRP_OFFSET_INVALID = 0x13
+    SGL_OFFSET_INVALID = 0x16
+    SGL_DATA_BLOCK_GRANULARITY_INVALID = 0x1E
     NAMESPACE_WRITE_PROTECTED = 0x20
     LBA_OUT_OF_RANGE = 0x80
     CAPACITY_EXCEEDED = 0x81
@@ -385,6 +448,7 @@ class ControllerIdentity(NamedTuple):
     subnqn: str
     wctemp: int
     cctemp: int
+    sgls: int  # SGLS_*
 
 
 def identify_controller(c: ControllerIdentity) -> bytes:
@@ -411,7 +475,7 @@ def identify_controller(c: ControllerIdentity) -> bytes:
     data[0x201] = CQES_LOG2 << 4 | CQES_LOG2
     struct.pack_into("<IH", data, 0x204, c.namespaces, c.oncs)
     data[0x20D] = c.vwc
-    struct.pack_into("<I", data, 0x218, 0)  # SGLS: not supported (PRPs only)
+    struct.pack_into("<I", data, 0x218, c.sgls)
     subnqn = c.subnqn.encode("ascii")[:255]
     data[0x300 : 0x300 + len(subnqn)] = subnqn
     struct.pack_into("<H", data, 0x800, 0x09C4)  # PSD0: max power 25 W

@@ -1,6 +1,6 @@
 """Namespaces and the NVM command set's I/O commands on them: Read, Write,
-Flush, Write Zeroes and Dataset Management (deallocate punches holes), with
-PRPs (``prp``); the SMART counters they keep.
+Flush, Write Zeroes and Dataset Management (deallocate punches holes), their
+data where PRPs or an SGL say (``prp``); the SMART counters they keep.
 
 Each namespace is a raw image file of 512-byte logical blocks. A volatile
 write cache as virtio-blk has one: writes reach the image's page cache, and
@@ -27,6 +27,7 @@ from vfiouserd.devices.nvme.formats import (
     DSM_ATTR_DEALLOCATE,
     DSM_RANGE,
     PAGE,
+    PSDT_SGL,
     Command,
     Generic,
     IoOpcode,
@@ -43,6 +44,7 @@ MDTS = 6  # 2**6 pages: 256 KiB per command
 MAX_TRANSFER = PAGE << MDTS
 ONCS = 1 << 2 | 1 << 3  # Dataset Management, Write Zeroes
 VWC = 0x07  # a volatile write cache; Flush takes the broadcast NSID
+DATA_OPCODES = (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.DATASET_MANAGEMENT)
 
 # SMART counters (``NvmCommands.health``' keys)
 BLOCKS_READ, BLOCKS_WRITTEN, READS, WRITES, POWER_CYCLES, MEDIA_ERRORS = range(6)
@@ -75,6 +77,7 @@ class NvmCommands:
             POWER_CYCLES: 1,
             MEDIA_ERRORS: 0,
         }
+        self.sgl_commands = 0  # commands whose data moved through an SGL (statistics)
 
     def namespace(self, nsid: int) -> Namespace:
         namespace = self.namespaces.get(nsid)
@@ -114,6 +117,8 @@ class NvmCommands:
                 await self._write(qid, namespace, cmd)
             if opcode != IoOpcode.READ and (cmd.cdw12 & 1 << 30 or not write_cache):
                 await self.sync(namespace)  # FUA, or the cache is off
+        if cmd.psdt == PSDT_SGL and opcode in DATA_OPCODES:
+            self.sgl_commands += 1
         return 0
 
     async def _faults(self, qid: int, kind: str, slba: int, nlb: int) -> None:

@@ -12,13 +12,22 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
 import vfiouserd.devices.nvme.formats as nvme
 from vfiouserd.client.guest import GuestRam
 from vfiouserd.client.vfio_user import VfioUserClient, eventfd
-from vfiouserd.devices.nvme.formats import AdminOpcode, Command, Completion, IoOpcode, Reg
+from vfiouserd.devices.nvme.formats import (
+    AdminOpcode,
+    Command,
+    Completion,
+    IoOpcode,
+    Reg,
+    SglDescriptor,
+    SglType,
+)
 from vfiouserd.protocol import vfio_user as vfu
 
 BAR = 0
@@ -301,6 +310,86 @@ class NvmeDriver:
 
     async def read(self, qid: int, nsid: int, slba: int, size: int) -> tuple[Completion, bytes]:
         return await self.rw(qid, IoOpcode.READ, nsid, slba, size)
+
+    # -- SGLs ----------------------------------------------------------------------------------
+
+    def sgl(
+        self,
+        descriptors: list[SglDescriptor],
+        per_segment: int = PAGE // nvme.SGL_DESCRIPTOR_SIZE,
+        *,
+        last_segment: bool = True,
+    ) -> SglDescriptor:
+        """SGL1 for ``descriptors``, laid out as Linux does: the descriptor
+        itself when there is one; else segments of at most ``per_segment``
+        descriptors in fresh pages, each but the last ending in a descriptor
+        of the next, the last one reached by a Last Segment descriptor (a
+        Segment descriptor if not ``last_segment``)."""
+        if len(descriptors) == 1:
+            return descriptors[0]
+        groups, rest = [], list(descriptors)
+        while len(rest) > per_segment:
+            groups.append(rest[: per_segment - 1])
+            rest = rest[per_segment - 1 :]
+        groups.append(rest)
+        pointer: SglDescriptor | None = None
+        for index in reversed(range(len(groups))):
+            entries = groups[index] + ([pointer] if pointer else [])
+            size = len(entries) * nvme.SGL_DESCRIPTOR_SIZE
+            base = self.alloc_pages(-(-size // PAGE))
+            self.ram.write(base, b"".join(d.encode() for d in entries))
+            final = index == len(groups) - 1 and last_segment
+            pointer = SglDescriptor(base, size, SglType.LAST_SEGMENT if final else SglType.SEGMENT)
+        assert pointer is not None
+        return pointer
+
+    def data_blocks(self, data_or_size: bytes | int, pieces: list[int]) -> list[SglDescriptor]:
+        """Data Block descriptors of fresh memory for ``data`` (written
+        there) or ``size`` bytes, cut in pieces of these lengths (the rest
+        in one more), each 8 bytes into its own pages: none adjoins another."""
+        size = data_or_size if isinstance(data_or_size, int) else len(data_or_size)
+        lengths = [*pieces, size - sum(pieces)] if sum(pieces) < size else list(pieces)
+        found, done = [], 0
+        for length in lengths:
+            address = self.alloc_pages(-(-(length + 8) // PAGE)) + 8
+            if not isinstance(data_or_size, int):
+                self.ram.write(address, data_or_size[done : done + length])
+            found.append(SglDescriptor(address, length, SglType.DATA_BLOCK))
+            done += length
+        return found
+
+    def gather(self, descriptors: list[SglDescriptor]) -> bytes:
+        """What the Data Block descriptors' memory holds, in their order."""
+        blocks = [d for d in descriptors if d.kind == SglType.DATA_BLOCK]
+        return b"".join(self.ram.read(d.address, d.length) for d in blocks)
+
+    async def rw_sgl(
+        self, qid: int, opcode: int, nsid: int, slba: int, blocks: int, sgl1: SglDescriptor
+    ) -> Completion:
+        """Read or Write ``blocks`` blocks, the data where ``sgl1`` says (PSDT 01b)."""
+        prp1, prp2 = sgl1.sgl1()
+        cdw = (slba & 0xFFFFFFFF, slba >> 32, blocks - 1)
+        flags = nvme.PSDT_SGL << 6
+        return await self.call(
+            qid, nvme.command(opcode, nsid=nsid, prp1=prp1, prp2=prp2, flags=flags, cdw=cdw)
+        )
+
+    async def write_sgl(
+        self, qid: int, nsid: int, slba: int, data: bytes, pieces: list[int], **layout: Any
+    ) -> Completion:
+        """Write ``data`` from pieces of these lengths (``sgl``'s layout)."""
+        sgl1 = self.sgl(self.data_blocks(data, pieces), **layout)
+        return await self.rw_sgl(qid, IoOpcode.WRITE, nsid, slba, len(data) // 512, sgl1)
+
+    async def read_sgl(
+        self, qid: int, nsid: int, slba: int, size: int, pieces: list[int], **layout: Any
+    ) -> tuple[Completion, bytes]:
+        """Read ``size`` bytes into pieces of these lengths (``sgl``'s layout)."""
+        blocks = self.data_blocks(size, pieces)
+        done = await self.rw_sgl(
+            qid, IoOpcode.READ, nsid, slba, size // 512, self.sgl(blocks, **layout)
+        )
+        return done, self.gather(blocks)
 
     async def flush(self, qid: int, nsid: int) -> Completion:
         return await self.call(qid, nvme.command(IoOpcode.FLUSH, nsid=nsid))
