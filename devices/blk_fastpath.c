@@ -63,7 +63,7 @@ int vfu_blk_check(void *device, const struct vfu_request *r)
     }
 }
 
-static int vfu_blk_transfer(int fd, struct iovec *iov, int count, uint64_t offset, int writing)
+int vfu_blk_transfer(int fd, struct iovec *iov, int count, uint64_t offset, int writing)
 {
     while (count > 0) {
         ssize_t done = writing ? pwritev(fd, iov, count, (off_t)offset)

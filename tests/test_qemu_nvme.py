@@ -110,9 +110,20 @@ def test_nvme_driver_binds_and_does_io(tmp_path, qemu_new, shared):
             shared_memory=shared,
             timeout=400,
         )
+        with ControlClient(daemon.socket_path.removesuffix(".sock") + ".control.sock") as client:
+            queues = {q["queue"]: q for q in client.execute("stats")["queues"]}
         assert daemon.stop() == 0
         log = daemon.log()
     assert run.exit_statuses == [0], run.output[-4000:]
+    # Guest memory the daemon maps: the I/O queues were the native loop's,
+    # their doorbells mostly in the shadow page; else all of it is Python's.
+    io_queues = [q for index, q in queues.items() if index]
+    native = sum(q["native_requests"] for q in io_queues)
+    if shared:
+        assert native > 0.9 * sum(q["requests"] for q in io_queues), queues
+        assert "event=doorbell_buffer.set" in log
+    else:
+        assert native == 0 and "event=doorbell_buffer.set" not in log, queues
     assert run.result("driver") == "nvme"
     assert run.result("model") == "vfiouserd NVMe"
     assert run.result("namespaces") == "2"

@@ -19,6 +19,7 @@ FAST_PATH_HEADERS = "".join(
         (FAST_PATH_DIRS[0], "fastpath.h"),
         (FAST_PATH_DIRS[1], "blk_fastpath.h"),
         (FAST_PATH_DIRS[1], "net_fastpath.h"),
+        (FAST_PATH_DIRS[1], "nvme/fastpath.h"),
     )
 )
 FAST_PATH = "".join(
@@ -27,6 +28,7 @@ FAST_PATH = "".join(
         (FAST_PATH_DIRS[0], "fastpath.c"),
         (FAST_PATH_DIRS[1], "blk_fastpath.c"),
         (FAST_PATH_DIRS[1], "net_fastpath.c"),
+        (FAST_PATH_DIRS[1], "nvme/fastpath.c"),
     )
 )
 

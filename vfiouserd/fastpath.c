@@ -72,11 +72,11 @@ static int vfu_poll_ring(struct vfu_split_queue *q)
     return 0;
 }
 
-static uint8_t *vfu_translate(const struct vfu_split_queue *q, uint64_t gpa, uint64_t length,
-                              int writable)
+uint8_t *vfu_region_find(const struct vfu_region *regions, int nregions, uint64_t gpa,
+                         uint64_t length, int writable)
 {
-    for (int i = 0; i < q->nregions; i++) {
-        const struct vfu_region *r = &q->regions[i];
+    for (int i = 0; i < nregions; i++) {
+        const struct vfu_region *r = &regions[i];
         if (gpa >= r->gpa && gpa - r->gpa < r->size && length <= r->size - (gpa - r->gpa)) {
             if (writable && !r->writable)
                 return NULL;
@@ -84,6 +84,12 @@ static uint8_t *vfu_translate(const struct vfu_split_queue *q, uint64_t gpa, uin
         }
     }
     return NULL;  /* unmapped, or spanning regions: Python's business */
+}
+
+static uint8_t *vfu_translate(const struct vfu_split_queue *q, uint64_t gpa, uint64_t length,
+                              int writable)
+{
+    return vfu_region_find(q->regions, q->nregions, gpa, length, writable);
 }
 
 struct vfu_desc {

@@ -13,6 +13,12 @@ struct vfu_region {
     int writable;
 };
 
+/* Where [gpa, gpa + length) lies in our mapping, or NULL when it is not all
+   in one mapped region (writable: in a region the device may write). Every
+   native loop's guest access goes through it. */
+uint8_t *vfu_region_find(const struct vfu_region *regions, int nregions, uint64_t gpa,
+                         uint64_t length, int writable);
+
 struct vfu_request;  /* a walked descriptor chain; its layout is fastpath.c's */
 
 /* check: 0 if the handler serves this request, anything else to leave it to

@@ -4,10 +4,10 @@
 
 Offered: the admin commands a Linux driver and nvme-cli use, Read, Write,
 Flush, Write Zeroes and Dataset Management with PRPs or SGLs (data blocks,
-segments, bit buckets), asynchronous events, controller reset, shutdown
-and function-level reset, state for migration and restarts. Not offered:
-keyed or metadata SGLs, shadow doorbells (Doorbell Buffer Config, OACS bit
-8), NVM subsystem reset, metadata and protection information, namespace
+segments, bit buckets), asynchronous events, shadow doorbells (Doorbell
+Buffer Config), controller reset, shutdown and function-level reset, state
+for migration and restarts. Not offered: keyed or metadata SGLs, NVM
+subsystem reset, metadata and protection information, namespace
 management, firmware download.
 
 A module a concern:
@@ -23,7 +23,8 @@ A module a concern:
 - ``admin``: the admin commands, features and logs;
 - ``errors``: the Error Information log of the commands that failed;
 - ``io``: namespaces and the NVM I/O commands;
-- ``prp``: the guest memory a command's PRP entries or SGL describe.
+- ``prp``: the guest memory a command's PRP entries or SGL describe;
+- ``native``: the native loop (``fastpath.c``) serving the I/O queues.
 """
 
 from vfiouserd.devices.nvme.controller import NvmeController

@@ -2,8 +2,8 @@
 namespace descriptors; zeros for the command-set specific CNS a driver
 probes), Create/Delete I/O SQ and CQ, Get/Set Features, Get Log Page (error,
 SMART, firmware slot, changed namespaces), Asynchronous Event Request, Abort
-(never aborts), Keep Alive. Any other opcode is an Invalid Command Opcode:
-no Doorbell Buffer Config (shadow doorbells), namespace management,
+(never aborts), Keep Alive, Doorbell Buffer Config (shadow doorbells). Any
+other opcode is an Invalid Command Opcode: no namespace management,
 firmware download, Format NVM or security commands.
 """
 
@@ -53,6 +53,7 @@ from vfiouserd.devices.nvme.queues import (
     MAX_IO_QUEUES,
     MQES,
     CompletionQueue,
+    DoorbellBuffer,
     Queues,
     SubmissionQueue,
 )
@@ -130,6 +131,7 @@ class AdminCommands:
             AdminOpcode.ASYNC_EVENT_REQUEST: self._async_event_request,
             AdminOpcode.ABORT: self._abort,
             AdminOpcode.KEEP_ALIVE: self._keep_alive,
+            AdminOpcode.DOORBELL_BUFFER_CONFIG: self._doorbell_buffer_config,
         }
         handler = handlers.get(cmd.opcode)
         if handler is None:
@@ -350,6 +352,23 @@ class AdminCommands:
         return 1  # not aborted: commands are run to their end as they come
 
     async def _keep_alive(self, cmd: Command) -> int:
+        return 0
+
+    async def _doorbell_buffer_config(self, cmd: Command) -> int:
+        """Shadow doorbells: PRP1 the shadow doorbell page, PRP2 the
+        EventIdx page (queues.py uses them for the I/O queues)."""
+        shadow, events = cmd.prp1, cmd.prp2
+        if shadow % PAGE or events % PAGE or shadow == events:
+            raise generic(Generic.INVALID_FIELD, f"buffers {shadow:#x}, {events:#x}")
+        for page in (shadow, events):  # reachable now, else a Data Transfer Error
+            await self.dma.dma_read(page, PAGE)
+        if not all(self.queues.mapped(page, PAGE) for page in (shadow, events)):
+            # Reached through the VMM, every look at a shadow value would be a
+            # round trip: more than the register write it saves. Linux's
+            # driver then rings the registers.
+            raise generic(Generic.INVALID_FIELD, "shadow doorbells outside mapped memory")
+        self.queues.buffer = DoorbellBuffer(shadow, events)
+        log.info("doorbell_buffer.set", shadow=shadow, events=events)
         return 0
 
     # -- state ---------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from typing import Any, Self
 
 import trio
 
-from vfiouserd import stats
+from vfiouserd import faults, stats
+from vfiouserd._native import lib
 from vfiouserd.devices.blk import image_size, open_image, parse_size
 from vfiouserd.devices.nvme.admin import CCTEMP, WCTEMP, AdminCommands, default_features
 from vfiouserd.devices.nvme.errors import ELPE, ErrorLog
@@ -34,6 +35,7 @@ from vfiouserd.devices.nvme.formats import (
     CSTS_CFS,
     CSTS_RDY,
     CSTS_SHST_SHIFT,
+    OACS_DOORBELL_BUFFER_CONFIG,
     PAGE,
     PSDT_SGL,
     SHST_COMPLETE,
@@ -56,6 +58,7 @@ from vfiouserd.devices.nvme.formats import (
     status_name,
 )
 from vfiouserd.devices.nvme.io import LBA, MDTS, ONCS, VWC, Namespace, NvmCommands
+from vfiouserd.devices.nvme.native import NativeLoop
 from vfiouserd.devices.nvme.prp import SGLS
 from vfiouserd.devices.nvme.queues import (
     MAX_IO_QUEUES,
@@ -64,7 +67,7 @@ from vfiouserd.devices.nvme.queues import (
     Queues,
     SubmissionQueue,
 )
-from vfiouserd.devices.pci import Bar, PciDevice
+from vfiouserd.devices.pci import Bar, IrqKind, PciDevice
 from vfiouserd.log import get_logger
 from vfiouserd.memory import GuestMemoryError
 from vfiouserd.state import BOOL, INT_MAP, U16, U32, U64, Field, Schema, StateError, records
@@ -93,7 +96,7 @@ class NvmeController(PciDevice):
     # As virtio-blk's (preadv/pwritev, fallocate for holes and zeros, fdatasync).
     syscalls = frozenset({"preadv2", "pwritev2", "preadv", "pwritev", "fallocate", "fdatasync"})
     state = Schema(
-        2,
+        3,
         Field("registers", INT_MAP),
         Field(
             "submission_queues",
@@ -132,6 +135,8 @@ class NvmeController(PciDevice):
             since=2,
             default=[],
         ),
+        # Layout 3: shadow doorbells' buffers (none in older blobs).
+        Field("doorbell_buffer", records(shadow=U64, events=U64), since=3, default=[]),
     )
 
     def __init__(self, namespaces: list[tuple[int, bool, str]], *, serial: str = "") -> None:
@@ -153,6 +158,14 @@ class NvmeController(PciDevice):
         self.queues = Queues(self, self.events, self._wake)
         self.errors = ErrorLog(self.queues)  # kept across resets, unlike the rest
         self.nvm = NvmCommands(self, self.namespaces)
+        self.native = NativeLoop(self, self.queues, self.nvm)
+        # The native loop is out of guest memory before it is unmapped, and
+        # leaves it when someone starts tracing or steering commands.
+        self.memory.listeners.append(self.native.pause)
+        self._unsubscribe = [
+            tracer.on_change(self._look_again),
+            faults.rules.on_change(self._look_again),
+        ]
         self.admin = AdminCommands(
             self,
             queues=self.queues,
@@ -186,6 +199,7 @@ class NvmeController(PciDevice):
             wctemp=WCTEMP,
             cctemp=CCTEMP,
             sgls=SGLS,
+            oacs=OACS_DOORBELL_BUFFER_CONFIG,
         )
 
     # -- plugin wiring ---------------------------------------------------------------
@@ -209,6 +223,11 @@ class NvmeController(PciDevice):
         parser.add_argument(
             "--serial", default="", help="serial number (20 characters; default from the paths)"
         )
+        parser.add_argument(
+            "--no-fast-path",
+            action="store_true",
+            help="serve every command in Python, not in the native loop (to compare, to debug)",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Self:
@@ -221,13 +240,19 @@ class NvmeController(PciDevice):
                 read_only = "ro" in flags
                 fd = open_image(path, args.size, read_only)
                 opened.append((fd, read_only, os.path.realpath(path)))
-            return cls(opened, serial=args.serial)
+            made = cls(opened, serial=args.serial)
+            made.native.enabled = not args.no_fast_path
+            return made
         except BaseException:
             for fd, _, _ in opened:
                 os.close(fd)
             raise
 
     def close(self) -> None:
+        self.native.close()
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
         for namespace in self.namespaces.values():
             os.close(namespace.fd)
         super().close()
@@ -240,7 +265,7 @@ class NvmeController(PciDevice):
             },
             "enabled": bool(self.csts & CSTS_RDY),
             "io_queues": self.queues.io_queues,
-            "sgl_commands": self.nvm.sgl_commands,
+            "sgl_commands": self.nvm.sgl_commands + self.native.live_sgl_commands(),
         }
 
     # -- reset -----------------------------------------------------------------------------
@@ -258,6 +283,7 @@ class NvmeController(PciDevice):
     def _controller_reset(self) -> None:
         """CC.EN 1 -> 0: queues, outstanding commands and events go; AQA,
         ASQ and ACQ stay."""
+        self.native.pause()
         self._generation += 1
         self.queues.clear()
         self.admin.reset()
@@ -355,6 +381,7 @@ class NvmeController(PciDevice):
 
     def _fatal(self, reason: str) -> None:
         """Controller Fatal Status: the driver resets the controller."""
+        self.native.pause()
         self.csts |= CSTS_CFS
         self._generation += 1
         log.error("controller.fatal", reason=reason)
@@ -363,6 +390,7 @@ class NvmeController(PciDevice):
         self.csts = self.csts & ~(3 << CSTS_SHST_SHIFT) | shst << CSTS_SHST_SHIFT
 
     def _shutdown(self) -> None:
+        self.native.pause()
         self._set_shst(SHST_OCCURRING)
         generation = self._generation
 
@@ -387,7 +415,10 @@ class NvmeController(PciDevice):
         )
 
     def _wake(self) -> None:
-        if self._busy or self._tasks is None or not self._can_run():
+        if self._busy:
+            self.native.pause()  # the queue task looks at every queue again
+            return
+        if self._tasks is None or not self._can_run():
             return
         self._busy = True
         self.run_in_background(self._serve)
@@ -403,9 +434,23 @@ class NvmeController(PciDevice):
 
         try:
             while current():
-                if not await self.queues.round(execute, current):
+                if await self.queues.round(execute, current) or await self.queues.arm():
+                    await trio.lowlevel.checkpoint()  # the session's commands go on
+                    continue
+                # Nothing for Python: the native loop waits for (and serves)
+                # what the I/O queues get next, if it may.
+                # While the loop serves, this task is no device work a pause
+                # (an unmap, a migration step) waits for: the pause stops it.
+                self.turns.work_done()
+                try:
+                    outcome = await self.native.serve(self.admin.write_cache)
+                finally:
+                    self.turns.work_started()
+                if outcome is None:
                     break
-                await trio.lowlevel.checkpoint()  # the session's commands go on
+                if outcome == lib.VFU_FAST_FAULT:
+                    raise QueueMemoryError("the VMM truncated memory it shared")
+                await trio.lowlevel.checkpoint()
         except QueueMemoryError as exc:
             if generation == self._generation:
                 self._fatal(str(exc))
@@ -473,6 +518,29 @@ class NvmeController(PciDevice):
 
     # -- the VMM connection, migration, handover ------------------------------------------
 
+    def msix_eventfd(self, vector: int) -> int | None:
+        """The eventfd the native loop may signal for ``vector``: MSI-X's,
+        while bus mastering is on (else Python's ``interrupt`` decides)."""
+        if self.irqs.active() is not IrqKind.MSIX or not self.bus_master:
+            return None
+        return self.irqs.eventfd(IrqKind.MSIX, vector)
+
+    def interrupts_changing(self) -> None:
+        self.native.pause()  # out of the loop before an eventfd it writes is closed
+
+    def command_changed(self, old: int, new: int) -> None:
+        if (old ^ new) & 0x4:  # bus mastering: the loop must stop, or may start
+            self._look_again()
+
+    def _look_again(self) -> None:
+        """Whether the native loop may serve changed: it stops, and the
+        queue task decides again (at the next doorbell if it is idle)."""
+        self._wake()
+
+    def quiesce(self) -> None:
+        self.native.pause()
+        super().quiesce()
+
     def attach(self, nursery: Any) -> None:
         super().attach(nursery)
         self._wake()
@@ -483,6 +551,7 @@ class NvmeController(PciDevice):
 
     def hold(self) -> None:
         self._held = True
+        self.native.pause()
 
     def release(self) -> None:
         self._held = False
@@ -491,6 +560,7 @@ class NvmeController(PciDevice):
     # -- state ----------------------------------------------------------------------------
 
     def save_device_state(self) -> dict[str, Any]:
+        self.native.pause()  # its queue indexes and counters into the Python queues
         return {
             "registers": {
                 Reg.CC: self.cc,

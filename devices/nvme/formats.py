@@ -188,6 +188,9 @@ SGL_DESCRIPTOR = struct.Struct("<QI3xB")
 SGL_DESCRIPTOR_SIZE = 16
 assert SGL_DESCRIPTOR.size == SGL_DESCRIPTOR_SIZE
 
+# Identify Controller OACS bits: the optional admin commands offered
+OACS_DOORBELL_BUFFER_CONFIG = 1 << 8
+
 # Identify Controller SGLS bits
 SGLS_BYTE_GRANULAR, SGLS_DWORD_GRANULAR = 0b01, 0b10  # bits 1:0: SGLs supported, alignment
 SGLS_KEYED = 1 << 2
@@ -449,6 +452,7 @@ class ControllerIdentity(NamedTuple):
     wctemp: int
     cctemp: int
     sgls: int  # SGLS_*
+    oacs: int  # OACS_*
 
 
 def identify_controller(c: ControllerIdentity) -> bytes:
@@ -463,7 +467,7 @@ def identify_controller(c: ControllerIdentity) -> bytes:
     struct.pack_into("<HI", data, 0x4E, c.cntlid, c.version)
     struct.pack_into("<I", data, 0x5C, c.oaes)
     data[0x6F] = 1  # CNTRLTYPE: I/O controller
-    struct.pack_into("<H", data, 0x100, 0)  # OACS: no optional admin commands
+    struct.pack_into("<H", data, 0x100, c.oacs)
     data[0x102] = c.acl
     data[0x103] = c.aerl
     data[0x104] = 0x03  # FRMW: slot 1 read-only, one slot

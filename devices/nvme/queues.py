@@ -3,6 +3,12 @@ commands from them in turn, and the posting of completions.
 
 A doorbell write only records the new SQ tail or CQ head (a value out of
 range, or a doorbell of no queue, is an asynchronous error event instead).
+Once the driver set up shadow doorbells (Doorbell Buffer Config), an I/O
+queue's tail and head are read from the shadow page instead, the register
+only waking the controller; the controller writes each EventIdx so that the
+driver rings the register for the next command only (``arm``). A shadow
+value out of range is ignored. The admin queue keeps its registers, as
+Linux's driver does.
 Each round posts the completions that waited for room, completes AERs with
 pending events, then takes up to BURST commands from each SQ in turn (the
 admin SQ first) and runs each to its end. A completion is written with the
@@ -18,11 +24,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vfiouserd._native import lib
 from vfiouserd.devices.nvme.events import AsyncEvents
 from vfiouserd.devices.nvme.formats import (
     AEI_INVALID_DOORBELL_REGISTER,
     AEI_INVALID_DOORBELL_VALUE,
     CQE_SIZE,
+    PAGE,
     SQE_SIZE,
     SUCCESS,
     AsyncEventType,
@@ -31,6 +39,7 @@ from vfiouserd.devices.nvme.formats import (
     LogPage,
     async_event,
     doorbell,
+    doorbell_offset,
 )
 from vfiouserd.devices.pci import PciDevice
 from vfiouserd.log import get_logger
@@ -48,6 +57,19 @@ Posting = tuple[int, int, int, int, int]
 
 class QueueMemoryError(Exception):
     """A queue's own memory could not be reached: controller fatal status."""
+
+
+@dataclass
+class DoorbellBuffer:
+    """Where the driver writes shadow doorbells, and reads EventIdx values:
+    one page each, laid out as the doorbell registers."""
+
+    shadow: int
+    events: int
+
+    @staticmethod
+    def slot(qid: int, completion: bool) -> int:
+        return 8 * qid + 4 * int(completion)
 
 
 @dataclass
@@ -86,11 +108,27 @@ class Queues:
         self.device = device
         self.events = events
         self._wake = wake
+        # The native loop takes the doorbells of the queues it serves (True
+        # when it took this one): native.py sets it.
+        self.native_doorbell: Callable[[int, bool, int], bool] = lambda qid, cq, value: False
         self.clear()
 
     def clear(self) -> None:
         self.sqs: dict[int, SubmissionQueue] = {}
         self.cqs: dict[int, CompletionQueue] = {}
+        self.buffer: DoorbellBuffer | None = None
+
+    def mapped(self, address: int, length: int) -> bool:
+        """Whether the range is all in memory the daemon maps (not reached
+        through the VMM)."""
+        try:
+            found = self.device.memory.ranges(address, length, writable=False)
+        except GuestMemoryError:
+            return False
+        return all(region.mapping is not None for region, _, _ in found)
+
+    def shadowed(self, qid: int) -> bool:
+        return self.buffer is not None and qid != 0
 
     def open_admin(self, asq: int, asqs: int, acq: int, acqs: int) -> None:
         self.cqs[0] = CompletionQueue(0, acq, acqs, vector=0, interrupts=True)
@@ -118,9 +156,13 @@ class Queues:
         if value >= queue.size:
             self._invalid(AEI_INVALID_DOORBELL_VALUE, offset, value)
             return
+        if self.native_doorbell(qid, completion, value):
+            return
+        if self.shadowed(qid):  # the value is in the shadow page too: a wake-up
+            self._wake()
+            return
         if isinstance(queue, CompletionQueue):
-            posted = (queue.tail - queue.head) % queue.size
-            if (value - queue.head) % queue.size > posted:  # past what was posted
+            if not head_in_range(queue.head, queue.tail, queue.size, value):
                 self._invalid(AEI_INVALID_DOORBELL_VALUE, offset, value)
                 return
             queue.head = value
@@ -131,6 +173,10 @@ class Queues:
         else:
             queue.tail = value
             self._wake()
+
+    def invalid_head(self, qid: int, value: int) -> None:
+        """A CQ head past what was posted (the native loop's check)."""
+        self._invalid(AEI_INVALID_DOORBELL_VALUE, doorbell_offset(qid, True), value)
 
     def _invalid(self, info: int, offset: int, value: int) -> None:
         log.warning("doorbell.invalid", offset=offset, value=value, info=info)
@@ -146,6 +192,7 @@ class Queues:
         """Serve what every queue has, while ``current()`` (no reset, no
         stop meanwhile); False if nothing was there."""
         progressed = False
+        await self._read_shadows()
         for cq in list(self.cqs.values()):
             while cq.waiting and not cq.full and current():
                 await self._post(cq, cq.waiting.popleft())
@@ -170,6 +217,57 @@ class Queues:
                 await execute(sq, Command.decode(raw, index * SQE_SIZE))
             progressed = True
         return progressed
+
+    # -- shadow doorbells --------------------------------------------------------------
+
+    async def _shadow(self, buffer: DoorbellBuffer, qid: int, completion: bool) -> int:
+        address = buffer.shadow + DoorbellBuffer.slot(qid, completion)
+        try:
+            return int.from_bytes(await self.device.dma_read(address, 4), "little")
+        except GuestMemoryError as exc:
+            raise QueueMemoryError(f"shadow doorbell of queue {qid}: {exc}") from None
+
+    async def _read_shadows(self) -> None:
+        """The I/O queues' tails and heads as the driver last wrote them
+        (a reset meanwhile, and the values go with the queues they were
+        read for)."""
+        buffer = self.buffer
+        if buffer is None:
+            return
+        for sq in list(self.sqs.values()):
+            if sq.qid:
+                tail = await self._shadow(buffer, sq.qid, False)
+                if tail < sq.size:
+                    sq.tail = tail
+        for cq in list(self.cqs.values()):
+            if cq.qid:
+                head = await self._shadow(buffer, cq.qid, True)
+                if head < cq.size and head_in_range(cq.head, cq.tail, cq.size, head):
+                    cq.head = head
+
+    async def arm(self) -> bool:
+        """With shadow doorbells, before the controller waits: EventIdx set
+        so that the driver rings the register for its next command (and for
+        the head that frees a full CQ); True if work came meanwhile."""
+        if self.buffer is None:
+            return False
+        buffer = self.buffer
+        try:
+            for sq in list(self.sqs.values()):
+                if sq.qid:
+                    address = buffer.events + DoorbellBuffer.slot(sq.qid, False)
+                    await self.device.dma_write(address, sq.head.to_bytes(4, "little"))
+            for cq in list(self.cqs.values()):
+                if cq.qid and (cq.full or cq.waiting):
+                    address = buffer.events + DoorbellBuffer.slot(cq.qid, True)
+                    await self.device.dma_write(address, cq.head.to_bytes(4, "little"))
+        except GuestMemoryError as exc:
+            raise QueueMemoryError(f"EventIdx buffer: {exc}") from None
+        lib.vfu_fence_full()  # our EventIdx before the driver's next values
+        await self._read_shadows()
+        return any(
+            sq.head != sq.tail and not self.cqs[sq.cqid].waiting for sq in self.sqs.values()
+        ) or any(cq.waiting and not cq.full for cq in self.cqs.values())
 
     async def _deliver_events(self, current: Callable[[], bool]) -> bool:
         delivered = False
@@ -209,7 +307,11 @@ class Queues:
     # -- state -------------------------------------------------------------------------------
 
     def save(self) -> dict[str, Any]:
+        buffer = self.buffer
         return {
+            "doorbell_buffer": (
+                [] if buffer is None else [{"shadow": buffer.shadow, "events": buffer.events}]
+            ),
             "submission_queues": [
                 {
                     "qid": q.qid,
@@ -251,6 +353,10 @@ class Queues:
     @staticmethod
     def check(values: dict[str, Any], vectors: int) -> str | None:
         """What is wrong with saved queues, if anything."""
+        if len(values["doorbell_buffer"]) > 1 or any(
+            (b["shadow"] | b["events"]) % PAGE for b in values["doorbell_buffer"]
+        ):
+            return "doorbell buffer: more than one, or not page aligned"
         cqs = {q["qid"]: q for q in values["completion_queues"]}
         for q in [*values["completion_queues"], *values["submission_queues"]]:
             if not 2 <= q["size"] <= max(MQES + 1, 4096) or not q["head"] < q["size"] > q["tail"]:
@@ -267,6 +373,10 @@ class Queues:
         return None
 
     def load(self, values: dict[str, Any]) -> None:
+        buffers = values["doorbell_buffer"]
+        self.buffer = (
+            DoorbellBuffer(buffers[0]["shadow"], buffers[0]["events"]) if buffers else None
+        )
         self.cqs = {
             q["qid"]: CompletionQueue(
                 q["qid"],
@@ -290,3 +400,8 @@ class Queues:
             )
             for q in values["submission_queues"]
         }
+
+
+def head_in_range(head: int, tail: int, size: int, value: int) -> bool:
+    """A new CQ head within what was posted (from the old head to the tail)."""
+    return (value - head) % size <= (tail - head) % size

@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 import vfiouserd.devices.nvme.formats as nvme
+from vfiouserd._native import lib
 from vfiouserd.client.guest import GuestRam
 from vfiouserd.client.vfio_user import VfioUserClient, eventfd
 from vfiouserd.devices.nvme.formats import (
@@ -29,6 +30,8 @@ from vfiouserd.devices.nvme.formats import (
     SglType,
 )
 from vfiouserd.protocol import vfio_user as vfu
+
+fence = lib.vfu_fence_full
 
 BAR = 0
 PAGE = nvme.PAGE
@@ -62,6 +65,8 @@ class NvmeDriver:
         self.vectors = vectors
         self.irq_fds: list[int] = []
         self.queues: dict[int, DriverQueue] = {}
+        self.shadow: tuple[int, int] | None = None  # shadow doorbell and EventIdx pages
+        self.doorbells_rung = self.doorbells_skipped = 0
 
     # -- registers -----------------------------------------------------------------------
 
@@ -108,6 +113,7 @@ class NvmeDriver:
         await self.disable()
         sq, cq = self.alloc_pages(2), self.alloc_pages(1)
         self.queues[0] = DriverQueue(0, admin_entries, sq, cq, 0)
+        self.shadow = None  # a reset ended them
         await self.write32(Reg.AQA, (admin_entries - 1) | (admin_entries - 1) << 16)
         await self.write32(Reg.ASQ, sq & 0xFFFFFFFF)
         await self.write32(Reg.ASQ + 4, sq >> 32)
@@ -143,7 +149,36 @@ class NvmeDriver:
 
     async def ring_sq(self, qid: int) -> None:
         queue = self.queues[qid]
-        await self.write32(nvme.doorbell_offset(qid, False), queue.sq_tail, posted=True)
+        await self._ring(qid, False, queue.sq_tail)
+
+    async def _ring(self, qid: int, completion: bool, value: int) -> None:
+        """A doorbell, as Linux rings it: with shadow doorbells (I/O queues),
+        the value goes to the shadow page, and to the register only when the
+        controller's EventIdx asks for it."""
+        offset = nvme.doorbell_offset(qid, completion)
+        if self.shadow is not None and qid:
+            slot = 8 * qid + 4 * int(completion)
+            old = struct.unpack("<I", self.ram.read(self.shadow[0] + slot, 4))[0]
+            self.ram.write(self.shadow[0] + slot, struct.pack("<I", value))
+            fence()  # our value before the controller's EventIdx
+            event = struct.unpack("<I", self.ram.read(self.shadow[1] + slot, 4))[0]
+            if not (value - event - 1) & 0xFFFF < (value - old) & 0xFFFF:
+                self.doorbells_skipped += 1
+                return
+        self.doorbells_rung += 1
+        await self.write32(offset, value, posted=True)
+
+    async def doorbell_buffer_config(self) -> Completion:
+        """Set up shadow doorbells (a page each, zeroed, as Linux's)."""
+        shadow, events = self.alloc_pages(), self.alloc_pages()
+        self.ram.write(shadow, bytes(PAGE))
+        self.ram.write(events, bytes(PAGE))
+        done = await self.admin(
+            nvme.command(AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=shadow, prp2=events)
+        )
+        if done.status == 0:
+            self.shadow = (shadow, events)
+        return done
 
     def _collect(self, queue: DriverQueue) -> list[Completion]:
         found: list[Completion] = []
@@ -165,7 +200,7 @@ class NvmeDriver:
                 if found:
                     for entry in found:
                         queue.done[entry.cid] = entry
-                    await self.write32(nvme.doorbell_offset(queue.cqid, True), queue.cq_head)
+                    await self._ring(queue.cqid, True, queue.cq_head)
                 else:
                     await trio.sleep(0.0005)
         return queue.done.pop(cid)
