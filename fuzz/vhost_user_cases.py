@@ -55,6 +55,7 @@ from vfiouserd.client.vhost_user import (
 from vfiouserd.devices.blk import RequestType
 from vfiouserd.devices.virtio import Feature, bit
 from vfiouserd.protocol import vhost_user as vu
+from vfiouserd.protocol import vhost_user_inflight as vui
 from vfiouserd.protocol.framing import ConnectionClosed
 from vfiouserd.protocol.vhost_user import FrontendRequest as R
 from vfiouserd.protocol.vhost_user import ProtocolFeature
@@ -389,7 +390,7 @@ class Session:
             queues = rng.choice((1, self.queue_count, self.queue_count + 1, 0, 0xFFFF))
             size = rng.choice((self.ring_size, 1, 0, 32768, rng.getrandbits(16)))
             packed = self.frontend is not None and self.packed
-            per_queue = vu.inflight_region_size(max(size, 1), packed)
+            per_queue = vui.inflight_region_size(max(size, 1), packed)
             mmap_size = rng.choice((per_queue * queues, 0, 4096, rng.getrandbits(20)))
             payload = struct.pack("=QQHH4x", mmap_size, rng.choice((0, 0, 4096)), queues, size)
             fd = ctx.memfd(

@@ -11,7 +11,6 @@ All numbers are in the host's native byte order, as the spec says.
 from __future__ import annotations
 
 import enum
-import struct
 from dataclasses import dataclass, field
 
 import trio
@@ -205,31 +204,7 @@ InflightDescription = Struct(
     Padding(4),
 )
 
-# The inflight region (GET/SET_INFLIGHT_FD) is shared memory, not a message:
-# one region per queue, each aligned to 64 bytes, laid out as the spec's C
-# structs with natural alignment (the packed queue header's 29 bytes of
-# fields are padded to 32, where its descriptor array starts).
-INFLIGHT_ALIGNMENT = 64
-INFLIGHT_VERSION = 1
-# features, version, desc_num, last_batch_head, used_idx
-INFLIGHT_SPLIT_QUEUE = struct.Struct("<QHHHH")
-# inflight, padding[5], next, counter
-INFLIGHT_SPLIT_DESC = struct.Struct("<B5xHQ")
-# features, version, desc_num, free_head, old_free_head, used_idx, old_used_idx,
-# used_wrap_counter, old_used_wrap_counter, padding (to the natural 32)
-INFLIGHT_PACKED_QUEUE = struct.Struct("<QHHHHHHBB10x")
-# inflight, padding, next, last, num, counter, id, flags, len, addr
-INFLIGHT_PACKED_DESC = struct.Struct("<BxHHHQHHIQ")
-
-
-def inflight_region_size(queue_size: int, packed: bool) -> int:
-    """Bytes one queue's inflight region takes, alignment included."""
-    if packed:
-        raw = INFLIGHT_PACKED_QUEUE.size + queue_size * INFLIGHT_PACKED_DESC.size
-    else:
-        raw = INFLIGHT_SPLIT_QUEUE.size + queue_size * INFLIGHT_SPLIT_DESC.size
-    return (raw + INFLIGHT_ALIGNMENT - 1) // INFLIGHT_ALIGNMENT * INFLIGHT_ALIGNMENT
-
+# The inflight region itself (shared memory, not a message): vhost_user_inflight.
 
 SharedObject = Struct("uuid" / Bytes(16))
 

@@ -19,6 +19,7 @@ from vfiouserd.devices.blk import RequestType
 from vfiouserd.devices.virtio import Feature, bit
 from vfiouserd.inflight import PackedInflight, SplitInflight
 from vfiouserd.protocol import vhost_user as vu
+from vfiouserd.protocol import vhost_user_inflight as vui
 from vfiouserd.protocol.vhost_user import FrontendRequest as R
 from vfiouserd.vhost_user.backend import VhostUserBackend
 
@@ -172,15 +173,15 @@ async def test_a_fresh_region_is_laid_out_as_the_spec_says(ram, image, packed):
             await blk.write(number, b"x" * 512)
         data = region.read()
         if packed:
-            header = vu.INFLIGHT_PACKED_QUEUE.unpack_from(data)
+            header = vui.INFLIGHT_PACKED_QUEUE.unpack_from(data)
             assert header[1:3] == (1, 128)  # version, desc_num
             assert header[5] == header[6] == 9  # 3 chains of 3 slots, committed
         else:
-            header = vu.INFLIGHT_SPLIT_QUEUE.unpack_from(data)
+            header = vui.INFLIGHT_SPLIT_QUEUE.unpack_from(data)
             version, desc_num, used_idx = header[1], header[2], header[4]
             assert (version, desc_num, used_idx) == (1, 128, 3)
             inflight = [
-                vu.INFLIGHT_SPLIT_DESC.unpack_from(data, 16 + 16 * i)[0] for i in range(128)
+                vui.INFLIGHT_SPLIT_DESC.unpack_from(data, 16 + 16 * i)[0] for i in range(128)
             ]
             assert not any(inflight)
         await frontend.aclose()
@@ -213,7 +214,7 @@ async def test_bad_inflight_requests_are_refused(ram, image):
         frontend, _ = await connect(device, nursery)
         await frontend.negotiate()
         await frontend.set_features()
-        too_small = vu.inflight_region_size(16, False) - 1
+        too_small = vui.inflight_region_size(16, False) - 1
         await refused(frontend, R.SET_INFLIGHT_FD, description(too_small), [os.dup(memfd)])
         # the region is larger than the file behind it
         await refused(frontend, R.SET_INFLIGHT_FD, description(1 << 20), [os.dup(memfd)])
@@ -249,13 +250,13 @@ async def test_a_region_a_front_end_scribbled_on_breaks_only_that_queue(ram, ima
         if packed:
             struct.pack_into("<QHHHHHHBB", data, 0, 0, 1, QUEUE_SIZE, 0, 0, 0, 0, 1, 1)
             for i in range(QUEUE_SIZE):
-                vu.INFLIGHT_PACKED_DESC.pack_into(
+                vui.INFLIGHT_PACKED_DESC.pack_into(
                     data, 32 + 32 * i, 1, 0xFFFF, 0, 9999, i, 0, 0, 0, 0
                 )
         else:
             struct.pack_into("<QHHHH", data, 0, 0, 1, QUEUE_SIZE, 0xFFFF, 5)
             for i in range(QUEUE_SIZE):
-                vu.INFLIGHT_SPLIT_DESC.pack_into(data, 16 + 16 * i, 1, 0xFFFF, i)
+                vui.INFLIGHT_SPLIT_DESC.pack_into(data, 16 + 16 * i, 1, 0xFFFF, i)
         os.pwrite(region.fd, bytes(data), 0)
         await frontend.set_inflight(region)
         await frontend.share_memory(ram)
@@ -333,7 +334,7 @@ async def test_a_packed_inflight_header_pointing_outside_the_queue_is_refused(ra
             old_used = 37466
         else:
             free = 600
-        header = vu.INFLIGHT_PACKED_QUEUE.pack(0, 1, QUEUE_SIZE, free, free, used, old_used, 1, 1)
+        header = vui.INFLIGHT_PACKED_QUEUE.pack(0, 1, QUEUE_SIZE, free, free, used, old_used, 1, 1)
         os.pwrite(region.fd, header, region.offset)
         await frontend.set_inflight(region)
         await frontend.share_memory(ram)

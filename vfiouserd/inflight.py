@@ -4,8 +4,9 @@ order it was taken, and never completes anything twice.
 
 The front end keeps the region across back-end restarts and hands it to each
 new back end (SET_INFLIGHT_FD). Its layout is the spec's (see
-``protocol.vhost_user``); the steps below follow the spec's order, so that a
-crash between any two of them leaves a state the recovery understands.
+``protocol.vhost_user_inflight``); the steps below follow the spec's order,
+so that a crash between any two of them leaves a state the recovery
+understands.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vfiouserd._native import lib
-from vfiouserd.protocol.vhost_user import (
+from vfiouserd.protocol.vhost_user_inflight import (
     INFLIGHT_PACKED_DESC,
     INFLIGHT_PACKED_QUEUE,
     INFLIGHT_SPLIT_DESC,

@@ -14,6 +14,7 @@ from vfiouserd.log import get_logger
 from vfiouserd.memory import GuestMemoryError, Mapping
 from vfiouserd.protocol import vhost_user as vu
 from vfiouserd.protocol.vhost_user import Message
+from vfiouserd.protocol.vhost_user_inflight import inflight_region_size
 from vfiouserd.vhost_user.features import Features
 from vfiouserd.vhost_user.messages import RequestFailed, WithFds
 from vfiouserd.virtqueue import MAX_QUEUE_SIZE, QueueSet
@@ -40,7 +41,7 @@ class InflightRegion:
         if not 1 <= request.queue_size <= min(MAX_QUEUE_SIZE, self.device.max_queue_size):
             raise RequestFailed(f"queue size {request.queue_size}")
         packed = self.features.has(Feature.RING_PACKED)
-        return request, vu.inflight_region_size(request.queue_size, packed)
+        return request, inflight_region_size(request.queue_size, packed)
 
     def get_inflight_fd(self, message: Message) -> WithFds:
         request, per_queue = self._request(message)
@@ -92,7 +93,7 @@ class InflightRegion:
         self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int
     ) -> None:
         packed = self.features.has(Feature.RING_PACKED)
-        per_queue = vu.inflight_region_size(queue_size, packed)
+        per_queue = inflight_region_size(queue_size, packed)
         try:
             mapping = Mapping.map_fd(fd, mmap_size, file_offset=mmap_offset)
         except GuestMemoryError as exc:
