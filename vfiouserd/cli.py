@@ -12,35 +12,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import trio
 
 from vfiouserd import __version__, control, descriptors, faults, handover, state, systemd
 from vfiouserd import log as logging
-from vfiouserd.client import lab
-from vfiouserd.config import ConfigError, arguments_from_file
-from vfiouserd.devices.pci import PciDevice
 from vfiouserd.devices.virtio import TRANSPORT_FEATURES, Feature, VirtioDevice
-from vfiouserd.plugins import DeviceClass, device_plugins
+from vfiouserd.plugins import DeviceClass, device_plugin, device_plugins
 from vfiouserd.sandbox import jail
 from vfiouserd.server import LiveSession, Service
 from vfiouserd.signals import hold_stop_signals, run_until_signalled
 from vfiouserd.sockets import SocketFile, is_listening, listen_on_path, socket_from_fd
 from vfiouserd.systemd import PassedFd
 from vfiouserd.trace import Filter, Subscription, tracer
-from vfiouserd.vfio_user.session import VfioUserSession
-from vfiouserd.vhost_user.backend import VhostUserBackend
-from vfiouserd.virtio_pci import VirtioPciDevice
+
+# A daemon imports only what its device and protocol use (see _session_type
+# and build_parser): the rest would cost every device start-up time and memory.
+if TYPE_CHECKING:
+    from vfiouserd.devices.pci import PciDevice
+    from vfiouserd.vfio_user.session import VfioUserSession
+    from vfiouserd.vhost_user.backend import VhostUserBackend
 
 log = logging.get_logger("cli")
 
-Device = VirtioDevice | PciDevice
+Device: TypeAlias = "VirtioDevice | PciDevice"
+# What a subcommand makes: the device served, and the virtio device in it.
+MakeDevice = Callable[[], "tuple[Device, VirtioDevice | None]"]
 
 
 def _feature_list(device: type[VirtioDevice]) -> list[str]:
@@ -174,12 +176,40 @@ def _make_virtio(device: type[VirtioDevice], args: argparse.Namespace) -> Virtio
     return made
 
 
+def _make_vhost_user(
+    device: type[VirtioDevice], args: argparse.Namespace
+) -> tuple[Device, VirtioDevice]:
+    virtio = _make_virtio(device, args)
+    return virtio, virtio
+
+
+def _make_virtio_pci(
+    device: type[VirtioDevice], args: argparse.Namespace
+) -> tuple[Device, VirtioDevice]:
+    from vfiouserd.virtio_pci import VirtioPciDevice  # vfio-user only; before the jail
+
+    virtio = _make_virtio(device, args)
+    return VirtioPciDevice(virtio, packed_ring=args.packed_ring), virtio
+
+
+def _session_type(protocol: str) -> type[VhostUserBackend] | type[VfioUserSession]:
+    """The session class of ``protocol``: only that protocol's modules are
+    imported (before the jail, which has no file system to import from)."""
+    if protocol == "vhost-user":
+        from vfiouserd.vhost_user.backend import VhostUserBackend
+
+        return VhostUserBackend
+    from vfiouserd.vfio_user.session import VfioUserSession
+
+    return VfioUserSession
+
+
 def _print_capabilities(device: type[VirtioDevice]) -> int:
     print(json.dumps({"type": device.vhost_user_type, "features": device.capabilities()}))
     return 0
 
 
-def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Device]) -> int:
+def _run(args: argparse.Namespace, protocol: str, make_device: MakeDevice) -> int:
     received, activated = handover.take(systemd.listen_fds())
     listener_fd = received.fds.pop(handover.LISTENER, None) if received is not None else None
     control_fd = received.fds.pop(handover.CONTROL, None) if received is not None else None
@@ -201,6 +231,7 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         kept += [fd for fd in (listener_fd, control_fd) if fd is not None]
         jail.close_inherited_fds(kept)
     device: Device | None = None
+    virtio: VirtioDevice | None = None
     sock: socket.socket | None = None
     control_sock: socket.socket | None = None
     notify_fd = socket_file = control_file = None
@@ -209,7 +240,8 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         notify_fd = systemd.notify_socket()
         if args.fdstore and notify_fd is None:
             raise ValueError("--fdstore needs systemd's NOTIFY_SOCKET (Type=notify)")
-        device = make_device()  # opens the image or whatever the device needs
+        session_type = _session_type(protocol)
+        device, virtio = make_device()  # opens the image or whatever the device needs
         if listener_fd is not None:
             sock = socket_from_fd(listener_fd)
             log.info("handover.listener", address=sock.getsockname() or f"fd {listener_fd}")
@@ -230,11 +262,11 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
                 control_file = SocketFile.created_at(control_path)
         faults.rules.allowed = args.allow_fault_injection
         # A virtio disk, or a PCI device with sectors of its own (NVMe).
-        faults.rules.sector_kinds = getattr(_virtio(device) or device, "has_sectors", False)
+        faults.rules.sector_kinds = getattr(virtio or device, "has_sectors", False)
         log.info(
             "startup", device=device.name, protocol=protocol, pid=os.getpid(), version=__version__
         )
-        restored = _take_handover(received, protocol, device)
+        restored = _take_handover(received, protocol, device, virtio)
         if received is not None and notify_fd is not None:
             # Taken (before READY=1): what stayed in the store would come
             # back at the next start as well.
@@ -270,13 +302,8 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
         return 1
 
     def new_session(conn: trio.socket.SocketType) -> LiveSession:
-        if protocol == "vhost-user":
-            assert isinstance(device, VirtioDevice)
-            return VhostUserBackend(device, conn)
-        assert isinstance(device, PciDevice)
-        return VfioUserSession(device, conn)
+        return session_type(device, conn)  # the device _add_device made for this protocol
 
-    virtio = _virtio(device)
     service = Service(
         sock,
         protocol,
@@ -297,10 +324,9 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
             "socket": sock.getsockname() or None,
             "fault_injection": args.allow_fault_injection,
         }
-        virtio_device = _virtio(device)
 
         def device_statistics() -> dict[str, Any]:
-            own = (virtio_device or device).statistics()
+            own = (virtio or device).statistics()
             return {"name": device.name, **own}
 
         control_server = control.ControlServer(control_sock, info, device_statistics)
@@ -308,7 +334,7 @@ def _run(args: argparse.Namespace, protocol: str, make_device: Callable[[], Devi
     async def main() -> None:
         session = None
         if restored is not None:
-            session = _restore_session(protocol, device, *restored)
+            session = _restore_session(protocol, session_type, device, *restored)
         async with trio.open_nursery() as nursery:
             if control_server is not None:
                 nursery.start_soon(control_server.run)
@@ -337,15 +363,8 @@ def _log_trace_event(event: dict[str, Any]) -> None:
     log.trace(f"{event['kind']}.{event['event']}", **fields)
 
 
-def _virtio(device: Device) -> VirtioDevice | None:
-    """The virtio device itself, on either protocol."""
-    if isinstance(device, VirtioPciDevice):
-        return device.virtio
-    return device if isinstance(device, VirtioDevice) else None
-
-
 def _take_handover(
-    received: handover.Received | None, protocol: str, device: Device
+    received: handover.Received | None, protocol: str, device: Device, virtio: VirtioDevice | None
 ) -> tuple[dict[str, Any], handover.Received] | None:
     """Check what a previous daemon handed over and load its device state;
     None (the VMM's connection closed) if it cannot be taken back."""
@@ -356,7 +375,6 @@ def _take_handover(
         if record.protocol != protocol:
             raise handover.HandoverError(f"a {record.protocol} session, this is {protocol}")
         state.load(device, record.device_blob)
-        virtio = _virtio(device)
         fds = {name: received.fd(stored) for name, stored in record.host_fds.items()}
         if virtio is not None:
             virtio.adopt_host_fds({name: fd for name, fd in fds.items() if fd is not None})
@@ -372,15 +390,14 @@ def _take_handover(
 
 
 def _restore_session(
-    protocol: str, device: Device, document: dict[str, Any], received: handover.Received
+    protocol: str,
+    session_type: type[VhostUserBackend] | type[VfioUserSession],
+    device: Device,
+    document: dict[str, Any],
+    received: handover.Received,
 ) -> LiveSession | None:
     try:
-        if protocol == "vhost-user":
-            assert isinstance(device, VirtioDevice)
-            session: LiveSession = VhostUserBackend.restore(device, document, received)
-        else:
-            assert isinstance(device, PciDevice)
-            session = VfioUserSession.restore(device, document, received)
+        session: LiveSession = session_type.restore(device, document, received)
     except handover.HandoverError as exc:
         log.error("handover.refused", reason=str(exc))
         return None
@@ -422,6 +439,8 @@ def _systemd_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
+        import shlex
+
         print(shlex.join(command))
         return 0
     os.execvp(command[0], command)
@@ -453,13 +472,18 @@ def _descriptors(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: tuple[str, DeviceClass] | None = None) -> argparse.ArgumentParser:
+    """Every subcommand; with ``only`` (the plugin a daemon serves, by name),
+    that plugin's alone: the daemon imports no other plugin and no client."""
     parser = argparse.ArgumentParser(
         prog="vfiouserd",
         description="Out-of-process device emulation over vhost-user and vfio-user.",
     )
     parser.add_argument("--version", action="version", version=f"vfiouserd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if only is not None:
+        _add_device(commands, *only)
+        return parser
     listing = commands.add_parser("devices", help="list device plugins and their features")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=_list_devices)
@@ -487,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("socket", help="the server's UNIX socket")
     probe.add_argument("--json", action="store_true")
     probe.set_defaults(run=_probe)
+    from vfiouserd.client import lab
+
     lab.add_commands(commands)
     transient = commands.add_parser(
         "systemd-run",
@@ -502,45 +528,61 @@ def build_parser() -> argparse.ArgumentParser:
     # The daemon's own arguments follow "--"; main() splits them off first.
     transient.set_defaults(run=_systemd_run, daemon_args=[])
     for name, device in device_plugins().items():
-        if issubclass(device, VirtioDevice):
-            sub = commands.add_parser(
-                f"vhost-user-{name}", help=f"vhost-user back end: {device.description}"
-            )
-            _add_common(sub, capabilities=True)
-            _add_virtio(sub)
-            device.add_arguments(sub)
-            sub.set_defaults(
-                run=lambda args, d=device: _run(args, "vhost-user", lambda: _make_virtio(d, args))
-            )
-            sub = commands.add_parser(
-                f"vfio-user-{name}", help=f"vfio-user virtio-pci device: {device.description}"
-            )
-            _add_common(sub, capabilities=False)
-            _add_virtio(sub)
-            sub.add_argument(
-                "--packed-ring",
-                action="store_true",
-                help="offer VIRTIO_F_RING_PACKED (off by default, as in QEMU's virtio-pci "
-                "devices: the native fast path serves split rings only)",
-            )
-            device.add_arguments(sub)
-            sub.set_defaults(
-                run=lambda args, d=device: _run(
-                    args,
-                    "vfio-user",
-                    lambda: VirtioPciDevice(_make_virtio(d, args), packed_ring=args.packed_ring),
-                )
-            )
-        else:
-            sub = commands.add_parser(
-                f"vfio-user-{name}", help=f"vfio-user PCI device: {device.description}"
-            )
-            _add_common(sub, capabilities=False)
-            device.add_arguments(sub)
-            sub.set_defaults(
-                run=lambda args, d=device: _run(args, "vfio-user", lambda: d.from_args(args))
-            )
+        _add_device(commands, name, device)
     return parser
+
+
+def _add_device(commands: Any, name: str, device: DeviceClass) -> None:
+    """The subcommands serving one plugin."""
+    if issubclass(device, VirtioDevice):
+        sub = commands.add_parser(
+            f"vhost-user-{name}", help=f"vhost-user back end: {device.description}"
+        )
+        _add_common(sub, capabilities=True)
+        _add_virtio(sub)
+        device.add_arguments(sub)
+        sub.set_defaults(
+            run=lambda args, d=device: _run(args, "vhost-user", lambda: _make_vhost_user(d, args))
+        )
+        sub = commands.add_parser(
+            f"vfio-user-{name}", help=f"vfio-user virtio-pci device: {device.description}"
+        )
+        _add_common(sub, capabilities=False)
+        _add_virtio(sub)
+        sub.add_argument(
+            "--packed-ring",
+            action="store_true",
+            help="offer VIRTIO_F_RING_PACKED (off by default, as in QEMU's virtio-pci "
+            "devices: the native fast path serves split rings only)",
+        )
+        device.add_arguments(sub)
+        sub.set_defaults(
+            run=lambda args, d=device: _run(args, "vfio-user", lambda: _make_virtio_pci(d, args))
+        )
+    else:
+        sub = commands.add_parser(
+            f"vfio-user-{name}", help=f"vfio-user PCI device: {device.description}"
+        )
+        _add_common(sub, capabilities=False)
+        device.add_arguments(sub)
+        sub.set_defaults(
+            run=lambda args, d=device: _run(args, "vfio-user", lambda: (d.from_args(args), None))
+        )
+
+
+def _served_plugin(argv: Sequence[str]) -> tuple[str, DeviceClass] | None:
+    """The plugin a daemon's subcommand (vhost-user-NAME, vfio-user-NAME)
+    serves, if that protocol can serve it; else None (the full parser then
+    says what there is)."""
+    command = argv[0] if argv else ""
+    for prefix, virtio_only in (("vhost-user-", True), ("vfio-user-", False)):
+        if command.startswith(prefix):
+            name = command.removeprefix(prefix)
+            device = device_plugin(name)
+            if device is None or (virtio_only and not issubclass(device, VirtioDevice)):
+                return None
+            return name, device
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -552,10 +594,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(argv)
     # The conventions say --print-capabilities ignores every other argument.
     if "--print-capabilities" in argv and argv and argv[0].startswith("vhost-user-"):
-        device = device_plugins().get(argv[0].removeprefix("vhost-user-"))
+        device = device_plugin(argv[0].removeprefix("vhost-user-"))
         if device is not None and issubclass(device, VirtioDevice):
             return _print_capabilities(device)
     if argv and (argv[0] == "--config" or argv[0].startswith("--config=")):
+        from vfiouserd.config import ConfigError, arguments_from_file
+
         path = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
         rest = argv[1:] if "=" in argv[0] else argv[2:]
         try:
@@ -567,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["systemd-run"] and "--" in argv:
         split = argv.index("--")
         argv, daemon_args = argv[:split], argv[split + 1 :]
-    args = build_parser().parse_args(argv)
+    args = build_parser(_served_plugin(argv)).parse_args(argv)
     if daemon_args:
         args.daemon_args = daemon_args
     return int(args.run(args))
