@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib.metadata import entry_points
 
 import pytest
+
+from vfiouserd import plugins
 
 # The daemon up to jail.enter: then the modules it holds, and out.
 PROBE = """
@@ -31,8 +34,16 @@ sys.exit(main(sys.argv[1:]))
 """
 
 # Never needed to serve, whatever the device: the clients, and standard
-# modules only a plugin listing, a configuration file or a tool reads.
-NEVER = ("vfiouserd.client", "vfiouserd.config", "tomllib", "shlex")
+# modules only a configuration file or a tool reads (importlib.metadata and
+# the email package it loads: plugins.entry_points reads entry points itself).
+NEVER = (
+    "vfiouserd.client",
+    "vfiouserd.config",
+    "tomllib",
+    "shlex",
+    "importlib.metadata",
+    "email",
+)
 VHOST_USER = ("vfiouserd.vhost_user", "vfiouserd.protocol.vhost_user")
 VFIO_USER = ("vfiouserd.vfio_user", "vfiouserd.protocol.vfio_user", "vfiouserd.devices.pci")
 PLUGINS = ("blk", "rng", "input", "console", "vsock", "net", "example", "nvme")
@@ -97,3 +108,25 @@ def test_a_daemon_imports_only_its_device_and_protocol(
     modules = modules_before_the_jail(tmp_path, subcommand, *options)
     assert loaded(modules, needed) == sorted(needed)  # the probe stopped where it should
     assert loaded(modules, NEVER + not_needed) == []
+
+
+def test_plugins_are_the_entry_points_importlib_metadata_finds(tmp_path, monkeypatch):
+    # A distribution shadowing the installed vfiouserd (the first on the path
+    # wins, whatever the spelling of its name) and a third-party plugin.
+    shadow = tmp_path / "first" / "VFIOUSERD-9.0.dist-info"
+    shadow.mkdir(parents=True)
+    (shadow / "METADATA").write_text("Metadata-Version: 2.1\nName: VFIOUSERD\nVersion: 9.0\n")
+    (shadow / "entry_points.txt").write_text("[vfiouserd.devices]\nblk = elsewhere:Blk\n")
+    third = tmp_path / "last" / "third_party-1.0.dist-info"
+    third.mkdir(parents=True)
+    (third / "METADATA").write_text("Metadata-Version: 2.1\nName: third-party\nVersion: 1.0\n")
+    (third / "entry_points.txt").write_text(
+        "[console_scripts]\nx = a:b\n\n# a comment\n[vfiouserd.devices]\n"
+        "mine = third.party:Device [extra]\n  spaced=third.party : Other\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "first"))
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path / "last")])
+    expected = [(e.name, e.value) for e in entry_points(group=plugins.ENTRY_POINT_GROUP)]
+    assert plugins.entry_points() == expected
+    assert ("blk", "elsewhere:Blk") in expected
+    assert ("mine", "third.party:Device [extra]") in expected
