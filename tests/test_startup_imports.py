@@ -42,6 +42,7 @@ NEVER = (
     "tomllib",
     "shlex",
     "importlib.metadata",
+    "importlib.resources",
     "email",
 )
 VHOST_USER = ("vfiouserd.vhost_user", "vfiouserd.protocol.vhost_user")

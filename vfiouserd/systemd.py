@@ -8,7 +8,6 @@ import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.resources import files
 
 from vfiouserd.protocol.framing import rights
 
@@ -111,6 +110,8 @@ HIDDEN_BY_PROTECT_HOME = ("/home/", "/root/", "/run/user/")
 
 
 def template_unit() -> str:
+    from importlib.resources import files  # for systemd-run only: no daemon loads it
+
     return files("vfiouserd.units").joinpath(TEMPLATE).read_text()
 
 
