@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -219,7 +220,10 @@ def _run(args: argparse.Namespace, protocol: str, make_device: MakeDevice) -> in
             file=sys.stderr,
         )
         return 2
+    session_type = _session_type(protocol)
     logging.configure(args.log_level)
+    started = _process_start()
+    _timeline("imported", started)  # the interpreter, the plugin and protocol, the arguments
     if args.log_level == "trace":  # every trace event in the log
         tracer.subscribe(Subscription(_log_trace_event, Filter()))
     hold_stop_signals()
@@ -240,8 +244,8 @@ def _run(args: argparse.Namespace, protocol: str, make_device: MakeDevice) -> in
         notify_fd = systemd.notify_socket()
         if args.fdstore and notify_fd is None:
             raise ValueError("--fdstore needs systemd's NOTIFY_SOCKET (Type=notify)")
-        session_type = _session_type(protocol)
         device, virtio = make_device()  # opens the image or whatever the device needs
+        _timeline("opened", started)
         if listener_fd is not None:
             sock = socket_from_fd(listener_fd)
             log.info("handover.listener", address=sock.getsockname() or f"fd {listener_fd}")
@@ -283,6 +287,7 @@ def _run(args: argparse.Namespace, protocol: str, make_device: MakeDevice) -> in
         )
         launched_pid = os.getpid()  # the process outside the jail, a unit's main process
         jail.enter(options)
+        _timeline("jailed", started)
     except (jail.JailError, OSError, ValueError) as exc:
         event = "sandbox.failed" if isinstance(exc, jail.JailError) else "startup.failed"
         log.error(event, error=str(exc))
@@ -338,6 +343,7 @@ def _run(args: argparse.Namespace, protocol: str, make_device: MakeDevice) -> in
         async with trio.open_nursery() as nursery:
             if control_server is not None:
                 nursery.start_soon(control_server.run)
+            _timeline("serving", started)
             await service.run(session)
             nursery.cancel_scope.cancel()
 
@@ -356,6 +362,25 @@ def _run(args: argparse.Namespace, protocol: str, make_device: MakeDevice) -> in
         device.close()
         log.info("exit", handed_over=service.handed_over)
     return 0
+
+
+def _process_start() -> float:
+    """When this process started, on the time.monotonic() clock: the kernel
+    keeps it in clock ticks (10 ms) since boot; suspend aside, the boot-time
+    and monotonic clocks advance together."""
+    now = time.monotonic()
+    try:
+        with open("/proc/self/stat") as stat:
+            ticks = int(stat.read().rpartition(")")[2].split()[19])  # field 22, starttime
+    except (OSError, ValueError, IndexError):
+        return now
+    return now - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def _timeline(stage: str, started: float) -> None:
+    """A start-up step done, in ms since the process started: where a slow
+    start-up spends its time (--log-level=debug)."""
+    log.debug("startup.timeline", stage=stage, ms=round((time.monotonic() - started) * 1000))
 
 
 def _log_trace_event(event: dict[str, Any]) -> None:
