@@ -46,7 +46,7 @@ deps: $(CACHE)/deps.stamp
 
 $(VENV)/stamp: $(CACHE)/deps.stamp pyproject.toml setup.py vfiouserd/_native_build.py \
 		vfiouserd/fastpath.c vfiouserd/fastpath.h devices/blk_fastpath.c devices/blk_fastpath.h \
-		devices/net_fastpath.c devices/net_fastpath.h
+		devices/net_fastpath.c devices/net_fastpath.h sandbox/waiter.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'

@@ -7,8 +7,9 @@ plugin, open the image, sockets and files the device needs; then ``enter``:
 2. mount, network, IPC, UTS and PID namespaces,
 3. the file system becomes an empty read-only tmpfs (pivot_root),
 4. fork: the child is PID 1 of the new PID namespace and serves; the parent
-   stays outside it, waits, relays signals and the exit status, tells
-   systemd when the daemon is ready and removes the socket at the end,
+   stays outside it and becomes the waiter (``waiter.c``, executed by fd):
+   it waits, relays signals and the exit status, tells systemd when the
+   daemon is ready and removes the socket at the end,
 5. in the child: every capability and the bounding set dropped (and root
    given up), no-new-privileges, not dumpable, rlimits (no core files,
    bounded fds and threads), then the seccomp allowlist on all threads.
@@ -29,6 +30,7 @@ import select
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -37,7 +39,6 @@ import prctl
 
 from vfiouserd.handover import CONTROL, LISTENER
 from vfiouserd.log import get_logger
-from vfiouserd.protocol.framing import fds_from_ancillary
 from vfiouserd.sandbox.namespaces import (
     StepFailed,
     enter_other_namespaces,
@@ -46,7 +47,6 @@ from vfiouserd.sandbox.namespaces import (
     pivot_to_empty_root,
 )
 from vfiouserd.sandbox.seccomp import daemon_policy, reaper_policy
-from vfiouserd.signals import STOP_SIGNALS, hold_stop_signals, release_stop_signals
 from vfiouserd.sockets import SocketFile
 from vfiouserd.systemd import FdStore, send_notification
 
@@ -54,12 +54,18 @@ log = get_logger("sandbox")
 
 MODES = ("strict", "namespace", "none")
 SECCOMP_ACTIONS = ("kill", "log", "trap", "none")
-# Sockets whose files stay once the daemon put them in the fd store.
+# Sockets whose files stay once the daemon put them in the fd store: the next
+# daemon listens on them. (A socket unit's listener is systemd's, so under
+# socket activation only the control socket goes there.)
 KEPT = (LISTENER, CONTROL)
 MAX_FDS = 4096
 # The event loop, a fast-path thread per ring (64 queues at most), trio's
 # worker threads (40 at most), and some slack.
 MAX_THREADS = 160
+# What the parent becomes (sandbox/waiter.c, built with the package): a
+# small static program rather than a copy of this interpreter's heap, which
+# would turn into private memory as the daemon writes its own.
+WAITER = os.path.join(os.path.dirname(__file__), "vfiouserd-waiter")
 
 # Modules imported lazily by the standard library or trio at run time: load
 # them now, while there is a file system to load them from.
@@ -144,6 +150,8 @@ def enter(options: JailOptions) -> None:
         if notify_fd is not None:
             options.store = FdStore(lambda message, fds: send_notification(notify_fd, message, fds))
         return
+    waiter = _open_waiter()  # while it can be found: the root is about to go
+    _fill_standard_fds()
     _preload()
     try:
         uid, gid = enter_user_namespace()
@@ -165,6 +173,7 @@ def enter(options: JailOptions) -> None:
         relay_parent, relay_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     child = os.fork()
     if child == 0:
+        os.close(waiter)
         os.close(ready_read)
         os.close(alive_write)
         _close_parent_only(options)
@@ -192,60 +201,30 @@ def enter(options: JailOptions) -> None:
     if relay_parent is not None and relay_child is not None:
         relay_child.close()
         relay = relay_parent.detach()
-    _reap(child, ready_read, alive_write, relay, uid, options)
+    _become_waiter(child, waiter, ready_read, alive_write, relay, uid, options)
 
 
-def _watch(ready: int, relay: int | None, exited: int, options: JailOptions) -> bool:
-    """Until the daemon exits: READY=1 once it serves, and its notifications
-    for systemd passed on. Returns whether it put its listening socket or
-    its control socket in the fd store (then the socket files must stay:
-    the next daemon listens on them; a socket unit's listening socket is
-    systemd's, so under socket activation only the control socket goes)."""
-    poller = select.poll()
-    for fd in (ready, exited, relay):
-        if fd is not None:
-            poller.register(fd, select.POLLIN)
-    handed_over = False
-    while True:
-        readable = {fd for fd, _ in poller.poll()}
-        if ready in readable:
-            if os.read(ready, 1) == b"1":
-                _notify_ready(options)
-            poller.unregister(ready)
-            os.close(ready)
-        if relay is not None and (relay in readable or exited in readable):
-            handed_over |= _pass_on(relay, options, drain=exited in readable)
-        if exited in readable:
-            return handed_over
-
-
-def _pass_on(relay: int, options: JailOptions, *, drain: bool) -> bool:
-    """Pass the daemon's notifications on to systemd (all that wait, when it
-    has exited)."""
-    stored = False
-    sock = socket.socket(fileno=relay)
+def _open_waiter() -> int:
     try:
-        while True:
-            try:
-                message, ancillary, _, _ = sock.recvmsg(
-                    4096, socket.CMSG_SPACE(253 * 4), socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
-                )
-            except BlockingIOError:
-                return stored
-            fds = fds_from_ancillary(ancillary)
-            try:
-                if options.notify_fd is not None:
-                    send_notification(options.notify_fd, message, fds)
-                stored |= any(f"FDNAME={name}\n".encode() in message for name in KEPT)
-            except OSError as exc:
-                log.warning("sd_notify.failed", error=str(exc))
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            if not drain:
-                return stored
-    finally:
-        sock.detach()
+        return os.open(WAITER, os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        raise JailError(
+            f"cannot jail the daemon: its waiter program is missing ({exc}); reinstall "
+            "vfiouserd, or --sandbox=none runs the daemon without a jail (not recommended)"
+        ) from exc
+
+
+def _fill_standard_fds() -> None:
+    """A closed stdin, stdout or stderr becomes /dev/null, and all three stay
+    open through the exec: the waiter's C library, started as root keeping
+    its effective uid (a secure exec), would open /dev/null itself where
+    none is left, and crash."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free fd: this one
+        os.set_inheritable(fd, True)
 
 
 def _close_parent_only(options: JailOptions) -> None:
@@ -314,28 +293,24 @@ def _confine(uid: int, gid: int, options: JailOptions, alive: int) -> None:
             daemon_policy(options.device_syscalls, options.seccomp).load()
 
 
-def _reap(
-    child: int, ready: int, alive: int, relay: int | None, uid: int, options: JailOptions
+def _become_waiter(
+    child: int,
+    waiter: int,
+    ready: int,
+    alive: int,
+    relay: int | None,
+    uid: int,
+    options: JailOptions,
 ) -> NoReturn:
-    """The parent: close what only the daemon needs, wait, relay, exit."""
-    keep = {ready, alive} | ({relay} if relay is not None else set())
+    """The parent: close what only the daemon needs, give up privileges,
+    then execute the waiter (the stop signals stay held through the exec:
+    it relays those that came meanwhile)."""
+    passed = {ready, alive} | ({relay} if relay is not None else set())
     if options.notify_fd is not None:
-        keep.add(options.notify_fd)
-    keep.update(f.directory for f in options.socket_files)
+        passed.add(options.notify_fd)
+    passed.update(f.directory for f in options.socket_files)
     try:
-        _close_all_except(keep)
-
-        def pass_signal(signum: int, frame: object) -> None:
-            try:
-                os.kill(child, signum)
-            except OSError as exc:  # the daemon is gone already
-                log.warning(
-                    "signal.relay_failed", signal=signal.Signals(signum).name, error=str(exc)
-                )
-
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, pass_signal)
-        release_stop_signals()  # held since start-up; pending ones are relayed now
+        _close_all_except(passed | {waiter})
         if os.getuid() != uid:
             # Started as root: share the daemon's real uid so signals reach it
             # without CAP_KILL, and keep root only as the owner of the socket's
@@ -343,15 +318,41 @@ def _reap(
             with _step("parent: sharing the daemon's uid"):
                 os.setresuid(uid, 0, 0)
         with _step("parent: dropping capabilities"):
+            # The bounding set needs CAP_SETPCAP, which the exec takes away;
+            # no-new-privileges keeps it from granting any back.
             _drop_capabilities()
             prctl.set_no_new_privs(True)
-            prctl.set_dumpable(False)
+            prctl.set_dumpable(False)  # the waiter sets it again after the exec
         with _step("parent: watching the daemon"):
             exited = os.pidfd_open(child)
+        passed.add(exited)
+        arguments = [
+            os.path.basename(WAITER),
+            f"child={child}",
+            f"ready={ready}",
+            f"pidfd={exited}",
+            f"utc_offset={time.localtime().tm_gmtoff}",
+        ]
+        if relay is not None:
+            arguments.append(f"relay={relay}")
+        if options.notify_fd is not None:
+            arguments.append(f"notify={options.notify_fd}")
+        arguments += [
+            f"socket={f.directory}:{f.device}:{f.inode}:{f.name}" for f in options.socket_files
+        ]
+        arguments += [f"keep={name}" for name in KEPT]
         if options.mode == "strict" and options.seccomp != "none":
             directories = [f.directory for f in options.socket_files]
+            notify = options.notify_fd
             with _step("parent: seccomp filter", "--sandbox=namespace (or --seccomp=none)"):
-                reaper_policy(child, directories, relay, options.notify_fd, options.seccomp).load()
+                policy = reaper_policy(child, directories, relay, notify, options.seccomp)
+                filter_fd = policy.export()  # loaded by the waiter before it reads a message
+            passed.add(filter_fd)
+            arguments.append(f"filter={filter_fd}")
+        for fd in passed:
+            os.set_inheritable(fd, True)
+        with _step("parent: starting the waiter"):
+            os.execve(waiter, arguments, {})
     except JailError as exc:
         log.error("sandbox.failed", error=str(exc))
         os.kill(child, signal.SIGKILL)
@@ -359,16 +360,4 @@ def _reap(
         for socket_file in options.socket_files:
             socket_file.remove()
         os._exit(1)
-    handed_over = _watch(ready, relay, exited, options)
-    # The daemon is a zombie now: its pid cannot be reused, so a relayed
-    # signal cannot reach another process. Hold the signals and reap.
-    hold_stop_signals()
-    _, status = os.waitpid(child, 0)
-    if not handed_over:  # else they live on in the fd store
-        for socket_file in options.socket_files:
-            socket_file.remove()
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        log.error("daemon.killed", signal=signal.Signals(signum).name)
-        os._exit(128 + signum)
-    os._exit(os.WEXITSTATUS(status))
+    raise AssertionError("unreachable: execve returns only by raising, and that exits above")

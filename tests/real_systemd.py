@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("VFIOUSERD_CACHE", Path.home() / ".cache" / "vfiouserd"))
 INSTALL_CACHE = CACHE / "systemd-usr-local"
 VENV = "/usr/local/lib/vfiouserd"
+# Built in place (the jail's waiter, like the .so files): not a source.
+WAITER = "vfiouserd-waiter"
 PACKAGE_SOURCES = [
     "pyproject.toml",
     "setup.py",
@@ -67,7 +69,7 @@ def source_hash() -> str:
         path = ROOT / name
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for file in files:
-            if "__pycache__" in file.parts or file.suffix in (".so", ".o"):
+            if "__pycache__" in file.parts or file.suffix in (".so", ".o") or file.name == WAITER:
                 continue
             digest.update(str(file.relative_to(ROOT)).encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()[:16]
@@ -202,7 +204,7 @@ class RealSystemd:
         source = self.install / "source"
         shutil.rmtree(source, ignore_errors=True)
         source.mkdir()
-        junk = shutil.ignore_patterns("__pycache__", "*.so", "*.o", "*.egg-info")
+        junk = shutil.ignore_patterns("__pycache__", "*.so", "*.o", "*.egg-info", WAITER)
         for name in [*PACKAGE_SOURCES, "README.md"]:
             if (ROOT / name).is_dir():
                 shutil.copytree(ROOT / name, source / name, ignore=junk)

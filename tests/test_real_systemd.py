@@ -97,6 +97,9 @@ def test_the_service_runs_jailed_and_is_rated_ok_while_it_runs(systemd, no_daemo
         assert fields["Seccomp"].strip() == "2" and fields["NoNewPrivs"].strip() == "1"
         assert fields["CapEff"].strip() == fields["CapBnd"].strip() == "0000000000000000"
         assert fields["NSpid"].split()[-1] == "1"  # PID 1 of its own namespace
+        # The main process is the jail's waiter (sandbox/waiter.c), confined too.
+        assert systemd.run("cat", f"/proc/{main}/comm").stdout.strip() == "vfiouserd-wait"
+        assert "Seccomp:\t2\n" in systemd.run("cat", f"/proc/{main}/status").stdout
         user = systemd.show(unit, "User")  # a dynamic user, not root
         assert systemd.run("id", "-u", user).stdout.strip() != "0"
         rating = systemd.run("systemd-analyze", "security", "--no-pager", unit).stdout
