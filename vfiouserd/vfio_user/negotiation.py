@@ -15,6 +15,8 @@ from vfiouserd.protocol.vfio_user import Command, Message
 from vfiouserd.vfio_user.messages import ProtocolViolation, RequestError
 
 
+DMA_CHUNK_LIMIT = 64 * 1024  # bytes per DMA_READ/DMA_WRITE (see dma_chunk)
+
 @dataclass
 class ServerConfig:
     max_data_xfer_size: int = vfu.DEFAULT_MAX_DATA_XFER
@@ -47,8 +49,13 @@ class Terms:
     @property
     def dma_chunk(self) -> int:
         # The client takes at most its max_data_xfer_size per transfer, and a
-        # DMA_READ reply must fit in a message we accept.
-        return min(self.client.max_data_xfer_size, self.config.max_data_xfer_size)
+        # DMA_READ reply must fit in a message we accept. QEMU (10.2) writes
+        # a message with one sendmsg and drops what the socket did not take,
+        # so a reply larger than its socket buffer (about 208 KiB) arrives
+        # cut short: stay well below that.
+        return min(
+            self.client.max_data_xfer_size, self.config.max_data_xfer_size, DMA_CHUNK_LIMIT
+        )
 
     def check_argsz(self, argsz: int, minimum: int, what: str) -> None:
         """argsz bounds the reply: at least the fixed structure, at most what
