@@ -14,8 +14,8 @@ from vfiouserd.protocol import vfio_user as vfu
 from vfiouserd.protocol.vfio_user import Command, Message
 from vfiouserd.vfio_user.messages import ProtocolViolation, RequestError
 
-
 DMA_CHUNK_LIMIT = 64 * 1024  # bytes per DMA_READ/DMA_WRITE (see dma_chunk)
+
 
 @dataclass
 class ServerConfig:
@@ -53,9 +53,7 @@ class Terms:
         # a message with one sendmsg and drops what the socket did not take,
         # so a reply larger than its socket buffer (about 208 KiB) arrives
         # cut short: stay well below that.
-        return min(
-            self.client.max_data_xfer_size, self.config.max_data_xfer_size, DMA_CHUNK_LIMIT
-        )
+        return min(self.client.max_data_xfer_size, self.config.max_data_xfer_size, DMA_CHUNK_LIMIT)
 
     def check_argsz(self, argsz: int, minimum: int, what: str) -> None:
         """argsz bounds the reply: at least the fixed structure, at most what
