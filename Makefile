@@ -103,6 +103,7 @@ bench: guest
 	$(VENV)/bin/python bench/console.py
 	$(VENV)/bin/python bench/net.py
 	$(VENV)/bin/python bench/lab.py
+	$(VENV)/bin/python bench/footprint.py
 
 # Every device gets its turn even when an earlier one had findings; the
 # target fails if any had. Replay a finding with the command its FINDING line

@@ -46,7 +46,18 @@ from typing import Any
 
 import nvme
 import trio
-from common import CACHE, Workload, compile_driver, percentiles, request_args, ring_args, stop
+from common import (
+    CACHE,
+    CLOCK_TICKS,
+    Workload,
+    compile_driver,
+    cpu_ticks,
+    percentiles,
+    process_tree,
+    request_args,
+    ring_args,
+    stop,
+)
 from nvme import NVME
 
 from vfiouserd.client.control import ControlClient
@@ -98,6 +109,7 @@ class Sample:
     p50_us: float
     p99_us: float
     native: float | None = None  # vfiouserd: share of the requests the fast path served
+    cpu_us: float | None = None  # the back end's user+sys per request (measure's daemon=)
     # vfio-user-nvme: doorbell messages (REGION_WRITEs) and interrupts per
     # command, whether shadow doorbells were on
     doorbells: float | None = None
@@ -143,6 +155,23 @@ def wait_for_socket(path: str, process: subprocess.Popen) -> None:
     raise TimeoutError(f"{path} never appeared")
 
 
+def qsd_command(kind: str, image: Path, sock: str, queues: int) -> list[str]:
+    """qemu-storage-daemon with one vhost-user-blk export of ``image``;
+    ``kind``: "qsd aio=MODE", or MODE+iothread (the export in an iothread)."""
+    aio, _, iothread = kind.partition("=")[2].partition("+")
+    return [
+        "qemu-storage-daemon",
+        *(["--object", "iothread,id=io0"] if iothread else []),
+        "--blockdev",
+        f"driver=file,node-name=file,filename={image},cache.direct=off,aio={aio}",
+        "--blockdev",
+        "driver=raw,node-name=raw,file=file",
+        "--export",
+        f"type=vhost-user-blk,id=exp,node-name=raw,addr.type=unix,"
+        f"addr.path={sock},writable=on,num-queues={queues}" + (",iothread=io0" if iothread else ""),
+    ]
+
+
 def start_backend(kind: str, image: Path, sock: str, queues: int) -> subprocess.Popen:
     """``kind``: one of OURS, or "qsd aio=MODE" (MODE+iothread: the export
     in an iothread, which polls its queues, 32 us by default, as the main
@@ -159,19 +188,7 @@ def start_backend(kind: str, image: Path, sock: str, queues: int) -> subprocess.
             *(*device, "--log-level", "warning"),
         ]
     else:
-        aio, _, iothread = kind.partition("=")[2].partition("+")
-        command = [
-            "qemu-storage-daemon",
-            *(["--object", "iothread,id=io0"] if iothread else []),
-            "--blockdev",
-            f"driver=file,node-name=file,filename={image},cache.direct=off,aio={aio}",
-            "--blockdev",
-            "driver=raw,node-name=raw,file=file",
-            "--export",
-            f"type=vhost-user-blk,id=exp,node-name=raw,addr.type=unix,"
-            f"addr.path={sock},writable=on,num-queues={queues}"
-            + (",iothread=io0" if iothread else ""),
-        ]
+        command = qsd_command(kind, image, sock, queues)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     wait_for_socket(sock, process)
     return process
@@ -277,7 +294,10 @@ async def measure(
     seconds: float,
     seed: int,
     shadow: bool = True,
+    daemon: int | None = None,
 ) -> Sample:
+    """One run of ``workload``; with ``daemon`` (the back end's pid), its
+    processes' CPU time over the run, per completed request."""
     ram = GuestRam([(0, RAM_SIZE)])
     control = sock.removesuffix(".sock") + ".control.sock" if kind in OURS else None
     try:
@@ -307,9 +327,12 @@ async def measure(
             counts = []  # around the run, while connected
             if control is not None:
                 counts.append(await trio.to_thread.run_sync(request_counts, control))
+            ticks = [] if daemon is None else [cpu_ticks(process_tree(daemon))]
             async with trio.open_nursery() as nursery:
                 for args in runs:
                     nursery.start_soon(drive, args)
+            if daemon is not None:
+                ticks.append(cpu_ticks(process_tree(daemon)))
             if control is not None:
                 counts.append(await trio.to_thread.run_sync(request_counts, control))
     finally:
@@ -331,10 +354,12 @@ async def measure(
         (requests, native_before), (requests_after, native_after) = counts
         native = (native_after - native_before) / (requests_after - requests)
     sample = Sample(iops=iops, p50_us=p50_us, p99_us=p99_us, native=native)
+    completed = sum(args.completed for args in runs)
+    if ticks:
+        sample.cpu_us = (ticks[1] - ticks[0]) / CLOCK_TICKS / completed * 1e6
     if kind == NVME:
-        commands = sum(args.completed for args in runs)
-        sample.doorbells = sum(args.doorbells for args in runs) / commands
-        sample.interrupts = sum(args.interrupts for args in runs) / commands
+        sample.doorbells = sum(args.doorbells for args in runs) / completed
+        sample.interrupts = sum(args.interrupts for args in runs) / completed
         sample.shadow = bool(runs[0].shadow)
     return sample
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import signal
 import socket
 import subprocess
@@ -36,16 +38,27 @@ def compile_driver(module: str, source: str, declarations: str) -> ModuleType:
     return importlib.import_module(module)
 
 
-async def connect(path: str) -> trio.socket.SocketType:
-    """A UNIX stream connection to ``path``, once something listens there."""
+async def connect(
+    path: str,
+    interval: float = 0.02,
+    process: subprocess.Popen[bytes] | None = None,
+    timeout: float = 20,
+) -> trio.socket.SocketType:
+    """A UNIX stream connection to ``path``, once something listens there
+    (tried every ``interval`` seconds: a start-up timing wants it short;
+    given up at once if ``process``, meant to listen there, has exited)."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with trio.fail_after(20):
+    with trio.fail_after(timeout):
         while True:
             try:
                 await sock.connect(path)
                 return sock
             except OSError:
-                await trio.sleep(0.02)
+                if process is not None and process.poll() is not None:
+                    sock.close()
+                    message = f"exited ({process.returncode}) before {path} served"
+                    raise RuntimeError(message) from None
+                await trio.sleep(interval)
 
 
 def stop(process: subprocess.Popen[bytes], name: str, timeout: float = 10) -> None:
@@ -58,6 +71,56 @@ def stop(process: subprocess.Popen[bytes], name: str, timeout: float = 10) -> No
         print(f"warning: {name} did not exit {timeout:g} s after SIGTERM: killed", file=sys.stderr)
         process.kill()
         process.wait()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every descendant (the children of each of its threads, as
+    the kernel lists them), parents first: all the processes of a daemon,
+    the jailed child in its PID namespace included."""
+    tree = [pid]
+    for parent in tree:  # grows as it is walked
+        for listing in Path(f"/proc/{parent}/task").glob("*/children"):
+            with contextlib.suppress(OSError):  # a thread that just ended
+                tree += map(int, listing.read_text().split())
+    return tree
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    """utime + stime of these processes, all their threads (those that
+    ended too), in clock ticks: /proc/PID/stat's fields 14 and 15."""
+    total = 0
+    for pid in pids:
+        # The command name may hold blanks and parentheses: split after its ')'.
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def context_switches(pids: list[int]) -> int:
+    """Voluntary and involuntary switches of every live thread of these
+    processes: each wake-up of a sleeping thread counts one."""
+    total = 0
+    for pid in pids:
+        for status in Path(f"/proc/{pid}/task").glob("*/status"):
+            with contextlib.suppress(OSError):
+                for line in status.read_text().splitlines():
+                    if "ctxt_switches:" in line:
+                        total += int(line.split()[1])
+    return total
+
+
+def pss_bytes(pids: list[int]) -> int:
+    """The proportional set size of these processes together (smaps_rollup):
+    a page that N processes map counts 1/N to each of them."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+    return total
 
 
 def ram_base(ram: GuestRam) -> int:

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
+from common import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -63,8 +64,9 @@ def daemon(workdir: Path, protocol: str, name: str, *extra: str) -> list[str]:
 
 async def vhost_user_device(path: str, ram: GuestRam) -> tuple[VhostUserFrontend, BlkClient]:
     """What QEMU's vhost-user-blk does on (re)connection: negotiate, share
-    memory, an inflight region, start the ring."""
-    frontend = await VhostUserFrontend.connect(path)
+    memory, an inflight region, start the ring. Connects as soon as the
+    back end listens (a reconnection races with its start)."""
+    frontend = VhostUserFrontend(await connect(path, interval=0.001))
     await frontend.negotiate()
     await frontend.set_features()
     region = await frontend.get_inflight(1, QUEUE_SIZE)

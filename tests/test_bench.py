@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -180,3 +181,47 @@ def test_lab_benchmark_reports_every_condition_and_where_the_fast_path_was():
         assert float(fields[1].split("/")[0]) > 0, done.stdout  # IOPS
     reference = [fields for label, fields in rows if label.endswith("(reference)")]
     assert all(fields[2] == "1.00/1.00/1.00" for fields in reference), done.stdout
+
+
+@pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="needs qemu-storage-daemon")
+def test_footprint_benchmark_reports_every_target_for_every_back_end():
+    options = ["--runs", "2", "--devices", "2", "--idle-seconds", "0.5", "--seconds", "0.2"]
+    script = [sys.executable, str(BENCH.parent / "footprint.py"), *options, "--image-size", "64"]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    qsd = "qsd aio=io_uring"
+    block = ["vhost-user-blk", "vfio-user-blk", "vfio-user-nvme"]
+    devices = [*block, "vhost-user-rng", "vhost-user-console"]
+    tables = done.stdout.strip().split("\n\n")[1:]
+    # Each table: its title, a header, rows whose cells two blanks or more part.
+    rows = [[re.split(r"\s{2,}", line) for line in t.splitlines()[2:]] for t in tables]
+    assert [len(r) for r in rows] == [6, 10, 2, 4, 8, 3], done.stdout
+    ready, pss, many, idle, per_io, restart = rows
+    assert [r[0] for r in ready] == [*devices, qsd]
+    assert [(r[0], r[1]) for r in pss] == [
+        *((kind, "served once, no client") for kind in (*devices, qsd)),
+        *((kind, "client, ring set up") for kind in (*block, qsd)),
+    ]
+    assert [r[0] for r in many] == ["vhost-user-blk", qsd]
+    assert [r[0] for r in idle] == [*block, qsd]
+    assert [(r[0], r[1]) for r in per_io] == [
+        (kind, depth) for depth in ("1", "32") for kind in (*block, qsd)
+    ]
+    assert [r[0].split(" (")[0] for r in restart] == [
+        "fd store, vhost-user-blk",
+        "fd store, vfio-user-blk",
+        f"{qsd}, reconnect",
+    ]
+    for table in rows:  # a verdict on each of ours (none per I/O: no target), the reference
+        for cells in table:
+            if cells[0].startswith("qsd"):
+                assert cells[-1] == "reference", done.stdout
+            else:
+                assert cells[-1] in (("-",) if table is per_io else ("met", "NOT met")), done.stdout
+    for table in rows:  # every min/med/max in order, and every figure a number
+        for cells in table:
+            for cell in cells:
+                if cell.count("/") == 2:
+                    low, median, high = map(float, cell.split("/"))
+                    assert 0 <= low <= median <= high, done.stdout
+    assert all(float(r[2].split("/")[0]) > 0 for r in per_io), done.stdout  # CPU per request
