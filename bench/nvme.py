@@ -30,7 +30,7 @@ from vfiouserd.client.vfio_user import VfioUserClient
 from vfiouserd.devices.nvme.formats import AdminOpcode
 
 NVME = "vfio-user-nvme"
-ENTRIES = 256  # per SQ and CQ: room for any depth the bench asks (up to 255)
+ENTRIES = 1024  # per SQ and CQ, as Linux's nvme driver (io_queue_depth): a doorbell at each wrap
 NSID = 1
 OACS_DOORBELL_BUFFER_CONFIG = 1 << 8
 
