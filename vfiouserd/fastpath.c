@@ -233,6 +233,21 @@ static void vfu_count(struct vfu_split_queue *q, const struct vfu_request *r, ui
         q->latency_max = latency;
 }
 
+int vfu_wait(int wake_fd, int stop_fd)
+{
+    struct pollfd fds[2] = {{wake_fd, POLLIN, 0}, {stop_fd, POLLIN, 0}};
+    if (poll(fds, 2, -1) < 0)
+        return errno == EINTR ? 0 : -1;
+    if ((fds[0].revents | fds[1].revents) & (POLLNVAL | POLLERR))
+        return -1;
+    if (fds[0].revents & POLLIN) {
+        uint64_t count;
+        ssize_t done = read(wake_fd, &count, sizeof count);
+        (void)done;
+    }
+    return 0;
+}
+
 int vfu_split_serve(struct vfu_split_queue *q, struct vfu_request *r)
 {
     for (;;) {
@@ -296,19 +311,7 @@ int vfu_split_serve(struct vfu_split_queue *q, struct vfu_request *r)
             continue;  /* more may be waiting */
         /* Waiting for the host: the driver's kicks stay unread until then
            (the buffers are there already). */
-        int wait_fd = waits_for_host ? q->host_fd : q->kick_fd;
-        struct pollfd fds[2] = {{wait_fd, POLLIN, 0}, {q->stop_fd, POLLIN, 0}};
-        if (poll(fds, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
+        if (vfu_wait(waits_for_host ? q->host_fd : q->kick_fd, q->stop_fd) != 0)
             return VFU_FAST_BROKEN_FD;
-        }
-        if ((fds[0].revents | fds[1].revents) & (POLLNVAL | POLLERR))
-            return VFU_FAST_BROKEN_FD;
-        if (fds[0].revents & POLLIN) {
-            uint64_t count;
-            ssize_t done = read(wait_fd, &count, sizeof count);
-            (void)done;
-        }
     }
 }

@@ -63,5 +63,9 @@ struct vfu_split_queue {
     uint64_t latency[64];       /* log2 buckets of the same, in ns */
 };
 
+/* Every native loop's sleep: until wake_fd or stop_fd is signalled (wake_fd's
+   count consumed); 0, or -1 if the fds cannot be polled. */
+int vfu_wait(int wake_fd, int stop_fd);
+
 /* Serve until stopped or until a request needs Python; returns why. */
 int vfu_split_serve(struct vfu_split_queue *q, struct vfu_request *r);

@@ -374,18 +374,7 @@ int vfu_nvme_serve(struct vfu_nvme_loop *l)
         }
         if (progressed || vfu_nvme_watch(l) || vfu_nvme_arm(l))
             continue;
-        struct pollfd fds[2] = {{l->doorbell_fd, POLLIN, 0}, {l->stop_fd, POLLIN, 0}};
-        if (poll(fds, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
+        if (vfu_wait(l->doorbell_fd, l->stop_fd) != 0)
             return VFU_FAST_BROKEN_FD;
-        }
-        if ((fds[0].revents | fds[1].revents) & (POLLNVAL | POLLERR))
-            return VFU_FAST_BROKEN_FD;
-        if (fds[0].revents & POLLIN) {
-            uint64_t count;
-            ssize_t done = read(l->doorbell_fd, &count, sizeof count);
-            (void)done;
-        }
     }
 }
