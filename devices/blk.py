@@ -264,7 +264,9 @@ class VirtioBlk(VirtioDevice):
         self.writeback = True
 
     def check_state(self, values: dict[str, Any]) -> None:
-        if values["capacity"] != self.capacity:
+        # A grown image is the same disk: the guest keeps the size it knows
+        # until ``reload`` announces the new one.
+        if values["capacity"] > self.capacity:
             raise StateError(
                 f"the disk had {values['capacity']} sectors, this image has {self.capacity}"
             )

@@ -107,6 +107,9 @@ class JailOptions:
     # Set by ``enter`` when there is a notify socket: the daemon's way to
     # systemd's fd store (through the parent when jailed).
     store: FdStore | None = None
+    # READY=1 once jailed; not for an upgrade's successor: the daemon it
+    # succeeds names it the main process (MAINPID=) when it takes over.
+    announce_ready: bool = True
 
 
 @contextlib.contextmanager
@@ -145,7 +148,8 @@ def enter(options: JailOptions) -> None:
         raise JailError(f"unknown --seccomp action {options.seccomp!r}")
     if options.mode == "none":
         log.warning("sandbox.disabled", reason="--sandbox=none: the daemon runs unjailed")
-        _notify_ready(options)
+        if options.announce_ready:
+            _notify_ready(options)
         notify_fd = options.notify_fd
         if notify_fd is not None:
             options.store = FdStore(lambda message, fds: send_notification(notify_fd, message, fds))
@@ -191,7 +195,8 @@ def enter(options: JailOptions) -> None:
         except BaseException as exc:
             os.write(2, f"vfiouserd: cannot finish the jail: {exc!r}\n".encode())
             os._exit(1)
-        os.write(ready_write, b"1")
+        # "0": jailed, but the waiter tells systemd nothing (see announce_ready).
+        os.write(ready_write, b"1" if options.announce_ready else b"0")
         os.close(ready_write)
         log.info("sandbox.entered", mode=options.mode, seccomp=options.seccomp, uid=uid)
         return

@@ -32,6 +32,7 @@ KCMP_FILE = 0
 # name: why the daemon needs it after jailing
 BASE: dict[str, str] = {
     "read": "eventfds, sockets, entropy files",
+    "pread64": "the session state an upgrade's predecessor hands over (a memfd)",
     "write": "logs on stderr, eventfds, sockets",
     "close": "fds the VMM sent and the daemon releases",
     "fcntl": "non-blocking eventfds and sockets",
@@ -48,6 +49,7 @@ BASE: dict[str, str] = {
     "rseq": "new threads",
     "gettid": "logging and threads",
     "getpid": "trio and logging",
+    "getuid": "the upgrade command checking its peer is the daemon's own user",
     "prctl": "PR_SET_NAME only: trio names its worker threads",
     "exit_group": "the daemon ending",
     "epoll_create1": "trio's event loop",

@@ -10,11 +10,13 @@
  *
  *   - relays SIGTERM, SIGINT and SIGHUP to the daemon,
  *   - tells systemd READY=1 (with its own pid as MAINPID) once the daemon
- *     writes "1" on the readiness pipe,
+ *     writes "1" on the readiness pipe ("0": nothing to tell, an upgrade's
+ *     successor, which the daemon it succeeds names the main process),
  *   - passes the daemon's notifications (the fd store) on to systemd, which
  *     listens to the main process only,
  *   - at the end removes the daemon's socket files, unless a notification
- *     stored one of the sockets named "keep" (the next daemon listens there),
+ *     stored one of the sockets named "keep" (the next daemon listens there)
+ *     or named a successor as the main process (an upgrade in place),
  *   - exits with the daemon's status (128 + the signal that killed it),
  *
  * under the seccomp filter the daemon built for it (seccomp.reaper_policy),
@@ -261,8 +263,13 @@ static void notify_ready(void)
     }
 }
 
+/* Whether the daemon's sockets live on after it: it put one of the kept
+ * sockets in the fd store, or handed everything to a successor daemon
+ * (vfiouserd.upgrade), now the service's main process (MAINPID=). */
 static bool stores_a_kept_socket(const char *message, size_t length)
 {
+    if (memmem(message, length, "MAINPID=", 8))
+        return true;
     for (int i = 0; i < w.kept_count; i++) {
         struct line wanted = {.used = 0};
         put(&wanted, "FDNAME=");

@@ -2,7 +2,10 @@
 
 PID 1 on the test machines is not systemd, so this plays its part for one
 service: it listens on a notify socket (NOTIFY_SOCKET) for READY=1,
-FDSTORE=1 (with FDNAME= and the fds attached), FDSTOREREMOVE=1 and FDPOLL=,
+MAINPID=, FDSTORE=1 (with FDNAME= and the fds attached), FDSTOREREMOVE=1
+and FDPOLL=, from the main process only (NotifyAccess=main: the sender's
+pid comes with each message, SO_PASSCRED); it runs ExecReload= commands;
+it is the subreaper of what the service leaves behind (as systemd is) and
 keeps the fd store across restarts like FileDescriptorStoreMax= does (one
 entry per open file, as systemd keeps them), and
 starts the service with the stored fds at 3, 4, ... and LISTEN_FDS,
@@ -22,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import prctl
 import trio
 from daemon import assert_no_bug_logged
 
@@ -65,12 +69,18 @@ class FakeSystemd:
         self.messages: list[str] = []
         self.starts = 0
         self.process: subprocess.Popen | None = None
+        self.main_pid: int | None = None  # ExecStart='s process, or whom MAINPID= named
+        self.ignored: list[str] = []  # notifications from another process than the main one
         self._ready = trio.Event()
         self._sock: trio.socket.SocketType | None = None
 
     async def __aenter__(self) -> FakeSystemd:
         self._sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         await self._sock.bind(self.notify_path)
+        # A main process that a reload started is adopted, not our child.
+        self._was_subreaper = prctl.get_child_subreaper()
+        prctl.set_child_subreaper(True)
         self._nursery_manager = trio.open_nursery()
         nursery = await self._nursery_manager.__aenter__()
         nursery.start_soon(self._receive)
@@ -81,6 +91,11 @@ class FakeSystemd:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        if self.main_pid is not None and not self._is_started_process(self.main_pid):
+            with contextlib.suppress(ChildProcessError, ProcessLookupError):
+                os.kill(self.main_pid, signal.SIGKILL)
+                os.waitpid(self.main_pid, 0)
+        prctl.set_child_subreaper(self._was_subreaper)
         self._nursery.cancel_scope.cancel()
         await self._nursery_manager.__aexit__(None, None, None)
         assert self._sock is not None
@@ -95,11 +110,20 @@ class FakeSystemd:
         assert self._sock is not None
         space = socket.CMSG_SPACE(FD_STORE_MAX * 4)
         while True:
+            space += socket.CMSG_SPACE(12)  # the sender's pid, uid and gid
             data, ancillary, _, _ = await self._sock.recvmsg(4096, space, socket.MSG_CMSG_CLOEXEC)
             fds: list[int] = []
+            sender = None
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    sender = array.array("i", payload[:12])[0]
+            if sender != self.main_pid:  # NotifyAccess=main: what systemd ignores
+                self.ignored.append(data.decode())
+                for fd in fds:
+                    os.close(fd)
+                continue
             self._handle(data.decode(), fds)
 
     def _handle(self, text: str, fds: list[int]) -> None:
@@ -121,6 +145,8 @@ class FakeSystemd:
                 os.close(fd)
         for fd in fds:  # fds sent without FDSTORE=1 are dropped
             os.close(fd)
+        if "MAINPID" in fields:
+            self.main_pid = int(fields["MAINPID"])
         if fields.get("READY") == "1":
             self._ready.set()
 
@@ -148,6 +174,7 @@ class FakeSystemd:
             env=environment,
         )
         log.close()
+        self.main_pid = self.process.pid
         with trio.fail_after(timeout):
             while not self._ready.is_set():
                 if self.process.poll() is not None:
@@ -156,8 +183,8 @@ class FakeSystemd:
 
     def _processes(self) -> list[int]:
         """The service's processes, main first (its cgroup, as systemd sees it)."""
-        assert self.process is not None
-        found, index = [self.process.pid], 0
+        assert self.main_pid is not None
+        found, index = [self.main_pid], 0
         while index < len(found):
             pid = found[index]
             index += 1
@@ -166,19 +193,56 @@ class FakeSystemd:
                     found += [int(c) for c in (task / "children").read_text().split()]
         return found
 
+    def _is_started_process(self, pid: int) -> bool:
+        return self.process is not None and pid == self.process.pid
+
     async def stop(self, timeout: float = 20) -> int:
         """ExecStop= by signal: SIGTERM to every process of the service
         (KillMode=control-group, systemd's default), then the exit status."""
-        assert self.process is not None
+        assert self.process is not None and self.main_pid is not None
         for pid in self._processes():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         with trio.fail_after(timeout):
-            while self.process.poll() is None:
-                await trio.sleep(0.01)
+            status = await self._reaped(self.main_pid)
         await trio.sleep(0.05)  # notifications sent just before the exit
         assert_no_bug_logged(self.log())
-        return self.process.returncode
+        return status
+
+    async def reload(self, command: list[str], timeout: float = 30) -> int:
+        """ExecReload=: ``command`` runs beside the service (the notify
+        socket set, no fds passed); its exit status."""
+        log = open(self.workdir / f"{self.name}.log", "ab")  # noqa: SIM115
+        log.write(b"--- reload ---\n")
+        log.flush()
+        reloading = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "NOTIFY_SOCKET": self.notify_path},
+        )
+        log.close()
+        previous = self.main_pid
+        with trio.fail_after(timeout):
+            while reloading.poll() is None:
+                await trio.sleep(0.005)
+            if reloading.returncode == 0 and previous is not None:
+                # Once the old main process is gone (the reload command
+                # waits for it), its MAINPID= is in the notify socket.
+                while self.main_pid == previous:
+                    await trio.sleep(0.001)
+                await self._reaped(previous)  # adopted, or our child: ours to reap
+        return reloading.returncode
+
+    async def _reaped(self, pid: int) -> int:
+        if self._is_started_process(pid):
+            assert self.process is not None
+            while self.process.poll() is None:
+                await trio.sleep(0.005)
+            return self.process.returncode
+        while (reaped := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            await trio.sleep(0.005)
+        return os.waitstatus_to_exitcode(reaped[1])
 
     async def restart(self) -> float:
         """systemctl restart; returns the seconds the service was down."""

@@ -3,8 +3,10 @@
 The daemon runs under ``strace -f`` with ``--seccomp=log`` (nothing is
 killed while recording). A thread that loaded a filter, and every thread or
 process it creates afterwards, is jailed; their calls from then on are
-counted, split between the parent left outside the PID namespace (the first
-process traced) and the daemon proper. Each jailed process loads its filter
+counted, split between the parent left outside the PID namespace (the
+process that executes the waiter by fd, ``execveat``: the first process
+traced, or the one an upgrade's reload command forked) and the daemon
+proper. Each jailed process loads its filter
 while it has a single thread, so following clone results is enough.
 """
 
@@ -52,7 +54,7 @@ def parse(trace: Path) -> Record:
     record = Record()
     jailed: set[int] = set()
     unfinished: dict[int, tuple[str, str]] = {}  # pid -> (name, args) of a call in progress
-    first_pid: int | None = None
+    reapers: set[int] = set()
     seen: set[int] = set()
     # Inside the daemon's PID namespace a clone returns the new thread's id
     # there, not the one strace prints: such a thread is jailed when it first
@@ -84,8 +86,8 @@ def parse(trace: Path) -> Record:
         if not start:
             continue  # signals, exits
         pid, name, rest = int(start.group(1)), start.group(2), start.group(3)
-        if first_pid is None:
-            first_pid = pid
+        if name == "execveat":
+            reapers.add(pid)
         if pid not in seen:
             seen.add(pid)
             if any(p in jailed and n in CLONES for p, (n, _) in unfinished.items()):
@@ -95,7 +97,7 @@ def parse(trace: Path) -> Record:
                 jailed.add(pid)
                 awaited -= 1
         if pid in jailed:
-            (record.reaper if pid == first_pid else record.daemon).add(name)
+            (record.reaper if pid in reapers else record.daemon).add(name)
         if rest.endswith("<unfinished ...>"):
             unfinished[pid] = (name, rest)
         else:

@@ -133,6 +133,57 @@ def test_systemctl_restart_under_a_writing_guest(systemd, no_daemon_killed, prot
     assert_one_connection_across_restarts(systemd.journal(unit))
 
 
+def assert_upgraded_in_place(systemd: RealSystemd, unit: str, mains: list[str]) -> None:
+    """Each `systemctl reload` named a new main process, which took the
+    session over; the VMM connected once, nothing went through the fd store,
+    and systemd heard nothing from a process it does not listen to."""
+    assert len(set(mains)) == len(mains), mains
+    journal = systemd.journal(unit)
+    assert journal.count("event=upgrade.taken_over") == len(mains) - 1, journal[-3000:]
+    assert journal.count("event=session.start") == len(mains), journal[-3000:]
+    assert "handover.restored" not in journal and "refused" not in journal, journal[-3000:]
+    assert "reception only permitted" not in journal, journal[-3000:]
+    assert "not our child" not in journal, journal[-3000:]
+
+
+@pytest.mark.parametrize("protocol", ["vhost-user", "vfio-user", "nvme"])
+def test_systemctl_reload_upgrades_in_place_under_a_writing_guest(
+    systemd, no_daemon_killed, protocol, request
+):
+    """Three `systemctl reload`s (ExecReload=: a new daemon takes the session
+    over from the running one) while a guest writes and verifies: QEMU 7.2
+    over vhost-user, QEMU 10.2 over vfio-user (virtio-blk and NVMe)."""
+    name = f"reload-{protocol}"
+    unit = f"vfiouserd@{name}.service"
+    image = f"/var/lib/vfiouserd/{name}.img"
+    if protocol == "nvme":
+        start(systemd, name, "vfio-user-nvme", namespace=image, size="64M")
+        qemu, devices = (
+            request.getfixturevalue("qemu_new"),
+            vm.vfio_user_device(systemd.path(socket_path(name))),
+        )
+    else:
+        start(systemd, name, f"{protocol}-blk", blk_file=image, size="64M")
+        qemu, devices = blk_front_end(
+            protocol, systemd.path(socket_path(name)), lambda: request.getfixturevalue("qemu_new")
+        )
+    mains = [systemd.show(unit, "MainPID")]
+
+    def reload() -> None:
+        systemd.systemctl("reload", unit)
+        assert systemd.show(unit, "ActiveState") == "active"
+        mains.append(systemd.show(unit, "MainPID"))
+        # The main process is the new daemon's waiter, which jailed it.
+        assert systemd.run("cat", f"/proc/{mains[-1]}/comm").stdout.strip() == "vfiouserd-wait"
+
+    disk = "/dev/nvme0n1" if protocol == "nvme" else "/dev/vda"
+    try:
+        write_and_verify_across_restarts(reload, qemu, devices, disk=disk)
+    finally:
+        stop(systemd, unit)
+    assert_upgraded_in_place(systemd, unit, mains)
+
+
 # After WRITE_VERIFY_ROUNDS on the NVMe disk: what the nvme driver logs when
 # a command is lost (a timeout, an abort, a controller reset), and what the
 # disk holds, to compare with the image.

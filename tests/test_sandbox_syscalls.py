@@ -427,7 +427,7 @@ async def handed_over(tmp_path: Path, protocol: str) -> Record:
     socket_path = str(workdir / "device.sock")
     ram = GuestRam([(0, 16 * MiB)])
 
-    def traced(start: int) -> list[str]:
+    def traced(start: int, *more: str) -> list[str]:
         return [
             *command(workdir / f"{start}.trace", [])[:1],
             "-D",
@@ -435,7 +435,11 @@ async def handed_over(tmp_path: Path, protocol: str) -> Record:
             sys.executable,
             *("-m", "vfiouserd", f"{protocol}-blk", "--socket-path", socket_path, "--fdstore"),
             *("--blk-file", str(workdir / "disk.img"), "--size", "16M", "--seccomp", "log"),
+            *more,
         ]
+
+    async def upgrade() -> None:  # and an upgrade in place (ExecReload=)
+        assert await manager.reload(traced(3, "--upgrade")) == 0, manager.log()
 
     async with FakeSystemd(workdir, traced(1)) as manager:
         await manager.start()
@@ -445,6 +449,8 @@ async def handed_over(tmp_path: Path, protocol: str) -> Record:
             await blk.write(0, b"h" * 512)
             manager.command = traced(2)
             await manager.restart()
+            assert await blk.read(0, 512) == b"h" * 512
+            await upgrade()
             assert await blk.read(0, 512) == b"h" * 512
             await frontend.aclose()
         else:
@@ -457,12 +463,16 @@ async def handed_over(tmp_path: Path, protocol: str) -> Record:
                 manager.command = traced(2)
                 await manager.restart()
                 assert await blk.read(0, 512) == b"h" * 512
+                await upgrade()
+                assert await blk.read(0, 512) == b"h" * 512
                 driver.close()
         assert await manager.stop() == 0
         assert "event=handover.restored" in manager.log(), manager.log()
+        assert "event=upgrade.taken_over" in manager.log(), manager.log()
     ram.close()
     record = parse(workdir / "1.trace")
-    record.update(parse(workdir / "2.trace"))
+    for start in (2, 3):
+        record.update(parse(workdir / f"{start}.trace"))
     return record
 
 

@@ -43,13 +43,24 @@ def test_virtio_rng_round_trip():
     state.load(rng(), blob)  # nothing but the header and an empty section
 
 
-def test_a_disk_of_another_size_is_refused_and_left_alone():
-    source = blk(MiB)
+def test_a_smaller_disk_is_refused_and_left_alone():
+    source = blk(2 * MiB)
     source.writeback = False
-    destination = blk(2 * MiB)
-    with pytest.raises(StateError, match="2048 sectors, this image has 4096"):
+    destination = blk(MiB)
+    with pytest.raises(StateError, match="4096 sectors, this image has 2048"):
         state.load(destination, state.save(source))
     assert destination.writeback  # unchanged
+
+
+def test_a_grown_disk_keeps_the_size_the_guest_knows_until_reloaded():
+    source = blk(MiB)
+    destination = blk(2 * MiB)
+    state.load(destination, state.save(source))
+    assert destination.capacity == 2048
+    announced = []
+    destination.add_config_listener(lambda: announced.append(destination.capacity))
+    destination.reload()
+    assert announced == [4096]
 
 
 def corrupt(blob: bytes, offset: int, value: bytes) -> bytes:

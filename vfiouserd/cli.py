@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import trio
 
-from vfiouserd import __version__, control, descriptors, faults, handover, state, systemd
+from vfiouserd import __version__, control, descriptors, faults, handover, state, systemd, upgrade
 from vfiouserd import log as logging
 from vfiouserd.devices.virtio import TRANSPORT_FEATURES, Feature, VirtioDevice
 from vfiouserd.plugins import DeviceClass, device_plugin, device_plugins
@@ -140,6 +140,14 @@ def _add_common(parser: argparse.ArgumentParser, *, capabilities: bool) -> None:
         "next start of the service carries on with it: a restart the VMM never notices "
         "(the unit needs FileDescriptorStoreMax=)",
     )
+    parser.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="take the live session over from the daemon running with the same arguments "
+        "(through its control socket), then serve: an upgrade the VMM feels as a pause of a "
+        "few milliseconds (the unit's ExecReload=); exits 0 once it serves, 1 if it did not "
+        "take over (the running daemon then serves on)",
+    )
     control = parser.add_mutually_exclusive_group()
     control.add_argument(
         "--control-socket",
@@ -211,10 +219,63 @@ def _print_capabilities(device: type[VirtioDevice]) -> int:
 
 
 def _run(args: argparse.Namespace, protocol: str, make_device: MakeDevice) -> int:
+    if args.upgrade:
+        if args.fd is not None:
+            print("error: --upgrade takes over a listening socket, not --fd", file=sys.stderr)
+            return 2
+        # The reload command waits there for the outcome and exits with it.
+        successor = Successor(upgrade.detach())
+        status = _serve(args, protocol, make_device, successor)
+        successor.report("the new daemon exited" if status else "ok")
+        return status
+    return _serve(args, protocol, make_device, None)
+
+
+class Successor:
+    """This daemon's part in an upgrade in place (vfiouserd.upgrade)."""
+
+    def __init__(self, result_fd: int) -> None:
+        self.result_fd: int | None = result_fd
+        self.predecessor: upgrade.Predecessor | None = None
+        self.socket_activated = False
+
+    def fds(self) -> list[int]:
+        kept = [] if self.result_fd is None else [self.result_fd]
+        return kept + ([] if self.predecessor is None else [self.predecessor.sock.fileno()])
+
+    def tell_predecessor(self) -> None:
+        pid = self.predecessor.pid if self.predecessor is not None else None
+        if self.result_fd is not None and type(pid) is int:
+            upgrade.report_predecessor(self.result_fd, pid)
+
+    def report(self, outcome: str) -> None:
+        """The outcome for the reload command (once)."""
+        if self.result_fd is not None:
+            upgrade.report(self.result_fd, outcome)
+            self.result_fd = None
+
+    def refuse(self, reason: str) -> None:
+        log.error("upgrade.refused", reason=reason)
+        if self.predecessor is not None:
+            self.predecessor.answer(reason)  # it takes its session back and serves on
+            self.predecessor.close()
+            self.predecessor = None
+        self.report(reason)
+
+
+def _serve(
+    args: argparse.Namespace, protocol: str, make_device: MakeDevice, successor: Successor | None
+) -> int:
     received, activated = handover.take(systemd.listen_fds())
     listener_fd = received.fds.pop(handover.LISTENER, None) if received is not None else None
     control_fd = received.fds.pop(handover.CONTROL, None) if received is not None else None
-    if args.socket_path is None and args.fd is None and not activated and listener_fd is None:
+    if (
+        args.socket_path is None
+        and args.fd is None
+        and not activated
+        and listener_fd is None
+        and successor is None
+    ):
         print(
             "error: one of --socket-path or --fd is required (or socket activation)",
             file=sys.stderr,
@@ -233,6 +294,7 @@ def _run(args: argparse.Namespace, protocol: str, make_device: MakeDevice) -> in
         if received is not None:
             kept += received.fds.values()
         kept += [fd for fd in (listener_fd, control_fd) if fd is not None]
+        kept += successor.fds() if successor is not None else []
         jail.close_inherited_fds(kept)
     device: Device | None = None
     virtio: VirtioDevice | None = None
@@ -240,30 +302,43 @@ def _run(args: argparse.Namespace, protocol: str, make_device: MakeDevice) -> in
     control_sock: socket.socket | None = None
     notify_fd = socket_file = control_file = None
     options = None
+    restored = None
     try:
         notify_fd = systemd.notify_socket()
         if args.fdstore and notify_fd is None:
             raise ValueError("--fdstore needs systemd's NOTIFY_SOCKET (Type=notify)")
         device, virtio = make_device()  # opens the image or whatever the device needs
         _timeline("opened", started)
-        if listener_fd is not None:
-            sock = socket_from_fd(listener_fd)
-            log.info("handover.listener", address=sock.getsockname() or f"fd {listener_fd}")
-        else:
-            sock = open_listening_socket(args, activated)
-        if args.fdstore and not is_listening(sock):
-            raise ValueError("--fdstore needs a listening socket, not a connected one")
-        if args.socket_path is not None:
-            socket_file = SocketFile.created_at(args.socket_path)
-        if control_fd is not None:
-            control_sock = socket_from_fd(control_fd)
-        elif not args.no_control:
-            control_path = control.socket_path(args.control_socket, sock)
+        if successor is not None:
+            # Its sockets come from the running daemon, once jailed; their
+            # files are the running daemon's, this one's from then on.
+            control_path = control.socket_path(args.control_socket, args.socket_path)
             if control_path is None:
-                log.warning("control.none", reason="no path: give --control-socket")
+                raise ValueError("--upgrade: where is the running daemon? give --control-socket")
+            successor.predecessor = upgrade.Predecessor.connect(control_path, device.name, protocol)
+            successor.tell_predecessor()
+            control_file = SocketFile.created_at(control_path)
+            if args.socket_path is not None:
+                socket_file = SocketFile.created_at(args.socket_path)
+        else:
+            if listener_fd is not None:
+                sock = socket_from_fd(listener_fd)
+                log.info("handover.listener", address=sock.getsockname() or f"fd {listener_fd}")
             else:
-                control_sock = control.listen(control_path)
-                control_file = SocketFile.created_at(control_path)
+                sock = open_listening_socket(args, activated)
+            if args.fdstore and not is_listening(sock):
+                raise ValueError("--fdstore needs a listening socket, not a connected one")
+            if args.socket_path is not None:
+                socket_file = SocketFile.created_at(args.socket_path)
+            if control_fd is not None:
+                control_sock = socket_from_fd(control_fd)
+            elif not args.no_control:
+                control_path = control.socket_path(args.control_socket, sock.getsockname())
+                if control_path is None:
+                    log.warning("control.none", reason="no path: give --control-socket")
+                else:
+                    control_sock = control.listen(control_path)
+                    control_file = SocketFile.created_at(control_path)
         faults.rules.allowed = args.allow_fault_injection
         # A virtio disk, or a PCI device with sectors of its own (NVMe).
         faults.rules.sector_kinds = getattr(virtio or device, "has_sectors", False)
@@ -284,19 +359,27 @@ def _run(args: argparse.Namespace, protocol: str, make_device: MakeDevice) -> in
             directories=device.jail_directories,
             notify_fd=notify_fd,
             socket_files=[f for f in (socket_file, control_file) if f is not None],
+            announce_ready=successor is None,
         )
         launched_pid = os.getpid()  # the process outside the jail, a unit's main process
         jail.enter(options)
         _timeline("jailed", started)
-    except (jail.JailError, OSError, ValueError) as exc:
+        if successor is not None:
+            sock, control_sock, restored = _take_over(
+                successor, launched_pid, protocol, device, virtio
+            )
+    except (jail.JailError, OSError, ValueError, upgrade.UpgradeError) as exc:
         event = "sandbox.failed" if isinstance(exc, jail.JailError) else "startup.failed"
         log.error(event, error=str(exc))
+        if successor is not None:
+            successor.refuse(str(exc))
         for opened in (sock, control_sock):
             if opened is not None:
                 opened.close()
-        if socket_file is not None and listener_fd is None:  # through the directory
+        taken_over = listener_fd is not None or successor is not None
+        if socket_file is not None and not taken_over:  # through the directory
             socket_file.remove()
-        if control_file is not None:
+        if control_file is not None and successor is None:
             control_file.remove()
         if notify_fd is not None:
             os.close(notify_fd)
@@ -305,20 +388,39 @@ def _run(args: argparse.Namespace, protocol: str, make_device: MakeDevice) -> in
         if device is not None:
             device.close()
         return 1
+    assert sock is not None
 
     def new_session(conn: trio.socket.SocketType) -> LiveSession:
         return session_type(device, conn)  # the device _add_device made for this protocol
 
+    socket_activated = bool(activated) or (successor is not None and successor.socket_activated)
     service = Service(
         sock,
         protocol,
         new_session,
         lambda: state.save(device),
         store=options.store if args.fdstore else None,
-        store_listener=not activated,
+        store_listener=not socket_activated,
         host_fds=dict if virtio is None else virtio.host_fds,
         control=control_sock,
     )
+    service.notify = options.store.notify if options.store is not None else None
+
+    def take_back(record: bytes, fds: dict[str, int]) -> LiveSession | None:
+        """The session a successor refused, set up again here."""
+        received = handover.Received(None, fds, sorted(fds))
+        try:
+            received.handover = handover.Handover.decode(record)
+            document, _ = _load_handover(received, protocol, device, virtio, adopt=False)
+            session = _set_up_session(session_type, device, document, received)
+        except (handover.HandoverError, state.StateError) as exc:
+            log.error("upgrade.take_back_failed", reason=str(exc))
+            received.close_unused()
+            return None
+        log.info("upgrade.taken_back", protocol=protocol)
+        return session
+
+    service.take_back = take_back
     control_server = None
     if control_sock is not None:
         info = {
@@ -335,11 +437,24 @@ def _run(args: argparse.Namespace, protocol: str, make_device: MakeDevice) -> in
             return {"name": device.name, **own}
 
         control_server = control.ControlServer(control_sock, info, device_statistics)
+        control_server.enable_upgrade(service.upgrade)
 
     async def main() -> None:
         session = None
         if restored is not None:
-            session = _restore_session(protocol, session_type, device, *restored)
+            if successor is not None:
+                try:
+                    session = _set_up_session(session_type, device, *restored)
+                except handover.HandoverError as exc:
+                    successor.refuse(str(exc))
+                    return
+                _taken_over(successor)
+                if virtio is not None:
+                    virtio.reload()  # what changed meanwhile (an image grown), as SIGHUP would
+            else:
+                session = _restore_session(protocol, session_type, device, *restored)
+        elif successor is not None:
+            _taken_over(successor)
         async with trio.open_nursery() as nursery:
             if control_server is not None:
                 nursery.start_soon(control_server.run)
@@ -361,7 +476,57 @@ def _run(args: argparse.Namespace, protocol: str, make_device: MakeDevice) -> in
                 created.close()
         device.close()
         log.info("exit", handed_over=service.handed_over)
+    if successor is not None and successor.result_fd is not None:
+        return 1  # never took over: the running daemon serves on
     return 0
+
+
+def _take_over(
+    successor: Successor, main_pid: int, protocol: str, device: Device, virtio: VirtioDevice | None
+) -> tuple[socket.socket, socket.socket | None, tuple[dict[str, Any], handover.Received] | None]:
+    """In the jail: the running daemon's sockets and session, its device
+    state loaded (the session is set up in the event loop)."""
+    assert successor.predecessor is not None
+    handed = successor.predecessor.take(main_pid)
+    successor.socket_activated = handed.socket_activated
+    received, others = handover.take(handed.fds)
+    for other in others:
+        os.close(other.fd)
+    if received is None:
+        raise upgrade.UpgradeError("the running daemon sent nothing of its own")
+    try:
+        listener = received.fds.pop(handover.LISTENER, None)
+        control_fd = received.fds.pop(handover.CONTROL, None)
+        if listener is None:
+            raise upgrade.UpgradeError("the running daemon sent no listening socket")
+        sock = socket_from_fd(listener, inherited=False)  # MSG_CMSG_CLOEXEC
+        control_sock = socket_from_fd(control_fd, False) if control_fd is not None else None
+        restored = None
+        if handover.STATE in received.names:
+            if received.handover is None:
+                raise upgrade.UpgradeError(
+                    "its session state cannot be read (see handover.refused)"
+                )
+            restored = _load_handover(received, protocol, device, virtio, adopt=True)
+    except (handover.HandoverError, state.StateError) as exc:
+        received.close_unused()
+        raise upgrade.UpgradeError(f"cannot take its session: {exc}") from exc
+    except BaseException:
+        received.close_unused()
+        raise
+    return sock, control_sock, restored
+
+
+def _taken_over(successor: Successor) -> None:
+    """The session is this daemon's: the running one lets go of it and
+    names this one's waiter the service's main process."""
+    assert successor.predecessor is not None
+    if not successor.predecessor.answer(None):
+        log.warning("upgrade.no_release", reason="the running daemon did not confirm")
+    successor.predecessor.close()
+    successor.predecessor = None
+    log.info("upgrade.taken_over")
+    successor.report("ok")
 
 
 def _process_start() -> float:
@@ -396,21 +561,36 @@ def _take_handover(
     if received is None or received.handover is None:
         return None
     try:
-        record = received.handover
-        if record.protocol != protocol:
-            raise handover.HandoverError(f"a {record.protocol} session, this is {protocol}")
-        state.load(device, record.device_blob)
-        fds = {name: received.fd(stored) for name, stored in record.host_fds.items()}
-        if virtio is not None:
-            virtio.adopt_host_fds({name: fd for name, fd in fds.items() if fd is not None})
-        else:
-            for fd in fds.values():
-                if fd is not None:
-                    os.close(fd)
+        return _load_handover(received, protocol, device, virtio, adopt=True)
     except (handover.HandoverError, state.StateError) as exc:
         log.error("handover.refused", reason=str(exc))
         received.close_unused()  # the VMM sees the connection close, and may reconnect
         return None
+
+
+def _load_handover(
+    received: handover.Received,
+    protocol: str,
+    device: Device,
+    virtio: VirtioDevice | None,
+    adopt: bool,
+) -> tuple[dict[str, Any], handover.Received]:
+    """The device state of a handed-over session loaded; its host fds
+    adopted by the device (``adopt``), or closed: a daemon taking its own
+    session back still holds them."""
+    record = received.handover
+    if record is None:
+        raise handover.HandoverError("no session state came")
+    if record.protocol != protocol:
+        raise handover.HandoverError(f"a {record.protocol} session, this is {protocol}")
+    state.load(device, record.device_blob)
+    fds = {name: received.fd(stored) for name, stored in record.host_fds.items()}
+    opened = {name: fd for name, fd in fds.items() if fd is not None}
+    if virtio is not None and adopt:
+        virtio.adopt_host_fds(opened)
+    else:
+        for fd in opened.values():
+            os.close(fd)
     return record.session, received
 
 
@@ -422,13 +602,24 @@ def _restore_session(
     received: handover.Received,
 ) -> LiveSession | None:
     try:
-        session: LiveSession = session_type.restore(device, document, received)
+        session = _set_up_session(session_type, device, document, received)
     except handover.HandoverError as exc:
         log.error("handover.refused", reason=str(exc))
         return None
+    log.info("handover.restored", protocol=protocol)
+    return session
+
+
+def _set_up_session(
+    session_type: type[VhostUserBackend] | type[VfioUserSession],
+    device: Device,
+    document: dict[str, Any],
+    received: handover.Received,
+) -> LiveSession:
+    try:
+        session: LiveSession = session_type.restore(device, document, received)
     finally:
         received.close_unused()
-    log.info("handover.restored", protocol=protocol)
     return session
 
 

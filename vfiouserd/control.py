@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -40,7 +41,7 @@ from typing import Any
 
 import trio
 
-from vfiouserd import faults, stats
+from vfiouserd import faults, stats, upgrade
 from vfiouserd.log import get_logger
 from vfiouserd.sockets import listen_on_path
 from vfiouserd.trace import Filter, RateLimit, Subscription, tracer
@@ -59,13 +60,13 @@ COMMANDS_PER_SECOND = 200  # a client's sustained rate (bursts as large): more w
 STALLED_TRACE = 10.0  # seconds a tracer may lose events without a break before it ends
 
 
-def socket_path(explicit: str | None, vmm_socket: socket.socket) -> str | None:
+def socket_path(explicit: str | None, vmm_address: object) -> str | None:
     """Where the control socket goes: as given; beside a VMM socket at a
     path (``NAME.sock`` -> ``NAME.control.sock``) in a directory the daemon
     may write; else ``control.sock`` in systemd's RUNTIME_DIRECTORY."""
     if explicit is not None:
         return explicit
-    address = vmm_socket.getsockname()
+    address = vmm_address  # the VMM socket's (its getsockname(), or a path)
     if isinstance(address, str) and address.startswith("/"):
         directory, name = os.path.split(address)
         if os.access(directory, os.W_OK):
@@ -194,6 +195,11 @@ class Client:
                     sent = await self.sock.send(view)
                     view = view[sent:]
                 self._sending = False
+
+    async def flushed(self) -> None:
+        """Until every reply and event queued so far is sent."""
+        while self.replies or self.events or self._sending:
+            await trio.sleep(0.001)
 
     # -- incoming -------------------------------------------------------------------
 
@@ -351,6 +357,29 @@ class ControlServer:
             "inject-remove": Command(self._inject_remove, "remove a fault rule: id"),
             "inject-clear": Command(self._inject_clear, "remove every fault rule"),
         }
+
+    def enable_upgrade(
+        self, hand_over: Callable[[trio.socket.SocketType, int], Awaitable[dict[str, Any]]]
+    ) -> None:
+        """The ``upgrade`` command (vfiouserd.upgrade): the connection is
+        lent to ``hand_over``, which sends the session's fds on it."""
+
+        async def command(client: Client, arguments: dict[str, Any]) -> Any:
+            successor = upgrade.successor_pid(arguments)
+            _, uid, _ = struct.unpack(
+                "3i", client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            )
+            # The guest's memory goes with the session: to the daemon's own
+            # user (or root, as seen from inside the jail's user namespace).
+            if uid not in (os.getuid(), 0):
+                raise CommandError("PermissionDenied", "only the daemon's own user may upgrade it")
+            await client.flushed()
+            log.info("upgrade.requested", client=client.number, successor=successor)
+            return await hand_over(client.sock, successor)
+
+        self.commands[upgrade.COMMAND] = Command(
+            command, "hand the live session to a successor daemon (vfiouserd --upgrade): pid"
+        )
 
     async def run(self) -> None:
         listener = trio.socket.from_stdlib_socket(self.sock)

@@ -8,14 +8,18 @@ listens again, so a reconnecting QEMU gets a fresh session.
 
 from __future__ import annotations
 
+import array
+import contextlib
 import os
 import socket
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
 
-from vfiouserd import handover
+from vfiouserd import handover, upgrade
 from vfiouserd.handover import FdNames
 from vfiouserd.log import get_logger
 from vfiouserd.sockets import is_listening
@@ -79,8 +83,21 @@ class Service:
         self.session: LiveSession | None = None
         self.handed_over = False
         self._stopping = False
+        # Upgrades in place (vfiouserd.upgrade): systemd learns the new main
+        # process through ``notify``; a session the successor refused is set
+        # up again by ``take_back`` and served on.
+        self.notify: Callable[[str], None] | None = None
+        self.take_back: TakeBack | None = None
+        self._upgrading: trio.Event | None = None
+        self._taken_back: LiveSession | None = None
+        self._accepting: trio.CancelScope | None = None
+        self._running = trio.CancelScope()
 
     async def run(self, restored: LiveSession | None = None) -> None:
+        with self._running:  # cancelled once a successor took over
+            await self._run(restored)
+
+    async def _run(self, restored: LiveSession | None) -> None:
         tsock = trio.socket.from_stdlib_socket(self.sock)
         listening = is_listening(self.sock)
         if restored is not None:
@@ -94,7 +111,15 @@ class Service:
             return
         log.info("listening", address=self.sock.getsockname() or f"fd {self.sock.fileno()}")
         while not self._stopping:
-            conn, _ = await tsock.accept()
+            if self._upgrading is not None:  # the listener is being handed over
+                await self._upgrading.wait()
+                continue
+            conn = None
+            with trio.CancelScope() as self._accepting:  # cancelled by an upgrade
+                conn, _ = await tsock.accept()
+            self._accepting = None
+            if conn is None:
+                continue
             log.info("session.start")
             await self._serve_one(self.new_session(conn))
             log.info("session.end")
@@ -106,62 +131,53 @@ class Service:
         if self._stopping:
             await trio.sleep_forever()
 
-    async def _serve_one(self, session: LiveSession) -> None:
-        self.session = session
-        if tracer.wants("session"):
-            tracer.emit("session", "start", protocol=self.protocol)
-        try:
-            await session.serve()
-        except Exception:  # a bug in one session must not end the service
-            log.exception("session.crashed")
-            session.close()
-        finally:
-            self.session = None
+    async def _serve_one(self, session: LiveSession | None) -> None:
+        while session is not None:
+            self.session = session
             if tracer.wants("session"):
-                tracer.emit("session", "end", protocol=self.protocol)
+                tracer.emit("session", "start", protocol=self.protocol)
+            try:
+                await session.serve()
+            except Exception:  # a bug in one session must not end the service
+                log.exception("session.crashed")
+                session.close()
+            finally:
+                self.session = None
+                if tracer.wants("session"):
+                    tracer.emit("session", "end", protocol=self.protocol)
+            session = await self._taken_back_session()
+
+    async def _taken_back_session(self) -> LiveSession | None:
+        """After a session paused for an upgrade: the session set up again
+        if the successor refused it (None once it took it, or if none was
+        under way)."""
+        if self._upgrading is not None:
+            await self._upgrading.wait()
+        session, self._taken_back = self._taken_back, None
+        if session is not None:
+            log.info("session.start", kind="taken back")
+        return session
 
     async def hand_over(self) -> bool:
         """Put the listener, the live session and its state in the fd store;
         False (and nothing stored) if the session cannot be paused."""
+        if self._upgrading is not None:  # its outcome first: the session may be gone
+            await self._upgrading.wait()
+        if self.handed_over:
+            return True
         if self.store is None:
             return False
         self._stopping = True
-        session = self.session
-        if session is not None and session.ending:
-            session = None
-        if session is not None and not await session.pause(PAUSE_TIMEOUT):
-            if not session.ending:
-                log.error("handover.failed", reason=f"no pause within {PAUSE_TIMEOUT:g} s")
-                return False
-            session = None  # it ended meanwhile: the listener alone goes on
-        names = FdNames()
-        if self.store_listener and is_listening(self.sock):
-            names.name(self.sock.fileno(), handover.LISTENER)
-        if self.control is not None:
-            names.name(self.control.fileno(), handover.CONTROL)
-        state_fd = None
-        state_bytes = 0
-        if session is not None:
-            try:
-                document = session.snapshot(names)  # stops the rings and the device's run()
-                blob = self.device_state()
-                host_fds: dict[str, str] = {}
-                for name, fd in self.host_fds().items():
-                    stored = names.name(fd, handover.HOST_FD + name)
-                    assert stored is not None
-                    host_fds[name] = stored
-            except Exception as exc:  # the session is lost, the next daemon starts afresh
-                log.exception("handover.failed", reason=str(exc))
-                session.close()
-                return False
-            record = handover.Handover(self.protocol, document, blob, host_fds).encode()
-            state_bytes = len(record)
-            state_fd = handover.write_state(record)
-            names.name(state_fd, handover.STATE)
+        try:
+            session = await self._pause()
+            packed = self._pack(session, self.store_listener)
+        except HandoverFailed as exc:
+            log.error("handover.failed", reason=str(exc))
+            return False
         try:
             # Not polled: systemd would drop a connection the VMM hangs up on
             # mid-restart; the next daemon finds that out by itself.
-            for name, fd in names.named.items():
+            for name, fd in packed.names.named.items():
                 self.store.put(name, fd, poll=False)
         except OSError as exc:  # what did reach the store is useless without its state
             log.error("handover.failed", reason=f"fd store: {exc}")
@@ -169,15 +185,168 @@ class Service:
                 session.close()
             return False
         finally:
-            if state_fd is not None:
-                os.close(state_fd)
+            packed.close()
         self.handed_over = True
         log.info(
             "handover.stored",
-            fds=len(names.named),
+            fds=len(packed.names.named),
             session=session is not None,
-            state_bytes=state_bytes,
+            state_bytes=len(packed.record),
         )
         if session is not None:
             session.close()  # our copies: the store holds its own
         return True
+
+    async def _pause(self) -> LiveSession | None:
+        """The live session paused for a handover (None if there is none);
+        HandoverFailed if it does not pause."""
+        session = self.session
+        if session is not None and session.ending:
+            session = None
+        if session is not None and not await session.pause(PAUSE_TIMEOUT):
+            if not session.ending:
+                raise HandoverFailed(f"no pause within {PAUSE_TIMEOUT:g} s")
+            session = None  # it ended meanwhile: the listener alone goes on
+        return session
+
+    def _pack(self, session: LiveSession | None, with_listener: bool) -> Packed:
+        """The fds and the state a successor needs, by name; HandoverFailed
+        (and the session closed) if the state cannot be taken."""
+        names = FdNames()
+        if with_listener and is_listening(self.sock):
+            names.name(self.sock.fileno(), handover.LISTENER)
+        if self.control is not None:
+            names.name(self.control.fileno(), handover.CONTROL)
+        if session is None:
+            return Packed(names, b"", None)
+        try:
+            document = session.snapshot(names)  # stops the rings and the device's run()
+            blob = self.device_state()
+            host_fds: dict[str, str] = {}
+            for name, fd in self.host_fds().items():
+                stored = names.name(fd, handover.HOST_FD + name)
+                assert stored is not None
+                host_fds[name] = stored
+        except Exception as exc:  # the session is lost, the next daemon starts afresh
+            log.exception("handover.failed", reason=str(exc))
+            session.close()
+            raise HandoverFailed(str(exc)) from exc
+        record = handover.Handover(self.protocol, document, blob, host_fds).encode()
+        state_fd = handover.write_state(record)
+        names.name(state_fd, handover.STATE)
+        return Packed(names, record, state_fd)
+
+    # -- upgrade in place ----------------------------------------------------------
+
+    async def upgrade(self, conn: trio.socket.SocketType, successor: int) -> dict[str, Any]:
+        """Hand the listener, the session and its state to a successor
+        daemon over ``conn`` (vfiouserd.upgrade); take the session back and
+        serve on if the successor refuses it."""
+        if self._upgrading is not None or self._stopping or self.handed_over:
+            raise ValueError("a stop or another upgrade is under way")
+        if not is_listening(self.sock):
+            raise ValueError("a daemon serving one inherited connection cannot be upgraded")
+        self._upgrading = trio.Event()
+        if self._accepting is not None:
+            self._accepting.cancel()
+        try:
+            return await self._upgrade(conn, successor)
+        finally:
+            upgrading, self._upgrading = self._upgrading, None
+            upgrading.set()
+
+    async def _upgrade(self, conn: trio.socket.SocketType, successor: int) -> dict[str, Any]:
+        started = time.monotonic()
+        try:
+            session = await self._pause()
+            packed = self._pack(session, with_listener=True)
+        except HandoverFailed as exc:
+            log.error("upgrade.failed", reason=str(exc))
+            raise ValueError(f"the session cannot be handed over: {exc}") from exc
+        named = packed.names.named
+        try:
+            for line, fds in upgrade.fd_batches(named):
+                await conn.sendmsg([line], [rights_message(fds)])
+            await _send_all(
+                conn, upgrade.end_line(len(named), socket_activated=not self.store_listener)
+            )
+            with trio.fail_after(upgrade.TIMEOUT):
+                reason = upgrade.parse_verdict(await _read_line(conn))
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, ValueError) as exc:
+            reason = f"no verdict from the successor: {exc!r}"
+        finally:
+            if packed.state_fd is not None:
+                os.close(packed.state_fd)
+        if reason is None:
+            self.handed_over = True
+            self._stopping = True
+            if self.notify is not None:  # the successor's waiter is systemd's to watch now
+                self.notify(f"MAINPID={successor}\n")
+            if session is not None:
+                session.close()
+            log.info(
+                "upgrade.handed_over",
+                successor=successor,
+                fds=len(named),
+                session=session is not None,
+                paused_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+            with contextlib.suppress(OSError):  # sent here: the reply would be cancelled
+                await _send_all(conn, upgrade.released_line(True))
+            self._running.cancel()
+            return {"released": True}
+        log.error("upgrade.refused", reason=reason)
+        if session is not None:
+            copies = {name: os.dup(fd) for name, fd in named.items() if name != handover.STATE}
+            session.close()
+            assert self.take_back is not None
+            self._taken_back = self.take_back(packed.record, copies)
+        with contextlib.suppress(OSError):
+            await _send_all(conn, upgrade.released_line(False))
+        return {"released": False, "reason": reason}
+
+
+class HandoverFailed(Exception):
+    pass
+
+
+@dataclass
+class Packed:
+    """What goes to the next daemon: fds by name (the state among them)."""
+
+    names: FdNames
+    record: bytes
+    state_fd: int | None
+
+    def close(self) -> None:
+        if self.state_fd is not None:
+            os.close(self.state_fd)
+            self.state_fd = None
+
+
+# Set up a session again from its handover record and (copies of) its fds.
+TakeBack = Callable[[bytes, dict[str, int]], LiveSession | None]
+
+
+async def _send_all(conn: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await conn.send(view) :]
+
+
+async def _read_line(conn: trio.socket.SocketType) -> bytes:
+    """One line, read a byte at a time: nothing after it is taken from the
+    connection (the control client reads on)."""
+    line = bytearray()
+    while len(line) <= upgrade.MAX_LINE:
+        byte = await conn.recv(1)
+        if not byte:
+            raise ValueError("the successor closed the connection")
+        if byte == b"\n":
+            return bytes(line)
+        line += byte
+    raise ValueError("a line too long from the successor")
+
+
+def rights_message(fds: list[int]) -> tuple[int, int, bytes]:
+    return (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())

@@ -72,13 +72,16 @@ class SocketFile:
         os.close(self.directory)
 
 
-def socket_from_fd(fd: int) -> socket.socket:
-    """Adopt an inherited AF_UNIX stream socket (listening or connected)."""
+def socket_from_fd(fd: int, inherited: bool = True) -> socket.socket:
+    """Adopt an AF_UNIX stream socket (listening or connected): inherited
+    (made close-on-exec here), or received close-on-exec already (in the
+    jail, whose filter has no ioctl(FIOCLEX))."""
     sock = socket.socket(fileno=fd)
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         sock.detach()
         raise ValueError(f"fd {fd} is not an AF_UNIX stream socket")
-    os.set_inheritable(fd, False)
+    if inherited:
+        os.set_inheritable(fd, False)
     return sock
 
 

@@ -88,6 +88,10 @@ class FdStore:
         self._check(name)
         self._send(f"FDSTOREREMOVE=1\nFDNAME={name}\n".encode(), [])
 
+    def notify(self, message: str) -> None:
+        """Any other notification (MAINPID= when a successor takes over)."""
+        self._send(message.encode(), [])
+
 
 def send_notification(notify_fd: int, message: bytes, fds: list[int]) -> None:
     """One sd_notify datagram on a connected notify socket."""
