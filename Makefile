@@ -77,7 +77,8 @@ TYPED_MODULES := -p vfiouserd.protocol -p vfiouserd.devices -m vfiouserd.virtque
 	-m vfiouserd.memory -m vfiouserd.inflight -m vfiouserd.state -m vfiouserd.handover \
 	-p vfiouserd.vhost_user -p vfiouserd.vfio_user -m vfiouserd.eventfds \
 	-m vfiouserd.control -m vfiouserd.trace -m vfiouserd.stats -m vfiouserd.faults \
-	-m vfiouserd.client.control -m vfiouserd.client.lab -m vfiouserd.client.nvme
+	-m vfiouserd.client.control -m vfiouserd.client.lab -m vfiouserd.client.nvme \
+	-m vfiouserd.plugins
 
 lint: $(VENV)/stamp
 	$(VENV)/bin/ruff check .
