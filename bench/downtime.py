@@ -7,6 +7,9 @@ the project's front ends (playing the VMM and the guest) see it:
 
 - restart through the fd store (--fdstore, systemd played by
   tests/fake_systemd.py), vhost-user and vfio-user: the connection stays;
+- upgrade in place (`systemctl reload`, ExecReload= runs vfiouserd
+  --upgrade): the longest a read waited while the guest read back to back
+  across it;
 - the reference, measured in the same invocation: a restart without it, where
   the front end reconnects and sets the device up again (vhost-user only:
   a vfio-user client cannot reconnect at all);
@@ -116,6 +119,53 @@ async def _across_restart(manager: FakeSystemd, blk: BlkClient) -> float:
         await until_exited(old)
         assert await blk.read(0, 512) == b"d" * 512
         return trio.current_time() - started
+
+
+async def upgrade_in_place(workdir: Path, protocol: str) -> float:
+    """`systemctl reload` (ExecReload=: vfiouserd --upgrade): the guest reads
+    back to back at QD1 all along; the downtime is the longest any read
+    waited, the one caught by the handover (the successor's start-up runs
+    while the old daemon serves)."""
+    ram = GuestRam([(0, 16 * MiB)])
+    command = daemon(workdir, protocol, "upgrade", "--fdstore")
+    socket_path = str(workdir / "upgrade.sock")
+    async with FakeSystemd(workdir, command, name=f"upgrade-{protocol}") as manager:
+        await manager.start()
+        if protocol == "vhost-user":
+            frontend, blk = await vhost_user_device(socket_path, ram)
+            downtime = await _across_upgrade(manager, blk)
+            await frontend.aclose()
+        else:
+            async with VfioUserClient.connect(socket_path, ram=ram) as client:
+                await client.map_ram()
+                driver = VirtioPciDriver(client, ram)
+                (queue,) = await driver.start(queue_count=1)
+                downtime = await _across_upgrade(manager, BlkClient(ram, queue, arena=MiB))
+                driver.close()
+        await manager.stop()
+    ram.close()
+    return downtime
+
+
+async def _across_upgrade(manager: FakeSystemd, blk: BlkClient) -> float:
+    await blk.write(0, b"u" * 512)
+    longest = 0.0
+    reloaded = False
+
+    async def reload() -> None:
+        nonlocal reloaded
+        status = await manager.reload([*manager.command, "--upgrade"])
+        assert status == 0, manager.log()
+        reloaded = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reload)
+        while not reloaded:
+            started = trio.current_time()
+            assert await blk.read(0, 512) == b"u" * 512
+            longest = max(longest, trio.current_time() - started)
+    assert "event=upgrade.taken_over" in manager.log(), manager.log()
+    return longest
 
 
 async def restart_reconnect(workdir: Path) -> float:
@@ -228,6 +278,8 @@ def main() -> int:
         ("restart, reconnect (reference)", restart_reconnect),
         ("restart, fd store, vhost-user", lambda w: restart_fdstore(w, "vhost-user")),
         ("restart, fd store, vfio-user", lambda w: restart_fdstore(w, "vfio-user")),
+        ("upgrade in place, vhost-user", lambda w: upgrade_in_place(w, "vhost-user")),
+        ("upgrade in place, vfio-user", lambda w: upgrade_in_place(w, "vfio-user")),
         ("migration, vhost-user", migrate_vhost_user),
         ("migration, vfio-user", migrate_vfio_user),
     ]

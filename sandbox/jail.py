@@ -171,7 +171,7 @@ def enter(options: JailOptions) -> None:
     # Only the parent holds the write end: end of file means it is gone.
     alive_read, alive_write = os.pipe()
     # Notifications the daemon has for systemd (its fd store) go through the
-    # parent: systemd listens to the main process only (NotifyAccess=main).
+    # parent: systemd listens to the main process (and ExecReload='s) only.
     relay_parent = relay_child = None
     if options.notify_fd is not None:
         relay_parent, relay_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -3,8 +3,9 @@
 PID 1 on the test machines is not systemd, so this plays its part for one
 service: it listens on a notify socket (NOTIFY_SOCKET) for READY=1,
 MAINPID=, FDSTORE=1 (with FDNAME= and the fds attached), FDSTOREREMOVE=1
-and FDPOLL=, from the main process only (NotifyAccess=main: the sender's
-pid comes with each message, SO_PASSCRED); it runs ExecReload= commands;
+and FDPOLL=, from the main process and an ExecReload= command only
+(NotifyAccess=exec: the sender's pid comes with each message, SO_PASSCRED);
+it runs ExecReload= commands;
 it is the subreaper of what the service leaves behind (as systemd is) and
 keeps the fd store across restarts like FileDescriptorStoreMax= does (one
 entry per open file, as systemd keeps them), and
@@ -71,6 +72,7 @@ class FakeSystemd:
         self.process: subprocess.Popen | None = None
         self.main_pid: int | None = None  # ExecStart='s process, or whom MAINPID= named
         self.ignored: list[str] = []  # notifications from another process than the main one
+        self.control_pid: int | None = None  # an ExecReload= command while it runs
         self._ready = trio.Event()
         self._sock: trio.socket.SocketType | None = None
 
@@ -119,7 +121,7 @@ class FakeSystemd:
                     fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
                 elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     sender = array.array("i", payload[:12])[0]
-            if sender != self.main_pid:  # NotifyAccess=main: what systemd ignores
+            if sender not in (self.main_pid, self.control_pid):  # NotifyAccess=exec
                 self.ignored.append(data.decode())
                 for fd in fds:
                     os.close(fd)
@@ -223,9 +225,11 @@ class FakeSystemd:
         )
         log.close()
         previous = self.main_pid
+        self.control_pid = reloading.pid
         with trio.fail_after(timeout):
             while reloading.poll() is None:
                 await trio.sleep(0.005)
+            self.control_pid = None
             if reloading.returncode == 0 and previous is not None:
                 # Once the old main process is gone (the reload command
                 # waits for it), its MAINPID= is in the notify socket.

@@ -3,7 +3,8 @@ daemon starts beside the running one, takes its session over through the
 control socket, and the guest's I/O runs on across it.
 
 The stand-in systemd (``fake_systemd``) runs the reload command, follows
-MAINPID= and listens to the main process only, as NotifyAccess=main does.
+MAINPID= and listens to the main process (and the reload command), as
+NotifyAccess=exec does.
 """
 
 from __future__ import annotations

@@ -449,8 +449,6 @@ def _serve(
                     successor.refuse(str(exc))
                     return
                 _taken_over(successor)
-                if virtio is not None:
-                    virtio.reload()  # what changed meanwhile (an image grown), as SIGHUP would
             else:
                 session = _restore_session(protocol, session_type, device, *restored)
         elif successor is not None:
@@ -458,6 +456,8 @@ def _serve(
         async with trio.open_nursery() as nursery:
             if control_server is not None:
                 nursery.start_soon(control_server.run)
+            if successor is not None and session is not None and virtio is not None:
+                nursery.start_soon(_reload_once_serving, service, session, virtio)
             _timeline("serving", started)
             await service.run(session)
             nursery.cancel_scope.cancel()
@@ -517,12 +517,22 @@ def _take_over(
     return sock, control_sock, restored
 
 
+async def _reload_once_serving(
+    service: Service, session: LiveSession, virtio: VirtioDevice
+) -> None:
+    """What changed while the old daemon served (an image grown), as SIGHUP
+    would: once the taken-over session serves, so that it hears of it."""
+    with trio.move_on_after(10):
+        while service.session is not session:
+            await trio.sleep(0.001)
+        virtio.reload()
+
+
 def _taken_over(successor: Successor) -> None:
     """The session is this daemon's: the running one lets go of it and
     names this one's waiter the service's main process."""
     assert successor.predecessor is not None
-    if not successor.predecessor.answer(None):
-        log.warning("upgrade.no_release", reason="the running daemon did not confirm")
+    successor.predecessor.answer(None)
     successor.predecessor.close()
     successor.predecessor = None
     log.info("upgrade.taken_over")

@@ -30,7 +30,8 @@ sends the command line; the running daemon sends lines ``{"fds": [NAME,
 then ``{"handover": {"fds": COUNT, "socket_activated": BOOL}}`` (or the
 command's error reply); the successor answers ``{"taken": true}`` or
 ``{"taken": false, "reason": TEXT}``; the running daemon answers
-``{"released": BOOL}`` (then the command's reply, which nobody needs).
+``{"released": BOOL}`` and the command's reply, for the record: the
+successor serves without waiting for them.
 """
 
 from __future__ import annotations
@@ -197,18 +198,15 @@ class Predecessor:
             passed = [PassedFd(fd, name) for fd, name in zip(fds, names, strict=True)]
             return HandedOver(passed, bool(end.get("socket_activated")))
 
-    def answer(self, reason: str | None) -> bool:
+    def answer(self, reason: str | None) -> None:
         """Tell the running daemon whether the session was taken (reason:
-        None) or not; True once it has let go of it (after ``taken``)."""
+        None) or not. Its release is not awaited: it stopped serving the
+        session when it paused it, and exits by itself."""
         verdict: dict[str, Any] = {"taken": reason is None}
         if reason is not None:
             verdict["reason"] = reason
-        try:
+        with contextlib.suppress(OSError):  # gone: it takes nothing back then
             self.sock.sendall(json.dumps(verdict).encode() + b"\n")
-            reply = self._line()
-        except (OSError, UpgradeError):
-            return False
-        return reply.get("released") is True
 
     def close(self) -> None:
         for fd in self._fds:
