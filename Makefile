@@ -21,7 +21,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils gcc libc6-dev libcap-dev libseccomp2 
 export PIP_CACHE_DIR := $(CURDIR)/$(CACHE)/pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all test unit lint demo bench fuzz descriptors deps venv guest qemu clean
+.PHONY: all test unit lint demo bench fuzz descriptors deps venv bytecode guest qemu clean
 
 all: test
 
@@ -50,11 +50,22 @@ $(VENV)/stamp: $(CACHE)/deps.stamp pyproject.toml setup.py vfiouserd/_native_bui
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/python -m compileall -q $(VENV)/lib $(PACKAGE_DIRS)
 	@touch $@
 
 venv: $(VENV)/stamp
 
-guest: $(VENV)/stamp
+# Every module a daemon loads compiled to a .pyc file, as pip does when it
+# installs a package: an editable install compiles none of the tree's, and
+# where PYTHONDONTWRITEBYTECODE is set, a daemon started from the tree would
+# compile each of them again at every start (about 60 ms and 3 MiB more per
+# daemon). With the venv's python, for its cache tag; files up to date stay.
+PACKAGE_DIRS := vfiouserd protocol devices sandbox systemd
+
+bytecode: $(VENV)/stamp
+	$(VENV)/bin/python -m compileall -q $(PACKAGE_DIRS)
+
+guest: $(VENV)/stamp bytecode
 	$(VENV)/bin/python guest/build.py
 
 # QEMU >= 10.1 with vfio-user-pci, built from Debian unstable's source package
@@ -88,7 +99,7 @@ lint: $(VENV)/stamp
 	for folder in protocol devices sandbox; do ln -s $(CURDIR)/$$folder $(TYPED)/vfiouserd/$$folder; done
 	cd $(TYPED) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml $(TYPED_MODULES)
 
-unit: $(VENV)/stamp
+unit: $(VENV)/stamp bytecode
 	$(VENV)/bin/pytest -m "not qemu"
 
 test: lint guest qemu
@@ -113,7 +124,7 @@ DURATION ?= 600
 SEED ?= 1
 FUZZ_DEVICES := vhost-user-blk vhost-user-rng vhost-user-console vhost-user-vsock vhost-user-net vfio-user-blk vfio-user-example
 
-fuzz: $(VENV)/stamp
+fuzz: $(VENV)/stamp bytecode
 	@status=0; for device in $(FUZZ_DEVICES); do \
 		mkdir -p $(CACHE)/fuzz/$$device; \
 		$(VENV)/bin/python -m fuzz.run --device $$device --duration $(DURATION) --seed $(SEED) \

@@ -29,14 +29,25 @@ Issue 16's targets, each measured for vfiouserd and, in the same runs
   end reconnects and sets the device up again.
 
 Each figure is min/median/max over --runs; a ratio is the median of each
-run's figure over the same run's reference figure.
+run's figure over the same run's reference figure. --measure picks some of
+the measures (start-up, many at once, idle, per I/O, restart).
+
+The figures are those of an installed daemon, whose modules come from
+up-to-date .pyc files (pip compiles them; ``make venv`` does for the venv and
+the tree): a module compiled from its source at every start costs time and
+memory, which the environment's PYTHONDONTWRITEBYTECODE makes every daemon
+pay again. So each device is started once with ``python -v`` first, which
+names the modules loaded from source; those are compiled (--no-compile:
+left so, to measure a tree as it is), and the first line printed says which.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import os
+import py_compile
 import shutil
 import statistics
 import subprocess
@@ -74,6 +85,7 @@ SETTLE = 0.5  # seconds after start-up or set-up before memory or CPU is read
 
 # Issue 16's targets.
 READY_MS, PSS_MIB, RESTART_MS = 150, 20, 50
+MEASURES = ("start", "many", "idle", "io", "restart")
 
 
 @dataclass
@@ -153,6 +165,63 @@ async def ready_once(kind: str, workdir: Path, name: str, figures: Figures) -> N
         log = (workdir / f"{name}.log").read_text(errors="replace")
         if "event=sandbox.entered" not in log:
             raise RuntimeError(f"{kind} served without logging sandbox.entered:\n{log}")
+
+
+async def modules_from_source(kind: str, workdir: Path) -> tuple[list[str], int]:
+    """``kind`` started once with ``python -v`` until it served: the sources
+    of the modules it compiled (no up-to-date .pyc file), and how many
+    modules it loaded from .pyc files. It imports nothing once jailed."""
+    command = device_command(kind, workdir, "bytecode")
+    with open(workdir / "bytecode.log", "wb") as log:
+        process = subprocess.Popen(
+            [command[0], "-v", *command[1:]], stdout=subprocess.DEVNULL, stderr=log
+        )
+    try:
+        await first_request(kind, str(workdir / "bytecode.sock"), 0.01, process)
+    finally:
+        stop(process, kind)
+    sources, cached = [], 0
+    for line in (workdir / "bytecode.log").read_text(errors="replace").splitlines():
+        if line.startswith("# code object from "):  # a .pyc file's path is quoted
+            path = line.removeprefix("# code object from ").strip("'")
+            if path.endswith(".pyc"):
+                cached += 1
+            else:
+                sources.append(path)
+    return sources, cached
+
+
+def check_bytecode(workdir: Path, compile_sources: bool) -> str:
+    """Every device started once: whether its modules come from up-to-date
+    .pyc files; those that do not are compiled unless ``compile_sources``
+    is false. What was found and done, in one line."""
+    found: dict[str, None] = {}
+    most = 0
+    for kind in DEVICES:
+        sources, cached = trio.run(modules_from_source, kind, workdir)
+        found.update(dict.fromkeys(sources))
+        most = max(most, cached + len(sources))
+    if not found:
+        return f"bytecode: each device loads its Python modules ({most} at most) from .pyc files"
+    names = sorted(str(Path(*Path(source).parts[-2:])) for source in found)
+    listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    stale = (
+        f"{len(found)} of the Python modules the devices load (up to {most} each) had "
+        f"no up-to-date .pyc file ({listed})"
+    )
+    if not compile_sources:
+        return f"bytecode: {stale}: compiled at every start (--no-compile), not an installed daemon"
+    failed = []
+    for source in found:
+        try:
+            py_compile.compile(source, importlib.util.cache_from_source(source), doraise=True)
+        except (OSError, py_compile.PyCompileError) as exc:
+            failed.append(f"{source}: {exc}")
+    for kind in DEVICES:  # and now as an installed daemon
+        failed += trio.run(modules_from_source, kind, workdir)[0]
+    if failed:
+        raise RuntimeError("modules still compiled at every start:\n" + "\n".join(failed))
+    return f"bytecode: {stale}: compiled them first, as an install does"
 
 
 async def many_once(kind: str, workdir: Path, count: int, figures: Figures) -> None:
@@ -290,6 +359,9 @@ class Table:
         )
 
     def print(self) -> None:
+        """Nothing when there is no row (that measure was not taken)."""
+        if len(self.rows) == 1:
+            return
         widths = [max(len(r[i]) for r in self.rows) for i in range(len(self.rows[0]))]
         print()
         print(self.title)
@@ -311,7 +383,7 @@ def report(figures: Figures, args: argparse.Namespace, qsd: str, io_kinds: list[
         f"ready, exec to the first request answered with the jail in place: <= {READY_MS} ms",
         *("back end", "accepting ms", "served ms (min/med/max)", "x qsd", "target", "verdict"),
     )
-    for kind in (*DEVICES, qsd):
+    for kind in (*DEVICES, qsd) if f"ready {qsd}" in v else ():
         accepting = f"{statistics.median(v[f'accepting {kind}']):.1f}"
         table.judged([kind, accepting], v[f"ready {kind}"], v[f"ready {qsd}"], READY_MS)
     table.print()
@@ -335,7 +407,7 @@ def report(figures: Figures, args: argparse.Namespace, qsd: str, io_kinds: list[
         f"<= {PSS_MIB} MiB",
         *("back end", "all served s", "PSS MiB (min/med/max)", "x qsd", "target", "verdict"),
     )
-    for kind in (VHOST, qsd):
+    for kind in (VHOST, qsd) if f"pss many {qsd}" in v else ():
         all_ready = f"{statistics.median(v[f'all ready {kind}']):.2f}"
         pss, reference = v[f"pss many {kind}"], v[f"pss many {qsd}"]
         table.judged([kind, all_ready], pss, reference, PSS_MIB, digits=2)
@@ -348,7 +420,7 @@ def report(figures: Figures, args: argparse.Namespace, qsd: str, io_kinds: list[
         *("back end", "CPU ms (min/med/max)", "CPU %", "wake-ups/s (min/med/max)", "target"),
         "verdict",
     )
-    for kind in (*BLOCK, qsd):
+    for kind in (*BLOCK, qsd) if f"idle cpu {qsd}" in v else ():
         cpu = [seconds * 1000 for seconds in v[f"idle cpu {kind}"]]
         table.row(
             kind,
@@ -366,7 +438,7 @@ def report(figures: Figures, args: argparse.Namespace, qsd: str, io_kinds: list[
         *("back end", "QD", "us/request (min/med/max)", "x qsd", "IOPS (med)", "target"),
         "verdict",
     )
-    for depth in (1, 32):
+    for depth in (1, 32) if f"cpu/io {qsd} 1" in v else ():
         for kind in io_kinds:
             cpu, iops = v[f"cpu/io {kind} {depth}"], v[f"iops {kind} {depth}"]
             table.row(
@@ -399,27 +471,44 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="per I/O run")
     parser.add_argument("--image-size", type=int, default=1024, help="MiB, for the I/O runs")
     parser.add_argument("--qsd-aio", default="io_uring", help="the reference's aio= mode")
+    parser.add_argument(
+        "--measure",
+        type=lambda text: text.split(","),
+        default=list(MEASURES),
+        help=f"some of {','.join(MEASURES)} (default: all)",
+    )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="measure the daemons' modules as they are, even those without an up-to-date "
+        ".pyc file (compiled at every start)",
+    )
     args = parser.parse_args()
+    if not set(args.measure) <= set(MEASURES):
+        parser.error(f"--measure: some of {','.join(MEASURES)}")
     if shutil.which("qemu-storage-daemon") is None:
         print("qemu-storage-daemon not found (Debian package qemu-system-common)")
         return 1
     qsd = f"qsd aio={args.qsd_aio}"
     io_kinds = [*BLOCK, qsd]
-    drivers = blk.Drivers(blk.load_driver(), nvme.load_driver())
-    image = blk.prepare_image(args.image_size * MiB)
-    capacity = image.stat().st_size // 512
+    if {"idle", "io"} & set(args.measure):
+        drivers = blk.Drivers(blk.load_driver(), nvme.load_driver())
+        image = blk.prepare_image(args.image_size * MiB)
+        capacity = image.stat().st_size // 512
     randread = WORKLOADS["randread"]
     figures = Figures()
     with tempfile.TemporaryDirectory(prefix="vfiouserd-footprint-") as tmp:
+        print(check_bytecode(Path(tmp), not args.no_compile))
         for run in range(args.runs):
             workdir = Path(tmp) / str(run)
             workdir.mkdir()
-            for index, kind in enumerate((*DEVICES, qsd)):
+            for index, kind in enumerate((*DEVICES, qsd) if "start" in args.measure else ()):
                 trio.run(ready_once, kind, workdir, f"ready-{index}", figures)
-            for kind in (VHOST, qsd):
+            for kind in (VHOST, qsd) if "many" in args.measure else ():
                 trio.run(many_once, kind, workdir, args.devices, figures)
-            trio.run(idle_once, drivers, io_kinds, workdir, image, args.idle_seconds, figures)
-            for index, kind in enumerate(io_kinds):
+            if "idle" in args.measure:
+                trio.run(idle_once, drivers, io_kinds, workdir, image, args.idle_seconds, figures)
+            for index, kind in enumerate(io_kinds if "io" in args.measure else []):
                 sock = str(workdir / f"io-{index}.sock")
                 process = start_backend(kind, image, sock, 1)
                 try:
@@ -438,13 +527,14 @@ def main() -> int:
                         figures.add(f"iops {kind} {depth}", sample.iops)
                 finally:
                     stop(process, kind)
-            for protocol in ("vhost-user", "vfio-user"):
+            for protocol in ("vhost-user", "vfio-user") if "restart" in args.measure else ():
                 rundir = workdir / f"restart-{protocol}"
                 rundir.mkdir()
                 took = trio.run(downtime.restart_fdstore, rundir, protocol)
                 figures.add(f"restart fd store, {protocol}-blk (stand-in systemd)", took * 1000)
-            took = trio.run(restart_qsd, workdir, qsd)
-            figures.add(f"restart {qsd}, reconnect", took * 1000)
+            if "restart" in args.measure:
+                took = trio.run(restart_qsd, workdir, qsd)
+                figures.add(f"restart {qsd}, reconnect", took * 1000)
     report(figures, args, qsd, io_kinds)
     return 0
 
