@@ -120,6 +120,11 @@ class Service:
             self._accepting = None
             if conn is None:
                 continue
+            if self._upgrading is not None:  # accepted as the listener was handed over
+                await self._upgrading.wait()
+                if self.handed_over:  # the VMM sees a close, and may reconnect
+                    conn.close()
+                    break
             log.info("session.start")
             await self._serve_one(self.new_session(conn))
             log.info("session.end")
