@@ -168,6 +168,49 @@ async def _across_upgrade(manager: FakeSystemd, blk: BlkClient) -> float:
     return longest
 
 
+async def under_real_systemd(workdir: Path, action: str) -> float:
+    """The shipped unit under a real systemd (tests/real_systemd.py):
+    `systemctl reload` (an upgrade in place) or `systemctl restart` (the fd
+    store) while the guest reads back to back over vhost-user; the longest
+    a read waited."""
+    from real_systemd import RealSystemd
+
+    ram = GuestRam([(0, 16 * MiB)])
+    name = "bench"
+    unit = f"vfiouserd@{name}.service"
+    with RealSystemd(workdir) as systemd:
+        systemd.write(
+            f"/etc/vfiouserd/{name}.toml",
+            'command = "vhost-user-blk"\n'
+            f'socket-path = "/run/vfiouserd/{name}/vhost-user.sock"\n'
+            f'blk-file = "/var/lib/vfiouserd/{name}.img"\nsize = "16M"\n',
+        )
+        systemd.systemctl("start", unit)
+        try:
+            path = systemd.path(f"/run/vfiouserd/{name}/vhost-user.sock")
+            frontend, blk = await vhost_user_device(path, ram)
+            await blk.write(0, b"s" * 512)
+            longest = 0.0
+            done = False
+
+            async def act() -> None:
+                nonlocal done
+                await trio.to_thread.run_sync(systemd.systemctl, action, unit)
+                done = True
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(act)
+                while not done:
+                    started = trio.current_time()
+                    assert await blk.read(0, 512) == b"s" * 512
+                    longest = max(longest, trio.current_time() - started)
+            await frontend.aclose()
+        finally:
+            systemd.systemctl("stop", unit)
+    ram.close()
+    return longest
+
+
 async def restart_reconnect(workdir: Path) -> float:
     """The reference: no fd store; the front end sees the connection close,
     reconnects to the new daemon and sets everything up again (the inflight
@@ -273,6 +316,12 @@ def blob_sizes(workdir: Path) -> list[tuple[str, int]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--real-systemd",
+        action="store_true",
+        help="also systemctl reload and restart of the shipped unit under a real systemd "
+        "(root, a private PID namespace; see tests/real_systemd.py)",
+    )
     args = parser.parse_args()
     scenarios: list[tuple[str, Measure]] = [
         ("restart, reconnect (reference)", restart_reconnect),
@@ -280,6 +329,14 @@ def main() -> int:
         ("restart, fd store, vfio-user", lambda w: restart_fdstore(w, "vfio-user")),
         ("upgrade in place, vhost-user", lambda w: upgrade_in_place(w, "vhost-user")),
         ("upgrade in place, vfio-user", lambda w: upgrade_in_place(w, "vfio-user")),
+        *(
+            [
+                ("systemctl restart, real systemd", lambda w: under_real_systemd(w, "restart")),
+                ("systemctl reload, real systemd", lambda w: under_real_systemd(w, "reload")),
+            ]
+            if args.real_systemd
+            else []
+        ),
         ("migration, vhost-user", migrate_vhost_user),
         ("migration, vfio-user", migrate_vfio_user),
     ]
