@@ -95,7 +95,8 @@ def test_downtime_benchmark_reports_every_scenario_and_blob():
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    for scenario in ("reference", "fd store, vhost-user", "fd store, vfio-user", "migration"):
+    scenarios = ("reference", "fd store, vhost-user", "fd store, vfio-user", "migration")
+    for scenario in (*scenarios, "upgrade in place, vhost-user", "upgrade in place, vfio-user"):
         assert scenario in done.stdout
     for blob in ("vhost-user blk", "vfio-user example", "handed-over vfio-user blk session"):
         assert blob in done.stdout
