@@ -252,6 +252,38 @@ async def test_a_successor_that_misbehaves_leaves_the_session_serving(tmp_path, 
     ram.close()
 
 
+async def test_a_stop_while_a_successor_keeps_silent_still_hands_the_session_over(tmp_path):
+    """systemctl stop (or restart) during an upgrade whose successor never
+    answers: the running daemon gives up on it within the verdict timeout,
+    takes the session back and puts it in the fd store; the next start
+    carries on with it."""
+    ram = GuestRam([(0, 8 * MiB)])
+    control = tmp_path / "device.control.sock"
+    async with FakeSystemd(tmp_path, blk_command(tmp_path, "vhost-user")) as manager:
+        await manager.start()
+        frontend = await VhostUserFrontend.connect(str(tmp_path / "device.sock"))
+        (blk,) = await start_device(frontend, ram)
+        done: list[int] = []
+        await io_loop(blk, 0, 20, done)
+        sock = await trio.to_thread.run_sync(connect_as_successor, control)
+        command = b'{"execute": "upgrade", "arguments": {"pid": %d}, "id": 1}\n' % os.getpid()
+        sock.sendall(command)
+        _, fds, _, _ = await trio.to_thread.run_sync(lambda: socket.recv_fds(sock, 65536, 250))
+        for fd in fds:
+            os.close(fd)
+        assert await manager.restart() < 10  # TimeoutStopSec=
+        sock.close()
+        await io_loop(blk, 20, 30, done)
+        assert done == list(range(50))
+        await frontend.aclose()
+        assert await manager.stop() == 0
+    log = manager.log()
+    assert "event=upgrade.taken_back" in log and "event=handover.restored" in log, log
+    assert log.count("event=session.closed") == 1, log
+    verify_image(tmp_path, 50)
+    ram.close()
+
+
 def test_the_upgrade_command_needs_a_listening_socket():
     from vfiouserd.cli import main
 

@@ -168,6 +168,8 @@ class Service:
         False (and nothing stored) if the session cannot be paused."""
         if self._upgrading is not None:  # its outcome first: the session may be gone
             await self._upgrading.wait()
+        while self._taken_back is not None:  # a session taken back: once it serves again
+            await trio.sleep(0.001)
         if self.handed_over:
             return True
         if self.store is None:
@@ -275,7 +277,7 @@ class Service:
             await _send_all(
                 conn, upgrade.end_line(len(named), socket_activated=not self.store_listener)
             )
-            with trio.fail_after(upgrade.TIMEOUT):
+            with trio.fail_after(upgrade.VERDICT_TIMEOUT):
                 reason = upgrade.parse_verdict(await _read_line(conn))
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, ValueError) as exc:
             reason = f"no verdict from the successor: {exc!r}"

@@ -52,6 +52,10 @@ from vfiouserd.systemd import PassedFd
 FDS_PER_MESSAGE = 250  # SCM_MAX_FD is 253
 MAX_LINE = 64 * 1024
 TIMEOUT = 30.0  # seconds for one step of the exchange
+# Seconds the running daemon waits, its session paused, for the successor's
+# verdict (it only loads the state and maps memory): well within a stop's
+# TimeoutStopSec=, should a stop come meanwhile.
+VERDICT_TIMEOUT = 3.0
 COMMAND = "upgrade"
 PREDECESSOR = "predecessor="
 
