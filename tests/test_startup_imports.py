@@ -3,39 +3,62 @@
 Every module costs each device process start-up time and memory (one process
 per device), so the daemon must not load the clients, the other protocol,
 the other device plugins or heavy standard modules it never uses. Not timed:
-the modules themselves are checked, in a process started like the daemon and
-stopped where it would enter the jail (after which it can import nothing).
+the modules themselves are checked, in the program stopped where it would
+enter the jail (after which it can import nothing), and in a real daemon,
+jailed and serving. The modules trio and construct import for what a daemon
+never does stay in sys.modules unloaded, and ldconfig does not run (see
+vfiouserd.startup).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import tomllib
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
+from daemon import Daemon
 
-from vfiouserd import plugins
+from vfiouserd import plugins, startup
 
-# The daemon up to jail.enter: then the modules it holds, and out.
+ROOT = Path(__file__).resolve().parent.parent
+
+# The program (vfiouserd.__main__, unchanged) up to jail.enter: then the
+# modules it has loaded (not those still deferred) and the programs it ran,
+# and out. jail.enter is replaced as soon as the jail module defines it (an
+# audit hook sees every import), so the program imports in its own order.
 PROBE = """
 import json, os, sys
-from vfiouserd.cli import main
-from vfiouserd.sandbox import jail
+
+programs = []
 
 def enter(options):
-    sys.stdout.write(json.dumps(sorted(sys.modules)))
+    from vfiouserd import startup
+    loaded = set(sys.modules) - set(startup.still_deferred())
+    sys.stdout.write(json.dumps({"modules": sorted(loaded), "programs": programs}))
     sys.stdout.flush()
     os._exit(0)
 
-jail.enter = enter
-sys.exit(main(sys.argv[1:]))
+def hook(event, args):
+    if event == "subprocess.Popen":
+        programs.append(os.fsdecode(args[0]))
+    jail = sys.modules.get("vfiouserd.sandbox.jail")
+    if jail is not None and vars(jail).get("enter", enter) is not enter:
+        jail.enter = enter
+
+sys.addaudithook(hook)
+from vfiouserd import __main__ as program
+sys.exit(program.main(sys.argv[1:]))
 """
 
-# Never needed to serve, whatever the device: the clients, and standard
-# modules only a configuration file or a tool reads (importlib.metadata and
-# the email package it loads: plugins.entry_points reads entry points itself).
+# Never needed to serve, whatever the device: the clients, standard modules
+# only a configuration file or a tool reads (importlib.metadata and the email
+# package it loads: plugins.entry_points reads entry points itself), and the
+# modules deferred for trio and construct.
 NEVER = (
     "vfiouserd.client",
     "vfiouserd.config",
@@ -44,6 +67,7 @@ NEVER = (
     "importlib.metadata",
     "importlib.resources",
     "email",
+    *startup.NEVER_USED,
 )
 VHOST_USER = ("vfiouserd.vhost_user", "vfiouserd.protocol.vhost_user")
 VFIO_USER = ("vfiouserd.vfio_user", "vfiouserd.protocol.vfio_user", "vfiouserd.devices.pci")
@@ -56,7 +80,9 @@ def modules_before_the_jail(tmp_path, subcommand: str, *options: str) -> set[str
         [*command, "--no-control", *options], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    return set(json.loads(done.stdout))
+    probe = json.loads(done.stdout)
+    assert probe["programs"] == []  # ldconfig for ctypes.util.find_library, say
+    return set(probe["modules"])
 
 
 def loaded(modules: set[str], prefixes: tuple[str, ...]) -> list[str]:
@@ -131,3 +157,100 @@ def test_plugins_are_the_entry_points_importlib_metadata_finds(tmp_path, monkeyp
     assert plugins.entry_points() == expected
     assert ("blk", "elsewhere:Blk") in expected
     assert ("mine", "third.party:Device [extra]") in expected
+
+
+# What loading each deferred module would import through the import system,
+# as -X importtime lists it (the deferred module itself runs in place).
+LOADED_WITH = {"ssl": "_ssl", "idna": "idna.core", "pdb": "bdb", "pickle": "_pickle"}
+
+
+def test_a_jailed_daemon_has_not_loaded_the_deferred_modules(tmp_path):
+    assert sorted(LOADED_WITH) == sorted(startup.NEVER_USED)
+    env = {"PYTHONPROFILEIMPORTTIME": "1"}  # -X importtime: each import on stderr
+    with Daemon("vhost-user-rng", "--no-control", workdir=tmp_path, env=env) as daemon:
+        log = daemon.log()
+    assert "event=sandbox.entered" in log
+    imported = set(re.findall(r"^import time: .*\| +(\S+)$", log, re.MULTILINE))
+    assert {"trio", "construct", "vfiouserd.sandbox.jail"} <= imported  # the report is there
+    assert sorted(imported & set(LOADED_WITH.values())) == []
+
+
+def test_every_program_enters_through_vfiouserd_main():
+    # Which defers modules and answers library look-ups before trio and
+    # construct are imported.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert set(project["scripts"].values()) == {"vfiouserd.__main__:main"}
+
+
+def test_a_deferred_module_loads_in_place_at_its_first_use(tmp_path):
+    (tmp_path / "deferred_example.py").write_text("import sys\nVALUE = 42\nLOADS = 1\n")
+    script = f"""
+import sys
+sys.path.insert(0, {str(tmp_path)!r})
+from vfiouserd import startup
+assert startup.defer(("deferred_example", "no_such_module_here")) == ["deferred_example"]
+import deferred_example
+assert startup.still_deferred() == ["deferred_example"]
+assert deferred_example.__name__ == "deferred_example"  # has its spec's attributes, unloaded
+assert startup.still_deferred() == ["deferred_example"]
+from deferred_example import VALUE
+assert VALUE == 42 and startup.still_deferred() == []
+import deferred_example as again
+assert again is deferred_example and again.LOADS == 1 and sys.modules["deferred_example"] is again
+try:
+    again.missing
+except AttributeError:
+    pass
+else:
+    raise AssertionError("a missing attribute")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_deferred_module_that_cannot_load_raises_import_error(tmp_path):
+    # As in the jail, where there is no file system left to load it from.
+    source = tmp_path / "gone_example.py"
+    source.write_text("VALUE = 1\n")
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(tmp_path)!r})
+from vfiouserd import startup
+startup.defer(("gone_example",))
+import gone_example
+os.unlink({str(source)!r})
+try:
+    gone_example.VALUE
+except ImportError as exc:
+    assert exc.name == "gone_example", exc
+    assert startup.still_deferred() == ["gone_example"]
+else:
+    raise AssertionError("loaded without its source")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_known_libraries_are_found_without_ldconfig():
+    script = """
+import ctypes.util, json, os, sys
+from vfiouserd import startup
+
+programs = []
+sys.addaudithook(lambda event, args: programs.append(1) if event == "subprocess.Popen" else None)
+names = sorted(startup.SONAMES)
+slow = [ctypes.util.find_library(name) for name in names]
+ran = len(programs)
+with startup.known_libraries():
+    fast = [ctypes.util.find_library(name) for name in names]
+    fast_ran = len(programs) - ran
+    ctypes.util.find_library("m")  # any other name: as before
+    other_ran = len(programs) - ran - fast_ran
+restored = ctypes.util.find_library("c") and len(programs) > ran + fast_ran + other_ran
+print(json.dumps([slow, fast, ran, fast_ran, other_ran, bool(restored)]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    slow, fast, ran, fast_ran, other_ran, restored = json.loads(done.stdout)
+    assert fast == slow and None not in fast  # what ldconfig says, here
+    assert ran > 0 and fast_ran == 0 and other_ran > 0 and restored

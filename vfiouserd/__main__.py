@@ -1,5 +1,22 @@
+"""The program: ``python -m vfiouserd`` and the ``vfiouserd`` commands
+(pyproject's scripts, the vhost-user descriptors' program links)."""
+
+from __future__ import annotations
+
 import sys
+from collections.abc import Sequence
 
-from vfiouserd.cli import main
+from vfiouserd import startup
 
-sys.exit(main())
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # First, before trio and construct are imported (see vfiouserd.startup).
+    startup.defer()
+    with startup.known_libraries():
+        from vfiouserd.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""What the program does first, before it imports trio or construct: less to load.
+
+trio, construct and pyseccomp do work as they are imported for what a
+daemon never needs. The program's entry point (vfiouserd.__main__) skips it:
+
+- Modules they import for what a daemon never does are deferred: ``ssl``
+  (trio's TLS streams; the daemon never speaks TLS), ``idna`` (trio, for
+  host names that are not ASCII), ``pdb`` (construct's Debugger) and
+  ``pickle`` (construct's Pickled). Together they cost every device process
+  about 1.7 MiB and 11 ms of CPU at start-up. A deferred module is an empty
+  module with the real one's spec (name, file, loader) in sys.modules:
+  ``import ssl`` finds it there and binds it, and the first attribute asked
+  of it that it lacks runs the real module's code in it, in place, so that
+  every reference to it holds the real module from then on.
+  (importlib.util.LazyLoader does not do on Python 3.11: the import
+  statement reads a module's ``__spec__`` as it finds it in sys.modules,
+  which loads a lazy module at once.) A jailed daemon has no file system to
+  load anything from: a deferred module used there for the first time
+  raises ImportError.
+- ``ctypes.util.find_library`` runs ``ldconfig -p`` at every call; trio
+  (libpthread, to name its threads) and pyseccomp (libc, libseccomp) call
+  it as they are imported: three runs, about 4 ms of every start. While
+  they are imported, ``known_libraries`` answers those names with the
+  sonames the dynamic loader knows them by, once it has loaded them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+import threading
+import types
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+# Top-level modules only: what trio and construct import for what a daemon
+# never does.
+NEVER_USED = ("ssl", "idna", "pdb", "pickle")
+
+# The libraries trio and pyseccomp look up by name as they are imported, by
+# their sonames (the ABI's: glibc's libc and libpthread, libseccomp 2.x).
+SONAMES = {"c": "libc.so.6", "pthread": "libpthread.so.0", "seccomp": "libseccomp.so.2"}
+
+_loading = threading.RLock()
+
+
+class DeferredModule(types.ModuleType):
+    """A module whose code has not run yet: the first attribute it lacks runs it."""
+
+    def __getattr__(self, attribute: str) -> Any:
+        with _loading:
+            if type(self) is DeferredModule:  # not loaded by another thread meanwhile
+                _load(self)
+        return getattr(self, attribute)
+
+
+def _load(module: types.ModuleType) -> None:
+    spec = module.__spec__
+    if spec is None or spec.loader is None:  # defer() gives each one both
+        raise ImportError(f"deferred module {module.__name__} has no loader")
+    module.__class__ = types.ModuleType  # a plain module from now on
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        module.__class__ = DeferredModule  # the next use tries again
+        raise ImportError(f"deferred module {spec.name}: {exc}", name=spec.name) from exc
+
+
+def defer(names: tuple[str, ...] = NEVER_USED) -> list[str]:
+    """Put these top-level modules in sys.modules, deferred; not those already
+    imported, nor those not installed (whose import fails as before). The
+    names deferred."""
+    deferred = []
+    for name in names:
+        if "." in name:
+            raise ValueError(f"{name}: only top-level modules are deferred")
+        if name in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        module.__class__ = DeferredModule
+        sys.modules[name] = module
+        deferred.append(name)
+    return deferred
+
+
+def still_deferred() -> list[str]:
+    """The modules in sys.modules whose code has not run (nothing used them)."""
+    return sorted(name for name, module in sys.modules.items() if type(module) is DeferredModule)
+
+
+@contextlib.contextmanager
+def known_libraries(sonames: Mapping[str, str] = SONAMES) -> Iterator[None]:
+    """Meanwhile, ``ctypes.util.find_library`` answers a name of ``sonames``
+    with its soname, without running ldconfig, if the dynamic loader loads
+    it by that name; any other name, or one that does not load, as before."""
+    import ctypes
+    import ctypes.util
+
+    original = ctypes.util.find_library
+
+    def find_library(name: str) -> str | None:
+        soname = sonames.get(name)
+        if soname is not None:
+            try:
+                ctypes.CDLL(soname)  # loaded for good: its caller loads it next
+            except OSError:
+                pass
+            else:
+                return soname
+        return original(name)
+
+    ctypes.util.find_library = find_library
+    try:
+        yield
+    finally:
+        ctypes.util.find_library = original
