@@ -93,10 +93,12 @@ class FakeSystemd:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        if self.main_pid is not None and not self._is_started_process(self.main_pid):
-            with contextlib.suppress(ChildProcessError, ProcessLookupError):
-                os.kill(self.main_pid, signal.SIGKILL)
-                os.waitpid(self.main_pid, 0)
+        for pid in self._adopted():  # a reload's new daemon, even one a failed test left
+            for process in reversed(self._tree(pid)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
         prctl.set_child_subreaper(self._was_subreaper)
         self._nursery.cancel_scope.cancel()
         await self._nursery_manager.__aexit__(None, None, None)
@@ -183,10 +185,28 @@ class FakeSystemd:
                     raise RuntimeError(f"exited with {self.process.returncode}:\n{self.log()}")
                 await trio.sleep(0.01)
 
+    def _adopted(self) -> list[int]:
+        """This service's processes that we adopted as their subreaper."""
+        adopted = []
+        for status in Path("/proc").glob("[0-9]*/status"):
+            with contextlib.suppress(OSError, ValueError):
+                fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines())
+                pid = int(status.parent.name)
+                if int(fields["PPid"]) != os.getpid() or self._is_started_process(pid):
+                    continue
+                arguments = (status.parent / "cmdline").read_bytes()
+                if str(self.workdir).encode() in arguments or b"vfiouserd-waiter" in arguments:
+                    adopted.append(pid)
+        return adopted
+
     def _processes(self) -> list[int]:
         """The service's processes, main first (its cgroup, as systemd sees it)."""
         assert self.main_pid is not None
-        found, index = [self.main_pid], 0
+        return self._tree(self.main_pid)
+
+    @staticmethod
+    def _tree(root: int) -> list[int]:
+        found, index = [root], 0
         while index < len(found):
             pid = found[index]
             index += 1
