@@ -89,7 +89,7 @@ TYPED_MODULES := -p vfiouserd.protocol -p vfiouserd.devices -m vfiouserd.virtque
 	-p vfiouserd.vhost_user -p vfiouserd.vfio_user -m vfiouserd.eventfds \
 	-m vfiouserd.control -m vfiouserd.trace -m vfiouserd.stats -m vfiouserd.faults \
 	-m vfiouserd.client.control -m vfiouserd.client.lab -m vfiouserd.client.nvme \
-	-m vfiouserd.plugins -m vfiouserd.startup
+	-m vfiouserd.plugins -m vfiouserd.startup -m vfiouserd.upgrade -m vfiouserd.server
 
 lint: $(VENV)/stamp
 	$(VENV)/bin/ruff check .
