@@ -196,7 +196,7 @@ def test_footprint_benchmark_reports_every_target_for_every_back_end():
     tables = done.stdout.strip().split("\n\n")[1:]
     # Each table: its title, a header, rows whose cells two blanks or more part.
     rows = [[re.split(r"\s{2,}", line) for line in t.splitlines()[2:]] for t in tables]
-    assert [len(r) for r in rows] == [6, 10, 2, 4, 8, 3], done.stdout
+    assert [len(r) for r in rows] == [6, 10, 2, 4, 8, 5], done.stdout
     ready, pss, many, idle, per_io, restart = rows
     assert [r[0] for r in ready] == [*devices, qsd]
     assert [(r[0], r[1]) for r in pss] == [
@@ -210,8 +210,14 @@ def test_footprint_benchmark_reports_every_target_for_every_back_end():
     ]
     assert [r[0].split(" (")[0] for r in restart] == [
         "fd store, vhost-user-blk",
+        "reload",
         "fd store, vfio-user-blk",
+        "reload",
         f"{qsd}, reconnect",
+    ]
+    assert [r[0] for r in restart if r[0].startswith("reload")] == [
+        "reload (upgrade), vhost-user-blk (stand-in)",
+        "reload (upgrade), vfio-user-blk (stand-in)",
     ]
     for table in rows:  # a verdict on each of ours (none per I/O: no target), the reference
         for cells in table:
