@@ -88,21 +88,40 @@ async def until_exited(process: subprocess.Popen) -> None:
 async def restart_fdstore(workdir: Path, protocol: str) -> float:
     """SIGTERM; once the old daemon is gone the guest submits a read; the
     new daemon serves it on the same connection."""
+    return await _served_by_a_managed_daemon(workdir, protocol, "store", _across_restart)
+
+
+async def upgrade_in_place(workdir: Path, protocol: str) -> float:
+    """`systemctl reload` (ExecReload=: vfiouserd --upgrade): the guest reads
+    back to back at QD1 all along; the downtime is the longest any read
+    waited, the one caught by the handover (the successor's start-up runs
+    while the old daemon serves)."""
+    return await _served_by_a_managed_daemon(workdir, protocol, "upgrade", _across_upgrade)
+
+
+async def _served_by_a_managed_daemon(
+    workdir: Path,
+    protocol: str,
+    name: str,
+    across: Callable[[FakeSystemd, BlkClient], Awaitable[float]],
+) -> float:
+    """``across`` measured on a disk served by a daemon under the stand-in
+    systemd (--fdstore), the guest's device set up over ``protocol``."""
     ram = GuestRam([(0, 16 * MiB)])
-    command = daemon(workdir, protocol, "store", "--fdstore")
-    socket_path = str(workdir / "store.sock")
-    async with FakeSystemd(workdir, command, name=f"store-{protocol}") as manager:
+    command = daemon(workdir, protocol, name, "--fdstore")
+    socket_path = str(workdir / f"{name}.sock")
+    async with FakeSystemd(workdir, command, name=f"{name}-{protocol}") as manager:
         await manager.start()
         if protocol == "vhost-user":
             frontend, blk = await vhost_user_device(socket_path, ram)
-            downtime = await _across_restart(manager, blk)
+            downtime = await across(manager, blk)
             await frontend.aclose()
         else:
             async with VfioUserClient.connect(socket_path, ram=ram) as client:
                 await client.map_ram()
                 driver = VirtioPciDriver(client, ram)
                 (queue,) = await driver.start(queue_count=1)
-                downtime = await _across_restart(manager, BlkClient(ram, queue, arena=MiB))
+                downtime = await across(manager, BlkClient(ram, queue, arena=MiB))
                 driver.close()
         await manager.stop()
     ram.close()
@@ -121,50 +140,34 @@ async def _across_restart(manager: FakeSystemd, blk: BlkClient) -> float:
         return trio.current_time() - started
 
 
-async def upgrade_in_place(workdir: Path, protocol: str) -> float:
-    """`systemctl reload` (ExecReload=: vfiouserd --upgrade): the guest reads
-    back to back at QD1 all along; the downtime is the longest any read
-    waited, the one caught by the handover (the successor's start-up runs
-    while the old daemon serves)."""
-    ram = GuestRam([(0, 16 * MiB)])
-    command = daemon(workdir, protocol, "upgrade", "--fdstore")
-    socket_path = str(workdir / "upgrade.sock")
-    async with FakeSystemd(workdir, command, name=f"upgrade-{protocol}") as manager:
-        await manager.start()
-        if protocol == "vhost-user":
-            frontend, blk = await vhost_user_device(socket_path, ram)
-            downtime = await _across_upgrade(manager, blk)
-            await frontend.aclose()
-        else:
-            async with VfioUserClient.connect(socket_path, ram=ram) as client:
-                await client.map_ram()
-                driver = VirtioPciDriver(client, ram)
-                (queue,) = await driver.start(queue_count=1)
-                downtime = await _across_upgrade(manager, BlkClient(ram, queue, arena=MiB))
-                driver.close()
-        await manager.stop()
-    ram.close()
-    return downtime
-
-
 async def _across_upgrade(manager: FakeSystemd, blk: BlkClient) -> float:
-    await blk.write(0, b"u" * 512)
-    longest = 0.0
-    reloaded = False
-
     async def reload() -> None:
-        nonlocal reloaded
         status = await manager.reload([*manager.command, "--upgrade"])
         assert status == 0, manager.log()
-        reloaded = True
+
+    longest = await _longest_read_during(blk, reload)
+    assert "event=upgrade.taken_over" in manager.log(), manager.log()
+    return longest
+
+
+async def _longest_read_during(blk: BlkClient, action: Callable[[], Awaitable[object]]) -> float:
+    """The longest a read waited while the guest read back to back as long
+    as ``action`` ran."""
+    await blk.write(0, b"u" * 512)
+    longest = 0.0
+    done = False
+
+    async def act() -> None:
+        nonlocal done
+        await action()
+        done = True
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(reload)
-        while not reloaded:
+        nursery.start_soon(act)
+        while not done:
             started = trio.current_time()
             assert await blk.read(0, 512) == b"u" * 512
             longest = max(longest, trio.current_time() - started)
-    assert "event=upgrade.taken_over" in manager.log(), manager.log()
     return longest
 
 
@@ -189,21 +192,9 @@ async def under_real_systemd(workdir: Path, action: str) -> float:
         try:
             path = systemd.path(f"/run/vfiouserd/{name}/vhost-user.sock")
             frontend, blk = await vhost_user_device(path, ram)
-            await blk.write(0, b"s" * 512)
-            longest = 0.0
-            done = False
-
-            async def act() -> None:
-                nonlocal done
-                await trio.to_thread.run_sync(systemd.systemctl, action, unit)
-                done = True
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(act)
-                while not done:
-                    started = trio.current_time()
-                    assert await blk.read(0, 512) == b"s" * 512
-                    longest = max(longest, trio.current_time() - started)
+            longest = await _longest_read_during(
+                blk, lambda: trio.to_thread.run_sync(systemd.systemctl, action, unit)
+            )
             await frontend.aclose()
         finally:
             systemd.systemctl("stop", unit)

@@ -183,13 +183,19 @@ async def test_a_successor_that_cannot_load_the_state_leaves_the_session_serving
     ram.close()
 
 
-def connect_as_successor(control: Path) -> socket.socket:
+def ask_as_successor(control: Path, pid: int) -> tuple[socket.socket, bytes]:
+    """A successor of our own: connect, ask for the session as ``pid``, and
+    close the fds that come; the connection and what it said."""
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(str(control))
     sock.settimeout(10)
     greeting = sock.recv(65536)
     assert b"upgrade" in greeting
-    return sock
+    sock.sendall(b'{"execute": "upgrade", "arguments": {"pid": %d}, "id": 1}\n' % pid)
+    data, fds, _, _ = socket.recv_fds(sock, 65536, 250)
+    for fd in fds:
+        os.close(fd)
+    return sock, data
 
 
 @pytest.mark.parametrize(
@@ -207,14 +213,7 @@ async def test_a_successor_that_misbehaves_leaves_the_session_serving(tmp_path, 
         done: list[int] = []
 
         def misbehave() -> bytes:
-            sock = connect_as_successor(control)
-            pid = "1" if behaviour == "bad pid" else str(os.getpid())
-            sock.sendall(
-                b'{"execute": "upgrade", "arguments": {"pid": %s}, "id": 1}\n' % pid.encode()
-            )
-            data, fds, _, _ = socket.recv_fds(sock, 65536, 250)
-            for fd in fds:
-                os.close(fd)
+            sock, data = ask_as_successor(control, 1 if behaviour == "bad pid" else os.getpid())
             if behaviour == "hangs up":
                 sock.close()
                 return data
@@ -265,12 +264,7 @@ async def test_a_stop_while_a_successor_keeps_silent_still_hands_the_session_ove
         (blk,) = await start_device(frontend, ram)
         done: list[int] = []
         await io_loop(blk, 0, 20, done)
-        sock = await trio.to_thread.run_sync(connect_as_successor, control)
-        command = b'{"execute": "upgrade", "arguments": {"pid": %d}, "id": 1}\n' % os.getpid()
-        sock.sendall(command)
-        _, fds, _, _ = await trio.to_thread.run_sync(lambda: socket.recv_fds(sock, 65536, 250))
-        for fd in fds:
-            os.close(fd)
+        sock, _ = await trio.to_thread.run_sync(ask_as_successor, control, os.getpid())
         assert await manager.restart() < 10  # TimeoutStopSec=
         sock.close()
         await io_loop(blk, 20, 30, done)
