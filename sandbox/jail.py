@@ -31,7 +31,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -108,8 +108,11 @@ class JailOptions:
     # systemd's fd store (through the parent when jailed).
     store: FdStore | None = None
     # READY=1 once jailed; not for an upgrade's successor: the daemon it
-    # succeeds names it the main process (MAINPID=) when it takes over.
+    # succeeds names it the main process (MAINPID=) when it takes over, and
+    # the socket files are that daemon's until then. The successor calls
+    # ``ready`` once it took over.
     announce_ready: bool = True
+    ready: Callable[[], None] = lambda: None
 
 
 @contextlib.contextmanager
@@ -195,9 +198,15 @@ def enter(options: JailOptions) -> None:
         except BaseException as exc:
             os.write(2, f"vfiouserd: cannot finish the jail: {exc!r}\n".encode())
             os._exit(1)
-        # "0": jailed, but the waiter tells systemd nothing (see announce_ready).
-        os.write(ready_write, b"1" if options.announce_ready else b"0")
-        os.close(ready_write)
+
+        def ready(byte: bytes) -> None:
+            os.write(ready_write, byte)
+            os.close(ready_write)
+
+        if options.announce_ready:
+            ready(b"1")
+        else:  # "0": the waiter tells systemd nothing (see announce_ready)
+            options.ready = lambda: ready(b"0")
         log.info("sandbox.entered", mode=options.mode, seccomp=options.seccomp, uid=uid)
         return
     os.close(ready_write)
@@ -346,6 +355,8 @@ def _become_waiter(
             f"socket={f.directory}:{f.device}:{f.inode}:{f.name}" for f in options.socket_files
         ]
         arguments += [f"keep={name}" for name in KEPT]
+        if not options.announce_ready:
+            arguments.append("successor=1")
         if options.mode == "strict" and options.seccomp != "none":
             directories = [f.directory for f in options.socket_files]
             notify = options.notify_fd

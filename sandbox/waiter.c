@@ -11,7 +11,8 @@
  *   - relays SIGTERM, SIGINT and SIGHUP to the daemon,
  *   - tells systemd READY=1 (with its own pid as MAINPID) once the daemon
  *     writes "1" on the readiness pipe ("0": nothing to tell, an upgrade's
- *     successor, which the daemon it succeeds names the main process),
+ *     successor that took over: the daemon it succeeded named it the main
+ *     process; with successor=1 the socket files stay unless it did),
  *   - passes the daemon's notifications (the fd store) on to systemd, which
  *     listens to the main process only,
  *   - at the end removes the daemon's socket files, unless a notification
@@ -25,6 +26,7 @@
  *
  * Arguments, one key=value each (child, ready and pidfd are required):
  *   child=PID ready=FD pidfd=FD relay=FD notify=FD filter=FD utc_offset=S
+ *   successor=0|1
  *   socket=DIRFD:DEV:INO:NAME (repeated)  keep=FDNAME (repeated)
  */
 #define _GNU_SOURCE
@@ -66,6 +68,8 @@ static struct {
     int socket_count;
     const char *kept[MAX_KEPT];
     int kept_count;
+    int successor; /* the socket files are another daemon's until the readiness byte */
+    bool ready_seen;
 } w = {.child = -1, .ready = -1, .pidfd = -1, .relay = -1, .notify = -1, .filter = -1};
 
 static const int stop_signals[] = {SIGTERM, SIGINT, SIGHUP};
@@ -365,8 +369,11 @@ static bool watch(void)
         }
         if (polled[READY].revents) {
             char byte = 0;
-            if (read(w.ready, &byte, 1) == 1 && byte == '1')
-                notify_ready();
+            if (read(w.ready, &byte, 1) == 1) {
+                w.ready_seen = true;
+                if (byte == '1')
+                    notify_ready();
+            }
             close(w.ready);
             polled[READY].fd = -1;
         }
@@ -486,6 +493,7 @@ static bool parse(int argc, char **argv)
     } numbers[] = {
         {"child", &w.child}, {"ready", &w.ready},   {"pidfd", &w.pidfd},
         {"relay", &w.relay}, {"notify", &w.notify}, {"filter", &w.filter},
+        {"successor", &w.successor},
     };
     for (int i = 1; i < argc; i++) {
         const char *value;
@@ -557,5 +565,8 @@ int main(int argc, char **argv)
     /* Held since the daemon started: the ones that came meanwhile are
      * relayed now. */
     hold_signals(false);
-    reap_and_exit(watch());
+    bool keep = watch();
+    /* An upgrade's successor that never took over: the files are still the
+     * running daemon's, which serves on. */
+    reap_and_exit(keep || (w.successor && !w.ready_seen));
 }

@@ -256,6 +256,12 @@ class FakeSystemd:
                 while self.main_pid == previous:
                     await trio.sleep(0.001)
                 await self._reaped(previous)  # adopted, or our child: ours to reap
+            elif reloading.returncode != 0:  # a new daemon that gave up exits by itself
+                while adopted := self._adopted():
+                    for pid in adopted:
+                        with contextlib.suppress(ChildProcessError):
+                            os.waitpid(pid, os.WNOHANG)
+                    await trio.sleep(0.005)
         return reloading.returncode
 
     async def _reaped(self, pid: int) -> int:

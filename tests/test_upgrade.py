@@ -169,6 +169,10 @@ async def test_a_successor_that_cannot_load_the_state_leaves_the_session_serving
                 while len(done) < 20:
                     await trio.sleep(0.005)
             assert await manager.reload(upgrade_command(smaller)) == 1
+            # The socket files are still the running daemon's: its would-be
+            # successor's waiter left them.
+            assert (tmp_path / "device.sock").exists()
+            assert (tmp_path / "device.control.sock").exists()
         await io_loop(blk, 100, 50, done)  # served on, after all that
         assert done == list(range(150))
         assert manager.main_pid == first

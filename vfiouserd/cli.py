@@ -238,6 +238,7 @@ class Successor:
         self.result_fd: int | None = result_fd
         self.predecessor: upgrade.Predecessor | None = None
         self.socket_activated = False
+        self.took_over = False
 
     def fds(self) -> list[int]:
         kept = [] if self.result_fd is None else [self.result_fd]
@@ -448,11 +449,11 @@ def _serve(
                 except handover.HandoverError as exc:
                     successor.refuse(str(exc))
                     return
-                _taken_over(successor)
+                _taken_over(successor, options)
             else:
                 session = _restore_session(protocol, session_type, device, *restored)
         elif successor is not None:
-            _taken_over(successor)
+            _taken_over(successor, options)
         async with trio.open_nursery() as nursery:
             if control_server is not None:
                 nursery.start_soon(control_server.run)
@@ -469,15 +470,16 @@ def _serve(
         sock.close()
         if control_sock is not None:
             control_sock.close()
+        ours = successor is None or successor.took_over  # else the running daemon's
         for created in (socket_file, control_file):
             if created is not None and not jailed:  # jailed: the parent's
-                if not service.handed_over:  # the next daemon listens on it
+                if not service.handed_over and ours:  # the next daemon listens on it
                     created.remove()
                 created.close()
         device.close()
         log.info("exit", handed_over=service.handed_over)
-    if successor is not None and successor.result_fd is not None:
-        return 1  # never took over: the running daemon serves on
+    if successor is not None and not successor.took_over:
+        return 1  # the running daemon serves on
     return 0
 
 
@@ -528,13 +530,16 @@ async def _reload_once_serving(
         virtio.reload()
 
 
-def _taken_over(successor: Successor) -> None:
+def _taken_over(successor: Successor, options: jail.JailOptions) -> None:
     """The session is this daemon's: the running one lets go of it and
-    names this one's waiter the service's main process."""
+    names this one's waiter the service's main process; the socket files
+    are this daemon's from now on (its waiter's to remove at the end)."""
     assert successor.predecessor is not None
     successor.predecessor.answer(None)
     successor.predecessor.close()
     successor.predecessor = None
+    successor.took_over = True
+    options.ready()
     log.info("upgrade.taken_over")
     successor.report("ok")
 
