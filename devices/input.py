@@ -282,7 +282,7 @@ class VirtioInput(VirtioDevice):
                 self._told_leds = False
                 log.info("input.client", kind=self.kind.name)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._send_status, self._client)
+                nursery.start_soon(self._send_status, self._client, nursery.cancel_scope)
                 await self._receive_events(self._client)
                 nursery.cancel_scope.cancel()
             self._client.close()
@@ -311,7 +311,16 @@ class VirtioInput(VirtioDevice):
             if whole:
                 self.data_ready(EVENT_QUEUE)
 
-    async def _send_status(self, client: trio.socket.SocketType) -> None:
+    async def _send_status(self, client: trio.socket.SocketType, ends: trio.CancelScope) -> None:
+        """Status events (LEDs) to the client; a client gone (EPIPE) ends its
+        connection, never the device."""
+        try:
+            await self._send_status_until_gone(client)
+        except OSError as exc:
+            log.info("input.client_lost", reason=str(exc))
+            ends.cancel()
+
+    async def _send_status_until_gone(self, client: trio.socket.SocketType) -> None:
         if not self._told_leds:  # a new client learns where the LEDs stand
             self.outgoing.extendleft(
                 EVENT.pack(EV_LED, code, value)

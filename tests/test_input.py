@@ -282,3 +282,30 @@ async def test_the_client_stays_connected_while_the_rings_stop_and_start(tmp_pat
     finally:
         ram.close()
         device.close()
+
+
+async def test_a_client_that_stops_reading_its_status_is_dropped_not_the_device(tmp_path):
+    """A client that shut its reading side: the LED the driver sets fails to
+    reach it (EPIPE), which ends that client, never the device; the next
+    client is told the LEDs. (Seen in a loaded CI run: device.failed.)"""
+    device, path = socket_device(tmp_path, "keyboard")
+    ram = GuestRam([(0, 8 * MiB)])
+    try:
+        async with served(device) as frontend:
+            _, status = await both_queues(frontend, ram)
+            first = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await first.connect(path)
+            first.shutdown(socket.SHUT_RD)
+            led = ram.alloc(8, 64)
+            ram.write(led, EVENT.pack(EV_LED, LED_CAPSL, 1))
+            status.ring.add([(led, 8)], [], "led")
+            await status.kick_async()
+            second = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with trio.fail_after(5):
+                await second.connect(path)
+                assert await second.recv(8) == EVENT.pack(EV_LED, LED_CAPSL, 1)
+            first.close()
+            second.close()
+    finally:
+        ram.close()
+        device.close()
