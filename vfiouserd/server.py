@@ -8,7 +8,6 @@ listens again, so a reconnecting QEMU gets a fresh session.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
 import socket
@@ -22,6 +21,7 @@ import trio
 from vfiouserd import handover, upgrade
 from vfiouserd.handover import FdNames
 from vfiouserd.log import get_logger
+from vfiouserd.protocol.framing import ConnectionClosed, send_all
 from vfiouserd.sockets import is_listening
 from vfiouserd.systemd import FdStore
 from vfiouserd.trace import tracer
@@ -273,13 +273,19 @@ class Service:
         named = packed.names.named
         try:
             for line, fds in upgrade.fd_batches(named):
-                await conn.sendmsg([line], [rights_message(fds)])
-            await _send_all(
+                await send_all(conn, line, fds)
+            await send_all(
                 conn, upgrade.end_line(len(named), socket_activated=not self.store_listener)
             )
             with trio.fail_after(upgrade.VERDICT_TIMEOUT):
                 reason = upgrade.parse_verdict(await _read_line(conn))
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError, ValueError) as exc:
+        except (
+            OSError,
+            ConnectionClosed,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            ValueError,
+        ) as exc:
             reason = f"no verdict from the successor: {exc!r}"
         finally:
             if packed.state_fd is not None:
@@ -298,8 +304,10 @@ class Service:
                 session=session is not None,
                 paused_ms=round((time.monotonic() - started) * 1000, 1),
             )
-            with contextlib.suppress(OSError):  # sent here: the reply would be cancelled
-                await _send_all(conn, upgrade.released_line(True))
+            with contextlib.suppress(
+                OSError, ConnectionClosed
+            ):  # here: the reply would be cancelled
+                await send_all(conn, upgrade.released_line(True))
             self._running.cancel()
             return {"released": True}
         log.error("upgrade.refused", reason=reason)
@@ -308,8 +316,8 @@ class Service:
             session.close()
             assert self.take_back is not None
             self._taken_back = self.take_back(packed.record, copies)
-        with contextlib.suppress(OSError):
-            await _send_all(conn, upgrade.released_line(False))
+        with contextlib.suppress(OSError, ConnectionClosed):
+            await send_all(conn, upgrade.released_line(False))
         return {"released": False, "reason": reason}
 
 
@@ -335,12 +343,6 @@ class Packed:
 TakeBack = Callable[[bytes, dict[str, int]], LiveSession | None]
 
 
-async def _send_all(conn: trio.socket.SocketType, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[await conn.send(view) :]
-
-
 async def _read_line(conn: trio.socket.SocketType) -> bytes:
     """One line, read a byte at a time: nothing after it is taken from the
     connection (the control client reads on)."""
@@ -353,7 +355,3 @@ async def _read_line(conn: trio.socket.SocketType) -> bytes:
             return bytes(line)
         line += byte
     raise ValueError("a line too long from the successor")
-
-
-def rights_message(fds: list[int]) -> tuple[int, int, bytes]:
-    return (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
