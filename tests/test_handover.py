@@ -17,12 +17,18 @@ import socket
 import struct
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 from fake_systemd import FakeSystemd
+from managed_blk import (
+    blk_command,
+    daemon_command,
+    io_across,
+    managed_blk,
+    verify_image,
+)
 
 from conftest import MiB, start_device
 from vfiouserd.client.blk import BlkClient
@@ -35,53 +41,8 @@ from vfiouserd.client.virtio_pci import VirtioPciDriver
 RESTARTS = 3
 
 
-def daemon_command(tmp_path: Path, subcommand: str, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "vfiouserd",
-        subcommand,
-        "--socket-path",
-        str(tmp_path / "device.sock"),
-        "--fdstore",
-        *args,
-    ]
-
-
-def blk_command(tmp_path: Path, protocol: str) -> list[str]:
-    image = str(tmp_path / "disk.img")
-    return daemon_command(tmp_path, f"{protocol}-blk", "--blk-file", image, "--size", "16M")
-
-
-async def io_loop(blk: BlkClient, first: int, rounds: int, done: list[int]) -> None:
-    """What the guest does all along: write a sector, read it back."""
-    for number in range(first, first + rounds):
-        pattern = struct.pack("<I", number) * 128
-        await blk.write(number, pattern)
-        assert await blk.read(number, 512) == pattern
-        done.append(number)
-
-
 async def restart_while_io_runs(manager: FakeSystemd, blk: BlkClient, rounds: int) -> list[int]:
-    done: list[int] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(io_loop, blk, 0, rounds, done)
-        for restart in range(RESTARTS):
-            with trio.fail_after(30):
-                while len(done) < (restart + 1) * rounds // (RESTARTS + 2):
-                    await trio.sleep(0.005)
-            await manager.restart()
-        with trio.fail_after(60):
-            while len(done) < rounds:
-                await trio.sleep(0.01)
-    return done
-
-
-def verify_image(tmp_path: Path, rounds: int) -> None:
-    with open(tmp_path / "disk.img", "rb") as f:
-        for number in range(rounds):
-            f.seek(512 * number)
-            assert f.read(512) == struct.pack("<I", number) * 128, number
+    return await io_across(blk, rounds, RESTARTS, lambda _: manager.restart())
 
 
 def assert_handed_over(manager: FakeSystemd) -> None:
@@ -101,27 +62,23 @@ def assert_handed_over(manager: FakeSystemd) -> None:
 async def test_vhost_user_session_carries_on_across_restarts(tmp_path, packed):
     rounds = 200
     ram = GuestRam([(0, 8 * MiB), (8 * MiB, 8 * MiB)])
-    async with FakeSystemd(tmp_path, blk_command(tmp_path, "vhost-user")) as manager:
-        await manager.start()
-        frontend = await VhostUserFrontend.connect(str(tmp_path / "device.sock"))
-        # Tracked in an inflight region, as QEMU's vhost-user-blk does.
-        (blk,) = await start_device(frontend, ram, packed=packed, inflight=True)
-        done = await restart_while_io_runs(manager, blk, rounds)
+    # Tracked in an inflight region, as QEMU's vhost-user-blk does.
+    async with managed_blk(tmp_path, "vhost-user", ram, packed=packed, inflight=True) as served:
+        done = await restart_while_io_runs(served.manager, served.blk, rounds)
         assert done == list(range(rounds))  # every request once, in order
         # The same connection still answers, and the ring stands exactly
         # where the requests put it: none repeated, none lost.
-        base = await frontend.stop_queue(0)
-        ring = blk.queue.ring
+        assert served.frontend is not None
+        base = await served.frontend.stop_queue(0)
+        ring = served.blk.queue.ring
         if not packed:
             assert base == 2 * rounds
         else:  # where the driver will put and look for the next descriptors
             used = ring.used_wrap << 31 | ring.next_used << 16
             assert base == used | ring.avail_wrap << 15 | ring.next_avail
             assert ring.in_flight == 0
-        await frontend.aclose()
-        assert await manager.stop() == 0
-        assert_handed_over(manager)
-        assert manager.starts == RESTARTS + 1
+    assert_handed_over(served.manager)
+    assert served.manager.starts == RESTARTS + 1
     verify_image(tmp_path, rounds)
     ram.close()
 
@@ -156,22 +113,13 @@ async def test_vfio_user_session_carries_on_across_restarts(tmp_path, fd_less):
     a DMA message, so the handover must wait for a gap between them."""
     rounds = 120 if not fd_less else 40
     ram = GuestRam([(0, 16 * MiB)])
-    async with FakeSystemd(tmp_path, blk_command(tmp_path, "vfio-user")) as manager:
-        await manager.start()
-        async with VfioUserClient.connect(str(tmp_path / "device.sock"), ram=ram) as client:
-            # In three maps of one memfd, as QEMU shares guest RAM: systemd
-            # stores that open file once.
-            await client.map_ram(with_fd=not fd_less, pieces=3)
-            driver = VirtioPciDriver(client, ram)
-            (queue,) = await driver.start(queue_count=1)
-            blk = BlkClient(ram, queue, arena=MiB)
-            done = await restart_while_io_runs(manager, blk, rounds)
-            assert done == list(range(rounds))
-            # Config space and registers answer as before the restarts.
-            assert await driver.status() & 0x4  # DRIVER_OK
-            driver.close()
-        assert await manager.stop() == 0
-        assert_handed_over(manager)
+    async with managed_blk(tmp_path, "vfio-user", ram, fd_less=fd_less) as served:
+        done = await restart_while_io_runs(served.manager, served.blk, rounds)
+        assert done == list(range(rounds))
+        # Config space and registers answer as before the restarts.
+        assert served.driver is not None
+        assert await served.driver.status() & 0x4  # DRIVER_OK
+    assert_handed_over(served.manager)
     verify_image(tmp_path, rounds)
     ram.close()
 

@@ -18,15 +18,19 @@ from pathlib import Path
 import pytest
 import trio
 from fake_systemd import FakeSystemd
-from test_handover import blk_command, daemon_command, io_loop, verify_image
+from managed_blk import (
+    blk_command,
+    daemon_command,
+    io_across,
+    io_loop,
+    managed_blk,
+    verify_image,
+)
 
 from conftest import MiB, start_device
-from vfiouserd.client.blk import BlkClient
 from vfiouserd.client.control import ControlClient
 from vfiouserd.client.guest import GuestRam
-from vfiouserd.client.vfio_user import VfioUserClient
 from vfiouserd.client.vhost_user import VhostUserFrontend
-from vfiouserd.client.virtio_pci import VirtioPciDriver
 
 UPGRADES = 3
 
@@ -36,20 +40,12 @@ def upgrade_command(command: list[str]) -> list[str]:
 
 
 async def upgrade_while_io_runs(manager: FakeSystemd, blk, rounds: int) -> list[int]:
-    done: list[int] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(io_loop, blk, 0, rounds, done)
-        for upgrade in range(UPGRADES):
-            with trio.fail_after(30):
-                while len(done) < (upgrade + 1) * rounds // (UPGRADES + 2):
-                    await trio.sleep(0.005)
-            before = manager.main_pid
-            assert await manager.reload(upgrade_command(manager.command)) == 0, manager.log()
-            assert manager.main_pid != before
-        with trio.fail_after(60):
-            while len(done) < rounds:
-                await trio.sleep(0.01)
-    return done
+    async def upgrade(_: int) -> None:
+        before = manager.main_pid
+        assert await manager.reload(upgrade_command(manager.command)) == 0, manager.log()
+        assert manager.main_pid != before
+
+    return await io_across(blk, rounds, UPGRADES, upgrade)
 
 
 def assert_upgraded(manager: FakeSystemd, upgrades: int = UPGRADES) -> None:
@@ -69,21 +65,17 @@ def assert_upgraded(manager: FakeSystemd, upgrades: int = UPGRADES) -> None:
 async def test_vhost_user_session_carries_on_across_upgrades(tmp_path):
     rounds = 200
     ram = GuestRam([(0, 8 * MiB), (8 * MiB, 8 * MiB)])
-    socket_path = tmp_path / "device.sock"
-    async with FakeSystemd(tmp_path, blk_command(tmp_path, "vhost-user")) as manager:
-        await manager.start()
-        frontend = await VhostUserFrontend.connect(str(socket_path))
-        (blk,) = await start_device(frontend, ram, inflight=True)
-        done = await upgrade_while_io_runs(manager, blk, rounds)
+    async with managed_blk(tmp_path, "vhost-user", ram, inflight=True) as served:
+        manager = served.manager
+        done = await upgrade_while_io_runs(manager, served.blk, rounds)
         assert done == list(range(rounds))  # every request once, in order
-        assert await frontend.stop_queue(0) == 2 * rounds  # none repeated, none lost
+        assert served.frontend is not None
+        assert await served.frontend.stop_queue(0) == 2 * rounds  # none repeated, none lost
         # The control socket goes on too, answering for the last daemon.
         control = str(tmp_path / "device.control.sock")
         greeting = await trio.to_thread.run_sync(lambda: ControlClient(control).greeting)
         assert greeting["pid"] == manager.main_pid
-        await frontend.aclose()
-        assert socket_path.exists()
-        assert await manager.stop() == 0
+        assert (tmp_path / "device.sock").exists()
     assert_upgraded(manager)
     verify_image(tmp_path, rounds)
     ram.close()
@@ -93,19 +85,12 @@ async def test_vhost_user_session_carries_on_across_upgrades(tmp_path):
 async def test_vfio_user_session_carries_on_across_upgrades(tmp_path, fd_less):
     rounds = 120 if not fd_less else 40
     ram = GuestRam([(0, 16 * MiB)])
-    async with FakeSystemd(tmp_path, blk_command(tmp_path, "vfio-user")) as manager:
-        await manager.start()
-        async with VfioUserClient.connect(str(tmp_path / "device.sock"), ram=ram) as client:
-            await client.map_ram(with_fd=not fd_less, pieces=3)
-            driver = VirtioPciDriver(client, ram)
-            (queue,) = await driver.start(queue_count=1)
-            blk = BlkClient(ram, queue, arena=MiB)
-            done = await upgrade_while_io_runs(manager, blk, rounds)
-            assert done == list(range(rounds))
-            assert await driver.status() & 0x4  # DRIVER_OK
-            driver.close()
-        assert await manager.stop() == 0
-    assert_upgraded(manager)
+    async with managed_blk(tmp_path, "vfio-user", ram, fd_less=fd_less) as served:
+        done = await upgrade_while_io_runs(served.manager, served.blk, rounds)
+        assert done == list(range(rounds))
+        assert served.driver is not None
+        assert await served.driver.status() & 0x4  # DRIVER_OK
+    assert_upgraded(served.manager)
     verify_image(tmp_path, rounds)
     ram.close()
 
@@ -131,18 +116,14 @@ async def test_an_idle_daemon_hands_over_its_listener(tmp_path):
 
 async def test_a_successor_for_another_device_is_turned_away_before_anything_stops(tmp_path):
     ram = GuestRam([(0, 8 * MiB)])
-    async with FakeSystemd(tmp_path, blk_command(tmp_path, "vhost-user")) as manager:
-        await manager.start()
-        frontend = await VhostUserFrontend.connect(str(tmp_path / "device.sock"))
-        (blk,) = await start_device(frontend, ram)
+    async with managed_blk(tmp_path, "vhost-user", ram) as served:
+        manager, blk = served.manager, served.blk
         await blk.write(0, b"a" * 512)
         first = manager.main_pid
         other = upgrade_command(daemon_command(tmp_path, "vhost-user-rng"))
         assert await manager.reload(other) == 1
         assert manager.main_pid == first
         assert await blk.read(0, 512) == b"a" * 512  # never paused
-        await frontend.aclose()
-        assert await manager.stop() == 0
     log = manager.log()
     assert "serves blk over vhost-user, not rng over vhost-user" in log, log
     assert "upgrade.handed_over" not in log and "session.paused" not in log, log
@@ -154,10 +135,8 @@ async def test_a_successor_that_cannot_load_the_state_leaves_the_session_serving
     is smaller than the disk the guest knows refuses the session; the
     running daemon takes it back and serves on; the reload fails."""
     ram = GuestRam([(0, 8 * MiB)])
-    async with FakeSystemd(tmp_path, blk_command(tmp_path, "vhost-user")) as manager:
-        await manager.start()
-        frontend = await VhostUserFrontend.connect(str(tmp_path / "device.sock"))
-        (blk,) = await start_device(frontend, ram)
+    async with managed_blk(tmp_path, "vhost-user", ram) as served:
+        manager, blk = served.manager, served.blk
         done: list[int] = []
         first = manager.main_pid
         smaller = [*manager.command]
@@ -176,8 +155,6 @@ async def test_a_successor_that_cannot_load_the_state_leaves_the_session_serving
         await io_loop(blk, 100, 50, done)  # served on, after all that
         assert done == list(range(150))
         assert manager.main_pid == first
-        await frontend.aclose()
-        assert await manager.stop() == 0
     log = manager.log()
     assert "the disk had 32768 sectors, this image has 2048" in log, log
     assert log.count("event=upgrade.refused") == 2, log  # said by both
@@ -210,10 +187,8 @@ async def test_a_successor_that_misbehaves_leaves_the_session_serving(tmp_path, 
     nonsense, refuses), the running daemon takes its session back."""
     ram = GuestRam([(0, 8 * MiB)])
     control = tmp_path / "device.control.sock"
-    async with FakeSystemd(tmp_path, blk_command(tmp_path, "vhost-user")) as manager:
-        await manager.start()
-        frontend = await VhostUserFrontend.connect(str(tmp_path / "device.sock"))
-        (blk,) = await start_device(frontend, ram)
+    async with managed_blk(tmp_path, "vhost-user", ram) as served:
+        manager, blk = served.manager, served.blk
         done: list[int] = []
 
         def misbehave() -> bytes:
@@ -241,8 +216,6 @@ async def test_a_successor_that_misbehaves_leaves_the_session_serving(tmp_path, 
             answer = await trio.to_thread.run_sync(misbehave)
         await io_loop(blk, 100, 50, done)  # served on, after all that
         assert done == list(range(150))
-        await frontend.aclose()
-        assert await manager.stop() == 0
     log = manager.log()
     if behaviour == "bad pid":
         assert b"InvalidArgument" in answer and "session.paused" not in log, (answer, log)
@@ -262,10 +235,8 @@ async def test_a_stop_while_a_successor_keeps_silent_still_hands_the_session_ove
     carries on with it."""
     ram = GuestRam([(0, 8 * MiB)])
     control = tmp_path / "device.control.sock"
-    async with FakeSystemd(tmp_path, blk_command(tmp_path, "vhost-user")) as manager:
-        await manager.start()
-        frontend = await VhostUserFrontend.connect(str(tmp_path / "device.sock"))
-        (blk,) = await start_device(frontend, ram)
+    async with managed_blk(tmp_path, "vhost-user", ram) as served:
+        manager, blk = served.manager, served.blk
         done: list[int] = []
         await io_loop(blk, 0, 20, done)
         sock, _ = await trio.to_thread.run_sync(ask_as_successor, control, os.getpid())
@@ -273,8 +244,6 @@ async def test_a_stop_while_a_successor_keeps_silent_still_hands_the_session_ove
         sock.close()
         await io_loop(blk, 20, 30, done)
         assert done == list(range(50))
-        await frontend.aclose()
-        assert await manager.stop() == 0
     log = manager.log()
     assert "event=upgrade.taken_back" in log and "event=handover.restored" in log, log
     assert log.count("event=session.closed") == 1, log
