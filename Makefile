@@ -60,10 +60,13 @@ venv: $(VENV)/stamp
 # where PYTHONDONTWRITEBYTECODE is set, a daemon started from the tree would
 # compile each of them again at every start (about 60 ms and 3 MiB more per
 # daemon). With the venv's python, for its cache tag; files up to date stay.
+# Then the code attrs, dataclasses and namedtuple generate as the daemon
+# imports them (vfiouserd/generated_code.py), compiled once for every device.
 PACKAGE_DIRS := vfiouserd protocol devices sandbox systemd
 
 bytecode: $(VENV)/stamp
 	$(VENV)/bin/python -m compileall -q $(PACKAGE_DIRS)
+	$(VENV)/bin/python -m vfiouserd.generated_code
 
 guest: $(VENV)/stamp bytecode
 	$(VENV)/bin/python guest/build.py
@@ -89,7 +92,8 @@ TYPED_MODULES := -p vfiouserd.protocol -p vfiouserd.devices -m vfiouserd.virtque
 	-p vfiouserd.vhost_user -p vfiouserd.vfio_user -m vfiouserd.eventfds \
 	-m vfiouserd.control -m vfiouserd.trace -m vfiouserd.stats -m vfiouserd.faults \
 	-m vfiouserd.client.control -m vfiouserd.client.lab -m vfiouserd.client.nvme \
-	-m vfiouserd.plugins -m vfiouserd.startup -m vfiouserd.upgrade -m vfiouserd.server
+	-m vfiouserd.plugins -m vfiouserd.startup -m vfiouserd.upgrade -m vfiouserd.server \
+	-m vfiouserd.generated_code
 
 lint: $(VENV)/stamp
 	$(VENV)/bin/ruff check .

@@ -221,6 +221,8 @@ class RealSystemd:
             str(source),
             timeout=600,
         )
+        # What an installation does after pip (see vfiouserd.generated_code).
+        self.run(f"{VENV}/bin/python", "-m", "vfiouserd.generated_code")
         self.run("ln", "-sf", f"{VENV}/bin/vfiouserd", "/usr/local/bin/vfiouserd")
         (self.install / "complete").write_text(source_hash())
 

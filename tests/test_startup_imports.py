@@ -254,3 +254,22 @@ print(json.dumps([slow, fast, ran, fast_ran, other_ran, bool(restored)]))
     slow, fast, ran, fast_ran, other_ran, restored = json.loads(done.stdout)
     assert fast == slow and None not in fast  # what ldconfig says, here
     assert ran > 0 and fast_ran == 0 and other_ran > 0 and restored
+
+
+@pytest.mark.parametrize("subcommand", ["vhost-user-blk", "vfio-user-nvme"])
+def test_a_daemon_compiles_almost_none_of_the_code_its_libraries_generate(tmp_path, subcommand):
+    """attrs' methods (trio's classes), dataclasses' and namedtuple's come
+    from the file ``make bytecode`` writes (vfiouserd.generated_code), as
+    modules come from .pyc files; only what is new at every start (attrs puts
+    the process's hash seed into each ``__hash__`` it writes) is compiled."""
+    subprocess.run([sys.executable, "-m", "vfiouserd.generated_code"], check=True, timeout=60)
+    options = ("--blk-file", str(tmp_path / "d.img")) if "blk" in subcommand else ()
+    options += ("--namespace", str(tmp_path / "d.img")) if "nvme" in subcommand else ()
+    arguments = (*options, "--size", "1M", "--no-control", "--log-level", "debug")
+    with Daemon(subcommand, *arguments, workdir=tmp_path) as daemon:
+        log = daemon.log()
+    assert "event=sandbox.entered" in log, log
+    found = re.search(r"event=startup.generated_code hits=(\d+) misses=(\d+)", log)
+    assert found is not None, log
+    hits, misses = int(found[1]), int(found[2])
+    assert hits >= 150 and misses <= hits // 4, (hits, misses)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from vfiouserd import startup
+from vfiouserd import generated_code, startup
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     # First, before trio and construct are imported (see vfiouserd.startup).
+    generated_code.start()  # until the jail: see vfiouserd.generated_code
     startup.defer()
     with startup.known_libraries():
         from vfiouserd.cli import main as cli_main
