@@ -161,7 +161,12 @@ def test_plugins_are_the_entry_points_importlib_metadata_finds(tmp_path, monkeyp
 
 # What loading each deferred module would import through the import system,
 # as -X importtime lists it (the deferred module itself runs in place).
-LOADED_WITH = {"ssl": "_ssl", "idna": "idna.core", "pdb": "bdb", "pickle": "_pickle"}
+LOADED_WITH = {
+    "ssl": "_ssl",
+    "idna": "idna.core",
+    "pdb": "bdb",
+    "pickle": "_pickle",
+}
 
 
 def test_a_jailed_daemon_has_not_loaded_the_deferred_modules(tmp_path):
@@ -273,3 +278,53 @@ def test_a_daemon_compiles_almost_none_of_the_code_its_libraries_generate(tmp_pa
     assert found is not None, log
     hits, misses = int(found[1]), int(found[2])
     assert hits >= 150 and misses <= hits // 4, (hits, misses)
+
+
+def test_ctypes_util_stays_deferred_while_only_known_libraries_are_asked_for():
+    """Its imports (shutil, subprocess, tempfile) are for ldconfig: not
+    loaded for the names known_libraries answers; loaded, in place, for any
+    other; and after the context, ctypes.util is the real module either way."""
+    script = """
+import json, sys
+from vfiouserd import startup
+
+programs = []
+sys.addaudithook(lambda event, args: programs.append(1) if event == "subprocess.Popen" else None)
+results = {}
+with startup.known_libraries():
+    import ctypes.util
+    results["known"] = ctypes.util.find_library("c")
+    results["deferred"] = startup.still_deferred() == ["ctypes.util"]
+    results["no shutil"] = "shutil" not in sys.modules and programs == []
+    results["other"] = ctypes.util.find_library("m") is not None and len(programs) > 0
+    results["loaded"] = startup.still_deferred() == [] and "shutil" in sys.modules
+    ran = len(programs)
+    results["known again"] = ctypes.util.find_library("c") == "libc.so.6" and len(programs) == ran
+results["real after"] = ctypes.util.find_library.__module__ == "ctypes.util"
+with startup.known_libraries():  # and when it is still deferred at the end
+    pass
+print(json.dumps(results))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert results == {
+        "known": "libc.so.6",
+        "deferred": True,
+        "no shutil": True,
+        "other": True,
+        "loaded": True,
+        "known again": True,
+        "real after": True,
+    }
+    script = """
+from vfiouserd import startup
+with startup.known_libraries():
+    import ctypes.util
+    assert ctypes.util.find_library("pthread") == "libpthread.so.0"
+assert startup.still_deferred() == ["ctypes.util"]
+assert ctypes.util.find_library.__module__ == "ctypes.util"  # loaded now, the real one
+assert startup.still_deferred() == [] and ctypes.util.find_library("c")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

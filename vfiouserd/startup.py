@@ -21,7 +21,9 @@ daemon never needs. The program's entry point (vfiouserd.__main__) skips it:
   (libpthread, to name its threads) and pyseccomp (libc, libseccomp) call
   it as they are imported: three runs, about 4 ms of every start. While
   they are imported, ``known_libraries`` answers those names with the
-  sonames the dynamic loader knows them by, once it has loaded them.
+  sonames the dynamic loader knows them by, once it has loaded them. Until
+  something asks ``ctypes.util`` for more, it stays deferred too: it imports
+  shutil, subprocess and tempfile for ldconfig's sake (3 ms more).
 """
 
 from __future__ import annotations
@@ -34,8 +36,7 @@ import types
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-# Top-level modules only: what trio and construct import for what a daemon
-# never does.
+# What trio and construct import for what a daemon never does.
 NEVER_USED = ("ssl", "idna", "pdb", "pickle")
 
 # The libraries trio and pyseccomp look up by name as they are imported, by
@@ -68,21 +69,22 @@ def _load(module: types.ModuleType) -> None:
 
 
 def defer(names: tuple[str, ...] = NEVER_USED) -> list[str]:
-    """Put these top-level modules in sys.modules, deferred; not those already
-    imported, nor those not installed (whose import fails as before). The
-    names deferred."""
+    """Put these modules in sys.modules (and a submodule in its package),
+    deferred; not those already imported, nor those not installed (whose
+    import fails as before). The names deferred."""
     deferred = []
     for name in names:
-        if "." in name:
-            raise ValueError(f"{name}: only top-level modules are deferred")
         if name in sys.modules:
             continue
-        spec = importlib.util.find_spec(name)
+        spec = importlib.util.find_spec(name)  # imports a submodule's package
         if spec is None or spec.loader is None:
             continue
         module = importlib.util.module_from_spec(spec)
         module.__class__ = DeferredModule
         sys.modules[name] = module
+        package, _, child = name.rpartition(".")
+        if package:  # what the import system does for a submodule it loads
+            setattr(sys.modules[package], child, module)
         deferred.append(name)
     return deferred
 
@@ -96,11 +98,23 @@ def still_deferred() -> list[str]:
 def known_libraries(sonames: Mapping[str, str] = SONAMES) -> Iterator[None]:
     """Meanwhile, ``ctypes.util.find_library`` answers a name of ``sonames``
     with its soname, without running ldconfig, if the dynamic loader loads
-    it by that name; any other name, or one that does not load, as before."""
+    it by that name; any other name, or one that does not load, as before.
+    ``ctypes.util`` not yet imported is deferred (see the module's doc)."""
     import ctypes
-    import ctypes.util
 
-    original = ctypes.util.find_library
+    defer(("ctypes.util",))
+    util: Any = sys.modules["ctypes.util"]
+    original: Any = vars(util).get("find_library")  # None while util is deferred
+
+    def ldconfig(name: str) -> str | None:
+        nonlocal original
+        if original is None:  # its code, in place, makes the real one
+            with _loading:
+                if type(util) is DeferredModule:
+                    _load(util)
+            original = vars(util)["find_library"]
+            util.find_library = find_library  # ours again, until the end
+        return original(name)  # type: ignore[no-any-return]
 
     def find_library(name: str) -> str | None:
         soname = sonames.get(name)
@@ -111,10 +125,14 @@ def known_libraries(sonames: Mapping[str, str] = SONAMES) -> Iterator[None]:
                 pass
             else:
                 return soname
-        return original(name)
+        return ldconfig(name)
 
-    ctypes.util.find_library = find_library
+    util.find_library = find_library
     try:
         yield
     finally:
-        ctypes.util.find_library = original
+        if type(util) is DeferredModule:
+            del util.find_library  # the real one, at its first use
+        elif original is not None:
+            util.find_library = original
+        # else: loaded meanwhile for something else, with the real one
