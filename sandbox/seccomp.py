@@ -198,6 +198,7 @@ REAPER: dict[str, str] = {
     "unlinkat": "removing the socket the daemon listened on (socket directory only)",
     "exit_group": "exiting with the daemon's status",
     "getpid": "MAINPID= in READY=1",
+    "madvise": "dropping its own read-only pages between events (MADV_DONTNEED)",
 }
 
 # Allowed to the waiter, not reached by the tests.

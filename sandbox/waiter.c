@@ -19,6 +19,7 @@
  *     stored one of the sockets named "keep" (the next daemon listens there)
  *     or named a successor as the main process (an upgrade in place),
  *   - exits with the daemon's status (128 + the signal that killed it),
+ *   - drops its read-only pages whenever it goes back to waiting,
  *
  * under the seccomp filter the daemon built for it (seccomp.reaper_policy),
  * loaded before any of the daemon's messages is read. It never allocates:
@@ -32,6 +33,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <link.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <poll.h>
@@ -40,6 +42,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/auxv.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -350,6 +354,33 @@ static bool pass_on(bool *broken)
     }
 }
 
+/* Linked statically, the program is mostly glibc's start-up code and data,
+ * which never run or are read again; mapped, their pages would count against
+ * the device for as long as it runs (0.6 of its 0.7 MiB). Each time it goes
+ * back to waiting, the pages of its read-only segments are dropped (read
+ * again from the page cache when used: 0.2 MiB stay). Never those of a
+ * writable segment: they hold what the program wrote. */
+static void drop_read_only_pages(void)
+{
+    const ElfW(Phdr) *headers = (const ElfW(Phdr) *)getauxval(AT_PHDR);
+    size_t count = getauxval(AT_PHNUM);
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), bias = 0;
+    if (headers == NULL)
+        return;
+    for (size_t i = 0; i < count; i++)
+        if (headers[i].p_type == PT_PHDR) /* where it was loaded (position independent) */
+            bias = (uintptr_t)headers - headers[i].p_vaddr;
+    for (size_t i = 0; i < count; i++) {
+        if (headers[i].p_type != PT_LOAD || headers[i].p_flags & PF_W)
+            continue;
+        /* Whole pages only: a page shared with a writable segment stays. */
+        uintptr_t start = (bias + headers[i].p_vaddr + page - 1) & ~(page - 1);
+        uintptr_t end = (bias + headers[i].p_vaddr + headers[i].p_memsz) & ~(page - 1);
+        if (end > start)
+            madvise((void *)start, end - start, MADV_DONTNEED);
+    }
+}
+
 /* Until the daemon exits: readiness and notifications. Returns whether it
  * put a kept socket in the fd store (then its files must stay). */
 static bool watch(void)
@@ -362,6 +393,7 @@ static bool watch(void)
     };
     bool stored = false, broken = false;
     for (;;) {
+        drop_read_only_pages(); /* those the last round used */
         if (poll(polled, 3, -1) < 0) {
             if (errno == EINTR || errno == ENOMEM) /* a relayed signal; try again */
                 continue;

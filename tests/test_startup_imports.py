@@ -164,6 +164,7 @@ def test_plugins_are_the_entry_points_importlib_metadata_finds(tmp_path, monkeyp
 LOADED_WITH = {
     "ssl": "_ssl",
     "idna": "idna.core",
+    "subprocess": "_posixsubprocess",
     "pdb": "bdb",
     "pickle": "_pickle",
 }

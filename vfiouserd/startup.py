@@ -5,9 +5,10 @@ daemon never needs. The program's entry point (vfiouserd.__main__) skips it:
 
 - Modules they import for what a daemon never does are deferred: ``ssl``
   (trio's TLS streams; the daemon never speaks TLS), ``idna`` (trio, for
-  host names that are not ASCII), ``pdb`` (construct's Debugger) and
-  ``pickle`` (construct's Pickled). Together they cost every device process
-  about 1.7 MiB and 11 ms of CPU at start-up. A deferred module is an empty
+  host names that are not ASCII), ``subprocess`` (trio's run_process; a
+  jailed daemon cannot run a program anyway), ``pdb`` (construct's Debugger)
+  and ``pickle`` (construct's Pickled). Together they cost every device
+  process about 2 MiB and 11 ms of CPU at start-up. A deferred module is an empty
   module with the real one's spec (name, file, loader) in sys.modules:
   ``import ssl`` finds it there and binds it, and the first attribute asked
   of it that it lacks runs the real module's code in it, in place, so that
@@ -37,7 +38,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 # What trio and construct import for what a daemon never does.
-NEVER_USED = ("ssl", "idna", "pdb", "pickle")
+NEVER_USED = ("ssl", "idna", "subprocess", "pdb", "pickle")
 
 # The libraries trio and pyseccomp look up by name as they are imported, by
 # their sonames (the ABI's: glibc's libc and libpthread, libseccomp 2.x).
