@@ -52,6 +52,7 @@ from common import (
     Workload,
     compile_driver,
     cpu_ticks,
+    daemon_program,
     percentiles,
     process_tree,
     request_args,
@@ -184,7 +185,7 @@ def start_backend(kind: str, image: Path, sock: str, queues: int) -> subprocess.
             else ("--blk-file", str(image), "--num-queues", str(queues))
         )
         command = [
-            *(sys.executable, "-m", "vfiouserd", kind, "--socket-path", sock),
+            *(*daemon_program(), kind, "--socket-path", sock),
             *(*device, "--log-level", "warning"),
         ]
     else:

@@ -22,6 +22,28 @@ from vfiouserd.client.guest import DriverSplitRing, GuestRam
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "bench"
 
+# The program that runs the daemons: the development venv's Python with the
+# tree (editable) until a benchmark asks for an installed one.
+_daemon_program = [sys.executable, "-m", "vfiouserd"]
+
+
+def daemon_program() -> list[str]:
+    return list(_daemon_program)
+
+
+def use_installed_daemons() -> str:
+    """From now on, daemons are those of vfiouserd installed as a user
+    installs it (tests/installation.py: Debian's Python, not editable, made
+    once for these sources); its program."""
+    global _daemon_program
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from installation import installed_venv
+
+    _daemon_program = [str(installed_venv() / "bin" / "vfiouserd")]
+    return _daemon_program[0]
+
 
 def compile_driver(module: str, source: str, declarations: str) -> ModuleType:
     """A C half of a benchmark (``source``, next to this file) compiled with

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
-from common import connect
+from common import connect, daemon_program
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -59,8 +59,8 @@ Measure = Callable[[Path], Awaitable[float]]
 
 def daemon(workdir: Path, protocol: str, name: str, *extra: str) -> list[str]:
     return [
-        sys.executable,
-        *("-m", "vfiouserd", f"{protocol}-blk", "--socket-path", str(workdir / f"{name}.sock")),
+        *daemon_program(),
+        *(f"{protocol}-blk", "--socket-path", str(workdir / f"{name}.sock")),
         *("--blk-file", str(workdir / "disk.img"), "--size", "16M", *extra),
     ]
 

@@ -36,16 +36,20 @@ Each figure is min/median/max over --runs; a ratio is the median of each
 run's figure over the same run's reference figure. --measure picks some of
 the measures (start-up, many at once, idle, per I/O, restart).
 
-The figures are those of an installed daemon, whose modules come from
-up-to-date .pyc files (pip compiles them; ``make venv`` does for the venv and
-the tree): a module compiled from its source at every start costs time and
+The daemons are those of vfiouserd installed as a user installs it (and as
+the real-systemd tests do): a venv of Debian's Python with the package, not
+editable (tests/installation.py; made once for the sources, cached outside
+the clone); --tree measures the development venv's instead (the tree,
+editable, in the venv's Python). Their modules must come from up-to-date
+.pyc files (pip compiles them; ``make venv`` does for the venv and the
+tree): a module compiled from its source at every start costs time and
 memory, which the environment's PYTHONDONTWRITEBYTECODE makes every daemon
 pay again. So each device is started once with ``python -v`` first, which
 names the modules loaded from source; those are compiled (--no-compile:
-left so, to measure a tree as it is), and the first line printed says which.
-The code libraries generate as they are imported is compiled into its file
-first too (``python -m vfiouserd.generated_code``, as ``make bytecode`` and an
-installation do).
+left so, to measure a tree as it is), and the second line printed says
+which. The code libraries generate as they are imported is compiled into
+its file first too (``python -m vfiouserd.generated_code``, as ``make
+bytecode`` and an installation do).
 """
 
 from __future__ import annotations
@@ -74,9 +78,11 @@ from common import (
     connect,
     context_switches,
     cpu_ticks,
+    daemon_program,
     process_tree,
     pss_bytes,
     stop,
+    use_installed_daemons,
 )
 
 from vfiouserd.client.guest import GuestRam
@@ -122,7 +128,7 @@ def device_command(kind: str, workdir: Path, name: str) -> list[str]:
         RNG: [],
         CONSOLE: ["--console", str(workdir / f"{name}.console.sock")],
     }[kind]
-    return [sys.executable, "-m", "vfiouserd", kind, "--socket-path", sock, *device]
+    return [*daemon_program(), kind, "--socket-path", sock, *device]
 
 
 def launch(kind: str, workdir: Path, name: str) -> tuple[float, subprocess.Popen[bytes]]:
@@ -175,14 +181,13 @@ async def ready_once(kind: str, workdir: Path, name: str, figures: Figures) -> N
 
 
 async def modules_from_source(kind: str, workdir: Path) -> tuple[list[str], int]:
-    """``kind`` started once with ``python -v`` until it served: the sources
+    """``kind`` started once with ``python -v`` (PYTHONVERBOSE) until it served: the sources
     of the modules it compiled (no up-to-date .pyc file), and how many
     modules it loaded from .pyc files. It imports nothing once jailed."""
     command = device_command(kind, workdir, "bytecode")
     with open(workdir / "bytecode.log", "wb") as log:
-        process = subprocess.Popen(
-            [command[0], "-v", *command[1:]], stdout=subprocess.DEVNULL, stderr=log
-        )
+        verbose = {**os.environ, "PYTHONVERBOSE": "1"}  # python -v
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=verbose)
     try:
         await first_request(kind, str(workdir / "bytecode.sock"), 0.01, process)
     finally:
@@ -202,7 +207,8 @@ def check_bytecode(workdir: Path, compile_sources: bool) -> str:
     """Every device started once: whether its modules come from up-to-date
     .pyc files; those that do not are compiled unless ``compile_sources``
     is false. What was found and done, in one line."""
-    if compile_sources:  # what an install does after pip (vfiouserd.generated_code)
+    if compile_sources and daemon_program()[0] == sys.executable:
+        # The tree's: what make bytecode and an installation do after pip.
         generated = [sys.executable, "-m", "vfiouserd.generated_code"]
         subprocess.run(generated, check=True, timeout=120)
     found: dict[str, None] = {}
@@ -497,6 +503,11 @@ def main() -> int:
         help=f"some of {','.join(MEASURES)} (default: all)",
     )
     parser.add_argument(
+        "--tree",
+        action="store_true",
+        help="the development venv's daemons (this tree, editable), not an installed one's",
+    )
+    parser.add_argument(
         "--no-compile",
         action="store_true",
         help="measure the daemons' modules as they are, even those without an up-to-date "
@@ -516,6 +527,10 @@ def main() -> int:
         capacity = image.stat().st_size // 512
     randread = WORKLOADS["randread"]
     figures = Figures()
+    if args.tree:
+        print(f"daemons: this tree, editable, in the development venv ({sys.executable})")
+    else:
+        print(f"daemons: installed as a user installs them ({use_installed_daemons()})")
     with tempfile.TemporaryDirectory(prefix="vfiouserd-footprint-") as tmp:
         print(check_bytecode(Path(tmp), not args.no_compile))
         for run in range(args.runs):

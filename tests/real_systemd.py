@@ -16,7 +16,6 @@ through ``nsenter``; the host reaches the namespace's files through
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -24,22 +23,10 @@ import subprocess
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("VFIOUSERD_CACHE", Path.home() / ".cache" / "vfiouserd"))
+from installation import CACHE, ROOT, copy_sources, source_hash
+
 INSTALL_CACHE = CACHE / "systemd-usr-local"
 VENV = "/usr/local/lib/vfiouserd"
-# Built in place (the jail's waiter, like the .so files): not a source.
-WAITER = "vfiouserd-waiter"
-PACKAGE_SOURCES = [
-    "pyproject.toml",
-    "setup.py",
-    "vfiouserd",
-    "protocol",
-    "devices",
-    "sandbox",
-    "systemd",
-]
-
 # Runs as PID 1 of the new namespaces, then becomes systemd.
 INIT = """#!/bin/sh
 set -eu
@@ -61,18 +48,6 @@ mount -t proc proc /proc
 export container=other
 exec /lib/systemd/systemd --system --unit=basic.target </dev/null >&3 2>&3
 """
-
-
-def source_hash() -> str:
-    digest = hashlib.sha256()
-    for name in PACKAGE_SOURCES:
-        path = ROOT / name
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        for file in files:
-            if "__pycache__" in file.parts or file.suffix in (".so", ".o") or file.name == WAITER:
-                continue
-            digest.update(str(file.relative_to(ROOT)).encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 class RealSystemd:
@@ -202,14 +177,7 @@ class RealSystemd:
         copied next to it first: the clone may be under /tmp, which the
         namespace does not see."""
         source = self.install / "source"
-        shutil.rmtree(source, ignore_errors=True)
-        source.mkdir()
-        junk = shutil.ignore_patterns("__pycache__", "*.so", "*.o", "*.egg-info", WAITER)
-        for name in [*PACKAGE_SOURCES, "README.md"]:
-            if (ROOT / name).is_dir():
-                shutil.copytree(ROOT / name, source / name, ignore=junk)
-            else:
-                shutil.copy(ROOT / name, source / name)
+        copy_sources(source)
         self.run("/usr/bin/python3", "-m", "venv", VENV)
         self.run(
             "env",
