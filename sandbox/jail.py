@@ -68,14 +68,13 @@ MAX_THREADS = 160
 WAITER = os.path.join(os.path.dirname(__file__), "vfiouserd-waiter")
 
 # Modules imported lazily by the standard library or trio at run time: load
-# them now, while there is a file system to load them from.
+# them now, while there is a file system to load them from. (Not the idna
+# codec of host names: the jail's network namespace has no network.)
 _LIBRARIES: list[ctypes.CDLL] = []  # loaded before the jail, kept loaded
 PRELOAD = (
     "trio._core._io_epoll",
     "trio._threads",
     "trio.to_thread",
-    "encodings.idna",
-    "concurrent.futures",
     "selectors",
     "traceback",
     "linecache",

@@ -32,6 +32,9 @@ BIG = 64 << 20
 SMALL = 1 << 20
 ECHO_PORT, BULK_PORT, GUEST_PORT, NOBODY_PORT, HELD_PORT = 5001, 5000, 6000, 5999, 5002
 CONNECTIONS = 32
+# The guest's whole script (64 MiB each way under TCG takes minutes on a
+# loaded machine); the host waits as long for the guest to listen.
+GUEST_SECONDS = 400
 
 SCRIPT = f"""
 echo "RESULT cid $(cat /sys/bus/virtio/drivers/virtio_vsock/*/../../vsock 2>/dev/null)"
@@ -142,7 +145,9 @@ class HostConnects(threading.Thread):
                 sock.connect(self.uds)
                 sock.sendall(f"CONNECT {NOBODY_PORT}\n".encode())
                 self.refused_reply = sock.recv(64)
-            if not self.listening.wait(300):
+            # Counted from before the boot, like the guest's own timeout: a
+            # shorter wait gave up on a slow guest that then listened in vain.
+            if not self.listening.wait(GUEST_SECONDS):
                 raise TimeoutError("the guest never listened")
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(120)
@@ -195,7 +200,12 @@ def test_guest_and_host_programs_talk_over_vsock(tmp_path, request, protocol, qe
         else:
             devices = vm.vfio_user_device(daemon.socket_path)
         run = vm.boot(
-            SCRIPT, devices=devices, qemu=qemu, on_line=host.on_line, memory_mb=512, timeout=400
+            SCRIPT,
+            devices=devices,
+            qemu=qemu,
+            on_line=host.on_line,
+            memory_mb=512,
+            timeout=GUEST_SECONDS,
         )
         host.join(timeout=30)
         assert daemon.stop() == 0
