@@ -65,8 +65,12 @@ def default_path() -> str:
 
 
 def _caller_flags(depth: int = 2) -> int:
-    """The __future__ flags of the code that called our caller."""
-    return sys._getframe(depth).f_code.co_flags & FUTURE_FLAGS
+    """The __future__ flags of the code that called our caller (none if C
+    code called it with no Python frame below)."""
+    try:
+        return sys._getframe(depth).f_code.co_flags & FUTURE_FLAGS
+    except ValueError:
+        return 0
 
 
 class GeneratedCode:
