@@ -60,12 +60,17 @@ def copy_sources(destination: Path) -> None:
             shutil.copy(ROOT / name, destination / name)
 
 
-def pip_environment() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PIP_CACHE_DIR": str(CACHE / "pip"),
-        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-    }
+def install_steps(venv: str, source: str) -> list[list[str]]:
+    """The commands that install vfiouserd from ``source`` into a new venv
+    ``venv``, as a user would: Debian's Python, pip (not editable), then the
+    generated code (``-P``: from the venv, never from a clone the working
+    directory may be, whose vfiouserd/ would be imported instead)."""
+    pip = ["env", f"PIP_CACHE_DIR={CACHE / 'pip'}", "PIP_DISABLE_PIP_VERSION_CHECK=1"]
+    return [
+        [SYSTEM_PYTHON, "-m", "venv", venv],
+        [*pip, f"{venv}/bin/python3", "-m", "pip", "install", "-q", source],
+        [f"{venv}/bin/python3", "-P", "-m", "vfiouserd.generated_code"],
+    ]
 
 
 def installed_venv() -> Path:
@@ -81,13 +86,8 @@ def installed_venv() -> Path:
     source = venv.parent / f"{venv.name}.source"
     copy_sources(source)
     try:
-        subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, timeout=300)
-        python = str(venv / "bin" / "python3")
-        install = [python, "-m", "pip", "install", "-q", str(source)]
-        subprocess.run(install, check=True, timeout=900, env=pip_environment())
-        # Not from the clone, whose vfiouserd/ would be imported instead.
-        generate = [python, "-m", "vfiouserd.generated_code"]
-        subprocess.run(generate, check=True, timeout=300, cwd=venv)
+        for step in install_steps(str(venv), str(source)):
+            subprocess.run(step, check=True, timeout=900)
     finally:
         shutil.rmtree(source, ignore_errors=True)
     (venv / "complete").write_text(source_hash())

@@ -23,7 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from installation import CACHE, ROOT, copy_sources, source_hash
+from installation import CACHE, ROOT, copy_sources, install_steps, source_hash
 
 INSTALL_CACHE = CACHE / "systemd-usr-local"
 VENV = "/usr/local/lib/vfiouserd"
@@ -178,19 +178,8 @@ class RealSystemd:
         namespace does not see."""
         source = self.install / "source"
         copy_sources(source)
-        self.run("/usr/bin/python3", "-m", "venv", VENV)
-        self.run(
-            "env",
-            f"PIP_CACHE_DIR={CACHE / 'pip'}",
-            "PIP_DISABLE_PIP_VERSION_CHECK=1",
-            f"{VENV}/bin/pip",
-            "install",
-            "-q",
-            str(source),
-            timeout=600,
-        )
-        # What an installation does after pip (see vfiouserd.generated_code).
-        self.run(f"{VENV}/bin/python", "-m", "vfiouserd.generated_code")
+        for step in install_steps(VENV, str(source)):
+            self.run(*step, timeout=900)
         self.run("ln", "-sf", f"{VENV}/bin/vfiouserd", "/usr/local/bin/vfiouserd")
         (self.install / "complete").write_text(source_hash())
 
