@@ -93,7 +93,7 @@ TYPED_MODULES := -p vfiouserd.protocol -p vfiouserd.devices -m vfiouserd.virtque
 	-m vfiouserd.control -m vfiouserd.trace -m vfiouserd.stats -m vfiouserd.faults \
 	-m vfiouserd.client.control -m vfiouserd.client.lab -m vfiouserd.client.nvme \
 	-m vfiouserd.plugins -m vfiouserd.startup -m vfiouserd.upgrade -m vfiouserd.server \
-	-m vfiouserd.generated_code
+	-m vfiouserd.generated_code -m vfiouserd.module_code
 
 lint: $(VENV)/stamp
 	$(VENV)/bin/ruff check .

@@ -209,6 +209,20 @@ def smaps_rollup(pid: int) -> dict[str, int]:
     return fields
 
 
+def program_code_kib(pid: int) -> int:
+    """Resident KiB of the process's own program's code (its executable mapping)."""
+    program = os.path.realpath(f"/proc/{pid}/exe")
+    resident = 0
+    mapping: list[str] = []
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+$", fields[0]):
+            mapping = fields
+        elif fields[0] == "Rss:" and mapping[-1] == program and "x" in mapping[1]:
+            resident += int(fields[1])
+    return resident
+
+
 def test_the_daemons_parent_is_the_small_waiter_and_survives_a_stop(tmp_path):
     image = tmp_path / "disk.img"
     with Daemon("vhost-user-blk", "--blk-file", str(image), "--size", "8M", workdir=tmp_path) as d:
@@ -217,6 +231,10 @@ def test_the_daemons_parent_is_the_small_waiter_and_survives_a_stop(tmp_path):
         assert Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[0] == b"vfiouserd-waiter"
         # No interpreter heap outside the jail: a few hundred KiB, not 30 MiB.
         assert smaps_rollup(parent)["Rss"] < 2048
+        # Waiting, it keeps none of its code's pages but those of the wait
+        # itself (statically linked, its 0.2 MiB of C library would count
+        # against the device).
+        assert 0 < program_code_kib(parent) <= 8
         # Stopped and continued (SIGSTOP, a frozen cgroup), its poll is
         # resumed through restart_syscall, which its filter must allow.
         jailed = d.jailed_pid()

@@ -38,7 +38,8 @@ programs = []
 
 def enter(options):
     from vfiouserd import startup
-    loaded = set(sys.modules) - set(startup.still_deferred())
+    left_out = {name for name, module in sys.modules.items() if module is None}
+    loaded = set(sys.modules) - set(startup.still_deferred()) - left_out
     sys.stdout.write(json.dumps({"modules": sorted(loaded), "programs": programs}))
     sys.stdout.flush()
     os._exit(0)
@@ -57,8 +58,10 @@ sys.exit(program.main(sys.argv[1:]))
 
 # Never needed to serve, whatever the device: the clients, standard modules
 # only a configuration file or a tool reads (importlib.metadata and the email
-# package it loads: plugins.entry_points reads entry points itself), and the
-# modules deferred for trio and construct.
+# package it loads: plugins.entry_points reads entry points itself), the
+# modules deferred for trio and construct, trio's parts a daemon does not use
+# and what they would bring (hmac), OpenSSL's hashlib, and shutil with bz2
+# and lzma (argparse's terminal width).
 NEVER = (
     "vfiouserd.client",
     "vfiouserd.config",
@@ -68,6 +71,12 @@ NEVER = (
     "importlib.resources",
     "email",
     *startup.NEVER_USED,
+    *startup.TRIO_UNUSED,
+    *startup.LEFT_OUT,
+    "hmac",
+    "shutil",
+    "bz2",
+    "lzma",
 )
 VHOST_USER = ("vfiouserd.vhost_user", "vfiouserd.protocol.vhost_user")
 VFIO_USER = ("vfiouserd.vfio_user", "vfiouserd.protocol.vfio_user", "vfiouserd.devices.pci")
@@ -237,6 +246,114 @@ else:
     assert done.returncode == 0, done.stderr
 
 
+# trio's namespaces, and the names each has (its public ones), as a plain
+# ``import trio`` makes them and as the program does (unused_parts deferred).
+TRIO_NAMES = """
+import json, sys
+from vfiouserd import startup
+if sys.argv[1] == "program":
+    startup.defer()
+    with startup.unused_parts("trio"):
+        import trio
+    deferred = startup.still_deferred()
+else:
+    import trio
+    deferred = []
+names = {}
+for namespace in ("trio", "trio.lowlevel", "trio.socket", "trio.abc", "trio.to_thread",
+                  "trio.from_thread"):
+    module = sys.modules[namespace]
+    public = sorted(n for n in dir(module) if not n.startswith("_"))
+    if sys.argv[1] == "program":  # taken out of the namespace: asked for by name
+        public = sorted(set(public) | set(sys.argv[2].split()))
+    values = {}
+    for name in public:
+        try:
+            value = getattr(module, name)
+        except AttributeError:
+            continue
+        values[name] = [type(value).__name__, getattr(value, "__qualname__", None)]
+    names[namespace] = values
+print(json.dumps({"names": names, "deferred": deferred,
+                  "loaded_after": startup.still_deferred(), "hmac": "hmac" in sys.modules}))
+"""
+
+
+def test_trios_unused_parts_load_when_a_name_of_theirs_is_first_used():
+    """Every name trio's namespaces have is there, the same object's type and
+    name, though the modules defining some of them ran only when asked."""
+    plain = subprocess.run(
+        [sys.executable, "-c", TRIO_NAMES, "plain"], capture_output=True, text=True
+    )
+    assert plain.returncode == 0, plain.stderr
+    reference = json.loads(plain.stdout)
+    every = " ".join({n for values in reference["names"].values() for n in values})
+    done = subprocess.run(
+        [sys.executable, "-c", TRIO_NAMES, "program", every], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    program = json.loads(done.stdout)
+    assert set(startup.TRIO_UNUSED) <= set(program["deferred"])  # until asked
+    assert not set(startup.TRIO_UNUSED) & set(program["loaded_after"])  # then loaded
+    assert program["names"] == reference["names"]
+
+
+def test_a_placeholder_used_while_its_package_is_imported_says_so(tmp_path):
+    package = tmp_path / "placeholder_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from ._part import thing\nfrom ._part import other as renamed\n"
+        "try:\n    thing()\nexcept ImportError as exc:\n    SAID = str(exc)\n"
+    )
+    (package / "_part.py").write_text("def thing():\n    return 'real'\nother = 7\n")
+    script = f"""
+import sys
+sys.path.insert(0, {str(tmp_path)!r})
+from vfiouserd import startup
+with startup.unused_parts("placeholder_pkg", ("placeholder_pkg._part", "placeholder_pkg._none")):
+    import placeholder_pkg
+assert "used while its package was imported" in placeholder_pkg.SAID, placeholder_pkg.SAID
+assert startup.still_deferred() == ["placeholder_pkg._part"]
+assert "thing" not in vars(placeholder_pkg)  # taken out, until asked for
+assert placeholder_pkg.thing() == "real" and placeholder_pkg.renamed == 7
+assert startup.still_deferred() == [] and placeholder_pkg._part.other == 7
+try:
+    placeholder_pkg.missing
+except AttributeError as exc:
+    assert "missing" in str(exc)
+else:
+    raise AssertionError("a missing name")
+with startup.unused_parts("never_imported_pkg", ("never_imported_pkg._x",)):
+    pass
+assert "never_imported_pkg._x" not in sys.modules
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_hashlib_without_openssl_has_what_devices_use():
+    """_hashlib left out, hashlib serves its algorithms from the interpreter's
+    own modules, all loaded with it (before the jail), with the same digests."""
+    import hashlib
+
+    expected = {name: hashlib.new(name, b"vfiouserd").hexdigest() for name in ("md5", "sha256")}
+    script = """
+import json, sys
+from vfiouserd import startup
+assert startup.leave_out() == ["_hashlib"]
+import hashlib, uuid
+loaded = sorted(n for n in sys.modules if n.startswith(("_md5", "_sha", "_blake2")))
+digests = {name: hashlib.new(name, b"vfiouserd").hexdigest() for name in ("md5", "sha256")}
+assert hashlib.sha256(b"x").digest() == hashlib.new("sha256", b"x").digest()
+print(json.dumps({"digests": digests, "loaded": loaded, "openssl": sys.modules["_hashlib"]}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["digests"] == expected and result["openssl"] is None
+    assert {"_md5", "_sha256", "_sha512", "_blake2"} <= set(result["loaded"])
+
+
 def test_known_libraries_are_found_without_ldconfig():
     script = """
 import ctypes.util, json, os, sys
@@ -279,6 +396,12 @@ def test_a_daemon_compiles_almost_none_of_the_code_its_libraries_generate(tmp_pa
     assert found is not None, log
     hits, misses = int(found[1]), int(found[2])
     assert hits >= 150 and misses <= hits // 4, (hits, misses)
+    # And the modules' code without docstrings (vfiouserd.module_code), from
+    # the file the same command writes: every module but those imported
+    # before the program's first step, none stale.
+    found = re.search(r"event=startup.module_code used=(\d+) stale=(\d+)", log)
+    assert found is not None, log
+    assert int(found[1]) >= 150 and int(found[2]) == 0, found[0]
 
 
 def test_ctypes_util_stays_deferred_while_only_known_libraries_are_asked_for():

@@ -6,14 +6,20 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from vfiouserd import generated_code, startup
+from vfiouserd import module_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # First, before trio and construct are imported (see vfiouserd.startup).
+    # First of all, so that even the next imports come from it: until the
+    # jail, modules' code without docstrings (see vfiouserd.module_code).
+    module_code.start()
+    from vfiouserd import generated_code, startup
+
+    # Before trio and construct are imported (see vfiouserd.startup).
     generated_code.start()  # until the jail: see vfiouserd.generated_code
     startup.defer()
-    with startup.known_libraries():
+    startup.leave_out()
+    with startup.known_libraries(), startup.unused_parts("trio"):
         from vfiouserd.cli import main as cli_main
 
     return cli_main(argv)

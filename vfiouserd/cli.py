@@ -16,7 +16,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import trio
@@ -28,6 +27,7 @@ from vfiouserd import (
     faults,
     generated_code,
     handover,
+    module_code,
     state,
     systemd,
     upgrade,
@@ -45,6 +45,8 @@ from vfiouserd.trace import Filter, Subscription, tracer
 # A daemon imports only what its device and protocol use (see _session_type
 # and build_parser): the rest would cost every device start-up time and memory.
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from vfiouserd.devices.pci import PciDevice
     from vfiouserd.vfio_user.session import VfioUserSession
     from vfiouserd.vhost_user.backend import VhostUserBackend
@@ -569,7 +571,10 @@ def _process_start() -> float:
 
 
 def _imports_done() -> None:
-    """Nothing is imported in the jail: the generated code cache has done its part."""
+    """Nothing is imported in the jail: the code caches have done their part."""
+    modules = module_code.finish()
+    if modules is not None:
+        log.debug("startup.module_code", used=modules[0], stale=modules[1])
     result = generated_code.finish()
     if result is not None:
         hits, misses, saved = result
@@ -704,6 +709,8 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _descriptors(args: argparse.Namespace) -> int:
+    from pathlib import Path  # not for a daemon (see build_parser)
+
     plugins = device_plugins()
     if args.link_programs:
         bin_dir = Path(args.bin_dir)
@@ -722,15 +729,57 @@ def _descriptors(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, as wide as the terminal, measured without shutil: argparse
+    makes a formatter for every option added, and shutil would load bz2 and
+    lzma into every daemon."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        if width is None:  # as shutil.get_terminal_size() finds it
+            try:
+                columns = int(os.environ.get("COLUMNS", "0"))
+            except ValueError:
+                columns = 0
+            if columns <= 0:
+                try:
+                    columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+                except (AttributeError, ValueError, OSError):
+                    columns = 0
+            width = (columns or 80) - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser of the program, its subcommands' too, with that formatter."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _path(text: str) -> Path:
+    from pathlib import Path  # not for a daemon (see build_parser)
+
+    return Path(text)
+
+
 def build_parser(only: tuple[str, DeviceClass] | None = None) -> argparse.ArgumentParser:
     """Every subcommand; with ``only`` (the plugin a daemon serves, by name),
     that plugin's alone: the daemon imports no other plugin and no client."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vfiouserd",
         description="Out-of-process device emulation over vhost-user and vfio-user.",
     )
     parser.add_argument("--version", action="version", version=f"vfiouserd {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     if only is not None:
         _add_device(commands, *only)
         return parser
@@ -747,10 +796,10 @@ def build_parser(only: tuple[str, DeviceClass] | None = None) -> argparse.Argume
     )
     described.add_argument(
         "--bin-dir",
-        default=str(Path(sys.argv[0]).absolute().parent),
+        default=os.path.dirname(os.path.abspath(sys.argv[0])),
         help="where the programs are (default: this program's directory)",
     )
-    described.add_argument("--output", type=Path, help="write one file per device here")
+    described.add_argument("--output", type=_path, help="write one file per device here")
     described.add_argument(
         "--link-programs", action="store_true", help="make the program links in --bin-dir"
     )

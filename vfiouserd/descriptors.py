@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vfiouserd.devices.virtio import VirtioDevice
 from vfiouserd.plugins import DeviceClass
+
+if TYPE_CHECKING:  # pathlib only for the tool: a daemon reads its name without it
+    from pathlib import Path
 
 PROGRAM_PREFIX = "vfiouserd-"
 DESCRIPTOR_PRIORITY = 50  # the number files in a descriptor directory sort by
@@ -29,7 +32,7 @@ def program_name(device: str) -> str:
 def subcommand_of_program(program: str) -> str | None:
     """The subcommand a program name stands for (``vfiouserd-vhost-user-blk``
     runs ``vhost-user-blk``), or None for ``vfiouserd`` itself."""
-    name = Path(program).name
+    name = os.path.basename(program)
     if not name.startswith(PROGRAM_PREFIX):
         return None
     return name.removeprefix(PROGRAM_PREFIX) or None
@@ -43,7 +46,7 @@ def descriptor(device: str, plugin: type[VirtioDevice], bin_dir: str) -> dict[st
     return {
         "description": f"vfiouserd: {plugin.description}; jailed, one process per device",
         "type": plugin.vhost_user_type,
-        "binary": str(Path(bin_dir) / program_name(device)),
+        "binary": os.path.join(bin_dir, program_name(device)),
         "tags": ["vfiouserd"],
     }
 

@@ -292,18 +292,21 @@ def finish() -> tuple[int, int, bool] | None:
 def main(argv: list[str]) -> int:
     """Compile what every device and both protocols generate as they are
     imported, into the package's cache (``make bytecode``) or argv's file."""
-    from vfiouserd import startup
+    from vfiouserd import module_code, startup
 
     cache = GeneratedCode(argv[0] if argv else None)  # not loaded: written afresh
     cache.install()
     startup.defer()  # as the daemon imports them
-    with startup.known_libraries():
+    startup.leave_out()
+    with startup.known_libraries(), startup.unused_parts("trio"):
         # The program, both protocols' sessions (the program imports one, as
         # a daemon needs it) and every device plugin.
         for module in (
             "vfiouserd.cli",
             "vfiouserd.vhost_user.backend",
             "vfiouserd.vfio_user.session",
+            "vfiouserd.virtio_pci",  # a virtio device over vfio-user
+            "locale",  # argparse's messages (gettext), as a daemon parses its options
         ):
             importlib.import_module(module)
         from vfiouserd import plugins
@@ -313,8 +316,23 @@ def main(argv: list[str]) -> int:
     if not cache.save():
         print(f"cannot write {cache.path}", file=sys.stderr)
         return 1
+    # The modules they imported, without docstrings (vfiouserd.module_code),
+    # beside this file, or beside argv's.
+    name = os.path.basename(module_code.default_path())
+    modules = os.path.join(os.path.dirname(cache.path), name)
+    try:
+        module_code.write(modules)
+    except OSError as exc:
+        print(f"cannot write {modules}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
+    # Both files hold code compiled without the columns of each instruction's
+    # position (-X no_debug_ranges): 0.2 MiB of every daemon's line tables,
+    # which only point a traceback's carets into source lines that a jailed
+    # daemon cannot read anyway. Line numbers stay.
+    if "no_debug_ranges" not in sys._xoptions and not os.environ.get("PYTHONNODEBUGRANGES"):
+        os.execv(sys.executable, [sys.executable, "-X", "no_debug_ranges", *sys.orig_argv[1:]])
     sys.exit(main(sys.argv[1:]))

@@ -25,11 +25,31 @@ daemon never needs. The program's entry point (vfiouserd.__main__) skips it:
   sonames the dynamic loader knows them by, once it has loaded them. Until
   something asks ``ctypes.util`` for more, it stays deferred too: it imports
   shutil, subprocess and tempfile for ldconfig's sake (3 ms more).
+- hashlib's binding to OpenSSL (``_hashlib``) is left out altogether: with
+  trio's TLS and DTLS deferred, only hashlib would load OpenSSL, whose
+  initialisation costs every device 0.5 MiB of heap and more of the
+  library's pages. hashlib then serves its algorithms from the interpreter's
+  own modules (md5, sha1, the sha2 and sha3 families, blake2, shake), all
+  loaded as it is imported, before the jail; it lacks only what OpenSSL alone
+  has (``pbkdf2_hmac``, ``scrypt``, algorithms such as ripemd160).
+- trio's own modules for what a jailed daemon cannot do (TLS, DTLS and TCP,
+  processes, files and paths: ``TRIO_UNUSED``, 0.5 MiB with the hmac and
+  pathlib they bring) are deferred too, although trio's
+  ``__init__`` imports names from them (``from ._subprocess import
+  run_process``), which loads a deferred module. ``unused_parts`` has such a
+  module answer each name asked of it, while its package is imported, with a
+  placeholder; once the package is imported, each placeholder bound in the
+  package's modules (``trio.run_process``, ``trio.lowlevel.open_process``)
+  is taken out of the module, which gets a ``__getattr__`` for the names
+  taken out: the first use of one runs its module and binds the real value.
+  Unlike trio's own, those objects keep their defining module's
+  ``__module__`` (``trio._path``, not ``trio``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import importlib.util
 import sys
 import threading
@@ -39,6 +59,24 @@ from typing import Any
 
 # What trio and construct import for what a daemon never does.
 NEVER_USED = ("ssl", "idna", "subprocess", "pdb", "pickle")
+
+# Never loaded (see the module's doc): ``import`` fails as if not installed.
+LEFT_OUT = ("_hashlib",)
+
+# trio's modules for what a jailed daemon cannot do: TLS, DTLS and TCP (its
+# network namespace has no network), processes (no program to run), files
+# and paths (an empty root); not UNIX sockets, which a device may use in the
+# directories bound into its jail.
+TRIO_UNUSED = (
+    "trio._dtls",
+    "trio._file_io",
+    "trio._highlevel_open_tcp_listeners",
+    "trio._highlevel_open_tcp_stream",
+    "trio._highlevel_ssl_helpers",
+    "trio._path",
+    "trio._ssl",
+    "trio._subprocess",
+)
 
 # The libraries trio and pyseccomp look up by name as they are imported, by
 # their sonames (the ABI's: glibc's libc and libpthread, libseccomp 2.x).
@@ -90,6 +128,16 @@ def defer(names: tuple[str, ...] = NEVER_USED) -> list[str]:
     return deferred
 
 
+def leave_out(names: tuple[str, ...] = LEFT_OUT) -> list[str]:
+    """Have ``import`` of these modules raise ImportError, as for a module not
+    installed (None in sys.modules); not those already imported. The names
+    left out."""
+    left_out = [name for name in names if name not in sys.modules]
+    for name in left_out:
+        sys.modules[name] = None  # type: ignore[assignment]
+    return left_out
+
+
 def still_deferred() -> list[str]:
     """The modules in sys.modules whose code has not run (nothing used them)."""
     return sorted(name for name, module in sys.modules.items() if type(module) is DeferredModule)
@@ -137,3 +185,89 @@ def known_libraries(sonames: Mapping[str, str] = SONAMES) -> Iterator[None]:
         elif original is not None:
             util.find_library = original
         # else: loaded meanwhile for something else, with the real one
+
+
+class Placeholder:
+    """What a module of ``unused_parts`` answers for one of its names while
+    its package is imported; never used: taken out once the package is."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.placeholder_for = (module, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ImportError(f"{'.'.join(self.placeholder_for)} used while its package was imported")
+
+
+class PendingModule(DeferredModule):
+    """A module of ``unused_parts`` while its package is imported."""
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute.startswith("__"):  # the import system's questions
+            raise AttributeError(attribute)
+        return Placeholder(self.__name__, attribute)
+
+
+@contextlib.contextmanager
+def unused_parts(package: str, names: tuple[str, ...] = TRIO_UNUSED) -> Iterator[None]:
+    """Meanwhile, the package's submodules ``names`` are deferred even though
+    the package imports names from them (see the module's doc); not those
+    already imported, nor any if the package is."""
+    if package in sys.modules:
+        yield
+        return
+    found = importlib.util.find_spec(package)  # finds it, does not run it
+    locations = found.submodule_search_locations if found is not None else None
+    pending: dict[str, types.ModuleType] = {}
+    for name in names:
+        spec = importlib.machinery.PathFinder.find_spec(name, locations)
+        if name in sys.modules or spec is None or spec.loader is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        module.__class__ = PendingModule
+        sys.modules[name] = pending[name] = module
+    try:
+        yield
+    finally:
+        for module in pending.values():
+            module.__class__ = DeferredModule
+        if package in sys.modules:
+            _take_out_placeholders(package)
+            for name, module in pending.items():
+                setattr(sys.modules[package], name.rpartition(".")[2], module)
+        else:  # not imported after all: as before
+            for name in pending:
+                del sys.modules[name]
+
+
+def _take_out_placeholders(package: str) -> None:
+    for name, module in list(sys.modules.items()):
+        if name != package and not name.startswith(package + "."):
+            continue
+        namespace = vars(module)
+        lazy = {
+            key: value.placeholder_for
+            for key, value in namespace.items()
+            if type(value) is Placeholder
+        }
+        if lazy:
+            for key in lazy:
+                del namespace[key]
+            namespace["__getattr__"] = _lazy_getattr(module, lazy)
+
+
+def _lazy_getattr(module: types.ModuleType, lazy: dict[str, tuple[str, str]]) -> Any:
+    """A module's ``__getattr__`` for the names ``lazy`` took out of it."""
+    namespace = vars(module)
+    own = namespace.get("__getattr__")
+
+    def __getattr__(name: str) -> Any:
+        where = lazy.get(name)
+        if where is None:
+            if own is not None:
+                return own(name)
+            raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
+        value = getattr(sys.modules[where[0]], where[1])  # runs the module's code
+        namespace[name] = value
+        return value
+
+    return __getattr__
