@@ -219,8 +219,10 @@ def unused_parts(package: str, names: tuple[str, ...] = TRIO_UNUSED) -> Iterator
     locations = found.submodule_search_locations if found is not None else None
     pending: dict[str, types.ModuleType] = {}
     for name in names:
-        spec = importlib.machinery.PathFinder.find_spec(name, locations)
-        if name in sys.modules or spec is None or spec.loader is None:
+        if name in sys.modules:
+            continue
+        spec = _find_submodule(name, locations)
+        if spec is None or spec.loader is None:
             continue
         module = importlib.util.module_from_spec(spec)
         module.__class__ = PendingModule
@@ -237,6 +239,17 @@ def unused_parts(package: str, names: tuple[str, ...] = TRIO_UNUSED) -> Iterator
         else:  # not imported after all: as before
             for name in pending:
                 del sys.modules[name]
+
+
+def _find_submodule(name: str, locations: Any) -> importlib.machinery.ModuleSpec | None:
+    """What the import system would find for a submodule, its package not
+    imported (importlib.util.find_spec would import it)."""
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        spec = find_spec(name, locations) if find_spec is not None else None
+        if spec is not None:
+            return spec  # type: ignore[no-any-return]
+    return None
 
 
 def _take_out_placeholders(package: str) -> None:
