@@ -192,13 +192,14 @@ class Guest:
 
     def _read(self) -> None:
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if self._on_line is not None and not self.callback_errors:
-                try:
-                    self._on_line(line.rstrip("\n"))
-                except Exception as exc:  # kept for wait(); the console is read to its end
-                    self.callback_errors.append(exc)
+        with self.process.stdout:  # closed at its end: this thread is its only reader
+            for line in self.process.stdout:
+                self.lines.append(line)
+                if self._on_line is not None and not self.callback_errors:
+                    try:
+                        self._on_line(line.rstrip("\n"))
+                    except Exception as exc:  # kept for wait(); the console is read to its end
+                        self.callback_errors.append(exc)
 
     @property
     def output(self) -> str:

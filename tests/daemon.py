@@ -61,6 +61,7 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self._log.close()  # no stop() follows
                 raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
             # Logged once jailed and serving (the socket listens earlier).
             if "event=listening" in self.log():
@@ -116,3 +117,5 @@ class Daemon:
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:
             self.stop(signal.SIGKILL if exc[0] else signal.SIGTERM)
+        elif self.process is not None:  # exited already: stop() did not close it
+            self._log.close()

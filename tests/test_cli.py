@@ -190,22 +190,22 @@ async def test_fatal_violation_closes_only_that_connection(tmp_path):
 def inherit_fd_and_run(tmp_path, sock: socket.socket, *args: str) -> subprocess.Popen:
     fd = sock.fileno()
     os.set_inheritable(fd, True)
-    log = open(tmp_path / "fd.log", "wb")  # noqa: SIM115
-    return subprocess.Popen(
-        [
-            *VFIOUSERD,
-            "vhost-user-blk",
-            f"--fd={fd}",
-            "--blk-file",
-            str(tmp_path / "disk.img"),
-            "--size",
-            "16M",
-            *args,
-        ],
-        pass_fds=[fd],
-        stdout=log,
-        stderr=log,
-    )
+    with open(tmp_path / "fd.log", "wb") as log:  # the daemon has its own copy
+        return subprocess.Popen(
+            [
+                *VFIOUSERD,
+                "vhost-user-blk",
+                f"--fd={fd}",
+                "--blk-file",
+                str(tmp_path / "disk.img"),
+                "--size",
+                "16M",
+                *args,
+            ],
+            pass_fds=[fd],
+            stdout=log,
+            stderr=log,
+        )
 
 
 async def test_fd_with_a_listening_socket(tmp_path):

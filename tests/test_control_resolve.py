@@ -52,7 +52,7 @@ def test_a_control_socket_bound_in_a_namespace_no_process_is_in(tmp_path):
         assert socket_of_pid(process.pid) == path
     finally:
         process.kill()
-        process.wait()
+        process.communicate()  # and its stderr pipe closed
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="unshare --net needs root")
@@ -63,4 +63,4 @@ def test_a_listening_socket_that_is_no_control_socket_is_not_taken_for_one(tmp_p
             socket_of_pid(process.pid)
     finally:
         process.kill()
-        process.wait()
+        process.communicate()  # and its stderr pipe closed

@@ -170,7 +170,12 @@ async def test_an_idle_listener_is_handed_over_and_the_socket_stays(tmp_path):
         assert await blk.read(0, 512) == b"i" * 512
         # The control socket came along too, and answers for the new daemon.
         control = str(tmp_path / "device.control.sock")
-        stats = await trio.to_thread.run_sync(lambda: ControlClient(control).execute("stats"))
+
+        def statistics() -> dict:
+            with ControlClient(control) as client:
+                return client.execute("stats")
+
+        stats = await trio.to_thread.run_sync(statistics)
         assert stats["queues"][0]["requests"] == 2
         await frontend.aclose()
         assert await manager.stop() == 0

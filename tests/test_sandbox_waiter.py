@@ -114,6 +114,7 @@ class Waiter:
     def close(self) -> int:
         status = self.process.wait(10)
         self.notify.close()
+        self.process.stdout.close()
         return status
 
 

@@ -73,7 +73,12 @@ async def test_vhost_user_session_carries_on_across_upgrades(tmp_path):
         assert await served.frontend.stop_queue(0) == 2 * rounds  # none repeated, none lost
         # The control socket goes on too, answering for the last daemon.
         control = str(tmp_path / "device.control.sock")
-        greeting = await trio.to_thread.run_sync(lambda: ControlClient(control).greeting)
+
+        def greet() -> dict:
+            with ControlClient(control) as client:
+                return client.greeting
+
+        greeting = await trio.to_thread.run_sync(greet)
         assert greeting["pid"] == manager.main_pid
         assert (tmp_path / "device.sock").exists()
     assert_upgraded(manager)
