@@ -17,9 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Before trio and construct are imported (see vfiouserd.startup).
     generated_code.start()  # until the jail: see vfiouserd.generated_code
-    startup.defer()
-    startup.leave_out()
-    with startup.known_libraries(), startup.unused_parts("trio"):
+    with startup.as_the_program():
         from vfiouserd.cli import main as cli_main
 
     return cli_main(argv)

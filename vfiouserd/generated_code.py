@@ -296,9 +296,7 @@ def main(argv: list[str]) -> int:
 
     cache = GeneratedCode(argv[0] if argv else None)  # not loaded: written afresh
     cache.install()
-    startup.defer()  # as the daemon imports them
-    startup.leave_out()
-    with startup.known_libraries(), startup.unused_parts("trio"):
+    with startup.as_the_program():  # as the daemon imports them
         # The program, both protocols' sessions (the program imports one, as
         # a daemon needs it) and every device plugin.
         for module in (

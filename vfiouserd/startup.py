@@ -187,6 +187,17 @@ def known_libraries(sonames: Mapping[str, str] = SONAMES) -> Iterator[None]:
         # else: loaded meanwhile for something else, with the real one
 
 
+@contextlib.contextmanager
+def as_the_program() -> Iterator[None]:
+    """Meanwhile, imports go as the program's do: what it never uses
+    deferred or left out, the libraries it looks up known (the program's
+    entry point, and the code files' writer, which must import as it does)."""
+    defer()
+    leave_out()
+    with known_libraries(), unused_parts("trio"):
+        yield
+
+
 class Placeholder:
     """What a module of ``unused_parts`` answers for one of its names while
     its package is imported; never used: taken out once the package is."""
